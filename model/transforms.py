@@ -1,0 +1,164 @@
+"""The paper's data augmentation and test-time crops (section 4.1), as two preset classes.
+
+    stats = json.load(open("ROOT/stats.json"))
+    train_tf = TrainTransform.from_stats(stats, crop=224)
+    eval_tf = EvalTransform.from_stats(stats, crop=224, ten_crop=True)
+    x = train_tf(torchvision.io.decode_jpeg(data))        # uint8 3x256x256 -> float 3x224x224
+
+Units: inputs are uint8 CHW tensors (what torchvision.io.decode_jpeg returns). Every statistic
+(mean, std, eigval, eigvec) is for pixel values scaled to 0..1, and eigvec holds the
+eigenvectors as COLUMNS (what numpy.linalg.eigh returns), so eigvec[:, i] goes with eigval[i].
+"""
+import torch
+from torch import nn
+
+
+def _as3(values, name: str) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=torch.float32)
+    if t.shape != (3,):
+        raise ValueError(f"{name} must have 3 values (R, G, B), got shape {tuple(t.shape)}.")
+    return t
+
+
+def _require(stats: dict, keys) -> None:
+    missing = [k for k in keys if k not in stats]
+    if missing:
+        raise ValueError(f"stats is missing {', '.join(missing)}; expected keys {', '.join(keys)} "
+                         "(as written to ROOT/stats.json by the stats stage).")
+
+
+class Lighting:
+    """PCA colour augmentation (section 4.1): add sum_i alpha_i * lambda_i * p_i to every pixel.
+
+    alpha_i ~ N(0, alphastd) is drawn once per image per call, so a batch N x 3 x H x W gets N
+    independent draws and one 3 x H x W image gets one. Apply to float images in 0..1, before
+    normalisation (that is the scale eigval/eigvec were computed in). The result is not clamped:
+    the paper does not clamp, and the shift is small (0.1 * the largest eigenvalue).
+    """
+
+    def __init__(self, eigval, eigvec, alphastd: float = 0.1, generator: torch.Generator | None = None):
+        self.eigval = _as3(eigval, "eigval")
+        self.eigvec = torch.as_tensor(eigvec, dtype=torch.float32)
+        if self.eigvec.shape != (3, 3):
+            raise ValueError(f"eigvec must be 3x3 (eigenvectors as columns), got {tuple(self.eigvec.shape)}.")
+        self.alphastd = alphastd
+        self.generator = generator
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if not img.is_floating_point() or img.ndim not in (3, 4) or img.shape[-3] != 3:
+            raise ValueError(f"Lighting expects a float 3xHxW image or Nx3xHxW batch in 0..1, "
+                             f"got {img.dtype} of shape {tuple(img.shape)}.")
+        if self.alphastd == 0:
+            return img
+        n = img.shape[0] if img.ndim == 4 else 1
+        g = self.generator
+        alpha = torch.randn(n, 3, generator=g, device=g.device if g is not None else img.device)
+        alpha = alpha.to(img.device) * self.alphastd
+        # Row j of (alpha * lambda) @ P^T is sum_i alpha_ji * lambda_i * p_i, with p_i = P[:, i].
+        shift = (alpha * self.eigval.to(img.device)) @ self.eigvec.to(img.device).T
+        shift = shift.to(img.dtype)[:, :, None, None]
+        return img + (shift[0] if img.ndim == 3 else shift)
+
+
+class _Normalize:
+    """(x - mean) / std per channel, for CHW or NCHW float tensors in 0..1."""
+
+    def __init__(self, mean, std):
+        self.mean, self.std = _as3(mean, "mean"), _as3(std, "std")
+        if (self.mean > 1).any():
+            raise ValueError(f"mean {self.mean.tolist()} looks like 0..255 pixel values; "
+                             "these transforms expect statistics of pixels scaled to 0..1.")
+        if (self.std <= 0).any():
+            raise ValueError(f"std must be positive, got {self.std.tolist()}.")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.device)[:, None, None]) / self.std.to(x.device)[:, None, None]
+
+
+def _check_image(img: torch.Tensor, crop: int) -> tuple[int, int]:
+    if img.dtype != torch.uint8 or img.ndim != 3:
+        raise ValueError(f"expected a uint8 CxHxW image (torchvision.io.decode_jpeg), "
+                         f"got {img.dtype} of shape {tuple(img.shape)}.")
+    h, w = img.shape[-2:]
+    if h < crop or w < crop:
+        raise ValueError(f"image is {h}x{w}, smaller than the {crop} px crop; "
+                         "the shards should hold 256x256 images (section 2).")
+    return h, w
+
+
+class TrainTransform:
+    """Section 4.1: a random crop x crop patch, a random horizontal reflection, PCA lighting.
+
+    uint8 3xHxW (256x256 from the shards) -> normalised float32 3 x crop x crop. Pass a
+    (CPU) torch.Generator to make the crops, flips and lighting reproducible.
+    """
+
+    def __init__(self, crop: int = 224, *, mean, std, eigval, eigvec, alphastd: float = 0.1,
+                 generator: torch.Generator | None = None):
+        self.crop = crop
+        self.generator = generator
+        self.lighting = Lighting(eigval, eigvec, alphastd, generator)
+        self.normalize = _Normalize(mean, std)
+
+    @classmethod
+    def from_stats(cls, stats: dict, crop: int = 224, **kwargs) -> "TrainTransform":
+        _require(stats, ("mean", "std", "eigval", "eigvec"))
+        return cls(crop, mean=stats["mean"], std=stats["std"], eigval=stats["eigval"],
+                   eigvec=stats["eigvec"], **kwargs)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = _check_image(img, self.crop)
+        g, c = self.generator, self.crop
+        top = int(torch.randint(h - c + 1, (1,), generator=g))
+        left = int(torch.randint(w - c + 1, (1,), generator=g))
+        x = img[:, top:top + c, left:left + c]
+        if float(torch.rand(1, generator=g)) < 0.5:
+            x = x.flip(-1)
+        x = x.to(torch.float32) / 255  # crop and flip first: fewer pixels to convert
+        return self.normalize(self.lighting(x))
+
+
+class EvalTransform:
+    """Centre crop, or the paper's ten test patches (section 4.1), normalised.
+
+    uint8 3xHxW -> float32 3 x crop x crop, or with ten_crop=True 10 x 3 x crop x crop in the
+    order: top-left, top-right, bottom-left, bottom-right, centre, then the horizontal mirror of
+    each of those five in the same order (crop 5 + i is crop i flipped). Note torchvision's
+    ten_crop orders its second five differently (crops of the mirrored image, so its sixth is
+    the mirror of the top-right patch); for averaging predictions the order does not matter.
+    """
+
+    def __init__(self, crop: int = 224, *, mean, std, ten_crop: bool = False):
+        self.crop, self.ten_crop = crop, ten_crop
+        self.normalize = _Normalize(mean, std)
+
+    @classmethod
+    def from_stats(cls, stats: dict, crop: int = 224, **kwargs) -> "EvalTransform":
+        _require(stats, ("mean", "std"))
+        return cls(crop, mean=stats["mean"], std=stats["std"], **kwargs)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = _check_image(img, self.crop)
+        c = self.crop
+        top, left = (h - c) // 2, (w - c) // 2
+        if not self.ten_crop:
+            x = img[:, top:top + c, left:left + c]
+        else:
+            five = torch.stack([img[:, :c, :c], img[:, :c, w - c:], img[:, h - c:, :c],
+                                img[:, h - c:, w - c:], img[:, top:top + c, left:left + c]])
+            x = torch.cat([five, five.flip(-1)])
+        return self.normalize(x.to(torch.float32) / 255)
+
+
+def ten_crop_predict(model: nn.Module, crops: torch.Tensor) -> torch.Tensor:
+    """N x K x C x H x W crops (K = 10 from EvalTransform) -> N x classes mean softmax.
+
+    Section 4.1: "averaging the predictions made by the network's softmax layer on the ten
+    patches". Call it under torch.no_grad() / inference_mode and model.eval().
+    """
+    if crops.ndim != 5:
+        raise ValueError(f"expected N x K x C x H x W crops, got shape {tuple(crops.shape)}.")
+    n, k = crops.shape[:2]
+    logits = model(crops.flatten(0, 1))
+    # float(): average probabilities in float32 even under bf16 autocast.
+    return logits.float().softmax(dim=-1).view(n, k, -1).mean(dim=1)

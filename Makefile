@@ -1,0 +1,23 @@
+# make install | make test | make demo: each creates and reuses .venv by itself.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q -rs
+
+demo: install
+	$(PY) -m pipelines demo
+
+clean:
+	rm -rf demo .pytest_cache

@@ -1,0 +1,76 @@
+"""Small pieces every stage shares: digests, timestamps, progress lines, Ray start-up, errors."""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import sys
+import time
+
+
+class StageError(Exception):
+    """A problem the user can fix; the CLI prints its message without a traceback."""
+
+
+class StrictFailure(StageError):
+    """``--strict`` was given and inputs were rejected; the work itself is complete and kept."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
+def digest(obj) -> str:
+    """A stable sha256 of any JSON-able value (keys sorted), for 'did my inputs change?'."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+    """Prints 'label: done/total unit, N images, R img/s, ETA' to stderr, at most every ``every`` s."""
+
+    def __init__(self, label: str, total: int, unit: str = "shards", every: float = 2.0):
+        self.label, self.total, self.unit, self.every = label, total, unit, every
+        self.done = 0
+        self.images = 0
+        self.start = self._last = time.monotonic()
+
+    def update(self, items: int = 1, images: int = 0) -> None:
+        self.done += items
+        self.images += images
+        now = time.monotonic()
+        if now - self._last >= self.every or self.done == self.total:
+            self._last = now
+            self._print(now)
+
+    def _print(self, now: float) -> None:
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.images / elapsed
+        left = (self.total - self.done) * elapsed / self.done if self.done else float("nan")
+        eta = _fmt_seconds(left) if self.done else "?"
+        print(f"{self.label}: {self.done}/{self.total} {self.unit}, {self.images} images, "
+              f"{rate:.0f} img/s, {_fmt_seconds(elapsed)} elapsed, ETA {eta}",
+              file=sys.stderr, flush=True)
+
+
+def ensure_ray():
+    """Connect to the cluster in RAY_ADDRESS, or start a local Ray; reuse one already started.
+
+    Stages call this rather than ray.init() so the same run(cfg) works from the CLI, inside a
+    Ray job (already connected) and in tests (one shared session).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+                 logging_level="WARNING", configure_logging=True)
+    return ray

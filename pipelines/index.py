@@ -1,0 +1,195 @@
+"""Stage 1, index: ImageNet as the user holds it -> ROOT/classes.json + ROOT/index/{train,val}.parquet.
+
+    python -m pipelines index --source /data/imagenet --data /data/alexnet [--classes 100 --limit 50]
+
+One row per image: key, wnid, label, where its bytes are (path + offset + size: tar members are
+read in place), their sha256, its position in a seeded shuffle and the shard it goes to.
+Positions come from hashing (seed, key), so the assignment mixes classes across shards and does
+not depend on the order the source lists its files (the three layouts give the same shards).
+Unusable inputs go to ROOT/index/rejected.jsonl with their reason.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+import time
+from collections import defaultdict
+
+from . import storage
+from .common import StageError, StrictFailure, digest, now_iso
+from .config import SPLITS, IndexConfig
+from .sources import Item, open_source
+
+COLUMNS = ["key", "wnid", "label", "path", "member", "offset", "size", "sha256", "position", "shard"]
+REJECTED = "index/rejected.jsonl"
+
+
+def paths(data: str) -> dict[str, str]:
+    """Where this stage's outputs live under ROOT (the data contract)."""
+    return {
+        "classes": storage.join(data, "classes.json"),
+        "record": storage.join(data, "index", "index.json"),
+        "rejected": storage.join(data, REJECTED),
+        **{split: storage.join(data, "index", f"{split}.parquet") for split in SPLITS},
+    }
+
+
+def split_digest(rows: list[dict]) -> str:
+    """What later stages depend on: which image (by content) goes where with which label.
+    Paths are left out on purpose, so moving the source does not redo any shard."""
+    return digest([(r["key"], r["label"], r["sha256"], r["shard"]) for r in rows])
+
+
+def read_rows(data: str, split: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    url = paths(data)[split]
+    if not storage.exists(url):
+        raise StageError(f"'{url}' is missing: run the index stage first "
+                         f"(python -m pipelines index --source SRC --data {data}).")
+    return pq.read_table(io.BytesIO(storage.read_bytes(url))).to_pylist()
+
+
+def _write_rows(url: str, rows: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows, schema=pa.schema([
+        ("key", pa.string()), ("wnid", pa.string()), ("label", pa.int32()), ("path", pa.string()),
+        ("member", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
+        ("sha256", pa.string()), ("position", pa.int64()), ("shard", pa.int32())]))
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(url, buf.getvalue())
+
+
+def read_rejects(data: str) -> list[dict]:
+    url = paths(data)["rejected"]
+    if not storage.exists(url):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(url).decode().splitlines() if line.strip()]
+
+
+def write_rejects(data: str, stage: str, entries: list[dict], splits=SPLITS) -> None:
+    """Replace ``stage``'s lines for ``splits`` in rejected.jsonl, keeping every other line."""
+    kept = [r for r in read_rejects(data) if not (r["stage"] == stage and r["split"] in splits)]
+    lines = kept + [dict(e, stage=stage) for e in entries]
+    storage.write_if_changed(paths(data)["rejected"],
+                        "".join(json.dumps(r, sort_keys=True) + "\n" for r in lines).encode())
+
+
+def _position_order(rows: list[dict], seed: int) -> None:
+    """Give each row its place in a seeded shuffle that depends only on (seed, key)."""
+    rank = sorted(range(len(rows)), key=lambda i: hashlib.sha256(f"{seed}:{rows[i]['key']}".encode()).digest())
+    for pos, i in enumerate(rank):
+        rows[i]["position"] = pos
+
+
+def _collect(items, label: dict[str, int], progress_label: str):
+    rows, rejects, seen = [], [], {}
+    started = last = time.monotonic()
+    nbytes = 0
+    for item in items:
+        item: Item
+        if item.reject is None and item.size == 0:
+            item.reject = "empty file (0 bytes)"
+        if item.reject is None and item.key in seen:
+            item.reject = f"duplicate key: also at {seen[item.key]}"
+        if item.reject:
+            rejects.append({"split": item.split, "key": item.key, "reason": item.reject,
+                            "source": item.where})
+            continue
+        seen[item.key] = item.member
+        nbytes += item.size
+        row = item.as_row()
+        del row["split"], row["reject"]
+        row["label"] = label[item.wnid]
+        rows.append(row)
+        now = time.monotonic()
+        if now - last > 2:
+            last = now
+            print(f"{progress_label}: {len(rows)} images, {nbytes / 1e6 / (now - started):.0f} MB/s, "
+                  f"{len(rejects)} rejected", file=sys.stderr, flush=True)
+    return rows, rejects
+
+
+def _limit(rows: list[dict], per_class: int) -> list[dict]:
+    by_class = defaultdict(list)
+    for r in sorted(rows, key=lambda r: r["key"]):
+        by_class[r["wnid"]].append(r)
+    return [r for group in by_class.values() for r in group[:per_class]]
+
+
+def run(cfg: IndexConfig) -> dict:
+    t0 = time.monotonic()
+    if cfg.samples_per_shard < 1:
+        raise StageError(f"--samples-per-shard {cfg.samples_per_shard}: must be at least 1.")
+    for name in ("classes", "limit"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise StageError(f"--{name} {value}: must be at least 1 (or leave it out for all).")
+    out = paths(cfg.data)
+    src = open_source(cfg.source, cfg.layout, cfg.read_threads)
+    params = {"source": cfg.source, "layout": src.layout, "classes": cfg.classes, "limit": cfg.limit,
+              "seed": cfg.seed, "samples_per_shard": cfg.samples_per_shard}
+    fingerprint = src.fingerprint()
+
+    if not cfg.force and storage.exists(out["record"]):
+        record = storage.read_json(out["record"])
+        if (record.get("params") == params and record.get("source_fingerprint") == fingerprint
+                and all(storage.exists(out[s]) for s in SPLITS)):
+            summary = dict(record["summary"], skipped=True, seconds=round(time.monotonic() - t0, 2))
+            _maybe_strict(cfg.strict, summary)
+            return summary
+
+    classes = src.classes()
+    if cfg.classes:
+        if cfg.classes > len(classes):
+            raise StageError(f"--classes {cfg.classes}: the source has only {len(classes)} classes.")
+        classes = classes[: cfg.classes]
+    label = {c["wnid"]: i for i, c in enumerate(classes)}
+    wanted = set(label)
+
+    counts, digests, all_rejects = {}, {}, []
+    for split in SPLITS:
+        rows, rejects = _collect(src.items(split, wanted), label, f"index {split}")
+        if cfg.limit:
+            rows = _limit(rows, cfg.limit)
+        _position_order(rows, cfg.seed)
+        rows.sort(key=lambda r: r["position"])
+        for r in rows:
+            r["shard"] = r["position"] // cfg.samples_per_shard
+        _write_rows(out[split], rows)
+        counts[split] = len(rows)
+        counts[f"{split}_rejected"] = len(rejects)
+        digests[split] = split_digest(rows)
+        all_rejects += rejects
+        missing = wanted - {r["wnid"] for r in rows}
+        if rows and missing:
+            print(f"index {split}: warning: {len(missing)} classes have no images "
+                  f"(e.g. {sorted(missing)[:3]})", file=sys.stderr)
+
+    storage.write_json(out["classes"], [{"index": i, **c} for i, c in enumerate(classes)])
+    write_rejects(cfg.data, "index", all_rejects)
+    seconds = time.monotonic() - t0
+    images = counts["train"] + counts["val"]
+    summary = {
+        "stage": "index", "data": cfg.data, "layout": src.layout, "classes": len(classes),
+        **counts, "rejected": len(all_rejects), "skipped": False, "seconds": round(seconds, 2),
+        "images_per_second": round(images / max(seconds, 1e-9), 1),
+        "input_digest": fingerprint, "output_digest": digest(digests),
+    }
+    storage.write_json(out["record"], {
+        "stage": "index", "params": params, "source_fingerprint": fingerprint,
+        "digests": digests, "classes_digest": digest(classes), "ran_at": now_iso(), "summary": summary})
+    _maybe_strict(cfg.strict, summary)
+    return summary
+
+
+def _maybe_strict(strict: bool, summary: dict) -> None:
+    if strict and summary["rejected"]:
+        raise StrictFailure(
+            f"--strict: {summary['rejected']} inputs were rejected; their reasons are in "
+            f"{paths(summary['data'])['rejected']}. The index itself was written.", summary)

@@ -1,0 +1,290 @@
+"""Stage 2, shard: ROOT/index/*.parquet -> ROOT/shards/<split>/<split>-NNNNNN.tar + <split>.json.
+
+    python -m pipelines shard --data /data/alexnet [--split train] [--resize 256] [--quality 90]
+
+One Ray task per shard (the local Ray, or the cluster in RAY_ADDRESS). Each image is read in
+place from the source, decoded, made RGB, resized as the paper does (shorter side 256, central
+256x256 crop; ``--keep-aspect`` keeps the whole image) and written as a baseline JPEG with
+``__key__``, ``jpg`` and ``cls`` (webdataset's layout). Shards are written atomically and
+byte-for-byte reproducibly. Each shard records a digest of its inputs and parameters: a rerun
+skips shards whose digest and file still match, so only missing or changed shards are redone.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import sys
+import tarfile
+import time
+import warnings
+
+from . import index, storage
+from .common import Progress, StageError, StrictFailure, digest, ensure_ray, now_iso
+from .config import SPLITS, ShardConfig
+from .sources import read_item, where
+
+FORMAT_VERSION = 1  # bump when the bytes a shard holds change for the same parameters
+MIN_SIDE = 8        # smaller sources are icons or damage, not photos: upscaling them to 256 is noise
+
+
+def shard_dir(data: str, split: str) -> str:
+    return storage.join(data, "shards", split)
+
+
+def manifest_url(data: str, split: str) -> str:
+    return storage.join(data, "shards", f"{split}.json")
+
+
+def shard_name(split: str, i: int) -> str:
+    return f"{split}-{i:06d}.tar"
+
+
+def read_manifest(data: str, split: str) -> dict | None:
+    url = manifest_url(data, split)
+    return storage.read_json(url) if storage.exists(url) else None
+
+
+def manifest_digest(params: dict, shards: list[dict]) -> str:
+    """Identifies the shards' content (not when they were made): later stages key on it."""
+    return digest([params, [(s["name"], s["samples"], s["checksum"]) for s in shards]])
+
+
+# --- one image --------------------------------------------------------------------------------
+def prepare_image(data: bytes, resize: int = 256, keep_aspect: bool = False, quality: int = 90) -> bytes:
+    """Source bytes -> an RGB baseline JPEG, resized as the paper does (section 2).
+
+    Raises on anything that is not a decodable image; the caller quarantines it.
+    """
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        # A header claiming a huge size is a decompression bomb: refuse it rather than allocate.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        im = Image.open(io.BytesIO(data))
+        w, h = im.size
+        if min(w, h) < MIN_SIDE:
+            raise ValueError(f"image is {w}x{h}; sides under {MIN_SIDE} px are not usable photos")
+        scale = resize / min(w, h)
+        size = (max(resize, round(w * scale)), max(resize, round(h * scale)))
+        # JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below the target size.
+        # That skips most of the IDCT work for large photos (see ENVIRONMENT.md: ~2x per core).
+        im.draft("RGB", size)
+        # EXIF orientation is ignored on purpose: ImageNet's labels and every reference
+        # pipeline (torchvision's PIL loader) use the pixels as stored.
+        im = im.convert("RGB")  # CMYK, greyscale, palette, PNG: all become 3-channel RGB
+    im = im.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
+    if not keep_aspect:
+        left, top = (size[0] - resize) // 2, (size[1] - resize) // 2
+        im = im.crop((left, top, left + resize, top + resize))
+    out = io.BytesIO()
+    im.save(out, "JPEG", quality=quality, progressive=False, optimize=False)
+    return out.getvalue()
+
+
+def decode_problem(e: Exception) -> str:
+    """A reject reason for people, stable across runs (no object addresses)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image: no known image format in the bytes"
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"refused as a decompression bomb: {e}"
+    return f"cannot decode: {type(e).__name__}: {e}"
+
+
+# --- one shard --------------------------------------------------------------------------------
+class _HashingWriter:
+    """Passes writes through while computing the sha256 and the size of what was written."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self.f.write(b)
+        self.sha.update(b)
+        self.n += len(b)
+        return len(b)
+
+    def tell(self) -> int:
+        return self.n
+
+
+def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    # Fixed metadata (mtime 0, root, read-only) so the same inputs give the same bytes.
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid = len(payload), 0, 0o444, 0, 0
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def write_shard(url: str, rows: list[tuple], params: dict, input_digest: str) -> dict:
+    """Make one shard from (key, label, path, offset, size) rows; returns its manifest entry."""
+    rejected, samples = [], 0
+    with storage.atomic_write(url) as f:
+        out = _HashingWriter(f)
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, label, path, offset, size, member in rows:
+                data = read_item(path, offset, size)  # an I/O error fails the task: not the image's fault
+                try:
+                    jpg = prepare_image(data, params["resize"], params["keep_aspect"], params["quality"])
+                except Exception as e:  # noqa: BLE001 - any decode failure quarantines that image only
+                    rejected.append({"key": key, "reason": decode_problem(e), "source": where(path, member)})
+                    continue
+                _add(tar, f"{key}.jpg", jpg)
+                _add(tar, f"{key}.cls", str(label).encode())
+                samples += 1
+    return {"name": storage.basename(url), "samples": samples, "bytes": out.n,
+            "checksum": f"sha256:{out.sha.hexdigest()}", "input_digest": input_digest,
+            "rejected": rejected}
+
+
+def file_checksum(url: str) -> str:
+    sha = hashlib.sha256()
+    with storage.open_read(url) as f:
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+    return f"sha256:{sha.hexdigest()}"
+
+
+# --- the stage --------------------------------------------------------------------------------
+def _plan(cfg: ShardConfig, split: str, params: dict):
+    """Group the index rows into shards; sort them into those to keep and those to make."""
+    groups: dict[int, list[dict]] = {}
+    for r in index.read_rows(cfg.data, split):
+        i = r["shard"] if cfg.samples_per_shard is None else r["position"] // cfg.samples_per_shard
+        groups.setdefault(i, []).append(r)
+    old = {s["name"]: s for s in (read_manifest(cfg.data, split) or {}).get("shards", [])}
+    keep, make = {}, []
+    for i in sorted(groups):
+        name = shard_name(split, i)
+        url = storage.join(shard_dir(cfg.data, split), name)
+        # The image content (sha256), not its location, decides whether a shard is still right.
+        d = digest([params, [(r["key"], r["label"], r["sha256"]) for r in groups[i]]])
+        entry = old.get(name)
+        if entry and entry["input_digest"] == d and _intact(url, entry, cfg.verify):
+            keep[name] = entry
+        else:
+            make.append((name, url, [(r["key"], r["label"], r["path"], r["offset"], r["size"], r["member"])
+                                     for r in groups[i]], d))
+    return keep, make, [shard_name(split, i) for i in sorted(groups)]
+
+
+def _intact(url: str, entry: dict, verify: bool) -> bool:
+    st = storage.stat(url)
+    if st is None or st[0] != entry["bytes"]:
+        return False
+    return not verify or file_checksum(url) == entry["checksum"]
+
+
+def _save_manifest(cfg, split, params, index_digest, entries: dict, names: list[str], started) -> dict:
+    """Write <split>.json; untouched when this run changed nothing in the split."""
+    shards = [entries[n] for n in names if n in entries]
+    old = read_manifest(cfg.data, split)
+    if old and old["shards"] == shards and old["params"] == params:
+        started = old["ran_at"]  # nothing was remade: the shards date from the earlier run
+    complete = len(shards) == len(names)
+    manifest = {
+        "stage": "shard", "split": split, "params": params, "index_digest": index_digest,
+        "complete": complete, "shards_expected": len(names),
+        "samples": sum(s["samples"] for s in shards), "bytes": sum(s["bytes"] for s in shards),
+        "rejected": sum(len(s["rejected"]) for s in shards),
+        "digest": manifest_digest(params, shards), "ran_at": started, "shards": shards,
+    }
+    storage.write_if_changed(manifest_url(cfg.data, split), storage.json_bytes(manifest))
+    return manifest
+
+
+def _validate(cfg: ShardConfig) -> tuple[str, ...]:
+    splits = SPLITS if cfg.split == "all" else (cfg.split,)
+    if cfg.split not in (*SPLITS, "all"):
+        raise StageError(f"Unknown split '{cfg.split}'. Expected one of: train, val, all.")
+    if cfg.resize < 32:
+        raise StageError(f"--resize {cfg.resize}: must be at least 32 px (the paper uses 256).")
+    if not 1 <= cfg.quality <= 100:
+        raise StageError(f"--quality {cfg.quality}: must be in 1..100 (90 is the default).")
+    if cfg.samples_per_shard is not None and cfg.samples_per_shard < 1:
+        raise StageError(f"--samples-per-shard {cfg.samples_per_shard}: must be at least 1.")
+    if not storage.exists(index.paths(cfg.data)["record"]):
+        raise StageError(f"No index in '{cfg.data}': run the index stage first "
+                         f"(python -m pipelines index --source SRC --data {cfg.data}).")
+    return splits
+
+
+def run(cfg: ShardConfig) -> dict:
+    t0 = time.monotonic()
+    splits = _validate(cfg)
+    started = now_iso()
+    params = {"resize": cfg.resize, "keep_aspect": cfg.keep_aspect, "quality": cfg.quality,
+              "format": FORMAT_VERSION}
+    index_digests = storage.read_json(index.paths(cfg.data)["record"])["digests"]
+    plans = {}
+    for split in splits:
+        storage.remove_stale_temps(shard_dir(cfg.data, split))  # left by a killed run
+        plans[split] = _plan(cfg, split, params)
+
+    todo = [(split, *m) for split in splits for m in plans[split][1]]
+    entries = {split: dict(plans[split][0]) for split in splits}
+    failures, written_images = [], 0
+    if todo:
+        ray = ensure_ray()
+        task = ray.remote(num_cpus=cfg.num_cpus)(write_shard)
+        # Bounded in-flight tasks: progress stays smooth and the object store holds only a few
+        # shards' row lists, however large the dataset.
+        window = max(4, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        progress = Progress("shard", len(todo))
+        pending, queue, last_save = {}, list(todo), time.monotonic()
+        while queue or pending:
+            while queue and len(pending) < window:
+                split, name, url, rows, d = queue.pop(0)
+                pending[task.remote(url, rows, params, d)] = (split, name)
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                split, name = pending.pop(ref)
+                try:
+                    entry = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - reported below with the shard's name
+                    failures.append(f"{split}/{name}: {type(e).__name__}: {str(e).splitlines()[-1][:300]}")
+                    progress.update(1, 0)
+                    continue
+                entries[split][name] = entry
+                written_images += entry["samples"] + len(entry["rejected"])
+                progress.update(1, entry["samples"] + len(entry["rejected"]))
+            if time.monotonic() - last_save > 5:  # a killed driver keeps what finished
+                for split in splits:
+                    _save_manifest(cfg, split, params, index_digests[split], entries[split],
+                                   plans[split][2], started)
+                last_save = time.monotonic()
+
+    manifests, shard_rejects = {}, []
+    for split in splits:
+        names = plans[split][2]
+        manifests[split] = m = _save_manifest(cfg, split, params, index_digests[split],
+                                              entries[split], names, started)
+        if m["complete"]:  # shards from an earlier, larger grouping are no longer part of the set
+            for name in storage.list_dir(shard_dir(cfg.data, split)):
+                if re.fullmatch(rf"{split}-\d{{6}}\.tar", name) and name not in names:
+                    storage.remove(storage.join(shard_dir(cfg.data, split), name))
+        shard_rejects += [dict(r, split=split) for s in m["shards"] for r in s["rejected"]]
+    index.write_rejects(cfg.data, "shard", shard_rejects, splits)
+    index_rejects = [r for r in index.read_rejects(cfg.data) if r["stage"] == "index" and r["split"] in splits]
+
+    seconds = time.monotonic() - t0
+    summary = {
+        "stage": "shard", "data": cfg.data, "splits": list(splits),
+        "shards": sum(len(plans[s][2]) for s in splits), "written": len(todo) - len(failures),
+        "skipped": sum(len(plans[s][0]) for s in splits), "failed": len(failures),
+        "samples": sum(m["samples"] for m in manifests.values()),
+        "bytes": sum(m["bytes"] for m in manifests.values()),
+        "rejected": len(shard_rejects) + len(index_rejects),
+        "rejected_here": len(shard_rejects), "rejected_by_index": len(index_rejects),
+        "seconds": round(seconds, 2), "images_per_second": round(written_images / max(seconds, 1e-9), 1),
+        "input_digest": {s: index_digests[s] for s in splits},
+        "output_digest": {s: manifests[s]["digest"] for s in splits},
+    }
+    if failures:
+        raise StageError(f"{len(failures)} shard(s) failed; the {summary['written']} finished are kept "
+                         f"and a rerun redoes only the rest. First: {failures[0]}")
+    if cfg.strict and summary["rejected"]:
+        raise StrictFailure(f"--strict: {summary['rejected']} inputs were rejected; reasons in "
+                            f"{index.paths(cfg.data)['rejected']}. The shards were written.", summary)
+    return summary

@@ -1,0 +1,97 @@
+"""Stage 3, stats: the training shards -> ROOT/stats.json.
+
+    python -m pipelines stats --data /data/alexnet
+
+Per-channel mean and std (subtracted before training, paper section 2) and the eigen-
+decomposition of the 3x3 RGB covariance (the paper's PCA colour augmentation, section 4.1),
+with pixel values scaled to 0..1 and eigenvectors as columns, largest eigenvalue first.
+One Ray task per shard returns sums; the driver reduces them in float64.
+"""
+from __future__ import annotations
+
+import io
+import tarfile
+import time
+
+import numpy as np
+
+from . import shard, storage
+from .common import Progress, StageError, digest, ensure_ray, now_iso
+from .config import StatsConfig
+
+
+def stats_url(data: str) -> str:
+    return storage.join(data, "stats.json")
+
+
+def shard_sums(url: str) -> tuple[int, int, list, list]:
+    """(images, pixels, per-channel sum, 3x3 sum of outer products) over one shard's JPEGs."""
+    from PIL import Image
+
+    images, pixels = 0, 0
+    s = np.zeros(3)
+    ss = np.zeros((3, 3))
+    with storage.open_read(url) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for m in tar:
+            if not m.name.endswith(".jpg"):
+                continue
+            x = np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB"),
+                           dtype=np.float64).reshape(-1, 3) / 255.0
+            images += 1
+            pixels += len(x)
+            s += x.sum(0)
+            ss += x.T @ x
+    return images, pixels, s.tolist(), ss.tolist()
+
+
+def reduce_sums(parts) -> dict:
+    """Combine shard sums into mean, std and the covariance's eigen-decomposition."""
+    images = sum(p[0] for p in parts)
+    pixels = sum(p[1] for p in parts)
+    if pixels == 0:
+        raise StageError("The training shards hold no images: nothing to compute stats from.")
+    s = np.sum([p[2] for p in parts], axis=0)
+    ss = np.sum([p[3] for p in parts], axis=0)
+    mean = s / pixels
+    cov = ss / pixels - np.outer(mean, mean)
+    eigval, eigvec = np.linalg.eigh(cov)          # ascending; columns are eigenvectors
+    order = np.argsort(eigval)[::-1]              # the paper lists the principal component first
+    eigval, eigvec = eigval[order], eigvec[:, order]
+    eigvec = eigvec * np.sign(eigvec[0:1, :] + 1e-30)  # fix each sign so reruns are comparable
+    return {"mean": mean.tolist(), "std": np.sqrt(np.diag(cov)).tolist(), "eigval": eigval.tolist(),
+            "eigvec": eigvec.tolist(), "images": images, "pixels": pixels}
+
+
+def run(cfg: StatsConfig) -> dict:
+    t0 = time.monotonic()
+    manifest = shard.read_manifest(cfg.data, "train")
+    if manifest is None or not manifest["complete"]:
+        state = "missing" if manifest is None else "incomplete"
+        raise StageError(f"The training shards in '{cfg.data}' are {state}: run the shard stage first "
+                         f"(python -m pipelines shard --data {cfg.data} --split train).")
+    out = stats_url(cfg.data)
+    if not cfg.force and storage.exists(out):
+        old = storage.read_json(out)
+        if old.get("input_digest") == manifest["digest"]:
+            return dict(old["summary"], skipped=True, seconds=round(time.monotonic() - t0, 2))
+
+    urls = [storage.join(shard.shard_dir(cfg.data, "train"), s["name"]) for s in manifest["shards"]]
+    ray = ensure_ray()
+    task = ray.remote(num_cpus=cfg.num_cpus)(shard_sums)
+    pending = [task.remote(u) for u in urls]
+    progress = Progress("stats", len(urls))
+    parts = []
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        part = ray.get(done[0])
+        parts.append(part)
+        progress.update(1, part[0])
+    result = reduce_sums(parts)
+    seconds = time.monotonic() - t0
+    summary = {"stage": "stats", "data": cfg.data, "images": result["images"], "shards": len(urls),
+               "skipped": False, "seconds": round(seconds, 2),
+               "images_per_second": round(result["images"] / max(seconds, 1e-9), 1),
+               "input_digest": manifest["digest"], "output_digest": digest(result)}
+    storage.write_json(out, {**result, "input_digest": manifest["digest"], "ran_at": now_iso(),
+                             "summary": summary})
+    return summary

@@ -1,0 +1,38 @@
+"""Small readers the tests use to look inside what the stages wrote."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+
+def read_shards(root: Path, split: str) -> dict[str, tuple[int, bytes, str]]:
+    """key -> (label, jpg bytes, shard name) over every shard of ``split``; fails on a duplicate key."""
+    out = {}
+    for tar_path in sorted((root / "shards" / split).glob(f"{split}-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar}
+        keys = {name.rsplit(".", 1)[0] for name in members}
+        for key in keys:
+            assert key not in out, f"{key} is in {out[key][2]} and {tar_path.name}"
+            out[key] = (int(members[f"{key}.cls"]), members[f"{key}.jpg"], tar_path.name)
+    return out
+
+
+def rejects(root: Path) -> list[dict]:
+    path = root / "index" / "rejected.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def mtimes(root: Path) -> dict[str, int]:
+    """Modification time (ns) of every file under root: shows which files a run rewrote."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def image(data: bytes):
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    return im

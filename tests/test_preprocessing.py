@@ -1,0 +1,220 @@
+"""index -> shard -> stats -> status on generated data, with a real local Ray (issue 2)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines import index, shard, stats, status
+from pipelines.common import StrictFailure
+from pipelines.config import IndexConfig, ShardConfig, StatsConfig, StatusConfig
+
+from .conftest import LAYOUTS
+from .helpers import image, mtimes, read_shards, rejects
+
+SPS = 10  # samples per shard: 4 train shards and 2 val shards from the session sample
+
+
+def _build(src: Path, root: Path, **shard_kw) -> tuple[dict, dict]:
+    i = index.run(IndexConfig(source=str(src), data=str(root), samples_per_shard=SPS))
+    s = shard.run(ShardConfig(data=str(root), **shard_kw))
+    return i, s
+
+
+@pytest.fixture(scope="module")
+def built(sample_src, ray_local, tmp_path_factory) -> dict[str, Path]:
+    """Each layout indexed and sharded into its own ROOT."""
+    roots = {}
+    for layout, folder in LAYOUTS.items():
+        root = tmp_path_factory.mktemp(layout)
+        i, _ = _build(sample_src / folder, root)
+        assert i["layout"] == layout
+        roots[layout] = root
+    return roots
+
+
+def _states(root: Path) -> dict[str, str]:
+    return status.run(StatusConfig(data=str(root)))["states"]
+
+
+def test_three_layouts_give_the_same_samples(built, truth):
+    per_layout = {layout: {split: read_shards(root, split) for split in ("train", "val")}
+                  for layout, root in built.items()}
+    reference = per_layout["ilsvrc-tar"]
+    for layout, samples in per_layout.items():
+        for split in ("train", "val"):
+            got = {k: (label, jpg) for k, (label, jpg, _) in samples[split].items()}
+            want = {k: (label, jpg) for k, (label, jpg, _) in reference[split].items()}
+            assert got == want, f"{layout} {split} differs from ilsvrc-tar"
+    # Same bytes in, same shards out: the manifests agree checksum for checksum.
+    manifests = [json.loads((root / "shards" / "train.json").read_text()) for root in built.values()]
+    assert len({m["digest"] for m in manifests}) == 1
+
+
+def test_every_source_image_is_in_one_shard_or_rejected_with_its_true_label(built, truth):
+    for layout, root in built.items():
+        classes = json.loads((root / "classes.json").read_text())
+        assert [c["wnid"] for c in classes] == sorted(c["wnid"] for c in truth["classes"])
+        assert [c["index"] for c in classes] == list(range(len(classes)))
+        rejected = {r["key"]: r for r in rejects(root)}
+        assert set(rejected) == set(truth["bad"]), layout
+        for split in ("train", "val"):
+            samples = read_shards(root, split)  # fails on a key in two shards
+            assert not set(samples) & set(rejected)
+            assert set(samples) | {k for k, r in rejected.items() if r["split"] == split} == set(truth[split])
+            for key, (label, _, _) in samples.items():
+                # val labels went through the devkit's ILSVRC2012_ID -> WNID mapping (ilsvrc-tar)
+                # or LOC_val_solution.csv (kaggle): both must land on the generator's truth.
+                assert classes[label]["wnid"] == truth[split][key], (layout, split, key)
+
+
+def test_shards_mix_classes_and_follow_the_manifest(built):
+    root = built["ilsvrc-tar"]
+    manifest = json.loads((root / "shards" / "train.json").read_text())
+    samples = read_shards(root, "train")
+    assert manifest["complete"] and manifest["samples"] == len(samples)
+    for entry in manifest["shards"]:
+        labels = {label for label, _, name in samples.values() if name == entry["name"]}
+        assert entry["samples"] == sum(1 for *_, name in samples.values() if name == entry["name"])
+        assert entry["bytes"] == (root / "shards" / "train" / entry["name"]).stat().st_size
+        assert entry["checksum"] == shard.file_checksum(str(root / "shards" / "train" / entry["name"]))
+        if entry["samples"] >= 5:
+            assert len(labels) > 1, f"{entry['name']} holds a single class"
+
+
+def test_quirky_inputs_come_out_as_rgb_baseline_jpegs(built, truth):
+    root = built["ilsvrc-tar"]
+    samples = {**read_shards(root, "train"), **read_shards(root, "val")}
+    quirky = [k for keys in truth["quirks"].values() for k in keys]
+    assert len(quirky) >= 5
+    for key, (_, jpg, _) in samples.items():
+        im = image(jpg)
+        assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (256, 256)), key
+        assert not im.info.get("progressive") and not im.info.get("progression"), key
+    assert set(quirky) <= set(samples)
+
+
+def test_damaged_inputs_are_rejected_with_reasons(built, truth):
+    want = {"empty": "empty file (0 bytes)", "truncated": "truncated", "not-image": "not an image"}
+    for layout, root in built.items():
+        got = {r["key"]: r for r in rejects(root)}
+        for key, kind in truth["bad"].items():
+            assert want[kind] in got[key]["reason"], (layout, key, got[key])
+            assert got[key]["source"], got[key]
+        summary = shard.run(ShardConfig(data=str(root)))  # nothing to redo; counts still reported
+        assert summary["rejected"] == len(truth["bad"]) and summary["written"] == 0
+
+
+def test_strict_fails_after_writing_everything(built, sample_src, ray_local, tmp_path):
+    root = built["folder"]
+    with pytest.raises(StrictFailure, match="4 inputs were rejected") as err:
+        shard.run(ShardConfig(data=str(root), strict=True))
+    assert err.value.summary["rejected"] == 4
+    assert json.loads((root / "shards" / "train.json").read_text())["complete"]
+    # The CLI turns it into exit code 1 with the summary as the last line (index needs no Ray).
+    proc = subprocess.run([sys.executable, "-m", "pipelines", "index", "--source", str(sample_src / "folders"),
+                           "--data", str(tmp_path / "d"), "--strict"], capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["rejected"] == 1
+    assert "--strict: 1 inputs were rejected" in proc.stderr
+    assert (tmp_path / "d" / "index" / "train.parquet").exists()
+
+
+def test_rerun_delete_resize_and_status(sample_src, ray_local, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(sample_src / "folders", src)
+    root = tmp_path / "root"
+    assert set(_states(root).values()) == {"missing"}
+
+    _build(src, root)
+    assert _states(root) == {"index": "done", "shard train": "done", "shard val": "done", "stats": "missing"}
+    stats.run(StatsConfig(data=str(root)))
+    assert set(_states(root).values()) == {"done"}
+
+    # Nothing changed: no file is rewritten.
+    before = mtimes(root)
+    again = shard.run(ShardConfig(data=str(root)))
+    assert again["written"] == 0 and again["skipped"] == again["shards"] == 6
+    assert stats.run(StatsConfig(data=str(root)))["skipped"]
+    assert mtimes(root) == before
+
+    # One shard deleted: status sees it, the rerun rewrites that shard only, byte for byte.
+    victim = root / "shards" / "train" / "train-000002.tar"
+    checksum = shard.file_checksum(str(victim))
+    victim.unlink()
+    st = _states(root)
+    assert st["shard train"] == "stale" and st["shard val"] == "done" and st["stats"] == "done"
+    again = shard.run(ShardConfig(data=str(root)))
+    assert again["written"] == 1
+    after = mtimes(root)
+    changed = {p for p in after if after[p] != before.get(p)}
+    assert changed == {"shards/train/train-000002.tar"}
+    assert shard.file_checksum(str(victim)) == checksum
+    assert set(_states(root).values()) == {"done"}
+
+    # A parameter change redoes every shard, and the stats become stale.
+    again = shard.run(ShardConfig(data=str(root), resize=128))
+    assert again["written"] == again["shards"] == 6 and again["skipped"] == 0
+    after = mtimes(root)
+    assert all(after[p] != before[p] for p in before if p.startswith("shards/") and p.endswith(".tar"))
+    assert image(read_shards(root, "val").popitem()[1][1]).size == (128, 128)
+    st = _states(root)
+    assert st["shard train"] == "done" and st["stats"] == "stale"
+    stats.run(StatsConfig(data=str(root)))
+    assert set(_states(root).values()) == {"done"}
+
+    # A new source image makes the index stale; reindexing makes the shards stale.
+    wnid = sorted(p.name for p in (src / "train").iterdir())[0]
+    first = sorted((src / "train" / wnid).iterdir())[0]
+    shutil.copy(first, src / "train" / wnid / f"{wnid}_999999.JPEG")
+    assert _states(root)["index"] == "stale"
+    index.run(IndexConfig(source=str(src), data=str(root), samples_per_shard=SPS))
+    st = _states(root)
+    assert st["index"] == "done" and st["shard train"] == "stale" and st["shard val"] == "done"
+
+
+def test_keep_aspect_keeps_the_whole_image(sample_src, ray_local, tmp_path):
+    root = tmp_path / "root"
+    _build(sample_src / "folders", root, split="val", keep_aspect=True, resize=64)
+    rows = {r["key"]: r for r in index.read_rows(str(root), "val")}
+    for key, (_, jpg, _) in read_shards(root, "val").items():
+        src_size = image(Path(rows[key]["path"]).read_bytes()).size
+        got = image(jpg).size
+        assert min(got) == 64
+        assert abs(got[0] / got[1] - src_size[0] / src_size[1]) < 0.03, (key, src_size, got)
+    assert not (root / "shards" / "train.json").exists()  # --split val made only val
+
+
+def test_stats_match_a_direct_computation(built):
+    root = built["ilsvrc-tar"]
+    stats.run(StatsConfig(data=str(root)))
+    got = json.loads((root / "stats.json").read_text())
+    pixels = np.concatenate([np.asarray(image(jpg), dtype=np.float64).reshape(-1, 3) / 255
+                             for _, jpg, _ in read_shards(root, "train").values()])
+    mean, cov = pixels.mean(0), np.cov(pixels, rowvar=False, bias=True)
+    eigval, eigvec = np.array(got["eigval"]), np.array(got["eigvec"])
+    assert got["images"] == len(read_shards(root, "train"))
+    assert np.allclose(got["mean"], mean, atol=1e-9) and np.allclose(got["std"], np.sqrt(np.diag(cov)), atol=1e-9)
+    assert all(0 < m < 1 for m in got["mean"]) and all(0 < s < 1 for s in got["std"])
+    assert np.all(eigval > 0) and np.all(np.diff(eigval) <= 0)
+    assert np.allclose(eigvec.T @ eigvec, np.eye(3), atol=1e-9)
+    assert np.allclose(eigvec @ np.diag(eigval) @ eigvec.T, cov, atol=1e-9)  # columns are eigenvectors
+
+
+def test_shard_cli_reports_progress_and_a_json_summary(built, ray_local):
+    """The CLI path inside a process of its own, joined to the running Ray through RAY_ADDRESS."""
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    root = built["kaggle"]
+    (root / "shards" / "val" / "val-000001.tar").unlink()
+    proc = subprocess.run([sys.executable, "-m", "pipelines", "shard", "--data", str(root), "--split", "val"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "shard: 1/1 shards" in proc.stderr and "img/s" in proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["written"] == 1 and summary["skipped"] == 1

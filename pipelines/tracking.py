@@ -1,0 +1,474 @@
+"""MLflow: runs, params, metrics, artifacts, lineage. Every MLflow call of the project lives here.
+
+    MLFLOW_TRACKING_URI=http://mlflow:5000 python -m pipelines ...   # a server
+    python -m pipelines ...                     # default: sqlite:///$PWD/mlflow.db, artifacts in $PWD/mlartifacts
+
+Only the driver or training rank 0 calls this module; ``model/`` never does. Every function
+takes an explicit ``run_id`` and talks through ``MlflowClient``: there is no active-run state,
+so any process (a Ray job driver, a restarted rank 0) can log into the same run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import numbers
+import os
+import platform
+import re
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable
+
+from .common import StageError, StrictFailure
+
+RUN_NAME_TAG = "pipelines.run_name"
+STAGE_TAG = "pipelines.stage"
+OUTPUT_DIGESTS_TAG = "pipelines.output_digests"  # all output digests of a stage run, space-separated
+MASK = "***"
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+# mlflow/utils/validation.py (3.17): longer param values are truncated by the store anyway; we
+# truncate first so "already logged with the same value?" compares what the store really holds.
+MAX_PARAM_VALUE = 6000
+# mlflow/utils/validation.py MAX_DATASET_DIGEST_SIZE: a sha256 (64 hex) is rejected as a dataset
+# digest, so the dataset carries a prefix and the full digest goes in its profile and an input tag.
+MAX_DATASET_DIGEST = 36
+_BATCH = 100  # MAX_PARAMS_TAGS_PER_BATCH
+
+# Matched against dotted key names: AWS_SECRET_ACCESS_KEY, aws_access_key_id, hf_token, db.password...
+# but not "keep_aspect" or the index's "key" column.
+_SECRET = re.compile(r"secret|token|password|passwd|credential|access[_-]?key|api[_-]?key|private[_-]?key",
+                     re.IGNORECASE)
+_URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+
+PACKAGES = ("torch", "torchvision", "ray", "mlflow", "webdataset", "boto3", "numpy", "pillow", "pyarrow")
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+
+# --- where runs go --------------------------------------------------------------------------
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI``, else the embedded default: a SQLite file in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve()}/mlflow.db"
+
+
+def configure() -> str:
+    """Point the ``mlflow`` module at :func:`tracking_uri` (model logging and registry use it).
+
+    mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI (mlflow/tracking/_tracking_service/
+    utils.py), so processes started afterwards, such as a local Ray, use this same absolute store.
+    """
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient(configure())
+
+
+def _is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def _local_artifact_root(uri: str) -> Path | None:
+    """Artifacts sit next to a local store's file. MLflow's own default, ``./mlruns``, is
+    resolved against each process's cwd, so Ray workers started elsewhere would scatter them."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
+    if uri.startswith("file:") or "://" not in uri:
+        return Path(uri.removeprefix("file://")).resolve().parent / "mlartifacts"
+    return None  # a server or a database elsewhere: the server decides (it proxies artifacts)
+
+
+def _redact_url(text: str) -> str:
+    return _URL_USERINFO.sub(r"\1***@", text)
+
+
+def check_reachable(timeout: float = 3.0) -> None:
+    """Fail fast with the fix when a tracking server is configured but down; MLflow itself
+    would retry each request for minutes before giving up."""
+    uri = tracking_uri()
+    if not _is_server(uri):
+        return
+    shown = _redact_url(uri)
+    fix = "Start it, or unset MLFLOW_TRACKING_URI to use the local SQLite store."
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            response.read()
+    except urllib.error.HTTPError as e:
+        raise StageError(f"MLflow tracking server at {shown} answered /health with HTTP {e.code}: "
+                         f"is it an MLflow server? {fix}") from None
+    except (OSError, ValueError) as e:  # URLError, refused, timeout, DNS, malformed URL
+        reason = getattr(e, "reason", e)
+        raise StageError(f"MLflow tracking server at {shown} is not reachable ({reason}). {fix}") from None
+
+
+def experiment_id(name: str) -> str:
+    """The id of experiment ``name``, creating it (with an absolute artifact location on a local store)."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        root = _local_artifact_root(tracking_uri())
+        try:
+            return client.create_experiment(name, artifact_location=(root / name).as_uri() if root else None)
+        except MlflowException:
+            exp = client.get_experiment_by_name(name)  # another process created it meanwhile
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        raise StageError(f"MLflow experiment '{name}' is deleted. Restore it "
+                         f"(mlflow experiments restore --experiment-id {exp.experiment_id}) "
+                         "or choose another experiment name.")
+    return exp.experiment_id
+
+
+# --- runs -----------------------------------------------------------------------------------
+
+def _quote(value: str) -> str:
+    """A string literal for an MLflow filter; its grammar has no escape for a quote inside."""
+    for q in ("'", '"'):
+        if q not in value:
+            return f"{q}{value}{q}"
+    raise StageError(f"Name {value!r} contains both ' and \": MLflow cannot search for it. Choose another.")
+
+
+def start_or_resume_run(experiment: str, run_name: str, tags: dict | None = None) -> str:
+    """The run of ``experiment`` tagged with ``run_name`` (the newest if several), else a new one.
+
+    This is what keeps one training run one MLflow run across worker restarts and reruns of
+    the same ``--name``. A resumed run is set back to RUNNING.
+    """
+    client = _client()
+    exp_id = experiment_id(experiment)
+    all_tags = {**_clean_strings(tags or {}), RUN_NAME_TAG: run_name}
+    found = client.search_runs([exp_id], f"tags.`{RUN_NAME_TAG}` = {_quote(run_name)}",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    if not found:
+        return client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+    run = found[0]
+    if run.info.status != "RUNNING":
+        client.update_run(run.info.run_id, status="RUNNING")
+    set_tags(run.info.run_id, all_tags)
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    if status not in STATUSES:
+        raise ValueError(f"Unknown run status {status!r}. Expected one of: {', '.join(STATUSES)}.")
+    _client().set_terminated(run_id, status)
+
+
+def set_tags(run_id: str, tags: dict) -> None:
+    """Set (or overwrite) run tags; nested dicts become dotted keys, secrets are masked."""
+    from mlflow.entities import RunTag
+
+    client = _client()
+    items = [RunTag(k, v) for k, v in _clean_strings(tags).items()]
+    for i in range(0, len(items), _BATCH):
+        client.log_batch(run_id, tags=items[i:i + _BATCH])
+
+
+def get_tags(run_id: str) -> dict[str, str]:
+    return dict(_client().get_run(run_id).data.tags)
+
+
+# --- params and metrics ---------------------------------------------------------------------
+
+def _flatten(obj: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _clean_strings(values: Mapping) -> dict[str, str]:
+    """Flattened, stringified, secrets masked, credentials cut out of URLs."""
+    return {k: MASK if _SECRET.search(k) else _redact_url(str(v)) for k, v in _flatten(values).items()}
+
+
+def _mask_tree(obj):
+    """The same masking inside a JSON-like value (summaries written as artifacts)."""
+    if isinstance(obj, Mapping):
+        return {k: MASK if isinstance(k, str) and _SECRET.search(k) else _mask_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_mask_tree(v) for v in obj]
+    return _redact_url(obj) if isinstance(obj, str) else obj
+
+
+def log_params(run_id: str, params: dict) -> list[str]:
+    """Log ``params`` (nested dicts as dotted keys), skipping those already logged with the same value.
+
+    MLflow refuses to change a logged param; a key logged before with another value is left as
+    it was and returned, so the caller can warn (a resumed run whose config changed).
+    """
+    from mlflow.entities import Param
+
+    client = _client()
+    have = client.get_run(run_id).data.params
+    new, conflicts = [], []
+    for key, value in _clean_strings(params).items():
+        value = value[:MAX_PARAM_VALUE]
+        if key not in have:
+            new.append(Param(key, value))
+        elif have[key] != value:
+            conflicts.append(key)
+    for i in range(0, len(new), _BATCH):
+        client.log_batch(run_id, params=new[i:i + _BATCH])
+    return conflicts
+
+
+def _numeric(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, complex)
+
+
+def logged_steps(run_id: str, key: str) -> list[int]:
+    return sorted({m.step for m in _client().get_metric_history(run_id, key)})
+
+
+def log_metrics_once(run_id: str, metrics: dict, step: int) -> dict:
+    """Log each numeric metric at ``step`` unless it already has a value there, so a restarted
+    worker that replays an epoch does not draw the curve twice. Returns what was logged."""
+    from mlflow.entities import Metric
+
+    client = _client()
+    now = int(time.time() * 1000)
+    logged = {k: float(v) for k, v in metrics.items()
+              if _numeric(v) and step not in logged_steps(run_id, k)}
+    batch = [Metric(k, v, now, step) for k, v in logged.items()]
+    for i in range(0, len(batch), 1000):  # MAX_METRICS_PER_BATCH
+        client.log_batch(run_id, metrics=batch[i:i + 1000])
+    return logged
+
+
+# --- artifacts ------------------------------------------------------------------------------
+
+def _json_default(obj):
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays, torch tensors: numbers, not "0.5"
+        return obj.tolist()
+    return str(obj)  # Paths, datetimes
+
+
+def log_json(run_id: str, obj, artifact_file: str) -> None:
+    _client().log_text(run_id, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n", artifact_file)
+
+
+def log_yaml(run_id: str, obj, artifact_file: str) -> None:
+    import yaml
+
+    plain = json.loads(json.dumps(obj, default=_json_default))  # safe_dump knows no numpy or Paths
+    _client().log_text(run_id, yaml.safe_dump(plain, sort_keys=False), artifact_file)
+
+
+def log_file(run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+    _client().log_artifact(run_id, str(local_path), artifact_path)
+
+
+def log_dataset(run_id: str, name: str, digest: str, source: str, context: str = "training",
+                profile: dict | None = None) -> None:
+    """Record that the run read dataset ``name`` (e.g. the train shards) with this manifest digest.
+
+    ``source`` is where the manifest lives (``ROOT/shards/train.json``); it is stored as MLflow's
+    dataset sources store it (``{"uri": ...}``), typed s3, http or local.
+    """
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    source = str(source)
+    if source.startswith("s3://"):
+        source_type, source_json = "s3", {"uri": source}
+    elif _is_server(source):
+        source_type, source_json = "http", {"url": _redact_url(source)}
+    else:
+        source_type, source_json = "local", {"uri": str(Path(source).resolve())}
+    dataset = Dataset(name=name, digest=digest[:MAX_DATASET_DIGEST], source_type=source_type,
+                      source=json.dumps(source_json),
+                      profile=json.dumps({**_mask_tree(profile or {}), "digest": digest}, default=_json_default))
+    _client().log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[
+        InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("pipelines.digest", digest)])])
+
+
+def log_model(run_id: str, model, input_example, register: str | None = None, name: str = "model",
+              serialization_format: str = "pt2") -> str:
+    """Log ``model`` into run ``run_id`` as an MLflow model (a LoggedModel); return its ``models:/`` URI.
+
+    The input example gives the signature. ``register`` also creates a version of that
+    registered model. The default "pt2" format (torch.export) loads without our ``model/``
+    code and without unpickling, but loads as a traced graph for inference: resume training
+    from checkpoints, not from here.
+    """
+    import copy
+
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # Ray Train's prepare_model
+        model = model.module
+    # torch.export traces the module as it is: in train mode dropout would be baked into the
+    # graph, and a pt2 archive's weights cannot move device on load (mlflow/pytorch/__init__.py).
+    model = copy.deepcopy(model).to("cpu").eval()
+    if serialization_format == "pt2" and tuple(getattr(input_example, "shape", ()))[:1] == (1,):
+        # torch.export fixes a size-1 dimension as a constant (mlflow/pytorch/__init__.py): a
+        # batch-of-one example would give a model that only takes batches of one, although its
+        # signature says (-1, ...).
+        input_example = np.repeat(np.asarray(input_example), 2, axis=0)
+    client = _client()
+    run = client.get_run(run_id)
+    # Created here because Model.log, given only a run_id and no active run, files the LoggedModel
+    # (and its artifacts) under the *current* experiment, "Default", not the run's
+    # (mlflow/tracking/fluent.py _create_logged_model). Params copied as Model.log would.
+    logged = client.create_logged_model(experiment_id=run.info.experiment_id, name=name,
+                                        source_run_id=run_id, params=run.data.params)
+    info = mlflow.pytorch.log_model(
+        model, name=name, input_example=input_example, registered_model_name=register,
+        serialization_format=serialization_format, model_id=logged.model_id, run_id=run_id,
+        # Stated rather than inferred: inference re-imports the model in a subprocess (~12 s).
+        pip_requirements=mlflow.pytorch.get_default_pip_requirements())
+    return info.model_uri
+
+
+# --- how a run was made ---------------------------------------------------------------------
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _version(dist: str) -> str:
+    from importlib import metadata
+
+    for name in (dist, f"{dist}-skinny"):  # mlflow may be installed as mlflow-skinny
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return "not installed"
+
+
+def environment() -> dict:
+    """Git SHA of the project, Python and library versions. Never environment variables."""
+    top = _git("rev-parse", "--show-toplevel")
+    # Only our own checkout counts: an installed copy inside some other repository is not "at" its HEAD.
+    in_checkout = top is not None and Path(top).resolve() == PROJECT_DIR
+    sha = _git("rev-parse", "HEAD") if in_checkout else None
+    status = _git("status", "--porcelain", "--untracked-files=no") if sha else None
+    return {
+        "git_sha": sha or "unknown",
+        "git_dirty": bool(status) if status is not None else None,
+        "python": platform.python_version(),
+        "versions": {p: _version(p) for p in PACKAGES},
+    }
+
+
+# --- stages ---------------------------------------------------------------------------------
+
+def _digest_tags(name: str, value) -> dict[str, str]:
+    if isinstance(value, Mapping):
+        return {f"pipelines.{name}.{k}": str(v) for k, v in value.items() if v is not None}
+    return {f"pipelines.{name}": str(value)} if value is not None else {}
+
+
+def _summary_metrics(summary: dict) -> dict[str, float]:
+    out = {}
+    for key, value in summary.items():
+        if isinstance(value, Mapping):
+            out.update({f"{key}.{k}": v for k, v in value.items() if _numeric(v)})
+        elif _numeric(value):
+            out[key] = value
+    return out
+
+
+def _record_summary(run_id: str, summary: dict) -> None:
+    log_metrics_once(run_id, _summary_metrics(summary), step=0)
+    output = _digest_tags("output_digest", summary.get("output_digest"))
+    tags = {**_digest_tags("input_digest", summary.get("input_digest")), **output}
+    if output:
+        tags[OUTPUT_DIGESTS_TAG] = " ".join(sorted(output.values()))
+    if summary.get("data") is not None:
+        tags["pipelines.data"] = summary["data"]
+    set_tags(run_id, tags)
+    log_json(run_id, _mask_tree(summary), "summary.json")
+
+
+def track_stage(stage: str, cfg, fn: Callable, experiment: str = "preprocessing",
+                parent_run_id: str | None = None) -> dict:
+    """``summary = fn(cfg)`` inside an MLflow run of its own; returns the summary plus ``mlflow_run_id``.
+
+    Params: the config and :func:`environment`. Metrics: the summary's numbers. Tags: stage,
+    input/output digests, the dataset ROOT. The run ends FAILED (re-raising) when ``fn`` raises;
+    a StrictFailure's summary is recorded first, since its work is complete. With
+    ``parent_run_id`` the run is nested under it (the UI nests runs of the same experiment only).
+    """
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        config = dataclasses.asdict(cfg)
+    else:
+        config = dict(cfg or {})
+    tags = {STAGE_TAG: stage}
+    if config.get("data") is not None:
+        tags["pipelines.data"] = config["data"]
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    client = _client()
+    run_id = client.create_run(experiment_id(experiment), run_name=stage,
+                               tags=_clean_strings(tags)).info.run_id
+    log_params(run_id, {**config, **environment()})
+    try:
+        summary = fn(cfg)
+    except StrictFailure as e:
+        _record_summary(run_id, e.summary)
+        _fail(run_id, e, "FAILED")
+        raise
+    except BaseException as e:  # KeyboardInterrupt too: the run must not stay RUNNING forever
+        _fail(run_id, e, "FAILED" if isinstance(e, Exception) else "KILLED")
+        raise
+    _record_summary(run_id, summary)
+    end_run(run_id, "FINISHED")
+    return {**summary, "mlflow_run_id": run_id}
+
+
+def _fail(run_id: str, error: BaseException, status: str) -> None:
+    set_tags(run_id, {"pipelines.error": f"{type(error).__name__}: {error}"})
+    end_run(run_id, status)
+
+
+def find_stage_runs(output_digest: str, experiment: str = "preprocessing") -> list[dict]:
+    """Stage runs (newest first) that wrote ``output_digest``, e.g. the shard run behind a training
+    run's manifest. [{"run_id", "stage", "status"}]; a failed strict run did write its output."""
+    client = _client()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None or not re.fullmatch(r"[\w.:+-]+", output_digest):
+        return []
+    # MLflow search has no OR over tag keys; the combined tag narrows in the store, the loop is exact.
+    query = f"tags.`{OUTPUT_DIGESTS_TAG}` LIKE '%{output_digest}%'"
+    found, token = [], None
+    while True:
+        page = client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time DESC"],
+                                  max_results=1000, page_token=token)
+        for run in page:
+            t = run.data.tags
+            if any(v == output_digest for k, v in t.items()
+                   if k == "pipelines.output_digest" or k.startswith("pipelines.output_digest.")):
+                found.append({"run_id": run.info.run_id, "stage": t.get(STAGE_TAG), "status": run.info.status})
+        token = page.token
+        if not token:
+            return found

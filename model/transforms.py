@@ -106,16 +106,27 @@ class TrainTransform:
         return cls(crop, mean=stats["mean"], std=stats["std"], eigval=stats["eigval"],
                    eigvec=stats["eigvec"], **kwargs)
 
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+    def geometric(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """uint8 3xHxW -> uint8 3 x crop x crop: the random patch and reflection.
+
+        Split from photometric() so data loader workers do only this cheap uint8 step and the
+        float work runs on whole batches on the device (4x less data to move than float32).
+        """
         h, w = _check_image(img, self.crop)
-        g, c = self.generator, self.crop
+        g, c = generator if generator is not None else self.generator, self.crop
         top = int(torch.randint(h - c + 1, (1,), generator=g))
         left = int(torch.randint(w - c + 1, (1,), generator=g))
         x = img[:, top:top + c, left:left + c]
         if float(torch.rand(1, generator=g)) < 0.5:
             x = x.flip(-1)
-        x = x.to(torch.float32) / 255  # crop and flip first: fewer pixels to convert
-        return self.normalize(self.lighting(x))
+        return x
+
+    def photometric(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 3xHxW or Nx3xHxW -> float32 in 0..1, PCA lighting, normalised."""
+        return self.normalize(self.lighting(x.to(torch.float32) / 255))
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return self.photometric(self.geometric(img))  # crop first: fewer pixels to convert
 
 
 class EvalTransform:
@@ -137,17 +148,26 @@ class EvalTransform:
         _require(stats, ("mean", "std"))
         return cls(crop, mean=stats["mean"], std=stats["std"], **kwargs)
 
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+    def geometric(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """uint8 3xHxW -> uint8 3 x crop x crop, or 10 x 3 x crop x crop with ten_crop.
+
+        ``generator`` is unused (evaluation is deterministic); it keeps the signature of
+        TrainTransform.geometric so a loader can call either."""
         h, w = _check_image(img, self.crop)
         c = self.crop
         top, left = (h - c) // 2, (w - c) // 2
         if not self.ten_crop:
-            x = img[:, top:top + c, left:left + c]
-        else:
-            five = torch.stack([img[:, :c, :c], img[:, :c, w - c:], img[:, h - c:, :c],
-                                img[:, h - c:, w - c:], img[:, top:top + c, left:left + c]])
-            x = torch.cat([five, five.flip(-1)])
+            return img[:, top:top + c, left:left + c]
+        five = torch.stack([img[:, :c, :c], img[:, :c, w - c:], img[:, h - c:, :c],
+                            img[:, h - c:, w - c:], img[:, top:top + c, left:left + c]])
+        return torch.cat([five, five.flip(-1)])
+
+    def photometric(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 crops (any leading dims) -> normalised float32."""
         return self.normalize(x.to(torch.float32) / 255)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return self.photometric(self.geometric(img))
 
 
 def ten_crop_predict(model: nn.Module, crops: torch.Tensor) -> torch.Tensor:

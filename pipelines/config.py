@@ -48,3 +48,43 @@ class StatusConfig:
 
 
 SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    workers: int = 2             # Ray Train data-parallel workers (the paper trained on 2 GPUs)
+    gpu: bool | None = None      # None: use GPUs when the cluster has them
+    epochs: int = 90             # paper section 5: "roughly 90 cycles"
+    batch_size: int = 128        # global batch, split across workers (section 5)
+    crop: int = 224              # random 224x224 patches of the 256x256 images (section 4.1)
+    lr: float = 0.01             # section 5
+    momentum: float = 0.9        # section 5
+    weight_decay: float = 5e-4   # section 5
+    schedule: str = "plateau"    # section 5: lr / 10 when the validation error stops improving
+    patience: int = 2            # plateau: epochs without a better val error before dividing lr by 10
+    step_size: int = 30          # step: lr / 10 every 30 epochs (torchvision's reference recipe)
+    min_lr: float = 1e-5         # the paper divided 0.01 by 10 three times, then stopped
+    arch: str = "alexnet2012"    # the paper's two-tower net; alexnet-torchvision for comparison
+    init: str = "paper"          # section 5; 'kaiming' learns on small data (see model/__init__.py)
+    lighting: float = 0.1        # PCA colour augmentation alpha std (section 4.1)
+    seed: int = 0                # weights, shard order, shuffle buffers and crops
+    name: str | None = None      # the run's name; rerunning a name resumes it (default: a timestamp)
+    experiment: str = "alexnet"  # MLflow experiment
+    storage: str | None = None   # checkpoints: default ROOT/runs
+    keep_checkpoints: int = 2    # the best by val_top1 (Ray also keeps the latest, for resuming)
+    max_failures: int = 3        # worker restarts from the last checkpoint before the run fails
+    loader_workers: int | None = None  # per training worker; None: 8 with a GPU, 1 on CPU
+    shuffle_buffer: int = 2000   # samples; ~60 MB of JPEG bytes per loader worker at 256 px
+    register: str | None = None  # register the final model under this name in the registry
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    data: str
+    run_id: str | None = None       # the training run: its last checkpoint, metrics logged back to it
+    checkpoint: str | None = None   # or a checkpoint folder (holding state.pt)
+    ten_crop: bool = False          # section 4.1: 4 corners + centre, each mirrored, softmax averaged
+    batch_size: int = 64
+    loader_workers: int = 2
+    gpu: bool | None = None         # None: a GPU when this process or the cluster has one

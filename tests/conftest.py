@@ -26,6 +26,14 @@ def truth(sample_src) -> dict:
     return json.loads((sample_src / "truth.json").read_text())
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tracking_store(tmp_path_factory):
+    """Every test (and every subprocess it starts) tracks into a SQLite store of its own."""
+    store = tmp_path_factory.mktemp("mlflow")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}/mlflow.db"
+    return store
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray

@@ -1,0 +1,103 @@
+"""Evaluation: a checkpoint + the val shards -> top-1 / top-5 accuracy.
+
+    python -m pipelines evaluate --data /data/alexnet --run-id 3f2a... [--ten-crop]
+
+Centre crop by default; ``--ten-crop`` is the paper's test procedure (section 4.1): the four
+corner patches and the centre patch, each with its reflection, softmax outputs averaged.
+With --run-id the metrics are logged back into that training run (eval_top1, eval_top5, or
+eval_10crop_top1 / eval_10crop_top5).
+"""
+from __future__ import annotations
+
+import time
+
+from . import shard, storage, tracking
+from .common import StageError
+from .config import EvaluateConfig
+
+
+def evaluate(state: dict, urls: list[str], ten_crop: bool, batch_size: int, loader_workers: int,
+             gpu: bool) -> dict:
+    """(top-1 hits, top-5 hits, images) of the checkpoint's model over the val shards."""
+    import torch
+
+    import model
+    from . import data
+    from .train import model_from_state
+
+    device = torch.device("cuda" if gpu else "cpu")
+    net = model_from_state(state).to(device).eval()
+    transform = model.EvalTransform.from_stats(state["stats"], crop=state["config"]["crop"], ten_crop=ten_crop)
+    hits1 = hits5 = images = 0
+    with torch.inference_mode():
+        for x, y in data.eval_loader(urls, transform, batch_size=batch_size, num_workers=loader_workers,
+                                     pin_memory=gpu):
+            x, y = transform.photometric(x.to(device)), y.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+                probs = (model.ten_crop_predict(net, x) if ten_crop else net(x).float().softmax(-1))
+            top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
+            hits1 += int((top5[:, 0] == y).sum())
+            hits5 += int((top5 == y[:, None]).any(1).sum())
+            images += len(y)
+    return {"hits1": hits1, "hits5": hits5, "images": images}
+
+
+def _ray_running() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
+def _checkpoint_dir(cfg: EvaluateConfig) -> str:
+    if cfg.checkpoint:
+        return cfg.checkpoint
+    tags = tracking.get_tags(cfg.run_id)
+    if "pipelines.checkpoint" not in tags:
+        raise StageError(f"Run {cfg.run_id} has no checkpoint recorded (tag pipelines.checkpoint): is it "
+                         "a finished training run? Pass --checkpoint PATH instead.")
+    return tags["pipelines.checkpoint"]
+
+
+def run(cfg: EvaluateConfig) -> dict:
+    from .common import ensure_ray
+    from .train import load_state
+
+    t0 = time.monotonic()
+    if bool(cfg.run_id) == bool(cfg.checkpoint):
+        raise StageError("Give exactly one of --run-id ID or --checkpoint PATH.")
+    if cfg.run_id:
+        tracking.check_reachable()
+    state = load_state(_checkpoint_dir(cfg))
+    m = shard.read_manifest(cfg.data, "val")
+    if m is None or not m["complete"]:
+        raise StageError(f"The val shards in '{cfg.data}' are missing or incomplete: run "
+                         f"python -m pipelines shard --data {cfg.data} --split val")
+    urls = [storage.join(shard.shard_dir(cfg.data, "val"), s["name"]) for s in m["shards"]]
+    import os
+
+    import torch
+
+    args = (state, urls, cfg.ten_crop, cfg.batch_size, cfg.loader_workers)
+    local_gpu = torch.cuda.is_available() and cfg.gpu is not False
+    counts = None
+    if not local_gpu and cfg.gpu is not False and (os.environ.get("RAY_ADDRESS") or _ray_running()):
+        # A driver on a CPU head node: 50,000 images x 10 crops belong on a GPU worker.
+        ray = ensure_ray()
+        if ray.cluster_resources().get("GPU", 0) >= 1:
+            counts = ray.get(ray.remote(num_gpus=1)(evaluate).remote(*args, True))
+    if counts is None:
+        if cfg.gpu and not local_gpu:
+            raise StageError("--gpu: no GPU in this process or the Ray cluster; leave --gpu out to use the CPU.")
+        counts = evaluate(*args, local_gpu)
+    if counts["images"] == 0:
+        raise StageError(f"The val shards in '{cfg.data}' hold no images.")
+    top1, top5 = counts["hits1"] / counts["images"], counts["hits5"] / counts["images"]
+    prefix = "eval_10crop" if cfg.ten_crop else "eval"
+    if cfg.run_id:
+        tracking.log_metrics_once(cfg.run_id, {f"{prefix}_top1": top1, f"{prefix}_top5": top5},
+                                  step=state["epoch"])
+    seconds = time.monotonic() - t0
+    return {"stage": "evaluate", "data": cfg.data, "run_id": cfg.run_id, "epoch": state["epoch"],
+            "top1": top1, "top5": top5, "images": counts["images"], "crops": 10 if cfg.ten_crop else 1,
+            "seconds": round(seconds, 2), "images_per_second": round(counts["images"] / max(seconds, 1e-9), 1),
+            "input_digest": m["digest"]}

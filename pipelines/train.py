@@ -1,0 +1,313 @@
+"""Training: the 2012 AlexNet on Ray Train data-parallel workers, tracked in MLflow.
+
+    python -m pipelines train --data /data/alexnet --workers 8 --gpu --name alexnet-paper
+
+The only module that joins the model, the data, Ray Train and tracking. The loop is written
+out (zero_grad / forward / backward / step); Ray Train's prepare_model makes it data-parallel.
+Each epoch ends with a validation pass, a checkpoint (model, optimiser, scheduler, the epoch
+and every epoch's metrics) and one MLflow step per metric. Rerunning the same --name resumes
+from the last checkpoint, inside the same MLflow run; FailureConfig restarts failed workers
+from it too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+
+from . import shard, stats, storage, tracking
+from .common import StageError, ensure_ray, now_iso
+from .config import TrainConfig
+
+SCHEDULES = ("plateau", "step", "cosine")
+STATE_FILE = "state.pt"
+METRICS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
+           "images_per_second", "data_wait_fraction")
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+def load_state(checkpoint_dir: str) -> dict:
+    import torch
+
+    path = os.path.join(checkpoint_dir, STATE_FILE)
+    if not os.path.exists(path):
+        raise StageError(f"'{checkpoint_dir}' holds no {STATE_FILE}: not a checkpoint of this project.")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def model_from_state(state: dict):
+    import model
+
+    c = state["config"]
+    net = model.build(c["arch"], c["num_classes"], init="kaiming")  # weights come from the state
+    net.load_state_dict(state["model"])
+    return net
+
+
+def _scheduler(opt, c: dict):
+    import torch
+
+    if c["schedule"] == "plateau":
+        # Section 5: divide by 10 when the validation error stops improving.
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.1,
+                                                          patience=c["patience"], min_lr=c["min_lr"])
+    if c["schedule"] == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=c["step_size"], gamma=0.1)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c["epochs"], eta_min=c["min_lr"])
+
+
+# --- one worker -------------------------------------------------------------------------------
+def _evaluate(net, urls, transform, device, batch_size, loader_workers, gpu):
+    """(loss sum, top-1 hits, top-5 hits, count) over ``urls``, centre crop."""
+    import torch
+    import torch.nn.functional as F
+
+    from . import data
+
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    if not urls:
+        return sums
+    net.eval()
+    with torch.inference_mode():
+        for x, y in data.eval_loader(urls, transform, batch_size=batch_size, num_workers=loader_workers,
+                                     pin_memory=gpu):
+            x, y = transform.photometric(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+            if gpu:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+                out = net(x).float()
+            top5 = out.topk(min(5, out.shape[1]), dim=1).indices
+            sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(),
+                                 (top5[:, 0] == y).sum().double(), (top5 == y[:, None]).any(1).sum().double(),
+                                 torch.tensor(len(y), dtype=torch.float64, device=device)])
+    return sums
+
+
+def train_loop(c: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from ray.train.torch import get_device, prepare_model
+
+    import model
+    from . import data
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = get_device()
+    gpu = device.type == "cuda"
+    torch.manual_seed(c["seed"])
+    net = model.build(c["arch"], c["num_classes"], c["init"])
+    if gpu:
+        net = net.to(memory_format=torch.channels_last)
+    net = prepare_model(net)
+    opt = torch.optim.SGD(net.parameters(), lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"])
+    sched = _scheduler(opt, c)
+    history, start = [], 1
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = load_state(d)
+        net.module.load_state_dict(state["model"]) if hasattr(net, "module") else net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history, start = state["history"], state["epoch"] + 1
+        print(f"[rank {rank}] resumed after epoch {state['epoch']}", file=sys.stderr, flush=True)
+    if rank == 0:
+        os.environ["MLFLOW_TRACKING_URI"] = c["tracking_uri"]
+        _log_history(c["run_id"], history)  # epochs a crash left unlogged
+
+    raw = net.module if hasattr(net, "module") else net
+    train_tf = model.TrainTransform.from_stats(c["stats"], crop=c["crop"], alphastd=c["lighting"])
+    eval_tf = model.EvalTransform.from_stats(c["stats"], crop=c["crop"])
+    per_rank = c["batch_size"] // world
+    loader_workers = c["loader_workers"] if c["loader_workers"] is not None else (8 if gpu else 1)
+
+    for epoch in range(start, c["epochs"] + 1):
+        loader, plan = data.train_loader(
+            [tuple(s) for s in c["train_shards"]], train_tf, batch_size=per_rank, rank=rank, world_size=world,
+            epoch=epoch, seed=c["seed"], num_workers=loader_workers, shuffle_buffer=c["shuffle_buffer"],
+            pin_memory=gpu)
+        lr = opt.param_groups[0]["lr"]
+        net.train()
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        waited, t0 = 0.0, time.perf_counter()
+        batches = iter(loader)
+        for _ in range(plan.steps):
+            tw = time.perf_counter()
+            x, y = next(batches)
+            waited += time.perf_counter() - tw
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x = train_tf.photometric(x)  # float, PCA lighting, normalise: batched, on the device
+            if gpu:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+                out = net(x)
+                loss = F.cross_entropy(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sums += torch.stack([loss.detach().double() * len(y), (out.argmax(1) == y).sum().double(),
+                                 torch.tensor(len(y), dtype=torch.float64, device=device)])
+        del batches, loader
+        seconds = torch.tensor([time.perf_counter() - t0, waited], dtype=torch.float64, device=device)
+        val = _evaluate(raw, c["val_shards"][rank::world], eval_tf, device, per_rank, loader_workers, gpu)
+        if dist.is_available() and dist.is_initialized():
+            for t in (sums, val):
+                dist.all_reduce(t)
+            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        val_error = 1 - float(val[1] / val[3]) if val[3] else 1.0
+        if c["schedule"] == "plateau":
+            sched.step(val_error)
+        else:
+            sched.step()
+        metrics = {
+            "epoch": epoch, "train_loss": float(sums[0] / sums[2]), "train_top1": float(sums[1] / sums[2]),
+            "val_loss": float(val[0] / val[3]) if val[3] else float("nan"),
+            "val_top1": float(val[1] / val[3]) if val[3] else 0.0,
+            "val_top5": float(val[2] / val[3]) if val[3] else 0.0,
+            "lr": lr, "images_per_second": float(sums[2] / seconds[0]),
+            "data_wait_fraction": float(seconds[1] / seconds[0]),
+        }
+        history.append(metrics)
+        if rank == 0:
+            print(f"epoch {epoch}/{c['epochs']}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                                                 if k != "epoch"), file=sys.stderr, flush=True)
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"model": raw.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
+                            "config": {k: c[k] for k in ("arch", "num_classes", "crop", "init", "seed")},
+                            "stats": c["stats"], "saved_at": now_iso()}, os.path.join(d, STATE_FILE))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            # After the checkpoint: a crash in between leaves the step unlogged, and the resumed
+            # worker logs it from the checkpoint's history; never twice.
+            _log_history(c["run_id"], history)
+        else:
+            ray.train.report(metrics)
+
+
+def _log_history(run_id: str, history: list[dict]) -> None:
+    for m in history:
+        tracking.log_metrics_once(run_id, {k: m[k] for k in METRICS}, step=m["epoch"])
+
+
+# --- the driver -------------------------------------------------------------------------------
+def _inputs(cfg: TrainConfig) -> dict:
+    """Everything the workers need from ROOT, checked before any worker starts."""
+    for split in ("train", "val"):
+        m = shard.read_manifest(cfg.data, split)
+        if m is None or not m["complete"]:
+            raise StageError(f"The {split} shards in '{cfg.data}' are missing or incomplete: run "
+                             f"python -m pipelines shard --data {cfg.data}")
+    st_url = stats.stats_url(cfg.data)
+    if not storage.exists(st_url):
+        raise StageError(f"'{st_url}' is missing: run python -m pipelines stats --data {cfg.data}")
+    train_m, val_m = shard.read_manifest(cfg.data, "train"), shard.read_manifest(cfg.data, "val")
+    classes = storage.read_json(storage.join(cfg.data, "classes.json"))
+    resize = train_m["params"]["resize"]
+    if not train_m["params"]["keep_aspect"] and cfg.crop > resize:
+        raise StageError(f"--crop {cfg.crop} is larger than the {resize} px shards: use --crop <= {resize}.")
+    absolute = os.path.abspath if not storage.is_s3(cfg.data) else (lambda p: p)
+    tdir, vdir = shard.shard_dir(cfg.data, "train"), shard.shard_dir(cfg.data, "val")
+    return {
+        "train_shards": [(absolute(storage.join(tdir, s["name"])), s["samples"]) for s in train_m["shards"]],
+        "val_shards": [absolute(storage.join(vdir, s["name"])) for s in val_m["shards"]],
+        "stats": {k: v for k, v in storage.read_json(st_url).items() if k in ("mean", "std", "eigval", "eigvec")},
+        "num_classes": len(classes), "train_manifest": train_m, "classes_url": storage.join(cfg.data, "classes.json"),
+        "stats_url": st_url,
+    }
+
+
+def _validate(cfg: TrainConfig) -> None:
+    import model
+
+    if cfg.schedule not in SCHEDULES:
+        raise StageError(f"Unknown schedule '{cfg.schedule}'. Expected one of: {', '.join(SCHEDULES)}.")
+    if cfg.arch not in model.ARCHS:
+        raise StageError(f"Unknown arch '{cfg.arch}'. Expected one of: {', '.join(model.ARCHS)}.")
+    if cfg.init not in model.INITS:
+        raise StageError(f"Unknown init '{cfg.init}'. Expected one of: {', '.join(model.INITS)}.")
+    if cfg.workers < 1 or cfg.epochs < 1:
+        raise StageError(f"--workers {cfg.workers} / --epochs {cfg.epochs}: both must be at least 1.")
+    if cfg.batch_size % cfg.workers:
+        raise StageError(f"--batch-size {cfg.batch_size} does not split evenly over {cfg.workers} workers: "
+                         f"use a multiple of {cfg.workers}.")
+    if cfg.crop < 64:
+        raise StageError(f"--crop {cfg.crop}: AlexNet needs at least 64 px.")
+
+
+def run(cfg: TrainConfig) -> dict:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t0 = time.monotonic()
+    _validate(cfg)
+    tracking.check_reachable()
+    inputs = _inputs(cfg)
+    name = cfg.name or "alexnet-" + time.strftime("%Y%m%d-%H%M%S")
+    runs = cfg.storage or storage.join(cfg.data, "runs")
+    runs = runs if storage.is_s3(runs) else os.path.abspath(runs)
+
+    run_id = tracking.start_or_resume_run(cfg.experiment, name, tags={"pipelines.stage": "train"})
+    ray = ensure_ray()
+    gpu = cfg.gpu if cfg.gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    resolved = dataclasses.replace(cfg, name=name, storage=runs, gpu=gpu)
+    conflicts = tracking.log_params(run_id, {**dataclasses.asdict(resolved), **tracking.environment(),
+                                             "num_classes": inputs["num_classes"],
+                                             "train_samples": inputs["train_manifest"]["samples"]})
+    if conflicts:
+        print(f"train: warning: resuming '{name}' with changed settings, kept the first values of: "
+              f"{', '.join(conflicts)}", file=sys.stderr)
+    manifest = inputs["train_manifest"]
+    tracking.log_dataset(run_id, name="imagenet-train-shards", digest=manifest["digest"],
+                         source=shard.manifest_url(cfg.data, "train"),
+                         profile={"samples": manifest["samples"], "shards": len(manifest["shards"])})
+    tracking.log_yaml(run_id, dataclasses.asdict(resolved), "config.yaml")
+    tracking.log_json(run_id, storage.read_json(inputs["classes_url"]), "classes.json")
+    tracking.log_json(run_id, storage.read_json(inputs["stats_url"]), "stats.json")
+    makers = tracking.find_stage_runs(manifest["digest"])
+    if makers:
+        tracking.set_tags(run_id, {"pipelines.shard_runs": ",".join(r["run_id"] for r in makers)})
+
+    loop_config = {**dataclasses.asdict(resolved), **{k: inputs[k] for k in
+                   ("train_shards", "val_shards", "stats", "num_classes")},
+                   "run_id": run_id, "tracking_uri": tracking.tracking_uri()}
+    cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)) // cfg.workers) if not gpu else 8.0
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=gpu,
+                                     resources_per_worker={"CPU": min(cpus, 8.0)}),
+        run_config=RunConfig(
+            name=name, storage_path=runs,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                                               checkpoint_score_attribute="val_top1",
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.max_failures)))
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.end_run(run_id, "FAILED")
+        raise
+    if result.checkpoint is None:
+        tracking.end_run(run_id, "FAILED")
+        raise StageError(f"Training '{name}' ended without a checkpoint; see the worker logs above.")
+    checkpoint = result.checkpoint.path
+    with result.checkpoint.as_directory() as d:
+        state = load_state(d)
+    net = model_from_state(state).eval()
+    import numpy as np
+
+    example = np.zeros((1, 3, cfg.crop, cfg.crop), dtype=np.float32)
+    model_uri = tracking.log_model(run_id, net, example, register=cfg.register)
+    tracking.set_tags(run_id, {"pipelines.checkpoint": checkpoint, "pipelines.data": cfg.data})
+    tracking.end_run(run_id, "FINISHED")
+    last = state["history"][-1]
+    seconds = time.monotonic() - t0
+    return {"stage": "train", "data": cfg.data, "name": name, "run_id": run_id, "epochs": last["epoch"],
+            **{k: last[k] for k in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5")},
+            "checkpoint": checkpoint, "model_uri": model_uri, "gpu": gpu, "workers": cfg.workers,
+            "seconds": round(seconds, 2), "input_digest": manifest["digest"]}

@@ -1,0 +1,93 @@
+"""Training on 2 Ray Train CPU workers, tracked in MLflow, resumed by name (issue 3).
+
+One dataset, two fits (a first run and its resume): each Ray Train start costs ~25 s here.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from mlflow import MlflowClient
+
+from pipelines import index, shard, stats, train
+from pipelines.config import IndexConfig, ShardConfig, StatsConfig, TrainConfig
+from pipelines.sample import SampleConfig, run as make_sample
+
+pytestmark = pytest.mark.slow
+FIT = dict(workers=2, batch_size=16, crop=64, init="kaiming", gpu=False, lr=0.01, experiment="test")
+METRICS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
+           "images_per_second", "data_wait_fraction")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, ray_local):
+    """4 classes x 30 train / 6 val at 72 px; 3 train shards of 50/50/20 samples for 2 workers."""
+    tmp = tmp_path_factory.mktemp("train")
+    make_sample(SampleConfig(out=str(tmp / "src"), classes=4, train_per_class=30, val_per_class=6))
+    root = str(tmp / "root")
+    index.run(IndexConfig(source=str(tmp / "src" / "folders"), data=root, samples_per_shard=50))
+    shard.run(ShardConfig(data=root, resize=72))
+    stats.run(StatsConfig(data=root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def first_run(dataset, tracking_store):
+    return train.run(TrainConfig(data=dataset, epochs=3, name="resumable", **FIT))
+
+
+def _history(client, run_id, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_three_uneven_shards_over_two_workers(dataset):
+    manifest = json.loads(open(f"{dataset}/shards/train.json").read())
+    assert [s["samples"] for s in manifest["shards"]] == [50, 50, 20]
+
+
+def test_training_learns_and_tracks_every_epoch_once(first_run, dataset):
+    client = MlflowClient()
+    run = client.get_run(first_run["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "resumable"
+    for key in METRICS:
+        assert [s for s, _ in _history(client, run.info.run_id, key)] == [1, 2, 3], key
+    losses = [v for _, v in _history(client, run.info.run_id, "train_loss")]
+    assert losses[-1] < losses[0], losses
+    assert all(0 <= v <= 1 for _, v in _history(client, run.info.run_id, "data_wait_fraction"))
+    params = run.data.params
+    for key in ("lr", "batch_size", "workers", "git_sha", "versions.torch", "versions.ray", "versions.mlflow", "num_classes"):
+        assert key in params, key
+    assert params["num_classes"] == "4" and params["gpu"] == "False"
+    # Lineage: the shards' manifest digest is the run's dataset input.
+    manifest = json.loads(open(f"{dataset}/shards/train.json").read())
+    digests = [d.dataset.digest for d in run.inputs.dataset_inputs]
+    assert any(manifest["digest"].startswith(d) for d in digests), digests
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "classes.json", "stats.json"} <= artifacts
+    import mlflow.pytorch
+    import torch
+
+    net = mlflow.pytorch.load_model(first_run["model_uri"])
+    assert net(torch.zeros(2, 3, 64, 64)).shape == (2, 4)
+
+
+def test_rerunning_the_name_resumes_at_the_next_epoch(first_run, dataset):
+    again = train.run(TrainConfig(data=dataset, epochs=4, name="resumable", **FIT))
+    assert again["run_id"] == first_run["run_id"] and again["epochs"] == 4
+    client = MlflowClient()
+    for key in METRICS:
+        assert [s for s, _ in _history(client, again["run_id"], key)] == [1, 2, 3, 4], key
+    assert client.get_run(again["run_id"]).info.status == "FINISHED"
+
+
+def test_evaluate_cli_reports_and_logs_ten_crop(first_run, dataset):
+    proc = subprocess.run([sys.executable, "-m", "pipelines", "evaluate", "--data", dataset,
+                           "--run-id", first_run["run_id"], "--ten-crop"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["crops"] == 10 and out["images"] == 24 and 0 <= out["top1"] <= out["top5"] <= 1
+    logged = MlflowClient().get_run(first_run["run_id"]).data.metrics
+    assert logged["eval_10crop_top1"] == pytest.approx(out["top1"])

@@ -14,6 +14,7 @@ import sys
 from . import config
 from .common import StageError, StrictFailure
 
+TRACKED = ("index", "shard", "stats")
 _UNSET = argparse.SUPPRESS  # flags not given stay out of the config, so config.py's defaults win
 
 
@@ -146,8 +147,16 @@ def main(argv=None) -> int:
     args = vars(parser().parse_args(argv))
     cls, module = args.pop("config"), importlib.import_module(f"pipelines.{args.pop('module')}")
     args.pop("command")
+    stage = module.__name__.rsplit(".", 1)[-1]
     try:
-        summary = module.run(cls(**args) if cls else args)
+        cfg = cls(**args) if cls else args
+        if stage in TRACKED:  # each preprocessing run is an MLflow run of its own (experiment 'preprocessing')
+            from . import tracking
+
+            tracking.check_reachable()  # before any work: a dead server is reported up front
+            summary = tracking.track_stage(stage, cfg, module.run)
+        else:
+            summary = module.run(cfg)
     except StrictFailure as e:
         print(json.dumps(e.summary), flush=True)
         print(f"error: {e}", file=sys.stderr)
@@ -155,7 +164,7 @@ def main(argv=None) -> int:
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if module.__name__ == "pipelines.status":
+    if stage == "status":
         print(module.format_table(summary))
     print(json.dumps(summary), flush=True)
     return 0

@@ -71,6 +71,8 @@ def ensure_ray():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                 logging_level="WARNING", configure_logging=True)
+        address = os.environ.get("RAY_ADDRESS") or None
+        # A local Ray gets its dashboard (Ray Train's state queries need it), on loopback only.
+        local = {} if address else {"include_dashboard": True, "dashboard_host": "127.0.0.1"}
+        ray.init(address=address, logging_level="WARNING", **local)
     return ray

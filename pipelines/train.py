@@ -12,6 +12,7 @@ from it too.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 import tempfile
@@ -21,6 +22,9 @@ from . import shard, stats, storage, tracking
 from .common import StageError, ensure_ray, now_iso
 from .config import TrainConfig
 
+# Workers log through logging, not print: Ray Train tees print() when MLflow has wrapped
+# stderr, and every line would reach the driver twice.
+log = logging.getLogger("pipelines.train")
 SCHEDULES = ("plateau", "step", "cosine")
 STATE_FILE = "state.pt"
 METRICS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
@@ -116,7 +120,7 @@ def train_loop(c: dict) -> None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         history, start = state["history"], state["epoch"] + 1
-        print(f"[rank {rank}] resumed after epoch {state['epoch']}", file=sys.stderr, flush=True)
+        log.info("rank %d resumed after epoch %d", rank, state["epoch"])
     if rank == 0:
         os.environ["MLFLOW_TRACKING_URI"] = c["tracking_uri"]
         _log_history(c["run_id"], history)  # epochs a crash left unlogged
@@ -175,8 +179,8 @@ def train_loop(c: dict) -> None:
         }
         history.append(metrics)
         if rank == 0:
-            print(f"epoch {epoch}/{c['epochs']}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
-                                                                 if k != "epoch"), file=sys.stderr, flush=True)
+            log.info("epoch %d/%d: %s", epoch, c["epochs"],
+                     ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"model": raw.state_dict(), "optimizer": opt.state_dict(),
                             "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
@@ -253,6 +257,10 @@ def run(cfg: TrainConfig) -> dict:
     runs = runs if storage.is_s3(runs) else os.path.abspath(runs)
 
     run_id = tracking.start_or_resume_run(cfg.experiment, name, tags={"pipelines.stage": "train"})
+    done = _finished(run_id, cfg.epochs)
+    if done:  # rerunning a finished run: nothing to train, the model is already logged
+        tracking.end_run(run_id, "FINISHED")
+        return _summary(cfg, name, run_id, *done, seconds=time.monotonic() - t0, skipped=True)
     ray = ensure_ray()
     gpu = cfg.gpu if cfg.gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     resolved = dataclasses.replace(cfg, name=name, storage=runs, gpu=gpu)
@@ -305,9 +313,27 @@ def run(cfg: TrainConfig) -> dict:
     model_uri = tracking.log_model(run_id, net, example, register=cfg.register)
     tracking.set_tags(run_id, {"pipelines.checkpoint": checkpoint, "pipelines.data": cfg.data})
     tracking.end_run(run_id, "FINISHED")
+    tracking.set_tags(run_id, {"pipelines.model_uri": model_uri})
+    return _summary(cfg, name, run_id, state, checkpoint, model_uri, seconds=time.monotonic() - t0, gpu=gpu)
+
+
+def _finished(run_id: str, epochs: int):
+    """(state, checkpoint, model uri) when this run already trained ``epochs`` and logged its model."""
+    tags = tracking.get_tags(run_id)
+    if "pipelines.checkpoint" not in tags or "pipelines.model_uri" not in tags:
+        return None
+    if not storage.exists(os.path.join(tags["pipelines.checkpoint"], STATE_FILE)):
+        return None
+    state = load_state(tags["pipelines.checkpoint"])
+    if state["epoch"] < epochs:
+        return None
+    return state, tags["pipelines.checkpoint"], tags["pipelines.model_uri"]
+
+
+def _summary(cfg, name, run_id, state, checkpoint, model_uri, seconds, skipped=False, gpu=None) -> dict:
     last = state["history"][-1]
-    seconds = time.monotonic() - t0
     return {"stage": "train", "data": cfg.data, "name": name, "run_id": run_id, "epochs": last["epoch"],
             **{k: last[k] for k in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5")},
             "checkpoint": checkpoint, "model_uri": model_uri, "gpu": gpu, "workers": cfg.workers,
-            "seconds": round(seconds, 2), "input_digest": manifest["digest"]}
+            "skipped": skipped, "seconds": round(seconds, 2),
+            "input_digest": shard.read_manifest(cfg.data, "train")["digest"]}

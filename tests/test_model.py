@@ -74,14 +74,15 @@ def test_paper_init(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_kaiming_init_is_pytorchs_default_not_the_papers(arch):
+def test_kaiming_init_is_he_normal_not_the_papers(arch):
     torch.manual_seed(0)
     layers = learned_layers(build(arch, num_classes=10, init="kaiming"))
-    conv1 = layers[0]
-    # nn.Conv2d default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) -> std 1/sqrt(3 * fan_in) ~ 0.030
-    fan_in = conv1.weight[0].numel()
-    assert abs(conv1.weight.std().item() - (3 * fan_in) ** -0.5) < 0.002
-    assert conv1.weight.abs().max() <= fan_in ** -0.5
+    for i, layer in enumerate(layers[:-1]):
+        fan_in = layer.weight[0].numel()
+        want = (2 / fan_in) ** 0.5  # He et al.: keeps the variance through each ReLU
+        assert abs(layer.weight.std().item() - want) < 0.05 * want, (i, layer.weight.std().item(), want)
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias)), i
+    assert abs(layers[-1].weight.std().item() - 0.01) < 0.001
     assert not torch.equal(layers[1].bias, torch.ones_like(layers[1].bias))
 
 

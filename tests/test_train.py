@@ -80,6 +80,10 @@ def test_rerunning_the_name_resumes_at_the_next_epoch(first_run, dataset):
     for key in METRICS:
         assert [s for s, _ in _history(client, again["run_id"], key)] == [1, 2, 3, 4], key
     assert client.get_run(again["run_id"]).info.status == "FINISHED"
+    # A finished run asked for the same epochs trains nothing and logs nothing new.
+    third = train.run(TrainConfig(data=dataset, epochs=4, name="resumable", **FIT))
+    assert third["skipped"] and third["run_id"] == again["run_id"] and third["model_uri"] == again["model_uri"]
+    assert [s for s, _ in _history(client, again["run_id"], "val_top1")] == [1, 2, 3, 4]
 
 
 def test_evaluate_cli_reports_and_logs_ten_crop(first_run, dataset):

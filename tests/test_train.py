@@ -11,7 +11,7 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
-from pipelines import index, shard, stats, train
+from pipelines import index, shard, stats, tracking, train
 from pipelines.config import IndexConfig, ShardConfig, StatsConfig, TrainConfig
 from pipelines.sample import SampleConfig, run as make_sample
 
@@ -28,7 +28,7 @@ def dataset(tmp_path_factory, ray_local):
     make_sample(SampleConfig(out=str(tmp / "src"), classes=4, train_per_class=30, val_per_class=6))
     root = str(tmp / "root")
     index.run(IndexConfig(source=str(tmp / "src" / "folders"), data=root, samples_per_shard=50))
-    shard.run(ShardConfig(data=root, resize=72))
+    tracking.track_stage("shard", ShardConfig(data=root, resize=72), shard.run)  # lineage: a stage run
     stats.run(StatsConfig(data=root))
     return root
 
@@ -64,6 +64,8 @@ def test_training_learns_and_tracks_every_epoch_once(first_run, dataset):
     manifest = json.loads(open(f"{dataset}/shards/train.json").read())
     digests = [d.dataset.digest for d in run.inputs.dataset_inputs]
     assert any(manifest["digest"].startswith(d) for d in digests), digests
+    makers = run.data.tags["pipelines.shard_runs"].split(",")
+    assert [client.get_run(r).data.tags["pipelines.stage"] for r in makers] == ["shard"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "classes.json", "stats.json"} <= artifacts
     import mlflow.pytorch

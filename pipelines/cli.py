@@ -129,6 +129,17 @@ def _stage_parsers(sub):
     _add(p, C, "--loader-workers", dest="loader_workers", type=int, help="data loader processes")
     p.set_defaults(config=C, module="evaluate")
 
+    C = config.SubmitConfig
+    p = sub.add_parser("submit", help="run a stage as a Ray job on a cluster and follow it")
+    _add(p, C, "--address", dest="address", help="Ray dashboard address, http://HEAD:8265 (default: RAY_ADDRESS)")
+    _add(p, C, "--no-wait", dest="wait", action="store_false", help="return once the job is submitted")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--list", dest="list", action="store_true", default=_UNSET, help="list the cluster's jobs")
+    g.add_argument("--logs", dest="logs", default=_UNSET, metavar="JOB_ID", help="print a job's logs")
+    g.add_argument("--stop", dest="stop", default=_UNSET, metavar="JOB_ID", help="stop a job")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="-- <stage> <args...>")
+    p.set_defaults(config=C, module="submit")
+
     p = sub.add_parser("demo", help="sample data -> index -> shard -> stats -> status")
     p.add_argument("--out", default="demo", help="folder for the demo's data (default: demo)")
     p.set_defaults(config=None, module="demo")
@@ -147,6 +158,8 @@ def main(argv=None) -> int:
     args = vars(parser().parse_args(argv))
     cls, module = args.pop("config"), importlib.import_module(f"pipelines.{args.pop('module')}")
     args.pop("command")
+    if "args" in args:  # submit: everything after '--', as a tuple
+        args["args"] = tuple(a for i, a in enumerate(args["args"]) if not (i == 0 and a == "--"))
     stage = module.__name__.rsplit(".", 1)[-1]
     try:
         cfg = cls(**args) if cls else args
@@ -167,4 +180,4 @@ def main(argv=None) -> int:
     if stage == "status":
         print(module.format_table(summary))
     print(json.dumps(summary), flush=True)
-    return 0
+    return int(summary.get("exit_code", 0))  # submit: the job's own exit code

@@ -88,3 +88,13 @@ class EvaluateConfig:
     batch_size: int = 64
     loader_workers: int = 2
     gpu: bool | None = None         # None: a GPU when this process or the cluster has one
+
+
+@dataclass(frozen=True)
+class SubmitConfig:
+    args: tuple[str, ...] = ()   # the stage and its arguments, as after `python -m pipelines`
+    address: str | None = None   # the dashboard's HTTP address; default RAY_ADDRESS
+    wait: bool = True            # follow the logs and exit with the job's status
+    list: bool = False
+    logs: str | None = None
+    stop: str | None = None

@@ -1,37 +1,42 @@
-"""One small layer over where bytes live: local paths now, ``s3://`` URLs with the S3 issue.
+"""One small layer over where bytes live: local paths and ``s3://bucket/prefix`` URLs.
 
-Every stage reads and writes through these functions, so pointing a ROOT or SRC at another
-store is a change here and nowhere else. Writes are atomic: a reader never sees a half-written
-file under its final name (temp file in the same folder + fsync + rename).
+Every stage reads and writes through these functions, so pointing a ROOT or SRC at S3 is
+configuration, not code. S3 settings are the standard AWS ones (``AWS_ENDPOINT_URL`` for
+S3-compatible stores, ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``,
+``AWS_PROFILE``), read by boto3 itself.
+
+Writes are atomic: a reader never sees a half-written file under its final name. Locally:
+a hidden temp file in the same folder, fsync, rename. On S3: the bytes are staged in a local
+temp file and uploaded in one PUT, or as a multipart upload that S3 makes visible only when
+it completes; a killed writer leaves nothing under the final key.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+import tempfile
 import uuid
 from contextlib import contextmanager
+from functools import wraps
 from pathlib import Path
 from typing import IO, Iterator
 
+from .common import StageError
+
 TMP_MARK = ".tmp-"  # temp files are hidden (leading dot) and carry this mark, so a cleanup finds them
+MULTIPART_THRESHOLD = 64 * 1024 * 1024  # larger objects upload in parts, retried part by part
+READ_BUFFER = 8 * 1024 * 1024  # sequential S3 reads fetch 8 MB ranges: few requests, little memory
 
 
 def is_s3(url: str) -> bool:
     return str(url).startswith("s3://")
 
 
-def _local(url: str) -> Path:
-    if is_s3(url):
-        # The S3 issue (#4) fills this in behind the same functions; until then say so plainly.
-        raise NotImplementedError(
-            f"'{url}': s3:// locations are not supported yet; use a local path for now.")
-    return Path(url)
-
-
 def join(root: str, *parts: str) -> str:
     root = str(root)
     if is_s3(root):
-        return "/".join([root.rstrip("/"), *[p.strip("/") for p in parts]])
+        return "/".join([root.rstrip("/"), *[p.strip("/") for p in parts if p]])
     return str(Path(root, *parts))
 
 
@@ -39,34 +44,178 @@ def basename(url: str) -> str:
     return str(url).rstrip("/").rsplit("/", 1)[-1]
 
 
+# --- S3 ---------------------------------------------------------------------------------------
+_clients: dict[int, object] = {}
+
+
+def s3_client():
+    """One boto3 client per process (clients are not fork-safe: loader workers make their own)."""
+    pid = os.getpid()
+    if pid not in _clients:
+        import boto3
+        from botocore.config import Config
+
+        # 'adaptive' retries transient errors and throttling with backoff (boto3's retry modes).
+        _clients[pid] = boto3.session.Session().client(
+            "s3", config=Config(retries={"max_attempts": 10, "mode": "adaptive"},
+                                connect_timeout=10, read_timeout=60))
+    return _clients[pid]
+
+
+def _split(url: str) -> tuple[str, str]:
+    bucket, _, key = str(url)[len("s3://"):].partition("/")
+    if not bucket:
+        raise StageError(f"'{url}' names no bucket: expected s3://bucket/prefix")
+    return bucket, key.strip("/")
+
+
+def _explained(fn):
+    """Turn S3 failures into errors that name the URL, the endpoint and the fix (never a secret)."""
+
+    @wraps(fn)
+    def wrapper(url, *args, **kwargs):
+        if not is_s3(url):
+            return fn(url, *args, **kwargs)
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
+        try:
+            return fn(url, *args, **kwargs)
+        except NoCredentialsError:
+            raise StageError(f"No S3 credentials for '{url}': set AWS_ACCESS_KEY_ID and "
+                             "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE).") from None
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"):
+                raise StageError(
+                    f"S3 at {endpoint} refused the credentials for '{url}' ({code}): check "
+                    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket policy.") from None
+            if code in ("NoSuchBucket",):
+                raise StageError(f"Bucket of '{url}' does not exist at {endpoint}: create it first.") from None
+            raise
+        except BotoCoreError as e:
+            if "Could not connect" in str(e) or "Connect timeout" in str(e):
+                raise StageError(f"Cannot reach S3 at {endpoint} for '{url}': is the server up and "
+                                 "AWS_ENDPOINT_URL right?") from None
+            raise
+
+    return wrapper
+
+
+def _head(url: str) -> dict | None:
+    from botocore.exceptions import ClientError
+
+    bucket, key = _split(url)
+    try:
+        return s3_client().head_object(Bucket=bucket, Key=key)
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+
+
+def _list(url: str, delimiter: bool):
+    """Pages of list_objects_v2 under ``url`` treated as a folder."""
+    bucket, key = _split(url)
+    prefix = f"{key}/" if key else ""
+    kwargs = {"Bucket": bucket, "Prefix": prefix, **({"Delimiter": "/"} if delimiter else {})}
+    for page in s3_client().get_paginator("list_objects_v2").paginate(**kwargs):
+        yield prefix, page
+
+
+class _S3Reader(io.RawIOBase):
+    """A seekable, read-only S3 object: each read is a ranged GET (wrapped in a large buffer)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.bucket, self.key = _split(url)
+        head = _head(url)
+        if head is None:
+            raise FileNotFoundError(url)
+        self.size, self.pos = head["ContentLength"], 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = {0: offset, 1: self.pos + offset, 2: self.size + offset}[whence]
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buf) -> int:
+        n = min(len(buf), self.size - self.pos)
+        if n <= 0:
+            return 0
+        body = s3_client().get_object(Bucket=self.bucket, Key=self.key,
+                                      Range=f"bytes={self.pos}-{self.pos + n - 1}")["Body"].read()
+        buf[:len(body)] = body
+        self.pos += len(body)
+        return len(body)
+
+
+# --- the interface ----------------------------------------------------------------------------
+@_explained
 def exists(url: str) -> bool:
-    return _local(url).exists()
+    if not is_s3(url):
+        return Path(url).exists()
+    return _head(url) is not None or is_dir(url)
 
 
+@_explained
 def is_dir(url: str) -> bool:
-    return _local(url).is_dir()
+    if not is_s3(url):
+        return Path(url).is_dir()
+    for _, page in _list(url, delimiter=True):
+        return bool(page.get("Contents") or page.get("CommonPrefixes"))
+    return False
 
 
+@_explained
 def stat(url: str) -> tuple[int, int] | None:
     """(size in bytes, modification time in ns), or None when missing."""
-    try:
-        st = _local(url).stat()
-    except FileNotFoundError:
+    if not is_s3(url):
+        try:
+            st = Path(url).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_size, st.st_mtime_ns
+    head = _head(url)
+    if head is None:
         return None
-    return st.st_size, st.st_mtime_ns
+    return head["ContentLength"], int(head["LastModified"].timestamp() * 1e9)
 
 
+@_explained
 def list_dir(url: str) -> list[str]:
     """Names directly under ``url`` (files and folders), sorted; [] when missing."""
-    p = _local(url)
-    if not p.is_dir():
-        return []
-    return sorted(os.listdir(p))
+    if not is_s3(url):
+        p = Path(url)
+        return sorted(os.listdir(p)) if p.is_dir() else []
+    names = set()
+    for prefix, page in _list(url, delimiter=True):
+        names |= {o["Key"][len(prefix):] for o in page.get("Contents", [])}
+        names |= {p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])}
+    return sorted(n for n in names if n)
 
 
+@_explained
 def walk_files(url: str) -> Iterator[tuple[str, int, int]]:
     """(path relative to url, size, mtime_ns) of every file below url, in sorted order."""
-    base = _local(url)
+    if not is_s3(url):
+        return _walk_local(Path(url))
+    found = []  # listed eagerly, so S3 errors surface here, explained
+    for prefix, page in _list(url, delimiter=False):
+        found += [(o["Key"][len(prefix):], o["Size"], int(o["LastModified"].timestamp() * 1e9))
+                  for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+    return iter(sorted(found))
+
+
+def _walk_local(base: Path) -> Iterator[tuple[str, int, int]]:
     for dirpath, dirnames, filenames in os.walk(base):
         dirnames.sort()
         for name in sorted(filenames):
@@ -75,18 +224,34 @@ def walk_files(url: str) -> Iterator[tuple[str, int, int]]:
             yield str(full.relative_to(base)), st.st_size, st.st_mtime_ns
 
 
+@_explained
 def open_read(url: str) -> IO[bytes]:
-    return open(_local(url), "rb")
+    """A seekable binary file; on S3 it fetches 8 MB ranges as it goes (streams, no local copy)."""
+    if not is_s3(url):
+        return open(url, "rb")
+    return io.BufferedReader(_S3Reader(url), buffer_size=READ_BUFFER)
 
 
+@_explained
 def read_bytes(url: str) -> bytes:
-    return _local(url).read_bytes()
+    if not is_s3(url):
+        return Path(url).read_bytes()
+    bucket, key = _split(url)
+    return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
+@_explained
 def read_range(url: str, offset: int, size: int) -> bytes:
-    with open(_local(url), "rb") as f:
-        f.seek(offset)
-        data = f.read(size)
+    if size == 0:
+        return b""
+    if is_s3(url):
+        bucket, key = _split(url)
+        data = s3_client().get_object(Bucket=bucket, Key=key,
+                                      Range=f"bytes={offset}-{offset + size - 1}")["Body"].read()
+    else:
+        with open(url, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
     if len(data) != size:
         raise OSError(f"{url}: expected {size} bytes at offset {offset}, got {len(data)}; "
                       "the source changed since it was indexed: rerun the index stage")
@@ -100,7 +265,14 @@ def read_json(url: str):
 @contextmanager
 def atomic_write(url: str) -> Iterator[IO[bytes]]:
     """Yield a file to write; it appears under ``url`` only if the block ends without error."""
-    final = _local(url)
+    if is_s3(url):
+        with tempfile.TemporaryFile() as f:
+            yield f
+            f.flush()
+            f.seek(0)
+            _upload(url, f)
+        return
+    final = Path(url)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
     try:
@@ -112,6 +284,15 @@ def atomic_write(url: str) -> Iterator[IO[bytes]]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@_explained
+def _upload(url: str, f) -> None:
+    from boto3.s3.transfer import TransferConfig
+
+    bucket, key = _split(url)
+    s3_client().upload_fileobj(f, bucket, key, Config=TransferConfig(
+        multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD))
 
 
 def write_bytes(url: str, data: bytes) -> None:
@@ -136,15 +317,47 @@ def write_json(url: str, obj) -> None:
     write_bytes(url, json_bytes(obj))
 
 
+@_explained
 def remove(url: str) -> None:
-    _local(url).unlink(missing_ok=True)
+    if not is_s3(url):
+        Path(url).unlink(missing_ok=True)
+        return
+    bucket, key = _split(url)
+    s3_client().delete_object(Bucket=bucket, Key=key)
 
 
 def remove_stale_temps(url: str) -> int:
-    """Delete temp files a killed writer left in folder ``url``; returns how many."""
+    """Delete temp files a killed writer left in folder ``url``; returns how many.
+
+    S3 needs none: an interrupted upload never becomes an object (S3's lifecycle rule
+    AbortIncompleteMultipartUpload reclaims the parts of an abandoned multipart upload)."""
+    if is_s3(url):
+        return 0
     n = 0
     for name in list_dir(url):
         if name.startswith(".") and TMP_MARK in name:
             remove(join(url, name))
             n += 1
     return n
+
+
+def pyarrow_filesystem(url: str):
+    """(pyarrow filesystem, path) for libraries that take one (Ray Train's checkpoint storage),
+    built from the same AWS settings boto3 reads; (None, url) for a local path."""
+    if not is_s3(url):
+        return None, url
+    import boto3
+    from pyarrow import fs
+
+    session = boto3.session.Session()
+    creds = session.get_credentials()
+    kwargs = {"region": session.region_name or "us-east-1"}
+    if creds is not None:
+        frozen = creds.get_frozen_credentials()
+        kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key,
+                      session_token=frozen.token)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+    return fs.S3FileSystem(**kwargs), str(url)[len("s3://"):]

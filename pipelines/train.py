@@ -33,12 +33,15 @@ METRICS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
 
 # --- checkpoints ------------------------------------------------------------------------------
 def load_state(checkpoint_dir: str) -> dict:
+    """A checkpoint's state, from a local folder or an s3:// one."""
+    import io
+
     import torch
 
-    path = os.path.join(checkpoint_dir, STATE_FILE)
-    if not os.path.exists(path):
+    url = storage.join(checkpoint_dir, STATE_FILE)
+    if not storage.exists(url):
         raise StageError(f"'{checkpoint_dir}' holds no {STATE_FILE}: not a checkpoint of this project.")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=False)
 
 
 def model_from_state(state: dict):
@@ -255,6 +258,7 @@ def run(cfg: TrainConfig) -> dict:
     name = cfg.name or "alexnet-" + time.strftime("%Y%m%d-%H%M%S")
     runs = cfg.storage or storage.join(cfg.data, "runs")
     runs = runs if storage.is_s3(runs) else os.path.abspath(runs)
+    runs_fs, runs_path = storage.pyarrow_filesystem(runs)  # s3:// checkpoints use the AWS_* settings
 
     run_id = tracking.start_or_resume_run(cfg.experiment, name, tags={"pipelines.stage": "train"})
     done = _finished(run_id, cfg.epochs)
@@ -290,7 +294,7 @@ def run(cfg: TrainConfig) -> dict:
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=gpu,
                                      resources_per_worker={"CPU": min(cpus, 8.0)}),
         run_config=RunConfig(
-            name=name, storage_path=runs,
+            name=name, storage_path=runs_path, storage_filesystem=runs_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                checkpoint_score_attribute="val_top1",
                                                checkpoint_score_order="max"),
@@ -303,9 +307,8 @@ def run(cfg: TrainConfig) -> dict:
     if result.checkpoint is None:
         tracking.end_run(run_id, "FAILED")
         raise StageError(f"Training '{name}' ended without a checkpoint; see the worker logs above.")
-    checkpoint = result.checkpoint.path
-    with result.checkpoint.as_directory() as d:
-        state = load_state(d)
+    checkpoint = f"s3://{result.checkpoint.path}" if runs_fs is not None else result.checkpoint.path
+    state = load_state(checkpoint)
     net = model_from_state(state).eval()
     import numpy as np
 
@@ -322,7 +325,7 @@ def _finished(run_id: str, epochs: int):
     tags = tracking.get_tags(run_id)
     if "pipelines.checkpoint" not in tags or "pipelines.model_uri" not in tags:
         return None
-    if not storage.exists(os.path.join(tags["pipelines.checkpoint"], STATE_FILE)):
+    if not storage.exists(storage.join(tags["pipelines.checkpoint"], STATE_FILE)):
         return None
     state = load_state(tags["pipelines.checkpoint"])
     if state["epoch"] < epochs:

@@ -1,0 +1,117 @@
+"""Submit any stage to a Ray cluster through the Ray Jobs API, and follow it.
+
+    python -m pipelines submit [--address http://head:8265] [--no-wait] -- shard --data s3://bucket/imagenet
+    python -m pipelines submit --list | --logs JOB_ID | --stop JOB_ID
+
+The job runs ``python -m pipelines <stage> <args...>`` on the cluster with this project
+shipped as its working directory (``.venv``, ``.git``, data, run and tracking folders left
+out, so the upload stays far under Ray's limit) and with MLFLOW_TRACKING_URI and the AWS_*
+settings of this shell forwarded. The address comes from ``--address`` or RAY_ADDRESS; Ray's
+token authentication uses RAY_AUTH_TOKEN or the token file (~/.ray/auth_token). ``submit``
+follows the job's logs and exits with the job's exit code.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from .common import StageError
+from .config import SubmitConfig
+
+PROJECT = Path(__file__).resolve().parent.parent
+# Settings the stages read from the environment; forwarded so a job sees the same stores.
+FORWARD = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+           "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+           "AWS_DEFAULT_REGION", "AWS_PROFILE")
+# Never shipped: environments, history, datasets, checkpoints and local tracking stores.
+EXCLUDES = [".venv", ".git", ".stack", ".pytest_cache", "__pycache__", "*.egg-info", "demo", "data",
+            "runs", "mlruns", "mlartifacts", "*.db", "*.tar", "*.parquet"]
+STAGES = ("sample", "index", "shard", "stats", "status", "train", "evaluate", "demo")
+DONE = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as e:  # noqa: BLE001 - translated into an error that names the address
+        raise _explain(e, address) from None
+
+
+def _explain(e: Exception, address: str) -> StageError:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if type(e).__name__ == "AuthenticationError" or "uthentication" in text:
+        return StageError(
+            f"The Ray cluster at {address} refused the request: {text} Set RAY_AUTH_TOKEN to the "
+            "cluster's token (`ray start` keeps it in ~/.ray/auth_token on the head node).")
+    if isinstance(e, ConnectionError) or "onnect" in text:
+        return StageError(f"Cannot reach the Ray Jobs API at {address} ({text}): is the cluster up, and is "
+                          "the address its dashboard (http://head:8265)?")
+    return StageError(f"Ray Jobs API at {address}: {text}")
+
+
+def _call(address: str, fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001
+        raise _explain(e, address) from None
+
+
+def runtime_env() -> dict:
+    env = {k: os.environ[k] for k in FORWARD if os.environ.get(k)}
+    return {"working_dir": str(PROJECT), "excludes": EXCLUDES, "env_vars": env}
+
+
+async def _follow(client, job_id: str) -> None:
+    async for chunk in client.tail_job_logs(job_id):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+
+def run(cfg: SubmitConfig) -> dict:
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise StageError("No Ray cluster given: pass --address http://HEAD:8265 or set RAY_ADDRESS.")
+    if not address.startswith(("http://", "https://")):
+        raise StageError(f"--address {address}: the Jobs API needs the dashboard's HTTP address, "
+                         "e.g. http://127.0.0.1:8265")
+    client = _client(address)
+    if cfg.list:
+        jobs = _call(address, client.list_jobs)
+        rows = [{"job_id": j.submission_id, "status": str(j.status.value), "entrypoint": j.entrypoint}
+                for j in jobs]
+        for r in rows:
+            print(f"{r['job_id']:<28} {r['status']:<10} {r['entrypoint']}", file=sys.stderr)
+        return {"stage": "submit", "jobs": rows}
+    if cfg.logs:
+        sys.stdout.write(_call(address, client.get_job_logs, cfg.logs))
+        return {"stage": "submit", "job_id": cfg.logs, "status": str(_call(address, client.get_job_status, cfg.logs).value)}
+    if cfg.stop:
+        stopped = _call(address, client.stop_job, cfg.stop)
+        return {"stage": "submit", "job_id": cfg.stop, "stopped": bool(stopped)}
+
+    if not cfg.args or cfg.args[0] not in STAGES:
+        got = cfg.args[0] if cfg.args else "nothing"
+        raise StageError(f"submit needs a stage after '--', got {got}. Expected one of: {', '.join(STAGES)} "
+                         "(e.g. python -m pipelines submit -- shard --data s3://bucket/imagenet).")
+    entrypoint = "python -m pipelines " + shlex.join(cfg.args)
+    job_id = _call(address, lambda: client.submit_job(
+        entrypoint=entrypoint, runtime_env=runtime_env(), metadata={"stage": cfg.args[0]}))
+    print(f"submitted {job_id}: {entrypoint}", file=sys.stderr, flush=True)
+    if not cfg.wait:
+        return {"stage": "submit", "job_id": job_id, "status": "PENDING", "entrypoint": entrypoint}
+    asyncio.run(_follow(client, job_id))
+    info = _call(address, client.get_job_info, job_id)
+    while str(info.status.value) not in DONE:  # the log stream can end a moment before the status
+        time.sleep(0.5)
+        info = _call(address, client.get_job_info, job_id)
+    status = str(info.status.value)
+    code = getattr(info, "driver_exit_code", None)
+    exit_code = 0 if status == "SUCCEEDED" else (code if code not in (None, 0) else 1)
+    return {"stage": "submit", "job_id": job_id, "status": status, "entrypoint": entrypoint,
+            "message": info.message, "exit_code": exit_code}

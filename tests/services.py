@@ -1,0 +1,156 @@
+"""Real services on loopback for the integration tests: SeaweedFS (S3), an MLflow tracking
+server with its artifacts in that S3, and a Ray head with token authentication.
+
+Each runs as a child process in its own process group with state in a temp folder, on free
+ports, and is killed at the end (SeaweedFS ignores SIGTERM for >20 s: it gets SIGKILL).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+ACCESS_KEY, SECRET_KEY = "alexnet-test", "s3cr3t-Value-that-must-never-leak"
+BUCKET = "alexnet"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, what: str, timeout: float = 60, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.5)
+    tail = log.read_text()[-3000:] if log and log.exists() else ""
+    raise RuntimeError(f"{what} did not come up within {timeout:.0f} s\n{tail}")
+
+
+def _http_ok(url: str) -> bool:
+    """The server answers (an auth refusal counts: it is up)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status < 500
+    except urllib.error.HTTPError as e:
+        return e.code < 500
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _kill(proc: subprocess.Popen, grace: float = 3) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(grace)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+
+
+def s3_env(port: int, secret: str = SECRET_KEY) -> dict[str, str]:
+    return {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1"}
+
+
+@contextmanager
+def seaweedfs(tmp: Path):
+    """S3 on loopback with one identity: other credentials are refused."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "data").mkdir(exist_ok=True)
+    (tmp / "s3.json").write_text(json.dumps({"identities": [{
+        "name": "tester", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    ports = {name: free_port() for name in ("s3", "master", "filer", "volume", "admin", "debug", "webdav")}
+    log = tmp / "weed.log"
+    cmd = [str(VENV_BIN / "weed"), "mini", f"-dir={tmp / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+           f"-bucket={BUCKET}", f"-s3.config={tmp / 's3.json'}", f"-s3.port={ports['s3']}",
+           f"-master.port={ports['master']}", f"-filer.port={ports['filer']}",
+           f"-volume.port={ports['volume']}", f"-admin.port={ports['admin']}",
+           f"-debug.port={ports['debug']}", f"-webdav.port={ports['webdav']}"]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        env = s3_env(ports["s3"])
+
+        def bucket_ready():
+            import boto3
+
+            s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=ACCESS_KEY,
+                              aws_secret_access_key=SECRET_KEY, region_name="us-east-1")
+            s3.put_object(Bucket=BUCKET, Key="_ready", Body=b"1")
+            return True
+
+        wait_for(bucket_ready, "SeaweedFS S3", 90, log)
+        yield {"port": ports["s3"], "env": env, "proc": proc, "log": log}
+    finally:
+        _kill(proc, grace=1)
+
+
+@contextmanager
+def mlflow_server(tmp: Path, s3: dict):
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = tmp / "mlflow.log"
+    env = {**os.environ, **s3["env"], "MLFLOW_S3_ENDPOINT_URL": s3["env"]["AWS_ENDPOINT_URL"]}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
+           "--artifacts-destination", f"s3://{BUCKET}/mlartifacts", "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _http_ok(f"{uri}/health"), "MLflow server", 120, log)
+        yield {"uri": uri, "proc": proc, "port": port, "log": log}
+    finally:
+        _kill(proc)
+
+
+@contextmanager
+def ray_head(tmp: Path, num_cpus: int = 2):
+    """`ray start --head --block` in its own temp dir; stopped by killing its process group
+    (not `ray stop`, which would also stop the tests' own local Ray)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    gcs, dash = free_port(), free_port()
+    log = tmp / "ray.log"
+    # Ray's unix sockets live under --temp-dir and must stay under 107 bytes: a short folder.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={gcs}",
+           "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={ray_tmp}", "--disable-usage-stats",
+           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        wait_for(lambda: _port_open(dash) and _http_ok(f"{address}/api/version"), "Ray head", 120, log)
+        yield {"address": address, "gcs": f"127.0.0.1:{gcs}", "proc": proc, "log": log}
+    finally:
+        _kill(proc, grace=10)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -1,0 +1,147 @@
+"""The way a team runs it (issue 4): data and checkpoints in S3 (SeaweedFS), runs on an MLflow
+server whose artifacts go to S3, every stage submitted as a Ray job to a Ray head with token
+authentication. All three are real servers on loopback, started here."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+
+from pipelines.sample import SampleConfig, run as make_sample
+
+from . import services as sv
+
+pytestmark = pytest.mark.slow
+ROOT = f"s3://{sv.BUCKET}/root"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stack")
+    with sv.seaweedfs(tmp / "s3") as s3, sv.mlflow_server(tmp / "mlflow", s3) as ml, sv.ray_head(tmp / "ray") as ray:
+        env = {**os.environ, **s3["env"], "MLFLOW_TRACKING_URI": ml["uri"], "RAY_ADDRESS": ray["address"],
+               "RAY_AUTH_MODE": "token"}
+        yield {"s3": s3, "mlflow": ml, "ray": ray, "env": env, "tmp": tmp}
+
+
+def _s3(stack):
+    e = stack["s3"]["env"]
+    return boto3.client("s3", endpoint_url=e["AWS_ENDPOINT_URL"], aws_access_key_id=e["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=e["AWS_SECRET_ACCESS_KEY"], region_name=e["AWS_REGION"])
+
+
+def _keys(stack, prefix: str) -> list[str]:
+    pages = _s3(stack).get_paginator("list_objects_v2").paginate(Bucket=sv.BUCKET, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def _pipelines(stack, *args, env=None, timeout=600) -> tuple[subprocess.CompletedProcess, dict | None]:
+    proc = subprocess.run([sys.executable, "-m", "pipelines", *args], capture_output=True, text=True,
+                          env=env or stack["env"], timeout=timeout)
+    lines = proc.stdout.strip().splitlines()
+    try:
+        last = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        last = None
+    return proc, last
+
+
+def _submit(stack, *stage_args, timeout=600) -> subprocess.CompletedProcess:
+    proc, summary = _pipelines(stack, "submit", "--", *stage_args, timeout=timeout)
+    assert proc.returncode == 0, f"{stage_args[0]} job failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert summary["status"] == "SUCCEEDED"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def pipeline(stack):
+    """Sample data into the bucket, then index -> shard -> stats -> train, each a Ray job."""
+    local = stack["tmp"] / "sample"
+    make_sample(SampleConfig(out=str(local), classes=4, train_per_class=20, val_per_class=5))
+    s3 = _s3(stack)
+    for path in (local / "tarballs").iterdir():
+        s3.upload_file(str(path), sv.BUCKET, f"src/tarballs/{path.name}")
+    _submit(stack, "index", "--source", f"s3://{sv.BUCKET}/src/tarballs", "--data", ROOT, "--samples-per-shard", "30")
+    _submit(stack, "shard", "--data", ROOT, "--resize", "72")
+    _submit(stack, "stats", "--data", ROOT)
+    train = _submit(stack, "train", "--data", ROOT, "--workers", "2", "--no-gpu", "--epochs", "2", "--crop", "64",
+                    "--batch-size", "16", "--init", "kaiming", "--name", "cluster-run", "--experiment", "cluster")
+    summary = json.loads([l for l in train.stdout.splitlines() if l.startswith('{"stage": "train"')][-1])
+    return {"train": summary}
+
+
+def test_stages_as_ray_jobs_write_everything_to_the_bucket(stack, pipeline):
+    keys = _keys(stack, "root/")
+    assert {"root/classes.json", "root/index/train.parquet", "root/index/val.parquet", "root/stats.json",
+            "root/shards/train.json", "root/shards/val.json"} <= set(keys)
+    manifest = json.loads(_s3(stack).get_object(Bucket=sv.BUCKET, Key="root/shards/train.json")["Body"].read())
+    assert manifest["complete"] and manifest["samples"] == 80
+    assert {f"root/shards/train/{s['name']}" for s in manifest["shards"]} <= set(keys)
+    checkpoint = pipeline["train"]["checkpoint"]
+    assert checkpoint.startswith(f"s3://{sv.BUCKET}/root/runs/cluster-run/checkpoint_")
+    assert checkpoint[len(f"s3://{sv.BUCKET}/"):] + "/state.pt" in keys
+    # The model logged through the server's artifact proxy lands in the bucket too.
+    assert any(k.startswith("mlartifacts/") and k.endswith("MLmodel") for k in _keys(stack, "mlartifacts/"))
+    assert not any(".tmp-" in k for k in keys)
+
+
+def test_the_server_holds_the_runs_metrics_and_lineage(stack, pipeline):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=stack["mlflow"]["uri"])
+    run = client.get_run(pipeline["train"]["run_id"])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")] == [1, 2]
+    assert run.inputs.dataset_inputs and run.data.tags["pipelines.shard_runs"]
+    stage_runs = client.search_runs([client.get_experiment_by_name("preprocessing").experiment_id])
+    assert {r.data.tags["pipelines.stage"] for r in stage_runs} == {"index", "shard", "stats"}
+    assert run.data.tags["pipelines.shard_runs"] in {r.info.run_id for r in stage_runs}
+
+
+def test_no_secret_reaches_mlflow(stack, pipeline, tmp_path):
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+
+    client = MlflowClient(tracking_uri=stack["mlflow"]["uri"])
+    secret = sv.SECRET_KEY
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments)
+    assert len(runs) >= 4
+    for r in runs:
+        text = json.dumps([r.data.params, r.data.tags])
+        assert secret not in text, r.info.run_id
+        dest = tmp_path / r.info.run_id
+        download_artifacts(run_id=r.info.run_id, dst_path=str(dest), tracking_uri=stack["mlflow"]["uri"])
+        for f in dest.rglob("*"):
+            if f.is_file():
+                assert secret.encode() not in f.read_bytes(), f
+
+
+def test_wrong_s3_credentials_fail_clearly_and_write_nothing(stack, pipeline):
+    env = {**stack["env"], "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    proc, _ = _pipelines(stack, "index", "--source", f"s3://{sv.BUCKET}/src/tarballs",
+                         "--data", f"s3://{sv.BUCKET}/denied", env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "refused the credentials" in proc.stderr and "AWS_SECRET_ACCESS_KEY" in proc.stderr
+    assert "not-the-secret" not in proc.stderr
+    assert _keys(stack, "denied") == []
+
+
+def test_a_job_without_the_clusters_token_is_refused(stack):
+    env = {**stack["env"], "RAY_AUTH_TOKEN": "not-the-token"}
+    proc, _ = _pipelines(stack, "submit", "--", "status", "--data", ROOT, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "refused the request" in proc.stderr and "RAY_AUTH_TOKEN" in proc.stderr
+
+
+def test_unreachable_tracking_server_stops_a_stage_before_any_work(stack):
+    env = {**stack["env"], "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    proc, _ = _pipelines(stack, "index", "--source", f"s3://{sv.BUCKET}/src/tarballs",
+                         "--data", f"s3://{sv.BUCKET}/unreached", env=env)
+    assert proc.returncode == 2 and "http://127.0.0.1:9 is not reachable" in proc.stderr
+    assert _keys(stack, "unreached") == []

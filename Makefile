@@ -21,3 +21,12 @@ demo: install
 
 clean:
 	rm -rf demo .pytest_cache
+
+# make up | make down: a local S3 (SeaweedFS) + MLflow server + Ray head on 127.0.0.1, state in .stack/
+.PHONY: up down
+
+up: install
+	bash infra/local/up.sh
+
+down:
+	bash infra/local/down.sh

@@ -37,8 +37,9 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
                         category=DeprecationWarning)
 
 
-def _seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+def seed_for(*parts) -> int:
+    """A 63-bit seed derived from any parts, e.g. (seed, epoch, rank, worker)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def plan_epoch(shards: list[tuple[str, int]], *, batch_size: int, rank: int, wor
         raise ValueError(f"{total} samples over {world_size} workers cannot fill one batch of "
                          f"{batch_size} per worker: lower --batch-size or --workers.")
     order = list(shards)
-    random.Random(_seed(seed, epoch, "shards")).shuffle(order)
+    random.Random(seed_for(seed, epoch, "shards")).shuffle(order)
     # Largest first onto the least-loaded rank (greedy), ties broken by the shuffled order.
     order.sort(key=lambda s: -s[1])
     loads = [[0, r, []] for r in range(world_size)]
@@ -66,7 +67,7 @@ def plan_epoch(shards: list[tuple[str, int]], *, batch_size: int, rank: int, wor
         least[0] += n
         least[2].append(url)
     mine = loads[rank][2]
-    random.Random(_seed(seed, epoch, rank, "order")).shuffle(mine)
+    random.Random(seed_for(seed, epoch, rank, "order")).shuffle(mine)
     return EpochPlan(shards=mine, samples=loads[rank][0], steps=steps)
 
 
@@ -104,8 +105,8 @@ class ShardStream(IterableDataset):
         urls = self.urls[wid::nw]
         if not urls:
             return
-        rng = random.Random(_seed(self.seed, self.epoch, self.rank, wid, "buffer"))
-        gen = torch.Generator().manual_seed(_seed(self.seed, self.epoch, self.rank, wid, "crop") % 2**63)
+        rng = random.Random(seed_for(self.seed, self.epoch, self.rank, wid, "buffer"))
+        gen = torch.Generator().manual_seed(seed_for(self.seed, self.epoch, self.rank, wid, "crop"))
         source = _samples(urls)
         if self.cycle:
             source = _forever(lambda: _samples(urls))

@@ -90,6 +90,8 @@ def decode_problem(e: Exception) -> str:
         return "not an image: no known image format in the bytes"
     if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return f"refused as a decompression bomb: {e}"
+    if "truncat" in str(e).lower():  # PIL says 'image file is truncated' or 'Truncated File Read'
+        return f"truncated image: the file ends before its image data does ({e})"
     return f"cannot decode: {type(e).__name__}: {e}"
 
 
@@ -230,9 +232,10 @@ def run(cfg: ShardConfig) -> dict:
         task = ray.remote(num_cpus=cfg.num_cpus)(write_shard)
         # Bounded in-flight tasks: progress stays smooth and the object store holds only a few
         # shards' row lists, however large the dataset.
-        window = max(4, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        # At least 32 so an autoscaling cluster that starts small sees enough demand to grow.
+        window = max(32, 2 * int(ray.cluster_resources().get("CPU", 1)))
         progress = Progress("shard", len(todo))
-        pending, queue, last_save = {}, list(todo), time.monotonic()
+        pending, queue, last_save = {}, list(todo), 0.0
         while queue or pending:
             while queue and len(pending) < window:
                 split, name, url, rows, d = queue.pop(0)
@@ -249,7 +252,9 @@ def run(cfg: ShardConfig) -> dict:
                 entries[split][name] = entry
                 written_images += entry["samples"] + len(entry["rejected"])
                 progress.update(1, entry["samples"] + len(entry["rejected"]))
-            if time.monotonic() - last_save > 5:  # a killed driver keeps what finished
+            # Record finished shards as they come (at most once a second), so a killed driver
+            # loses at most a second of work: the rerun redoes only shards not in the manifest.
+            if time.monotonic() - last_save > 1:
                 for split in splits:
                     _save_manifest(cfg, split, params, index_digests[split], entries[split],
                                    plans[split][2], started)

@@ -74,6 +74,13 @@ def _name_problem(name: str) -> str | None:
     return None
 
 
+def _loose_problem(path: str, rel: str) -> str | None:
+    # A symlink could point anywhere on the machine (/etc/passwd, another dataset): never follow it.
+    if storage.is_link(path):
+        return "a symlink, not a regular file: copy the image in instead"
+    return _name_problem(rel)
+
+
 def _tar_entry_problem(m: tarfile.TarInfo) -> str | None:
     # Nothing is ever extracted, but a name that climbs out of the archive marks a hostile or
     # broken tar: quarantine it rather than guess what it meant.
@@ -275,8 +282,9 @@ def _class_folders(base: str, split: str, wnids: set[str], known: set[str]) -> I
         if not files:
             yield Item(split, wnid, wnid, folder, 0, 0, wnid, reject="empty class folder: no images")
         for rel, size, _ in files:
-            yield Item(split, _stem(rel), wnid, storage.join(folder, rel), 0, size,
-                       f"{split}/{wnid}/{rel}", reject=_name_problem(rel))
+            path = storage.join(folder, rel)
+            yield Item(split, _stem(rel), wnid, path, 0, size, f"{split}/{wnid}/{rel}",
+                       reject=_loose_problem(path, rel))
 
 
 class FolderSource(Source):
@@ -359,7 +367,7 @@ class KaggleSource(Source):
         labels = self._val_labels()
         for rel, size, _ in storage.walk_files(base):
             item = Item("val", _stem(rel), None, storage.join(base, rel), 0, size, f"val/{rel}",
-                        reject=_name_problem(rel))
+                        reject=_loose_problem(storage.join(base, rel), rel))
             if item.reject is None:
                 item.wnid = labels.get(item.key)
                 if item.wnid is None:

@@ -175,6 +175,11 @@ def is_dir(url: str) -> bool:
     return False
 
 
+def is_link(url: str) -> bool:
+    """A local symlink (S3 has none)."""
+    return not is_s3(url) and os.path.islink(url)
+
+
 @_explained
 def stat(url: str) -> tuple[int, int] | None:
     """(size in bytes, modification time in ns), or None when missing."""

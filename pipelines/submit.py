@@ -63,7 +63,13 @@ def _call(address: str, fn, *args):
 
 
 def runtime_env() -> dict:
+    from . import tracking
+
     env = {k: os.environ[k] for k in FORWARD if os.environ.get(k)}
+    here = tracking.environment()  # the shipped copy has no .git: say which commit it is
+    if here["git_sha"] != "unknown":
+        env["PIPELINES_GIT_SHA"] = here["git_sha"]
+        env["PIPELINES_GIT_DIRTY"] = "true" if here["git_dirty"] else "false"
     return {"working_dir": str(PROJECT), "excludes": EXCLUDES, "env_vars": env}
 
 

@@ -372,6 +372,12 @@ def environment() -> dict:
     in_checkout = top is not None and Path(top).resolve() == PROJECT_DIR
     sha = _git("rev-parse", "HEAD") if in_checkout else None
     status = _git("status", "--porcelain", "--untracked-files=no") if sha else None
+    if sha is None and os.environ.get("PIPELINES_GIT_SHA"):
+        # A Ray job's working dir or a container image has no .git: `submit` and the image build
+        # pass the SHA they were made from.
+        return {"git_sha": os.environ["PIPELINES_GIT_SHA"],
+                "git_dirty": os.environ.get("PIPELINES_GIT_DIRTY", "unknown") == "true",
+                "python": platform.python_version(), "versions": {p: _version(p) for p in PACKAGES}}
     return {
         "git_sha": sha or "unknown",
         "git_dirty": bool(status) if status is not None else None,

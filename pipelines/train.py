@@ -139,6 +139,10 @@ def train_loop(c: dict) -> None:
             [tuple(s) for s in c["train_shards"]], train_tf, batch_size=per_rank, rank=rank, world_size=world,
             epoch=epoch, seed=c["seed"], num_workers=loader_workers, shuffle_buffer=c["shuffle_buffer"],
             pin_memory=gpu)
+        # Every random draw of an epoch (dropout, PCA lighting) comes from a generator seeded by
+        # (seed, epoch, rank), as the loader's crops and shuffles are: a run resumed from the
+        # checkpoint of epoch e replays epoch e+1 exactly as an uninterrupted run would.
+        torch.manual_seed(data.seed_for(c["seed"], epoch, rank, "torch"))
         lr = opt.param_groups[0]["lr"]
         net.train()
         sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -178,7 +182,7 @@ def train_loop(c: dict) -> None:
             "val_top1": float(val[1] / val[3]) if val[3] else 0.0,
             "val_top5": float(val[2] / val[3]) if val[3] else 0.0,
             "lr": lr, "images_per_second": float(sums[2] / seconds[0]),
-            "data_wait_fraction": float(seconds[1] / seconds[0]),
+            "data_wait_fraction": float(seconds[1] / seconds[0]), "samples": int(sums[2]),
         }
         history.append(metrics)
         if rank == 0:
@@ -187,6 +191,10 @@ def train_loop(c: dict) -> None:
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"model": raw.state_dict(), "optimizer": opt.state_dict(),
                             "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
+                            # Where the data stream stands: the next epoch's shard order, shuffle
+                            # and crops all derive from (seed, epoch), so this is all a resume needs.
+                            "data_position": {"seed": c["seed"], "epochs_done": epoch, "next_epoch": epoch + 1,
+                                              "samples_seen": int(sum(h["samples"] for h in history))},
                             "config": {k: c[k] for k in ("arch", "num_classes", "crop", "init", "seed")},
                             "stats": c["stats"], "saved_at": now_iso()}, os.path.join(d, STATE_FILE))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

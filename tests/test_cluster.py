@@ -98,6 +98,7 @@ def test_the_server_holds_the_runs_metrics_and_lineage(stack, pipeline):
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")] == [1, 2]
     assert run.inputs.dataset_inputs and run.data.tags["pipelines.shard_runs"]
+    assert len(run.data.params["git_sha"]) == 40  # the job's copy has no .git: submit passes the SHA
     stage_runs = client.search_runs([client.get_experiment_by_name("preprocessing").experiment_id])
     assert {r.data.tags["pipelines.stage"] for r in stage_runs} == {"index", "shard", "stats"}
     assert run.data.tags["pipelines.shard_runs"] in {r.info.run_id for r in stage_runs}

@@ -126,6 +126,10 @@ def train_loop(c: dict) -> None:
         log.info("rank %d resumed after epoch %d", rank, state["epoch"])
     if rank == 0:
         os.environ["MLFLOW_TRACKING_URI"] = c["tracking_uri"]
+        # Fail fast while the server is away (MLflow would otherwise retry for minutes inside
+        # one call and stall training); _log_history catches up at the next epoch.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         _log_history(c["run_id"], history)  # epochs a crash left unlogged
 
     raw = net.module if hasattr(net, "module") else net
@@ -205,7 +209,43 @@ def train_loop(c: dict) -> None:
             ray.train.report(metrics)
 
 
-def _log_history(run_id: str, history: list[dict]) -> None:
+_logged: set[int] = set()  # epochs this process has logged (a restarted worker re-checks MLflow)
+
+
+def _log_history(run_id: str, history: list[dict]) -> bool:
+    """Log every epoch of ``history`` not logged yet; False (and a warning) if MLflow is down.
+
+    Training never waits on the tracking server: the checkpoint keeps the history, the next
+    epoch (or the driver at the end) logs what an outage held back, each step once."""
+    try:
+        for m in history:
+            if m["epoch"] not in _logged:
+                tracking.log_metrics_once(run_id, {k: m[k] for k in METRICS}, step=m["epoch"])
+                _logged.add(m["epoch"])
+        return True
+    except Exception as e:  # noqa: BLE001 - any tracking failure; training goes on
+        log.warning("MLflow not reachable (%s); %d epoch(s) kept in the checkpoint, logged on recovery",
+                    str(e).splitlines()[0][:200], sum(m["epoch"] not in _logged for m in history))
+        return False
+
+
+def _when_tracking_is_back(what: str, fn, patience_s: float):
+    """Run a tracking call, retrying with backoff while the server is away (driver side)."""
+    delay, deadline = 2.0, time.monotonic() + patience_s
+    while True:
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001
+            if time.monotonic() > deadline:
+                raise StageError(f"MLflow at {tracking.tracking_uri()} stayed unreachable for {patience_s:.0f} s "
+                                 f"while {what}; the checkpoints are intact: rerun the same --name to finish.") from e
+            print(f"train: MLflow not reachable while {what} ({str(e).splitlines()[0][:120]}); retrying in "
+                  f"{delay:.0f} s", file=sys.stderr, flush=True)
+            time.sleep(delay)
+            delay = min(delay * 2, 30)
+
+
+def _log_all(run_id: str, history: list[dict]) -> None:
     for m in history:
         tracking.log_metrics_once(run_id, {k: m[k] for k in METRICS}, step=m["epoch"])
 
@@ -320,11 +360,16 @@ def run(cfg: TrainConfig) -> dict:
     net = model_from_state(state).eval()
     import numpy as np
 
-    example = np.zeros((1, 3, cfg.crop, cfg.crop), dtype=np.float32)
-    model_uri = tracking.log_model(run_id, net, example, register=cfg.register)
-    tracking.set_tags(run_id, {"pipelines.checkpoint": checkpoint, "pipelines.data": cfg.data})
-    tracking.end_run(run_id, "FINISHED")
-    tracking.set_tags(run_id, {"pipelines.model_uri": model_uri})
+    # An outage during training held some epochs back: log them now, waiting for the server.
+    patience = float(os.environ.get("PIPELINES_TRACKING_PATIENCE_S", 900))
+    _when_tracking_is_back("logging the epochs' metrics", lambda: _log_all(run_id, state["history"]), patience)
+    example = np.zeros((2, 3, cfg.crop, cfg.crop), dtype=np.float32)
+    model_uri = _when_tracking_is_back("logging the model", lambda: tracking.log_model(
+        run_id, net, example, register=cfg.register), patience)
+    _when_tracking_is_back("finishing the run", lambda: (
+        tracking.set_tags(run_id, {"pipelines.checkpoint": checkpoint, "pipelines.data": cfg.data,
+                                   "pipelines.model_uri": model_uri}),
+        tracking.end_run(run_id, "FINISHED")), patience)
     return _summary(cfg, name, run_id, state, checkpoint, model_uri, seconds=time.monotonic() - t0, gpu=gpu)
 
 

@@ -42,3 +42,19 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory, ray_local, tracking_store):
+    """A sharded ROOT for training tests: 4 classes x 30 train / 6 val at 72 px, in 3 train
+    shards of 50/50/20 samples (uneven over 2 workers); the shard stage ran as a tracked run."""
+    from pipelines import index, shard, stats, tracking
+    from pipelines.config import IndexConfig, ShardConfig, StatsConfig
+
+    tmp = tmp_path_factory.mktemp("train")
+    make_sample(SampleConfig(out=str(tmp / "src"), classes=4, train_per_class=30, val_per_class=6))
+    root = str(tmp / "root")
+    index.run(IndexConfig(source=str(tmp / "src" / "folders"), data=root, samples_per_shard=50))
+    tracking.track_stage("shard", ShardConfig(data=root, resize=72), shard.run)  # lineage: a stage run
+    stats.run(StatsConfig(data=root))
+    return root

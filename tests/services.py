@@ -111,23 +111,44 @@ def seaweedfs(tmp: Path):
         _kill(proc, grace=1)
 
 
+class MlflowServer:
+    """An MLflow tracking server that a test can stop and start again on the same port and store."""
+
+    def __init__(self, tmp: Path, s3: dict | None = None):
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.tmp, self.s3, self.port = tmp, s3, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / "mlflow.log"
+        self.proc = None
+
+    def start(self) -> None:
+        env = {**os.environ, **(self.s3["env"] if self.s3 else {})}
+        if self.s3:
+            env["MLFLOW_S3_ENDPOINT_URL"] = self.s3["env"]["AWS_ENDPOINT_URL"]
+        env.pop("MLFLOW_TRACKING_URI", None)
+        artifacts = f"s3://{BUCKET}/mlartifacts" if self.s3 else str(self.tmp / "artifacts")
+        cmd = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.tmp}/mlflow.db",
+               "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(self.port),
+               "--workers", "1"]
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runners: tracking only
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("a"), stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        wait_for(lambda: _http_ok(f"{self.uri}/health"), "MLflow server", 120, self.log)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _kill(self.proc)
+            self.proc = None
+
+
 @contextmanager
-def mlflow_server(tmp: Path, s3: dict):
-    tmp.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = tmp / "mlflow.log"
-    env = {**os.environ, **s3["env"], "MLFLOW_S3_ENDPOINT_URL": s3["env"]["AWS_ENDPOINT_URL"]}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
-           "--artifacts-destination", f"s3://{BUCKET}/mlartifacts", "--host", "127.0.0.1",
-           "--port", str(port), "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
+def mlflow_server(tmp: Path, s3: dict | None = None):
+    server = MlflowServer(tmp, s3)
+    server.start()
     try:
-        wait_for(lambda: _http_ok(f"{uri}/health"), "MLflow server", 120, log)
-        yield {"uri": uri, "proc": proc, "port": port, "log": log}
+        yield {"uri": server.uri, "proc": server.proc, "port": server.port, "log": server.log, "server": server}
     finally:
-        _kill(proc)
+        server.stop()
 
 
 @contextmanager

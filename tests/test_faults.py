@@ -11,9 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from mlflow import MlflowClient
+
 from pipelines import index, shard
 from pipelines.config import IndexConfig, ShardConfig
 from pipelines.sample import SampleConfig, run as make_sample
+from pipelines.train import METRICS
+
+from . import services as sv
 
 pytestmark = pytest.mark.slow
 
@@ -80,3 +85,51 @@ def test_shard_stage_killed_twice_then_rerun_matches_an_uninterrupted_run(big_in
     assert _checksums(root) == want  # same bytes as the run nobody killed
     leftovers = [p for p in root.rglob("*") if ".tmp-" in p.name]
     assert leftovers == []
+
+
+def _wait(check, what: str, timeout: float = 600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_tracking_server_outage_mid_training_loses_no_metric(dataset, ray_local, tmp_path):
+    server = sv.MlflowServer(tmp_path / "mlflow")
+    server.start()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=server.uri,
+               RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines", "train", "--data", dataset, "--workers", "2", "--no-gpu",
+         "--epochs", "4", "--crop", "64", "--batch-size", "16", "--init", "kaiming", "--name", "outage",
+         "--experiment", "outage", "--storage", str(runs)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = MlflowClient(tracking_uri=server.uri)
+
+        def epoch_one_logged():
+            exp = client.get_experiment_by_name("outage")
+            found = client.search_runs([exp.experiment_id]) if exp else []
+            steps = [m.step for m in client.get_metric_history(found[0].info.run_id, "val_top1")] if found else []
+            return found[0].info.run_id if steps == [1] else None
+
+        run_id = _wait(epoch_one_logged, "epoch 1 in MLflow")
+        server.stop()  # the tracking server goes away mid-training...
+        seen = set((runs / "outage").glob("checkpoint_2*"))
+        _wait(lambda: set((runs / "outage").glob("checkpoint_2*")) - seen, "an epoch finished during the outage")
+        server.start()  # ...and comes back on the same port and store
+        out, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, out[-4000:]
+        assert "MLflow not reachable" in out  # the worker noticed, and went on training
+        run = client.get_run(run_id)
+        for key in METRICS:
+            assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3, 4], key
+        assert run.info.status == "FINISHED" and "pipelines.model_uri" in run.data.tags
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()

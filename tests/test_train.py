@@ -12,26 +12,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipelines import index, shard, stats, tracking, train
-from pipelines.config import IndexConfig, ShardConfig, StatsConfig, TrainConfig
-from pipelines.sample import SampleConfig, run as make_sample
+from pipelines import train
+from pipelines.config import TrainConfig
 
 pytestmark = pytest.mark.slow
 FIT = dict(workers=2, batch_size=16, crop=64, init="kaiming", gpu=False, lr=0.01, experiment="test")
 METRICS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
            "images_per_second", "data_wait_fraction")
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, ray_local):
-    """4 classes x 30 train / 6 val at 72 px; 3 train shards of 50/50/20 samples for 2 workers."""
-    tmp = tmp_path_factory.mktemp("train")
-    make_sample(SampleConfig(out=str(tmp / "src"), classes=4, train_per_class=30, val_per_class=6))
-    root = str(tmp / "root")
-    index.run(IndexConfig(source=str(tmp / "src" / "folders"), data=root, samples_per_shard=50))
-    tracking.track_stage("shard", ShardConfig(data=root, resize=72), shard.run)  # lineage: a stage run
-    stats.run(StatsConfig(data=root))
-    return root
 
 
 @pytest.fixture(scope="module")

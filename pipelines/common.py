@@ -62,6 +62,17 @@ class Progress:
               file=sys.stderr, flush=True)
 
 
+# Settings the stages read from the environment. A driver joining a running cluster, and a
+# submitted job, hand them to every Ray worker so tasks see the same stores as the driver.
+FORWARD = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+           "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+           "AWS_DEFAULT_REGION", "AWS_PROFILE")
+
+
+def forwarded_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in FORWARD if os.environ.get(k)}
+
+
 def ensure_ray():
     """Connect to the cluster in RAY_ADDRESS, or start a local Ray; reuse one already started.
 
@@ -74,5 +85,11 @@ def ensure_ray():
         address = os.environ.get("RAY_ADDRESS") or None
         # A local Ray gets its dashboard (Ray Train's state queries need it), on loopback only.
         local = {} if address else {"include_dashboard": True, "dashboard_host": "127.0.0.1"}
+        # Workers of a cluster started elsewhere do not have this shell's settings: send them.
+        # Inside a submitted job they arrive with the job's runtime env (sending them again
+        # would be a conflict Ray refuses).
+        env = forwarded_env()
+        if address and env and "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+            local["runtime_env"] = {"env_vars": env}
         ray.init(address=address, logging_level="WARNING", **local)
     return ray

@@ -19,14 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-from .common import StageError
+from .common import StageError, forwarded_env
 from .config import SubmitConfig
 
 PROJECT = Path(__file__).resolve().parent.parent
-# Settings the stages read from the environment; forwarded so a job sees the same stores.
-FORWARD = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-           "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
-           "AWS_DEFAULT_REGION", "AWS_PROFILE")
 # Never shipped: environments, history, datasets, checkpoints and local tracking stores.
 EXCLUDES = [".venv", ".git", ".stack", ".pytest_cache", "__pycache__", "*.egg-info", "demo", "data",
             "runs", "mlruns", "mlartifacts", "*.db", "*.tar", "*.parquet"]
@@ -65,7 +61,7 @@ def _call(address: str, fn, *args):
 def runtime_env() -> dict:
     from . import tracking
 
-    env = {k: os.environ[k] for k in FORWARD if os.environ.get(k)}
+    env = forwarded_env()
     here = tracking.environment()  # the shipped copy has no .git: say which commit it is
     if here["git_sha"] != "unknown":
         env["PIPELINES_GIT_SHA"] = here["git_sha"]

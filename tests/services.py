@@ -78,37 +78,54 @@ def s3_env(port: int, secret: str = SECRET_KEY) -> dict[str, str]:
             "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1"}
 
 
-@contextmanager
-def seaweedfs(tmp: Path):
-    """S3 on loopback with one identity: other credentials are refused."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "data").mkdir(exist_ok=True)
-    (tmp / "s3.json").write_text(json.dumps({"identities": [{
-        "name": "tester", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    ports = {name: free_port() for name in ("s3", "master", "filer", "volume", "admin", "debug", "webdav")}
-    log = tmp / "weed.log"
-    cmd = [str(VENV_BIN / "weed"), "mini", f"-dir={tmp / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-           f"-bucket={BUCKET}", f"-s3.config={tmp / 's3.json'}", f"-s3.port={ports['s3']}",
-           f"-master.port={ports['master']}", f"-filer.port={ports['filer']}",
-           f"-volume.port={ports['volume']}", f"-admin.port={ports['admin']}",
-           f"-debug.port={ports['debug']}", f"-webdav.port={ports['webdav']}"]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        env = s3_env(ports["s3"])
+class SeaweedFS:
+    """S3 on loopback with one identity (other credentials are refused); stop() and start()
+    again keep its ports and data, as a restarted server would."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        (tmp / "data").mkdir(parents=True, exist_ok=True)
+        (tmp / "s3.json").write_text(json.dumps({"identities": [{
+            "name": "tester", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        self.ports = {name: free_port() for name in ("s3", "master", "filer", "volume", "admin", "debug", "webdav")}
+        self.port = self.ports["s3"]
+        self.env = s3_env(self.port)
+        self.log = tmp / "weed.log"
+        self.proc = None
+
+    def start(self) -> None:
+        p = self.ports
+        cmd = [str(VENV_BIN / "weed"), "mini", f"-dir={self.tmp / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               f"-bucket={BUCKET}", f"-s3.config={self.tmp / 's3.json'}", f"-s3.port={p['s3']}",
+               f"-master.port={p['master']}", f"-filer.port={p['filer']}", f"-volume.port={p['volume']}",
+               f"-admin.port={p['admin']}", f"-debug.port={p['debug']}", f"-webdav.port={p['webdav']}"]
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
 
         def bucket_ready():
             import boto3
 
-            s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=ACCESS_KEY,
+            s3 = boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"], aws_access_key_id=ACCESS_KEY,
                               aws_secret_access_key=SECRET_KEY, region_name="us-east-1")
             s3.put_object(Bucket=BUCKET, Key="_ready", Body=b"1")
             return True
 
-        wait_for(bucket_ready, "SeaweedFS S3", 90, log)
-        yield {"port": ports["s3"], "env": env, "proc": proc, "log": log}
+        wait_for(bucket_ready, "SeaweedFS S3", 90, self.log)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _kill(self.proc, grace=1)
+            self.proc = None
+
+
+@contextmanager
+def seaweedfs(tmp: Path):
+    server = SeaweedFS(tmp)
+    server.start()
+    try:
+        yield {"port": server.port, "env": server.env, "proc": server.proc, "log": server.log, "server": server}
     finally:
-        _kill(proc, grace=1)
+        server.stop()
 
 
 class MlflowServer:

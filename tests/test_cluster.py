@@ -51,8 +51,12 @@ def _pipelines(stack, *args, env=None, timeout=600) -> tuple[subprocess.Complete
     return proc, last
 
 
+OUTPUTS: list[str] = []  # everything the jobs printed, searched for secrets below
+
+
 def _submit(stack, *stage_args, timeout=600) -> subprocess.CompletedProcess:
     proc, summary = _pipelines(stack, "submit", "--", *stage_args, timeout=timeout)
+    OUTPUTS.append(proc.stdout + proc.stderr)
     assert proc.returncode == 0, f"{stage_args[0]} job failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     assert summary["status"] == "SUCCEEDED"
     return proc
@@ -121,6 +125,16 @@ def test_no_secret_reaches_mlflow(stack, pipeline, tmp_path):
         for f in dest.rglob("*"):
             if f.is_file():
                 assert secret.encode() not in f.read_bytes(), f
+
+
+def test_no_secret_in_the_jobs_logs_or_the_dataset_files(stack, pipeline):
+    assert len(OUTPUTS) == 4 and all(OUTPUTS)
+    for text in OUTPUTS:
+        assert sv.SECRET_KEY not in text
+    s3 = _s3(stack)
+    for key in _keys(stack, "root/"):
+        if key.endswith((".json", ".jsonl", ".yaml")):
+            assert sv.SECRET_KEY.encode() not in s3.get_object(Bucket=sv.BUCKET, Key=key)["Body"].read(), key
 
 
 def test_wrong_s3_credentials_fail_clearly_and_write_nothing(stack, pipeline):

@@ -87,13 +87,13 @@ def test_shard_stage_killed_twice_then_rerun_matches_an_uninterrupted_run(big_in
     assert leftovers == []
 
 
-def _wait(check, what: str, timeout: float = 600):
+def _wait(check, what: str, timeout: float = 600, every: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
         if value:
             return value
-        time.sleep(0.5)
+        time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -133,3 +133,90 @@ def test_tracking_server_outage_mid_training_loses_no_metric(dataset, ray_local,
         if proc.poll() is None:
             proc.kill()
         server.stop()
+
+
+def _train_worker_pids() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split(None, 1)[0]) for line in out.splitlines() if "ray::RayTrainWorker" in line]
+
+
+def test_a_killed_training_worker_restarts_from_the_checkpoint_in_the_same_run(dataset, ray_local, tmp_path):
+    from mlflow import MlflowClient as Client
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=store, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines", "train", "--data", dataset, "--workers", "2", "--no-gpu",
+         "--epochs", "3", "--crop", "64", "--batch-size", "16", "--init", "kaiming", "--name", "killed-worker",
+         "--experiment", "faults", "--storage", str(tmp_path / "runs"), "--max-failures", "2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = Client(tracking_uri=store)
+
+        def epoch_one_logged():
+            exp = client.get_experiment_by_name("faults")
+            found = client.search_runs([exp.experiment_id]) if exp else []
+            steps = [m.step for m in client.get_metric_history(found[0].info.run_id, "val_top1")] if found else []
+            return found[0].info.run_id if steps == [1] else None
+
+        run_id = _wait(epoch_one_logged, "epoch 1 in MLflow")
+        victims = _wait(_train_worker_pids, "a Ray Train worker process")
+        os.kill(victims[-1], signal.SIGKILL)  # mid-epoch 2
+        out, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, out[-4000:]
+        assert "resumed after epoch" in out, out[-4000:]  # the new worker group started from a checkpoint
+        run = client.get_run(run_id)
+        for key in METRICS:
+            assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3], key
+        assert run.info.status == "FINISHED" and "pipelines.model_uri" in run.data.tags
+        assert len(client.search_runs([run.info.experiment_id])) == 1  # one training run, one MLflow run
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_s3_outage_during_shard_upload_then_rerun_completes(big_index, ray_local, tmp_path):
+    """SeaweedFS is killed while shards upload and comes back: the stage finishes after retries
+    or stops with a clear error; either way a rerun completes with the reference bytes."""
+    reference = big_index / "reference"
+    if not (reference / "shards" / "train.json").exists():
+        _index(big_index, "reference")
+        shard.run(ShardConfig(data=str(reference)))
+    want = _checksums(reference)
+
+    s3 = sv.SeaweedFS(tmp_path / "s3")
+    s3.start()
+    try:
+        env = dict(os.environ, **s3.env, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+        root = f"s3://{sv.BUCKET}/outage"
+        subprocess.run([sys.executable, "-m", "pipelines", "index", "--source", str(big_index / "src" / "folders"),
+                        "--data", root, "--samples-per-shard", "4"], env=env, check=True, capture_output=True)
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines", "shard", "--data", root], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=s3.env["AWS_ENDPOINT_URL"], aws_access_key_id=sv.ACCESS_KEY,
+                              aws_secret_access_key=sv.SECRET_KEY, region_name="us-east-1")
+        _wait(lambda: client.list_objects_v2(Bucket=sv.BUCKET, Prefix="outage/shards/train/").get("KeyCount", 0) >= 1,
+              "the first shard in S3", 120, every=0.05)
+        assert proc.poll() is None, "the shard stage finished before the outage began"
+        s3.stop()  # the store goes away mid-upload...
+        time.sleep(5)
+        s3.start()  # ...and comes back with its data
+        out, err = proc.communicate(timeout=600)
+        if proc.returncode != 0:  # gave up during the outage: it must say why, plainly
+            assert proc.returncode == 2 and "S3" in err, err[-3000:]
+        rerun = subprocess.run([sys.executable, "-m", "pipelines", "shard", "--data", root], env=env,
+                               capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        got = {}
+        for split in ("train", "val"):
+            m = json.loads(client.get_object(Bucket=sv.BUCKET, Key=f"outage/shards/{split}.json")["Body"].read())
+            assert m["complete"]
+            got.update({s["name"]: s["checksum"] for s in m["shards"]})
+            for s in m["shards"]:
+                head = client.head_object(Bucket=sv.BUCKET, Key=f"outage/shards/{split}/{s['name']}")
+                assert head["ContentLength"] == s["bytes"]
+        assert got == want
+    finally:
+        s3.stop()

@@ -97,6 +97,14 @@ def _wait(check, what: str, timeout: float = 600, every: float = 0.5):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _run_with_epoch_one(client, experiment: str) -> str | None:
+    """The training run's id once its first epoch (and only that) is in MLflow."""
+    exp = client.get_experiment_by_name(experiment)
+    found = client.search_runs([exp.experiment_id]) if exp else []
+    steps = [m.step for m in client.get_metric_history(found[0].info.run_id, "val_top1")] if found else []
+    return found[0].info.run_id if steps == [1] else None
+
+
 def test_tracking_server_outage_mid_training_loses_no_metric(dataset, ray_local, tmp_path):
     server = sv.MlflowServer(tmp_path / "mlflow")
     server.start()
@@ -111,13 +119,7 @@ def test_tracking_server_outage_mid_training_loses_no_metric(dataset, ray_local,
     try:
         client = MlflowClient(tracking_uri=server.uri)
 
-        def epoch_one_logged():
-            exp = client.get_experiment_by_name("outage")
-            found = client.search_runs([exp.experiment_id]) if exp else []
-            steps = [m.step for m in client.get_metric_history(found[0].info.run_id, "val_top1")] if found else []
-            return found[0].info.run_id if steps == [1] else None
-
-        run_id = _wait(epoch_one_logged, "epoch 1 in MLflow")
+        run_id = _wait(lambda: _run_with_epoch_one(client, "outage"), "epoch 1 in MLflow")
         server.stop()  # the tracking server goes away mid-training...
         seen = set((runs / "outage").glob("checkpoint_2*"))
         _wait(lambda: set((runs / "outage").glob("checkpoint_2*")) - seen, "an epoch finished during the outage")
@@ -141,8 +143,6 @@ def _train_worker_pids() -> list[int]:
 
 
 def test_a_killed_training_worker_restarts_from_the_checkpoint_in_the_same_run(dataset, ray_local, tmp_path):
-    from mlflow import MlflowClient as Client
-
     store = f"sqlite:///{tmp_path}/mlflow.db"
     env = dict(os.environ, MLFLOW_TRACKING_URI=store, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     proc = subprocess.Popen(
@@ -151,15 +151,9 @@ def test_a_killed_training_worker_restarts_from_the_checkpoint_in_the_same_run(d
          "--experiment", "faults", "--storage", str(tmp_path / "runs"), "--max-failures", "2"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        client = Client(tracking_uri=store)
+        client = MlflowClient(tracking_uri=store)
 
-        def epoch_one_logged():
-            exp = client.get_experiment_by_name("faults")
-            found = client.search_runs([exp.experiment_id]) if exp else []
-            steps = [m.step for m in client.get_metric_history(found[0].info.run_id, "val_top1")] if found else []
-            return found[0].info.run_id if steps == [1] else None
-
-        run_id = _wait(epoch_one_logged, "epoch 1 in MLflow")
+        run_id = _wait(lambda: _run_with_epoch_one(client, "faults"), "epoch 1 in MLflow")
         victims = _wait(_train_worker_pids, "a Ray Train worker process")
         os.kill(victims[-1], signal.SIGKILL)  # mid-epoch 2
         out, _ = proc.communicate(timeout=900)

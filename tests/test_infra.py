@@ -277,6 +277,10 @@ def test_local_stack_listens_on_loopback_only():
     binds = re.findall(r"(-ip|-ip\.bind|--host|--dashboard-host|--node-ip-address)[= ]\"?([^\s\"]+)", up)
     assert {flag for flag, _ in binds} >= {"-ip", "-ip.bind", "--host", "--dashboard-host", "--node-ip-address"}
     assert all(value == "$STACK_HOST" for _, value in binds), binds
+    # Without Ray's single-node mode, a loopback --node-ip-address is swapped for the machine's
+    # IP and Ray's gRPC servers listen on every interface.
+    ray_start = re.search(r"^start ray .*?ray\" start --head", up, re.M | re.S)
+    assert ray_start and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in ray_start.group(0)
 
 
 def test_local_scripts_parse():

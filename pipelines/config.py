@@ -8,6 +8,17 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class SampleConfig:
+    out: str  # output directory (local path)
+    classes: int = 10  # enough for a visible learning curve, small enough to build in seconds
+    train_per_class: int = 60  # a small AlexNet learns these patterns from ~60 images in a few epochs
+    val_per_class: int = 10  # 100 val images: accuracy in 1% steps
+    size: tuple[int, int] = (160, 120)  # nominal W x H; real images vary, so each varies +-25%
+    seed: int = 0  # every byte written is a function of the seed
+    bad: bool = False  # also write damaged files, to test that readers report, not crash
+
+
+@dataclass(frozen=True)
 class IndexConfig:
     source: str                  # ImageNet as the user holds it: tarballs, Kaggle or folders
     data: str                    # dataset ROOT that every later stage reads and writes

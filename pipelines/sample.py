@@ -32,23 +32,12 @@ import shutil
 import sys
 import tarfile
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import scipy.io
 from PIL import Image
 
-
-@dataclass(frozen=True)
-class SampleConfig:
-    # TODO: moves to pipelines/config.py with the other stage configs.
-    out: str  # output directory (local path)
-    classes: int = 10  # enough for a visible learning curve, small enough to build in seconds
-    train_per_class: int = 60  # a small AlexNet learns these patterns from ~60 images in a few epochs
-    val_per_class: int = 10  # 100 val images: accuracy in 1% steps
-    size: tuple[int, int] = (160, 120)  # nominal W x H; real images vary, so each varies +-25%
-    seed: int = 0  # every byte written is a function of the seed
-    bad: bool = False  # also write damaged files, to test that readers report, not crash
+from .config import SampleConfig  # noqa: F401 - re-exported: callers build it from here too
 
 
 # --- fixed facts of the formats ---------------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-import sys
 import tarfile
 import time
 import warnings

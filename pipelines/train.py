@@ -218,10 +218,7 @@ def _log_history(run_id: str, history: list[dict]) -> bool:
     Training never waits on the tracking server: the checkpoint keeps the history, the next
     epoch (or the driver at the end) logs what an outage held back, each step once."""
     try:
-        for m in history:
-            if m["epoch"] not in _logged:
-                tracking.log_metrics_once(run_id, {k: m[k] for k in METRICS}, step=m["epoch"])
-                _logged.add(m["epoch"])
+        _log_epochs(run_id, history)
         return True
     except Exception as e:  # noqa: BLE001 - any tracking failure; training goes on
         log.warning("MLflow not reachable (%s); %d epoch(s) kept in the checkpoint, logged on recovery",
@@ -245,9 +242,12 @@ def _when_tracking_is_back(what: str, fn, patience_s: float):
             delay = min(delay * 2, 30)
 
 
-def _log_all(run_id: str, history: list[dict]) -> None:
+def _log_epochs(run_id: str, history: list[dict]) -> None:
+    """Log the epochs this process has not logged yet (each step at most once); raises on failure."""
     for m in history:
-        tracking.log_metrics_once(run_id, {k: m[k] for k in METRICS}, step=m["epoch"])
+        if m["epoch"] not in _logged:
+            tracking.log_metrics_once(run_id, {k: m[k] for k in METRICS}, step=m["epoch"])
+            _logged.add(m["epoch"])
 
 
 # --- the driver -------------------------------------------------------------------------------
@@ -362,7 +362,7 @@ def run(cfg: TrainConfig) -> dict:
 
     # An outage during training held some epochs back: log them now, waiting for the server.
     patience = float(os.environ.get("PIPELINES_TRACKING_PATIENCE_S", 900))
-    _when_tracking_is_back("logging the epochs' metrics", lambda: _log_all(run_id, state["history"]), patience)
+    _when_tracking_is_back("logging the epochs' metrics", lambda: _log_epochs(run_id, state["history"]), patience)
     example = np.zeros((2, 3, cfg.crop, cfg.crop), dtype=np.float32)
     model_uri = _when_tracking_is_back("logging the model", lambda: tracking.log_model(
         run_id, net, example, register=cfg.register), patience)

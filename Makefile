@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install test demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,12 @@ test: install
 demo: install
 	$(PY) -m pipelines demo
 
+# The CPU benchmarks against their baselines (~8 min on 2 cores): tables + bench-results/*.json
+bench: install
+	$(PY) -m benchmarks
+
 clean:
-	rm -rf demo .pytest_cache
+	rm -rf demo .pytest_cache bench-results
 
 # make up | make down: a local S3 (SeaweedFS) + MLflow server + Ray head on 127.0.0.1, state in .stack/
 .PHONY: up down

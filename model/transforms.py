@@ -8,6 +8,10 @@
 Units: inputs are uint8 CHW tensors (what torchvision.io.decode_jpeg returns). Every statistic
 (mean, std, eigval, eigvec) is for pixel values scaled to 0..1, and eigvec holds the
 eigenvectors as COLUMNS (what numpy.linalg.eigh returns), so eigvec[:, i] goes with eigval[i].
+
+geometric(img) = apply(img, params(h, w)): params() makes every random draw from the image's
+size alone and apply() cuts the patches on whatever device the image is on, so a loader can
+draw in its workers and decode + crop a whole batch on the GPU (pipelines/data.py, decode="device").
 """
 import torch
 from torch import nn
@@ -50,14 +54,18 @@ class Lighting:
                              f"got {img.dtype} of shape {tuple(img.shape)}.")
         if self.alphastd == 0:
             return img
-        n = img.shape[0] if img.ndim == 4 else 1
-        g = self.generator
-        alpha = torch.randn(n, 3, generator=g, device=g.device if g is not None else img.device)
-        alpha = alpha.to(img.device) * self.alphastd
-        # Row j of (alpha * lambda) @ P^T is sum_i alpha_ji * lambda_i * p_i, with p_i = P[:, i].
-        shift = (alpha * self.eigval.to(img.device)) @ self.eigvec.to(img.device).T
-        shift = shift.to(img.dtype)[:, :, None, None]
+        shift = self.shift(img.shape[0] if img.ndim == 4 else 1, img.device).to(img.dtype)[:, :, None, None]
         return img + (shift[0] if img.ndim == 3 else shift)
+
+    def shift(self, n: int, device) -> torch.Tensor:
+        """The N x 3 RGB offsets for N images (zeros when alphastd is 0, without a random draw)."""
+        if self.alphastd == 0:
+            return torch.zeros(n, 3, device=device)
+        g = self.generator
+        alpha = torch.randn(n, 3, generator=g, device=g.device if g is not None else device)
+        alpha = alpha.to(device) * self.alphastd
+        # Row j of (alpha * lambda) @ P^T is sum_i alpha_ji * lambda_i * p_i, with p_i = P[:, i].
+        return (alpha * self.eigval.to(device)) @ self.eigvec.to(device).T
 
 
 class _Normalize:
@@ -74,15 +82,34 @@ class _Normalize:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.to(x.device)[:, None, None]) / self.std.to(x.device)[:, None, None]
 
+    def from_uint8(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 pixels -> normalise(x / 255 + shift) as one multiply-add per pixel.
+
+        The same arithmetic as /255, Lighting and __call__ in sequence, fused:
+        x * 1/(255 std) + (shift - mean)/std. On a CPU this is ~3x faster than the four passes,
+        and the photometric step is the loader's largest per-image cost after decoding
+        (benchmarks/loader.py). ``shift`` is N x 3 for an N x 3 x H x W batch.
+        """
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        out = x.to(torch.float32)  # keeps channels_last
+        out.mul_((1 / (255 * std))[:, None, None])
+        if shift is None:
+            return out.sub_((mean / std)[:, None, None])
+        return out.add_(((shift.to(x.device) - mean) / std)[:, :, None, None])
+
+
+def _check_size(h: int, w: int, crop: int) -> None:
+    if h < crop or w < crop:
+        raise ValueError(f"image is {h}x{w}, smaller than the {crop} px crop; "
+                         "the shards should hold 256x256 images (section 2).")
+
 
 def _check_image(img: torch.Tensor, crop: int) -> tuple[int, int]:
     if img.dtype != torch.uint8 or img.ndim != 3:
         raise ValueError(f"expected a uint8 CxHxW image (torchvision.io.decode_jpeg), "
                          f"got {img.dtype} of shape {tuple(img.shape)}.")
     h, w = img.shape[-2:]
-    if h < crop or w < crop:
-        raise ValueError(f"image is {h}x{w}, smaller than the {crop} px crop; "
-                         "the shards should hold 256x256 images (section 2).")
+    _check_size(h, w, crop)
     return h, w
 
 
@@ -113,17 +140,33 @@ class TrainTransform:
         float work runs on whole batches on the device (4x less data to move than float32).
         """
         h, w = _check_image(img, self.crop)
+        return self.apply(img, self.params(h, w, generator))
+
+    def params(self, h: int, w: int, generator: torch.Generator | None = None) -> tuple[int, int, bool]:
+        """(top, left, flip) for an h x w image: geometric()'s random draws, without the pixels.
+
+        Split out so a loader worker can draw them from the JPEG header alone and the decode
+        and crop can happen later on the GPU (issue "Performance"); same draws, same order,
+        so either path gives the same crops for the same generator.
+        """
+        _check_size(h, w, self.crop)
         g, c = generator if generator is not None else self.generator, self.crop
         top = int(torch.randint(h - c + 1, (1,), generator=g))
         left = int(torch.randint(w - c + 1, (1,), generator=g))
+        return top, left, float(torch.rand(1, generator=g)) < 0.5
+
+    def apply(self, img: torch.Tensor, params: tuple[int, int, bool]) -> torch.Tensor:
+        """uint8 3xHxW (on any device) -> the crop x crop patch that ``params`` names."""
+        _check_image(img, self.crop)
+        (top, left, flip), c = params, self.crop
         x = img[:, top:top + c, left:left + c]
-        if float(torch.rand(1, generator=g)) < 0.5:
-            x = x.flip(-1)
-        return x
+        return x.flip(-1) if flip else x
 
     def photometric(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 3xHxW or Nx3xHxW -> float32 in 0..1, PCA lighting, normalised."""
-        return self.normalize(self.lighting(x.to(torch.float32) / 255))
+        if x.ndim == 3:
+            return self.photometric(x[None])[0]
+        return self.normalize.from_uint8(x, self.lighting.shift(x.shape[0], x.device))
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         return self.photometric(self.geometric(img))  # crop first: fewer pixels to convert
@@ -154,6 +197,17 @@ class EvalTransform:
         ``generator`` is unused (evaluation is deterministic); it keeps the signature of
         TrainTransform.geometric so a loader can call either."""
         h, w = _check_image(img, self.crop)
+        return self.apply(img, self.params(h, w, generator))
+
+    def params(self, h: int, w: int, generator: torch.Generator | None = None) -> tuple:
+        """No parameters: the patches depend only on the image's size, which apply() reads
+        from the image itself. Checks the size, as TrainTransform.params does."""
+        _check_size(h, w, self.crop)
+        return ()
+
+    def apply(self, img: torch.Tensor, params: tuple = ()) -> torch.Tensor:
+        """uint8 3xHxW (on any device) -> the centre patch, or the ten patches."""
+        h, w = _check_image(img, self.crop)
         c = self.crop
         top, left = (h - c) // 2, (w - c) // 2
         if not self.ten_crop:
@@ -164,7 +218,7 @@ class EvalTransform:
 
     def photometric(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 crops (any leading dims) -> normalised float32."""
-        return self.normalize(x.to(torch.float32) / 255)
+        return self.normalize.from_uint8(x)
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         return self.photometric(self.geometric(img))

@@ -115,6 +115,9 @@ def _stage_parsers(sub):
     _add(p, C, "--max-failures", dest="max_failures", type=int, help="worker restarts allowed")
     _add(p, C, "--loader-workers", dest="loader_workers", type=int, help="data loader processes per worker")
     _add(p, C, "--shuffle-buffer", dest="shuffle_buffer", type=int, help="shuffle buffer in samples")
+    _add(p, C, "--decode", dest="decode", choices=["auto", "worker", "device"],
+         help="where JPEGs are decoded: device = in one batched call on the training device (nvjpeg "
+              "on a GPU), worker = in the loader processes, auto = device on a GPU, else worker")
     _add(p, C, "--register", dest="register", help="register the final model under this name")
     p.set_defaults(config=C, module="train")
 

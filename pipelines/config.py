@@ -87,6 +87,7 @@ class TrainConfig:
     max_failures: int = 3        # worker restarts from the last checkpoint before the run fails
     loader_workers: int | None = None  # per training worker; None: 8 with a GPU, 1 on CPU
     shuffle_buffer: int = 2000   # samples; ~60 MB of JPEG bytes per loader worker at 256 px
+    decode: str = "auto"         # JPEG decoding: auto = on the GPU (nvjpeg) when training on one, else worker
     register: str | None = None  # register the final model under this name in the registry
 
 

@@ -66,7 +66,7 @@ def _scheduler(opt, c: dict):
 
 
 # --- one worker -------------------------------------------------------------------------------
-def _evaluate(net, urls, transform, device, batch_size, loader_workers, gpu):
+def _evaluate(net, urls, transform, device, batch_size, loader_workers, gpu, decode):
     """(loss sum, top-1 hits, top-5 hits, count) over ``urls``, centre crop."""
     import torch
     import torch.nn.functional as F
@@ -78,9 +78,10 @@ def _evaluate(net, urls, transform, device, batch_size, loader_workers, gpu):
         return sums
     net.eval()
     with torch.inference_mode():
-        for x, y in data.eval_loader(urls, transform, batch_size=batch_size, num_workers=loader_workers,
-                                     pin_memory=gpu):
-            x, y = transform.photometric(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+        loader = data.eval_loader(urls, transform, batch_size=batch_size, num_workers=loader_workers,
+                                  pin_memory=gpu, decode=decode)
+        for x, y in data.on_device(loader, device):
+            x = transform.photometric(x)
             if gpu:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
@@ -137,12 +138,19 @@ def train_loop(c: dict) -> None:
     eval_tf = model.EvalTransform.from_stats(c["stats"], crop=c["crop"])
     per_rank = c["batch_size"] // world
     loader_workers = c["loader_workers"] if c["loader_workers"] is not None else (8 if gpu else 1)
+    decode = data.choose_decode(c["decode"], device)  # nvjpeg on a GPU (issue "Performance")
 
     for epoch in range(start, c["epochs"] + 1):
-        loader, plan = data.train_loader(
-            [tuple(s) for s in c["train_shards"]], train_tf, batch_size=per_rank, rank=rank, world_size=world,
-            epoch=epoch, seed=c["seed"], num_workers=loader_workers, shuffle_buffer=c["shuffle_buffer"],
-            pin_memory=gpu)
+        if c.get("synthetic_steps"):
+            # benchmarks/train_step.py: this loop on one fixed random batch, no data pipeline
+            batches, steps = data.synthetic_batches(per_rank, c["crop"], c["num_classes"],
+                                                    c["synthetic_steps"], device), c["synthetic_steps"]
+        else:
+            loader, plan = data.train_loader(
+                [tuple(s) for s in c["train_shards"]], train_tf, batch_size=per_rank, rank=rank,
+                world_size=world, epoch=epoch, seed=c["seed"], num_workers=loader_workers,
+                shuffle_buffer=c["shuffle_buffer"], pin_memory=gpu, decode=decode)
+            batches, steps = data.on_device(loader, device), plan.steps
         # Every random draw of an epoch (dropout, PCA lighting) comes from a generator seeded by
         # (seed, epoch, rank), as the loader's crops and shuffles are: a run resumed from the
         # checkpoint of epoch e replays epoch e+1 exactly as an uninterrupted run would.
@@ -151,26 +159,27 @@ def train_loop(c: dict) -> None:
         net.train()
         sums = torch.zeros(3, dtype=torch.float64, device=device)
         waited, t0 = 0.0, time.perf_counter()
-        batches = iter(loader)
-        for _ in range(plan.steps):
+        for _ in range(steps):
             tw = time.perf_counter()
-            x, y = next(batches)
+            x, y = next(batches)  # uint8 on the device; with decode="device" the decode happens here
             waited += time.perf_counter() - tw
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x = train_tf.photometric(x)  # float, PCA lighting, normalise: batched, on the device
-            if gpu:
+            if gpu:  # before the float conversion, which keeps the layout: a quarter of the bytes
                 x = x.contiguous(memory_format=torch.channels_last)
+            x = train_tf.photometric(x)  # float, PCA lighting, normalise: batched, on the device
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
                 out = net(x)
                 loss = F.cross_entropy(out, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sums += torch.stack([loss.detach().double() * len(y), (out.argmax(1) == y).sum().double(),
-                                 torch.tensor(len(y), dtype=torch.float64, device=device)])
-        del batches, loader
+            # Accumulated on the device: reading a value back each step would stall the GPU.
+            sums[0] += loss.detach() * len(y)
+            sums[1] += (out.argmax(1) == y).sum()
+            sums[2] += len(y)
+        del batches
         seconds = torch.tensor([time.perf_counter() - t0, waited], dtype=torch.float64, device=device)
-        val = _evaluate(raw, c["val_shards"][rank::world], eval_tf, device, per_rank, loader_workers, gpu)
+        val = _evaluate(raw, c["val_shards"][rank::world], eval_tf, device, per_rank, loader_workers, gpu,
+                        decode)
         if dist.is_available() and dist.is_initialized():
             for t in (sums, val):
                 dist.all_reduce(t)
@@ -279,6 +288,7 @@ def _inputs(cfg: TrainConfig) -> dict:
 
 def _validate(cfg: TrainConfig) -> None:
     import model
+    from . import data
 
     if cfg.schedule not in SCHEDULES:
         raise StageError(f"Unknown schedule '{cfg.schedule}'. Expected one of: {', '.join(SCHEDULES)}.")
@@ -293,11 +303,16 @@ def _validate(cfg: TrainConfig) -> None:
                          f"use a multiple of {cfg.workers}.")
     if cfg.crop < 64:
         raise StageError(f"--crop {cfg.crop}: AlexNet needs at least 64 px.")
+    if cfg.decode not in data.DECODES:
+        raise StageError(f"Unknown decode '{cfg.decode}'. Expected one of: {', '.join(data.DECODES)} "
+                         "(auto: on the GPU when training on one, else in the loader workers).")
 
 
 def run(cfg: TrainConfig) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from . import data
 
     t0 = time.monotonic()
     _validate(cfg)
@@ -315,7 +330,10 @@ def run(cfg: TrainConfig) -> dict:
         return _summary(cfg, name, run_id, *done, seconds=time.monotonic() - t0, skipped=True)
     ray = ensure_ray()
     gpu = cfg.gpu if cfg.gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
-    resolved = dataclasses.replace(cfg, name=name, storage=runs, gpu=gpu)
+    # Workers train on CUDA exactly when gpu is set, so "auto" resolves here and the run
+    # records the decode path it used.
+    decode = data.choose_decode(cfg.decode, "cuda" if gpu else "cpu")
+    resolved = dataclasses.replace(cfg, name=name, storage=runs, gpu=gpu, decode=decode)
     conflicts = tracking.log_params(run_id, {**dataclasses.asdict(resolved), **tracking.environment(),
                                              "num_classes": inputs["num_classes"],
                                              "train_samples": inputs["train_manifest"]["samples"]})

@@ -140,3 +140,21 @@ def test_ten_crop_predict_averages_softmax():
     expected = torch.stack([model(c).softmax(-1).mean(0) for c in crops])
     torch.testing.assert_close(probs, expected)
     torch.testing.assert_close(probs.sum(-1), torch.ones(2))
+
+
+def test_fused_photometric_equals_the_four_steps_it_replaces():
+    """The fast path (one multiply-add per pixel) against /255, Lighting, then normalisation."""
+    x = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    tf = TrainTransform.from_stats(STATS, crop=32, alphastd=0.5, generator=torch.Generator().manual_seed(3))
+    fast = tf.photometric(x)
+    reference_lighting = Lighting(STATS["eigval"], STATS["eigvec"], 0.5, torch.Generator().manual_seed(3))
+    mean, std = torch.tensor(STATS["mean"]).view(3, 1, 1), torch.tensor(STATS["std"]).view(3, 1, 1)
+    slow = (reference_lighting(x.float() / 255) - mean) / std
+    assert fast.dtype == torch.float32 and fast.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-5)
+    assert (fast - (x.float() / 255 - mean) / std).abs().amax() > 0.01  # the lighting did shift colours
+    one = tf.photometric(x[0])
+    assert one.shape == (3, 40, 40)
+    crops = torch.randint(0, 256, (2, 10, 3, 8, 8), dtype=torch.uint8)
+    torch.testing.assert_close(EvalTransform.from_stats(STATS, crop=8).photometric(crops),
+                               (crops.float() / 255 - mean) / std, rtol=0, atol=1e-5)

@@ -1,0 +1,38 @@
+"""`make bench`: the CPU benchmarks in one go (~8 minutes on 2 cores), then a summary.
+
+    python -m benchmarks [--quick]
+
+Each benchmark prints its table and writes bench-results/<name>.json; the GPU benchmark
+(`python -m benchmarks.gpu`) runs separately, on a machine with a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from . import common, loader, shard, train_step
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one repeat each, fewer images: checks it runs, "
+                                                          "not a measurement")
+    a = ap.parse_args(argv)
+    small = ["--repeats", "1"] if a.quick else []
+    t0 = time.monotonic()
+    results = [
+        shard.main(small + (["--images", "600"] if a.quick else [])),
+        loader.main(small + (["--images", "600", "--take", "512"] if a.quick else [])),
+        train_step.main(small + (["--steps", "4"] if a.quick else [])),
+    ]
+    print("\nsummary (pipelines against each baseline, ratio of medians):")
+    for r in results:
+        for k, v in r.get("ratios", {}).items():
+            print(f"  {r['benchmark']:<11} {k:<22} {v:.2f}x" if v is not None else f"  {r['benchmark']} {k}: -")
+    print(f"machine: {common.machine()['cpu']}, {common.machine()['cores']} cores; "
+          f"{time.monotonic() - t0:.0f} s in all", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Loader: augmented training batches per second, as the training loop receives them.
+
+    python -m benchmarks.loader [--images 2048] [--batch 128] [--workers 2] [--repeats 3]
+
+Contenders, interleaved, same images, same loader worker count, same batch, same augmentation
+(the paper's: random 224x224 patch of the 256x256 image, random mirror, PCA lighting, then
+normalisation), each batch ending as a normalised float32 N x 3 x 224 x 224 tensor:
+
+  pipelines    pipelines.data.train_loader over the shard stage's 256x256 shards (tar reads,
+               decode_jpeg, uint8 crop/flip in the workers; lighting + normalisation batched in
+               the training process, where the project runs them)
+  torchvision  torchvision.datasets.ImageFolder + DataLoader over the original JPEGs with
+               Resize(256), CenterCrop(256), RandomCrop(224), RandomHorizontalFlip, ToTensor,
+               PCA lighting, Normalize: torchvision's reference-script style
+
+Each repeat builds a fresh loader (worker start-up included) and takes the same number of
+batches. Per core = images/s divided by the machine's cores, which both contenders use fully.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import subprocess
+import sys
+
+from . import common
+from .shard import _dataset, _env
+
+# ImageNet's published RGB statistics (AlexNet-era PCA; the usual mean/std). Both contenders
+# use the same numbers, so the choice does not favour either.
+STATS = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+         "eigval": [0.2175, 0.0188, 0.0045],
+         "eigvec": [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]]}
+
+
+def _shards(data: str, cache: str) -> list[tuple[str, int]]:
+    import json
+
+    manifest = os.path.join(data, "shards", "train.json")
+    if not os.path.exists(manifest) or not json.load(open(manifest)).get("complete"):
+        subprocess.run([sys.executable, "-m", "pipelines", "shard", "--data", data, "--split", "train"],
+                       check=True, env=_env(cache), stdout=subprocess.DEVNULL)
+    m = json.load(open(manifest))
+    return [(os.path.join(data, "shards", "train", s["name"]), s["samples"]) for s in m["shards"]]
+
+
+def pipelines_batches(shards, batch: int, workers: int, steps: int, crop: int):
+    import model
+    from pipelines import data
+
+    tf = model.TrainTransform.from_stats(STATS, crop=crop)
+
+    def run() -> int:
+        loader, _ = data.train_loader(shards, tf, batch_size=batch, rank=0, world_size=1, epoch=1, seed=0,
+                                      num_workers=workers)
+        n = 0
+        for x, y in itertools.islice(loader, steps):
+            x = tf.photometric(x)
+            n += len(x)
+        return n
+    return run
+
+
+def torchvision_batches(folder: str, batch: int, workers: int, steps: int, crop: int):
+    import torch
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
+    from model.transforms import Lighting
+
+    tf = T.Compose([T.Resize(256), T.CenterCrop(256), T.RandomCrop(crop), T.RandomHorizontalFlip(),
+                    T.ToTensor(), Lighting(STATS["eigval"], STATS["eigvec"], 0.1),
+                    T.Normalize(STATS["mean"], STATS["std"])])
+    ds = ImageFolder(folder, transform=tf)
+
+    def run() -> int:
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
+                                             drop_last=True)
+        n = 0
+        for x, y in itertools.islice(loader, steps):
+            n += len(x)
+        return n
+    return run
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=3000, help="size of the source set (shared with benchmarks.shard)")
+    ap.add_argument("--samples-per-shard", type=int, default=250)
+    ap.add_argument("--take", type=int, default=2048, help="images per repeat")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--crop", type=int, default=224)
+    ap.add_argument("--workers", type=int, default=os.cpu_count(), help="loader worker processes")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cache", default=os.path.join(common.OUT, "cache"))
+    a = ap.parse_args(argv)
+
+    src, data, _ = _dataset(a.images, 10, a.samples_per_shard, a.cache)
+    shards = _shards(data, a.cache)
+    steps = a.take // a.batch
+    contenders = {"pipelines": pipelines_batches(shards, a.batch, a.workers, steps, a.crop),
+                  "torchvision": torchvision_batches(os.path.join(src, "train"), a.batch, a.workers, steps, a.crop)}
+    rates = common.interleaved(contenders, a.repeats)
+    cores = os.cpu_count()
+    med = {k: common.median(v) for k, v in rates.items()}
+    rows = [{"contender": k, "images/s": v, "batches/s": v / a.batch, "batches/s/core": v / a.batch / cores,
+             "pipelines x": med["pipelines"] / v} for k, v in med.items()]
+    return common.report("loader", f"loader: {steps} batches of {a.batch} at {a.crop} px, {a.workers} loader "
+                         f"workers on {cores} cores, median of {a.repeats}", rows,
+                         ["contender", "images/s", "batches/s", "batches/s/core", "pipelines x"],
+                         {"rates": rates, "ratios": {"vs_torchvision": med["pipelines"] / med["torchvision"]},
+                          "command": "python -m benchmarks.loader " + " ".join(argv or sys.argv[1:])})
+
+
+if __name__ == "__main__":
+    main()

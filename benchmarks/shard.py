@@ -1,0 +1,233 @@
+"""Shard stage: images/s from ImageNet-sized JPEGs to 256x256 webdataset shards.
+
+    python -m benchmarks.shard [--images 3000] [--repeats 3]
+
+Contenders, each a fresh process over the same folder of photo-like 500x375 JPEGs, timed from
+process start to exit (so Ray's start-up is included where Ray is used), interleaved:
+
+  pipelines      `python -m pipelines shard --split train`: the project's stage, all cores
+  baseline       one process, written the way people write it: PIL open + convert, resize the
+                 shorter side to 256, centre crop, JPEG encode, webdataset.ShardWriter
+  ray-data       Ray Data, all cores: read_images -> map(resize, crop, encode) -> write_webdataset
+and, in this process, one core, no I/O:
+  floor          the stage's own per-image work (pipelines.shard.prepare_image) in a tight loop
+  floor-pil      the baseline's per-image work in a tight loop
+
+Every contender writes quality-90 256x256 JPEGs of the same images with the same shard size.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from . import common
+
+RESIZE, QUALITY = 256, 90
+
+
+# --- the contenders that run in their own process ------------------------------------------------
+def _labelled_files(folder: str) -> list[tuple[str, int]]:
+    wnids = sorted(os.listdir(folder))
+    return [(p, i) for i, w in enumerate(wnids) for p in sorted(glob.glob(os.path.join(folder, w, "*")))]
+
+
+def _pil_resize_crop_encode(im) -> bytes:
+    """The textbook per-image work: shorter side to 256 (bilinear), central 256x256, JPEG q90."""
+    from PIL import Image
+
+    w, h = im.size
+    s = RESIZE / min(w, h)
+    im = im.resize((max(RESIZE, round(w * s)), max(RESIZE, round(h * s))), Image.Resampling.BILINEAR)
+    left, top = (im.width - RESIZE) // 2, (im.height - RESIZE) // 2
+    im = im.crop((left, top, left + RESIZE, top + RESIZE))
+    out = io.BytesIO()
+    im.save(out, "JPEG", quality=QUALITY)
+    return out.getvalue()
+
+
+def run_baseline(src: str, out: str, per_shard: int) -> int:
+    import webdataset as wds
+    from PIL import Image
+
+    os.makedirs(out, exist_ok=True)
+    n = 0
+    with wds.ShardWriter(os.path.join(out, "train-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for path, label in _labelled_files(os.path.join(src, "train")):
+            with Image.open(path) as im:
+                jpg = _pil_resize_crop_encode(im.convert("RGB"))
+            sink.write({"__key__": os.path.splitext(os.path.basename(path))[0], "jpg": jpg, "cls": label})
+            n += 1
+    return n
+
+
+def run_ray_data(src: str, out: str, per_shard: int) -> int:
+    import numpy as np
+    import ray
+    from PIL import Image
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    wnids = sorted(os.listdir(os.path.join(src, "train")))
+
+    def to_sample(row: dict) -> dict:
+        path = row["path"]
+        jpg = _pil_resize_crop_encode(Image.fromarray(np.asarray(row["image"])))
+        return {"__key__": os.path.splitext(os.path.basename(path))[0], "jpg": jpg,
+                "cls": str(wnids.index(os.path.basename(os.path.dirname(path))))}
+
+    ds = ray.data.read_images(os.path.join(src, "train"), mode="RGB", include_paths=True)
+    # encoder=None: the bytes are already a q90 JPEG (the default encoder would re-encode at q75)
+    ds.map(to_sample).write_webdataset(out, min_rows_per_file=per_shard, encoder=None)
+    n = sum(1 for _ in glob.glob(os.path.join(out, "*.tar")))
+    if n == 0:
+        raise RuntimeError("Ray Data wrote no shards")
+    return len(_labelled_files(os.path.join(src, "train")))
+
+
+# --- the harness --------------------------------------------------------------------------------
+def _dataset(images: int, classes: int, per_shard: int, cache: str) -> tuple[str, str, list[bytes]]:
+    """The source folder and the indexed dataset ROOT, built once per size and cached."""
+    tag = f"shard-{images}x500x375-{per_shard}"
+    src, data = os.path.join(cache, tag, "source"), os.path.join(cache, tag, "data")
+    if not os.path.exists(os.path.join(cache, tag, "ready")):
+        shutil.rmtree(os.path.join(cache, tag), ignore_errors=True)
+        print(f"making {images} photo-like 500x375 JPEGs in {src} ...", file=sys.stderr, flush=True)
+        # +-20% in each side, like ImageNet's spread around its ~400x350 mean
+        jpgs = common.photo_jpegs(images + classes, size=(500, 375), vary=0.2, seed=1)
+        common.write_folders(src, jpgs, classes=classes, val_per_class=1)
+        subprocess.run([sys.executable, "-m", "pipelines", "index", "--source", src, "--data", data,
+                        "--samples-per-shard", str(per_shard)], check=True, env=_env(cache))
+        open(os.path.join(cache, tag, "ready"), "w").close()
+    jpgs = [open(p, "rb").read() for p, _ in _labelled_files(os.path.join(src, "train"))]
+    return src, data, jpgs
+
+
+def _env(cache: str) -> dict:
+    # The stage is tracked like any run; a local store keeps the benchmark's runs out of yours.
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{os.path.abspath(cache)}/mlflow.db",
+            "PYTHONPATH": os.getcwd()}
+
+
+def _process(argv: list[str], cache: str, clean: list[str]):
+    def go() -> int:
+        for p in clean:
+            shutil.rmtree(p, ignore_errors=True)
+        r = subprocess.run(argv, env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+        return 1
+    return go
+
+
+def _count_tar_members(folder: str) -> int:
+    import tarfile
+    return sum(len([m for m in tarfile.open(t).getnames() if m.endswith(".jpg")])
+               for t in glob.glob(os.path.join(folder, "**", "*.tar"), recursive=True))
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=3000)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--samples-per-shard", type=int, default=250)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cache", default=os.path.join(common.OUT, "cache"))
+    ap.add_argument("--skip", nargs="*", default=[], help="contenders to leave out")
+    a = ap.parse_args(argv)
+
+    src, data, jpgs = _dataset(a.images, a.classes, a.samples_per_shard, a.cache)
+    n = len(jpgs)
+    work = os.path.join(a.cache, "out")
+    me = [sys.executable, "-m", "benchmarks.shard", "--cache", a.cache]
+    contenders = {
+        "pipelines": _process([sys.executable, "-m", "pipelines", "shard", "--data", data, "--split", "train"],
+                              a.cache, [os.path.join(data, "shards")]),
+        "baseline": _process(me + ["_run", "baseline", src, os.path.join(work, "baseline"), str(a.samples_per_shard)],
+                             a.cache, [os.path.join(work, "baseline")]),
+        "ray-data": _process(me + ["_run", "ray-data", src, os.path.join(work, "ray-data"), str(a.samples_per_shard)],
+                             a.cache, [os.path.join(work, "ray-data")]),
+    }
+    for name in a.skip:
+        contenders.pop(name)
+    seconds = {k: [] for k in contenders}
+    for r in range(a.repeats):
+        for name, go in contenders.items():
+            t = time.perf_counter()
+            go()
+            seconds[name].append(time.perf_counter() - t)
+            print(f"  repeat {r + 1}/{a.repeats} {name}: {n / seconds[name][-1]:,.0f} images/s",
+                  file=sys.stderr, flush=True)
+    # Same work done: every contender wrote every image.
+    written = {"pipelines": _count_tar_members(os.path.join(data, "shards", "train")),
+               "baseline": _count_tar_members(os.path.join(work, "baseline")),
+               "ray-data": _count_tar_members(os.path.join(work, "ray-data"))}
+    for name in contenders:
+        if written[name] != n:
+            raise RuntimeError(f"{name} wrote {written[name]} images, expected {n}")
+
+    floors = _floors(jpgs[: min(n, 600)], a.repeats)
+    cores = os.cpu_count()
+    rate = {k: n / common.median(v) for k, v in seconds.items()}
+    rate.update(floors)
+    rows = []
+    for name in ["pipelines", "baseline", "ray-data", "floor", "floor-pil"]:
+        if name not in rate:
+            continue
+        per_core = rate[name] / (1 if name.startswith("floor") or name == "baseline" else cores)
+        rows.append({"contender": name, "cores": 1 if per_core == rate[name] else cores,
+                     "images/s": rate[name], "images/s/core": per_core,
+                     "pipelines x": rate.get("pipelines", float("nan")) / rate[name]})
+    ratios = {"vs_baseline": rate.get("pipelines", 0) / rate["baseline"] if "baseline" in rate else None,
+              "vs_ray_data": rate.get("pipelines", 0) / rate["ray-data"] if "ray-data" in rate else None,
+              "per_core_vs_floor": rate.get("pipelines", 0) / cores / rate["floor"]}
+    return common.report("shard", f"shard stage: {n} photo-like JPEGs (~500x375, ~108 KB) -> 256x256 q90 "
+                         f"shards of {a.samples_per_shard}; median of {a.repeats}, wall time incl. start-up",
+                         rows, ["contender", "cores", "images/s", "images/s/core", "pipelines x"],
+                         {"images": n, "seconds": seconds, "ratios": ratios,
+                          "command": "python -m benchmarks.shard " + " ".join(argv or sys.argv[1:])})
+
+
+def _floors(jpgs: list[bytes], repeats: int) -> dict[str, float]:
+    """Per-image work alone, one core, bytes already in memory."""
+    import torch
+    from PIL import Image
+
+    from pipelines.shard import prepare_image
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the stage's tasks run with one thread each (Ray sets OMP_NUM_THREADS=1)
+
+    def ours():
+        for b in jpgs:
+            prepare_image(b, RESIZE, False, QUALITY)
+        return len(jpgs)
+
+    def pil():
+        for b in jpgs:
+            with Image.open(io.BytesIO(b)) as im:
+                _pil_resize_crop_encode(im.convert("RGB"))
+        return len(jpgs)
+
+    for b in jpgs[:20]:  # first calls load codecs and kernels: not part of the steady state
+        prepare_image(b, RESIZE, False, QUALITY)
+    try:
+        rates = common.interleaved({"floor": ours, "floor-pil": pil}, repeats)
+    finally:
+        torch.set_num_threads(threads)
+    return {k: common.median(v) for k, v in rates.items()}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and "_run" in sys.argv:
+        i = sys.argv.index("_run")
+        kind, src, out, per_shard = sys.argv[i + 1:i + 5]
+        {"baseline": run_baseline, "ray-data": run_ray_data}[kind](src, out, int(per_shard))
+    else:
+        main()

@@ -61,7 +61,7 @@ def ray_train_loop(arch: str, batch: int, crop: int, steps: int, epochs: int, st
     from pipelines.config import TrainConfig
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}/mlflow.db"
-    ray = ensure_ray()
+    ray = ensure_ray(dashboard=True)
     cores = int(ray.cluster_resources().get("CPU", 1))
     cfg = TrainConfig(data=store, workers=1, gpu=False, epochs=epochs, batch_size=batch, crop=crop, arch=arch,
                       init="kaiming", name=f"train-step-{time.time():.0f}", decode="worker")

@@ -73,18 +73,22 @@ def forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARD if os.environ.get(k)}
 
 
-def ensure_ray():
+def ensure_ray(dashboard: bool = False):
     """Connect to the cluster in RAY_ADDRESS, or start a local Ray; reuse one already started.
 
     Stages call this rather than ray.init() so the same run(cfg) works from the CLI, inside a
-    Ray job (already connected) and in tests (one shared session).
+    Ray job (already connected) and in tests (one shared session). ``dashboard``: a local Ray
+    also starts its dashboard, on loopback only. Ray Train's controller queries actor state
+    through it (without it, it works but warns every few seconds); the other stages skip its
+    ~4 s start (benchmarks/shard.py). A process that runs several stages asks for it first.
     """
     import ray
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or None
-        # A local Ray gets its dashboard (Ray Train's state queries need it), on loopback only.
-        local = {} if address else {"include_dashboard": True, "dashboard_host": "127.0.0.1"}
+        local = {} if address else {"include_dashboard": dashboard}
+        if dashboard and not address:
+            local["dashboard_host"] = "127.0.0.1"
         # Workers of a cluster started elsewhere do not have this shell's settings: send them.
         # Inside a submitted job they arrive with the job's runtime env (sending them again
         # would be a conflict Ray refuses).

@@ -13,6 +13,7 @@ import sys
 import time
 
 from . import evaluate, index, sample, shard, stats, status, storage, tracking, train
+from .common import ensure_ray
 from .config import EvaluateConfig, IndexConfig, ShardConfig, StatsConfig, StatusConfig, TrainConfig
 
 SAMPLE = dict(classes=10, train_per_class=60, val_per_class=10, bad=True)  # ~3 s to generate
@@ -43,6 +44,7 @@ def run(args: dict) -> dict:
     _step(f"index: {source} -> {data}")
     s["index"] = tracking.track_stage("index", IndexConfig(source=source, data=data,
                                                            samples_per_shard=SAMPLES_PER_SHARD), index.run)
+    ensure_ray(dashboard=True)  # one local Ray for shard, stats and train; train wants the dashboard
     _step("shard: one Ray task per shard")
     s["shard"] = tracking.track_stage("shard", ShardConfig(data=data, resize=RESIZE), shard.run)
     _step("stats: mean, std and RGB eigen-decomposition over the training shards")

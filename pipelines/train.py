@@ -159,13 +159,16 @@ def train_loop(c: dict) -> None:
         net.train()
         sums = torch.zeros(3, dtype=torch.float64, device=device)
         waited, t0 = 0.0, time.perf_counter()
+        x_float = None  # on a CPU, each step's float batch is written into the last one's memory
         for _ in range(steps):
             tw = time.perf_counter()
             x, y = next(batches)  # uint8 on the device; with decode="device" the decode happens here
             waited += time.perf_counter() - tw
             if gpu:  # before the float conversion, which keeps the layout: a quarter of the bytes
                 x = x.contiguous(memory_format=torch.channels_last)
-            x = train_tf.photometric(x)  # float, PCA lighting, normalise: batched, on the device
+            x = train_tf.photometric(x, out=x_float)  # float, PCA lighting, normalise: batched, on the device
+            if not gpu:  # (CUDA's caching allocator reuses memory by itself)
+                x_float = x
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
                 out = net(x)
                 loss = F.cross_entropy(out, y)
@@ -328,7 +331,7 @@ def run(cfg: TrainConfig) -> dict:
     if done:  # rerunning a finished run: nothing to train, the model is already logged
         tracking.end_run(run_id, "FINISHED")
         return _summary(cfg, name, run_id, *done, seconds=time.monotonic() - t0, skipped=True)
-    ray = ensure_ray()
+    ray = ensure_ray(dashboard=True)
     gpu = cfg.gpu if cfg.gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     # Workers train on CUDA exactly when gpu is set, so "auto" resolves here and the run
     # records the decode path it used.

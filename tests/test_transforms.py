@@ -153,6 +153,10 @@ def test_fused_photometric_equals_the_four_steps_it_replaces():
     assert fast.dtype == torch.float32 and fast.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(fast, slow, rtol=0, atol=1e-5)
     assert (fast - (x.float() / 255 - mean) / std).abs().amax() > 0.01  # the lighting did shift colours
+    reused = torch.full(x.shape, float("nan")).contiguous(memory_format=torch.channels_last)
+    again = TrainTransform.from_stats(STATS, crop=32, alphastd=0.5, generator=torch.Generator().manual_seed(3))
+    assert again.photometric(x, out=reused) is reused  # the training loop's CPU buffer reuse
+    torch.testing.assert_close(reused, fast, rtol=0, atol=0)
     one = tf.photometric(x[0])
     assert one.shape == (3, 40, 40)
     crops = torch.randint(0, 256, (2, 10, 3, 8, 8), dtype=torch.uint8)

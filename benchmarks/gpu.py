@@ -32,16 +32,12 @@ import time
 from pipelines.config import TrainConfig
 
 from . import common
+from .common import STATS
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, matched in order
 # against torch.cuda.get_device_name(); an H100 name without PCIe/NVL is the SXM part ("HBM3").
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", None), ("H100", 989e12), ("H200", 989e12),
              ("A100", 312e12))
-# Published ImageNet statistics (pixels in 0..1; PCA of fb.resnet.torch), so the photometric
-# step does the same arithmetic as in training; the values do not change the speed.
-STATS = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-         "eigval": [0.2175, 0.0188, 0.0045],
-         "eigvec": [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]]}
 CLASSES = 1000
 
 

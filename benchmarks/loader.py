@@ -28,14 +28,8 @@ import sys
 import time
 
 from . import common
+from .common import STATS
 from .shard import _dataset, _env
-
-# ImageNet's published RGB statistics (AlexNet-era PCA; the usual mean/std). Both contenders
-# use the same numbers, so the choice does not favour either.
-STATS = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-         "eigval": [0.2175, 0.0188, 0.0045],
-         "eigvec": [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]]}
-
 
 def _shards(data: str, cache: str) -> list[tuple[str, int]]:
     import json

@@ -7,8 +7,8 @@ process start to exit (so Ray's start-up is included where Ray is used), interle
 
   pipelines      `python -m pipelines shard --split train`: the project's stage, all cores
   pipelines, once started
-                 the same stage's marginal rate: it also runs on half the images, and
-                 (n - n/2) / (t(n) - t(n/2)) cancels its fixed cost (imports, Ray and its
+                 the same runs' rate from the first finished shard to the last, timed here from
+                 the stage's progress lines: without the fixed cost (imports, Ray and its
                  workers' start-up, MLflow), which a real ImageNet run (1.28M images) amortises
   baseline       one process, written the way people write it: PIL open + convert, resize the
                  shorter side to 256, centre crop, JPEG encode, webdataset.ShardWriter
@@ -25,6 +25,7 @@ import argparse
 import glob
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -106,10 +107,9 @@ def _dataset(images: int, classes: int, per_shard: int, cache: str) -> tuple[str
         # +-20% in each side, like ImageNet's spread around its ~400x350 mean
         jpgs = common.photo_jpegs(images + classes, size=(500, 375), vary=0.2, seed=1)
         common.write_folders(src, jpgs, classes=classes, val_per_class=1)
-        for root, limit in ((data, []), (data + "-half", ["--limit", str(images // classes // 2)])):
-            subprocess.run([sys.executable, "-m", "pipelines", "index", "--source", src, "--data", root,
-                            "--samples-per-shard", str(per_shard)] + limit, check=True, env=_env(cache),
-                           stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "pipelines", "index", "--source", src, "--data", data,
+                        "--samples-per-shard", str(per_shard)], check=True, env=_env(cache),
+                       stdout=subprocess.DEVNULL)
         open(os.path.join(cache, tag, "ready"), "w").close()
     jpgs = [open(p, "rb").read() for p, _ in _labelled_files(os.path.join(src, "train"))]
     return src, data, jpgs
@@ -121,13 +121,22 @@ def _env(cache: str) -> dict:
             "PYTHONPATH": os.getcwd()}
 
 
-def _process(argv: list[str], cache: str, clean: list[str]):
+def _process(argv: list[str], cache: str, clean: list[str], marks: list | None = None):
+    """Run ``argv`` to completion; ``marks`` collects (time, images done) from the stage's progress
+    lines ('shard: 3/12 shards, 750 images, ...'), stamped here as they arrive."""
     def go() -> int:
         for p in clean:
             shutil.rmtree(p, ignore_errors=True)
-        r = subprocess.run(argv, env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+        t0 = time.perf_counter()
+        p = subprocess.Popen(argv, env=_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        tail = []
+        for line in p.stderr:
+            tail = (tail + [line])[-40:]
+            m = re.match(r"shard: \d+/\d+ shards, (\d+) images", line)
+            if m and marks is not None:
+                marks.append((time.perf_counter() - t0, int(m.group(1))))
+        if p.wait() != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed ({p.returncode}):\n{''.join(tail)}")
         return 1
     return go
 
@@ -151,12 +160,11 @@ def main(argv=None) -> dict:
     n = len(jpgs)
     work = os.path.join(a.cache, "out")
     me = [sys.executable, "-m", "benchmarks.shard", "--cache", a.cache]
-    stage = [sys.executable, "-m", "pipelines", "shard", "--split", "train", "--data"]
+    marks: list[list] = []
     contenders = {
-        "pipelines": _process(stage + [data], a.cache, [os.path.join(data, "shards")]),
-        # Half the images: the difference in time between the two sizes is the stage's rate once
-        # started (imports, Ray, worker start-up and MLflow cancel out).
-        "pipelines-half": _process(stage + [data + "-half"], a.cache, [os.path.join(data + "-half", "shards")]),
+        "pipelines": lambda: (marks.append([]), _process(
+            [sys.executable, "-m", "pipelines", "shard", "--split", "train", "--data", data], a.cache,
+            [os.path.join(data, "shards")], marks[-1])())[1],
         "baseline": _process(me + ["_run", "baseline", src, os.path.join(work, "baseline"), str(a.samples_per_shard)],
                              a.cache, [os.path.join(work, "baseline")]),
         "ray-data": _process(me + ["_run", "ray-data", src, os.path.join(work, "ray-data"), str(a.samples_per_shard)],
@@ -172,17 +180,17 @@ def main(argv=None) -> dict:
     # Same work done: every contender wrote every image (the half run, half of them).
     count = _count_tar_members
     written = {"pipelines": count(os.path.join(data, "shards", "train")),
-               "pipelines-half": count(os.path.join(data + "-half", "shards", "train")),
                "baseline": count(os.path.join(work, "baseline")),
                "ray-data": count(os.path.join(work, "ray-data"))}
     for name in contenders:
-        if written[name] != (n // 2 if name == "pipelines-half" else n):
+        if written[name] != n:
             raise RuntimeError(f"{name} wrote {written[name]} images, expected {n}")
 
     floors = _floors(jpgs[: min(n, 600)], a.repeats)
     cores = os.cpu_count()
     t = {k: common.median(v) for k, v in seconds.items()}
-    started = (n - n // 2) / (t["pipelines"] - t["pipelines-half"])  # the marginal rate
+    # From the first finished shard to the last: the rate once Ray and its workers are up.
+    started = common.median([(m[-1][1] - m[0][1]) / (m[-1][0] - m[0][0]) for m in marks])
     startup = t["pipelines"] - n / started
     rate = {"pipelines": n / t["pipelines"], "pipelines, once started": started,
             "baseline": n / t["baseline"], "ray-data": n / t["ray-data"], **floors}

@@ -1,6 +1,6 @@
 """Train step: the Ray Train overhead, images/s of the project's loop against a plain loop.
 
-    python -m benchmarks.train_step [--batch 64] [--crop 64] [--steps 16] [--epochs 4]
+    python -m benchmarks.train_step [--batch 64] [--crop 64] [--steps 12] [--epochs 4]
 
 Contenders, the same model (alexnet2012, 1000 classes), optimiser, batch and synthetic data,
 on the CPU with every core:
@@ -28,7 +28,7 @@ import tempfile
 import time
 
 from . import common
-from .loader import STATS
+from .common import STATS
 
 
 def plain_loop(arch: str, batch: int, crop: int, steps: int, warmup: int = 2) -> float:
@@ -89,9 +89,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--arch", default="alexnet2012")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--crop", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=16, help="steps per epoch (and per plain-loop repeat)")
+    ap.add_argument("--steps", type=int, default=12, help="steps per epoch (and per plain-loop repeat)")
     ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=2, help="plain-loop repeats before and after the fit")
+    ap.add_argument("--repeats", type=int, default=1, help="plain-loop repeats before and after the fit")
     a = ap.parse_args(argv)
 
     import torch

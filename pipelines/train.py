@@ -138,6 +138,8 @@ def train_loop(c: dict) -> None:
     eval_tf = model.EvalTransform.from_stats(c["stats"], crop=c["crop"])
     per_rank = c["batch_size"] // world
     loader_workers = c["loader_workers"] if c["loader_workers"] is not None else (8 if gpu else 1)
+    if rank == 0:  # CPU speed depends on it; Ray sets OMP_NUM_THREADS to the worker's CPUs
+        log.info("rank 0 on %s, %d torch threads, %d loader workers", device, torch.get_num_threads(), loader_workers)
     decode = data.choose_decode(c["decode"], device)  # nvjpeg on a GPU (issue "Performance")
 
     for epoch in range(start, c["epochs"] + 1):

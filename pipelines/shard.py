@@ -54,10 +54,10 @@ def prepare_image(data: bytes, resize: int = 256, keep_aspect: bool = False, qua
     """Source bytes -> an RGB baseline JPEG, resized as the paper does (section 2).
 
     Raises on anything that is not a decodable image; the caller quarantines it.
-    Speed (benchmarks/shard.py): decoding is most of the cost, so JPEGs decode through
-    torchvision (libjpeg-turbo, ~1.3x PIL's decoder on ImageNet-sized photos) unless libjpeg's
-    1/2-1/8 scaled decoding applies; torch's uint8 antialiased bilinear resize is ~5x PIL's, and
-    torchvision encodes straight from its channels-last output. Geometry as PIL: resize, then crop.
+    Speed (benchmarks/shard.py, its two floor rows): JPEGs decode through torchvision
+    (libjpeg-turbo, straight to a tensor: no PIL image object, no array copy) unless PIL's
+    1/2-1/8 scaled decoding applies; torch's uint8 antialiased bilinear resize is about twice
+    PIL's speed on one core. Geometry as the plain PIL path: resize, then crop the centre.
     """
     import torch
     from PIL import Image

@@ -170,8 +170,15 @@ def main(argv=None) -> dict:
         "ray-data": _process(me + ["_run", "ray-data", src, os.path.join(work, "ray-data"), str(a.samples_per_shard)],
                              a.cache, [os.path.join(work, "ray-data")]),
     }
-    seconds = {k: [] for k in contenders}
+    # The floors run in every repeat, beside the stage, so the per-core ratio compares the two
+    # in the same minutes (this machine's speed drifts by 20% and more between minutes).
+    floors = _floors(jpgs[: min(n, 400)])
+    seconds, floor_rates = {k: [] for k in contenders}, {k: [] for k in floors}
     for r in range(a.repeats):
+        for name, rate in floors.items():
+            floor_rates[name].append(rate())
+            print(f"  repeat {r + 1}/{a.repeats} {name}: {floor_rates[name][-1]:,.0f} images/s",
+                  file=sys.stderr, flush=True)
         for name, go in contenders.items():
             t = time.perf_counter()
             go()
@@ -186,14 +193,15 @@ def main(argv=None) -> dict:
         if written[name] != n:
             raise RuntimeError(f"{name} wrote {written[name]} images, expected {n}")
 
-    floors = _floors(jpgs[: min(n, 600)], a.repeats)
     cores = os.cpu_count()
     t = {k: common.median(v) for k, v in seconds.items()}
     # From the first finished shard to the last: the rate once Ray and its workers are up.
-    started = common.median([(m[-1][1] - m[0][1]) / (m[-1][0] - m[0][0]) for m in marks])
+    started_each = [(m[-1][1] - m[0][1]) / (m[-1][0] - m[0][0]) for m in marks]
+    started = common.median(started_each)
     startup = t["pipelines"] - n / started
     rate = {"pipelines": n / t["pipelines"], "pipelines, once started": started,
-            "baseline": n / t["baseline"], "ray-data": n / t["ray-data"], **floors}
+            "baseline": n / t["baseline"], "ray-data": n / t["ray-data"],
+            **{k: common.median(v) for k, v in floor_rates.items()}}
     single = {"baseline", "floor", "floor-pil"}
     rows = [{"contender": k, "cores": 1 if k in single else cores, "images/s": v,
              "images/s/core": v if k in single else v / cores,
@@ -202,45 +210,47 @@ def main(argv=None) -> dict:
     ratios = {"vs_baseline": rate["pipelines"] / rate["baseline"],
               "vs_baseline_once_started": started / rate["baseline"],
               "vs_ray_data": rate["pipelines"] / rate["ray-data"],
-              "per_core_vs_floor_once_started": started / cores / rate["floor"],
+              # per repeat, stage and floor of the same minutes; then the median
+              "per_core_vs_floor_once_started": common.median(
+                  [st / cores / fl for st, fl in zip(started_each, floor_rates["floor"])]),
               "floor_vs_floor_pil": rate["floor"] / rate["floor-pil"]}
     return common.report(
         "shard", f"shard stage: {n} photo-like JPEGs (~500x375, ~108 KB) -> 256x256 q90 shards of "
         f"{a.samples_per_shard}; median of {a.repeats}; wall time from process start (the stage's fixed "
         f"start-up, {startup:.1f} s here, is included except in 'once started')",
         rows, ["contender", "cores", "images/s", "images/s/core", "pipelines x"],
-        {"images": n, "seconds": seconds, "startup_seconds": startup, "ratios": ratios,
+        {"images": n, "seconds": seconds, "floor_rates": floor_rates, "once_started": started_each,
+         "startup_seconds": startup, "ratios": ratios,
          "command": "python -m benchmarks.shard " + " ".join(argv or sys.argv[1:])})
 
 
-def _floors(jpgs: list[bytes], repeats: int) -> dict[str, float]:
-    """Per-image work alone, one core, bytes already in memory."""
+def _floors(jpgs: list[bytes]) -> dict:
+    """Per-image work alone, one core, bytes already in memory: name -> a call giving images/s."""
     import torch
     from PIL import Image
 
     from pipelines.shard import prepare_image
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the stage's tasks run with one thread each (Ray sets OMP_NUM_THREADS=1)
+    def one_thread(work):
+        def rate() -> float:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # the stage's tasks run with one thread (Ray: OMP_NUM_THREADS=1)
+            try:
+                t = time.perf_counter()
+                for b in jpgs:
+                    work(b)
+                return len(jpgs) / (time.perf_counter() - t)
+            finally:
+                torch.set_num_threads(threads)
+        return rate
 
-    def ours():
-        for b in jpgs:
-            prepare_image(b, RESIZE, False, QUALITY)
-        return len(jpgs)
-
-    def pil():
-        for b in jpgs:
-            with Image.open(io.BytesIO(b)) as im:
-                _pil_resize_crop_encode(im.convert("RGB"))
-        return len(jpgs)
+    def pil(b: bytes) -> None:
+        with Image.open(io.BytesIO(b)) as im:
+            _pil_resize_crop_encode(im.convert("RGB"))
 
     for b in jpgs[:20]:  # first calls load codecs and kernels: not part of the steady state
         prepare_image(b, RESIZE, False, QUALITY)
-    try:
-        rates = common.interleaved({"floor": ours, "floor-pil": pil}, repeats)
-    finally:
-        torch.set_num_threads(threads)
-    return {k: common.median(v) for k, v in rates.items()}
+    return {"floor": one_thread(lambda b: prepare_image(b, RESIZE, False, QUALITY)), "floor-pil": one_thread(pil)}
 
 
 if __name__ == "__main__":

@@ -23,13 +23,13 @@ Each contender runs --steps steps per repeat, interleaved; the table shows media
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import tarfile
 import time
 
 from pipelines.config import TrainConfig
+from pipelines.shard import add_member
 
 from . import common
 from .common import STATS
@@ -54,20 +54,17 @@ def peak_flops(name: str | None) -> float | None:
 
 # --- the training step, as pipelines/train.py::train_loop writes it ------------------------------
 def make_step(net, opt, device):
+    """train_loop's own step on a normalised float batch (channels_last on a GPU, as there)."""
     import torch
-    import torch.nn.functional as F
+
+    from pipelines.train import train_step
 
     gpu = device.type == "cuda"
 
     def step(x, y):
         if gpu:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
-            out = net(x)
-            loss = F.cross_entropy(out, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(net, opt, x, y, gpu)
     return step
 
 
@@ -138,10 +135,8 @@ def write_shards(folder: str, images: int, shards: int) -> list[tuple[str, int]]
         for i, name in enumerate(names):
             with tarfile.open(name + ".tmp", "w", format=tarfile.USTAR_FORMAT) as tar:
                 for k in range(i, images, shards):
-                    for ext, payload in (("jpg", jpgs[k]), ("cls", str(k % CLASSES).encode())):
-                        info = tarfile.TarInfo(f"img{k:08d}.{ext}")
-                        info.size = len(payload)
-                        tar.addfile(info, io.BytesIO(payload))
+                    add_member(tar, f"img{k:08d}.jpg", jpgs[k])
+                    add_member(tar, f"img{k:08d}.cls", str(k % CLASSES).encode())
             os.replace(name + ".tmp", name)
         open(os.path.join(tag, "ready"), "w").close()
     return list(zip(names, counts))

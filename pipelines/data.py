@@ -92,7 +92,8 @@ def plan_epoch(shards: list[tuple[str, int]], *, batch_size: int, rank: int, wor
     return EpochPlan(shards=mine, samples=loads[rank][0], steps=steps)
 
 
-def _decode(jpg: bytes) -> torch.Tensor:
+def decode_rgb(jpg: bytes) -> torch.Tensor:
+    """JPEG bytes -> RGB 3 x H x W uint8 (libjpeg-turbo; CMYK and greyscale become RGB as PIL's convert)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     return decode_jpeg(torch.frombuffer(bytearray(jpg), dtype=torch.uint8), mode=ImageReadMode.RGB)
@@ -202,7 +203,7 @@ class ShardStream(IterableDataset):
             source = _shuffle(source, self.shuffle_buffer, rng)
         for _key, jpg, label in source:
             if self.decode == "worker":
-                yield self.transform.geometric(_decode(jpg), gen), label
+                yield self.transform.geometric(decode_rgb(jpg), gen), label
             else:
                 h, w = _jpeg_size(jpg)
                 yield jpg, self.transform.params(h, w, gen), label

@@ -83,7 +83,7 @@ def prepare_image(data: bytes, resize: int = 256, keep_aspect: bool = False, qua
 
 
 def _decode_rgb(im, data: bytes, size: tuple[int, int]):
-    """Decode to RGB as a 3 x H x W uint8 tensor (EXIF orientation ignored, as PIL's loader does).
+    """Decode to RGB as a 3 x H x W uint8 tensor.
 
     EXIF orientation is ignored on purpose: ImageNet's labels and every reference pipeline
     (torchvision's PIL loader) use the pixels as stored.
@@ -92,9 +92,9 @@ def _decode_rgb(im, data: bytes, size: tuple[int, int]):
     import torch
 
     if im.format == "JPEG" and (im.size[0] < 2 * size[0] or im.size[1] < 2 * size[1]):
-        from torchvision.io import ImageReadMode, decode_jpeg
+        from .data import decode_rgb
         try:  # CMYK and greyscale come out as the same RGB as PIL's convert (tested)
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            return decode_rgb(data)
         except RuntimeError:
             pass  # damaged or unusual (12-bit, arithmetic coding): PIL decodes it or says why not
     # JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below the target size.
@@ -134,7 +134,7 @@ class _HashingWriter:
         return self.n
 
 
-def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     # Fixed metadata (mtime 0, root, read-only) so the same inputs give the same bytes.
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uid, info.gid = len(payload), 0, 0o444, 0, 0
@@ -154,8 +154,8 @@ def write_shard(url: str, rows: list[tuple], params: dict, input_digest: str) ->
                 except Exception as e:  # noqa: BLE001 - any decode failure quarantines that image only
                     rejected.append({"key": key, "reason": decode_problem(e), "source": where(path, member)})
                     continue
-                _add(tar, f"{key}.jpg", jpg)
-                _add(tar, f"{key}.cls", str(label).encode())
+                add_member(tar, f"{key}.jpg", jpg)
+                add_member(tar, f"{key}.cls", str(label).encode())
                 samples += 1
     return {"name": storage.basename(url), "samples": samples, "bytes": out.n,
             "checksum": f"sha256:{out.sha.hexdigest()}", "input_digest": input_digest,

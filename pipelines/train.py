@@ -66,6 +66,21 @@ def _scheduler(opt, c: dict):
 
 
 # --- one worker -------------------------------------------------------------------------------
+def train_step(net, opt, x, y, gpu: bool):
+    """One SGD step on a normalised float batch (bf16 autocast on a GPU); returns (logits, loss).
+    benchmarks/gpu.py times this same function."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=gpu):
+        out = net(x)
+        loss = F.cross_entropy(out, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return out, loss
+
+
 def _evaluate(net, urls, transform, device, batch_size, loader_workers, gpu, decode):
     """(loss sum, top-1 hits, top-5 hits, count) over ``urls``, centre crop."""
     import torch
@@ -98,7 +113,6 @@ def train_loop(c: dict) -> None:
     import ray.train
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
     from ray.train.torch import get_device, prepare_model
 
     import model
@@ -171,12 +185,7 @@ def train_loop(c: dict) -> None:
             x = train_tf.photometric(x, out=x_float)  # float, PCA lighting, normalise: batched, on the device
             if not gpu:  # (CUDA's caching allocator reuses memory by itself)
                 x_float = x
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
-                out = net(x)
-                loss = F.cross_entropy(out, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            out, loss = train_step(net, opt, x, y, gpu)
             # Accumulated on the device: reading a value back each step would stall the GPU.
             sums[0] += loss.detach() * len(y)
             sums[1] += (out.argmax(1) == y).sum()

@@ -1,4 +1,4 @@
-"""Small readers the tests use to look inside what the stages wrote."""
+"""Small readers and writers the tests use for what the stages read and write."""
 from __future__ import annotations
 
 import io
@@ -36,3 +36,14 @@ def image(data: bytes):
     im = Image.open(io.BytesIO(data))
     im.load()
     return im
+
+
+def write_shard_tar(path, samples) -> str:
+    """(key, jpg bytes, label) samples as a tar in the shard stage's layout: {key}.jpg + {key}.cls."""
+    with tarfile.open(path, "w") as tar:
+        for key, jpg, label in samples:
+            for ext, payload in (("jpg", jpg), ("cls", str(label).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return str(path)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import tarfile
 
 import pytest
 import torch
@@ -12,20 +11,19 @@ from PIL import Image
 import model
 from pipelines import data
 
+from .helpers import write_shard_tar
+
 STATS = {"mean": [0.5] * 3, "std": [0.25] * 3, "eigval": [0.02, 0.01, 0.005],
          "eigvec": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]}
 
 
 def _shard(path, keys_labels, size=(80, 80)):
-    with tarfile.open(path, "w") as tar:
-        for key, label in keys_labels:
-            buf = io.BytesIO()
-            Image.new("RGB", size, (label * 20 % 256, 100, 50)).save(buf, "JPEG", quality=95)
-            for ext, payload in (("jpg", buf.getvalue()), ("cls", str(label).encode())):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    return str(path)
+    samples = []
+    for key, label in keys_labels:
+        buf = io.BytesIO()
+        Image.new("RGB", size, (label * 20 % 256, 100, 50)).save(buf, "JPEG", quality=95)
+        samples.append((key, buf.getvalue(), label))
+    return write_shard_tar(path, samples)
 
 
 @pytest.fixture
@@ -96,7 +94,7 @@ def test_fast_decode_matches_pil_within_jpeg_tolerance(tmp_path):
     arr = (rng.random((96, 128, 3)) * 255).astype("uint8")
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, "JPEG", quality=90)
-    fast = data._decode(buf.getvalue()).permute(1, 2, 0).numpy().astype(int)
+    fast = data.decode_rgb(buf.getvalue()).permute(1, 2, 0).numpy().astype(int)
     slow = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")).astype(int)
     assert fast.shape == slow.shape
     assert np.abs(fast - slow).mean() < 1.0 and np.abs(fast - slow).max() <= 8
@@ -108,17 +106,14 @@ def _photo_shard(path, keys_labels, sizes):
     import numpy as np
 
     rng = np.random.default_rng(len(keys_labels))
-    with tarfile.open(path, "w") as tar:
-        for (key, label), (w, h) in zip(keys_labels, sizes):
-            yy, xx = np.mgrid[0:h, 0:w]
-            px = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) % 64 * 4], -1) + rng.normal(0, 20, (h, w, 3))
-            buf = io.BytesIO()
-            Image.fromarray(px.clip(0, 255).astype("uint8")).save(buf, "JPEG", quality=90)
-            for ext, payload in (("jpg", buf.getvalue()), ("cls", str(label).encode())):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    return str(path)
+    samples = []
+    for (key, label), (w, h) in zip(keys_labels, sizes):
+        yy, xx = np.mgrid[0:h, 0:w]
+        px = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) % 64 * 4], -1) + rng.normal(0, 20, (h, w, 3))
+        buf = io.BytesIO()
+        Image.fromarray(px.clip(0, 255).astype("uint8")).save(buf, "JPEG", quality=90)
+        samples.append((key, buf.getvalue(), label))
+    return write_shard_tar(path, samples)
 
 
 @pytest.fixture

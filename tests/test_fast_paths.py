@@ -6,7 +6,6 @@ computes is what the straightforward code (PIL, torchvision transforms) computes
 from __future__ import annotations
 
 import io
-import tarfile
 
 import numpy as np
 import pytest
@@ -15,6 +14,8 @@ from PIL import Image
 
 from benchmarks.common import photo_jpegs
 from pipelines.shard import prepare_image
+
+from .helpers import write_shard_tar
 
 
 def _plain_prepare(data: bytes, resize: int, keep_aspect: bool, quality: int = 90) -> Image.Image:
@@ -70,14 +71,7 @@ def test_shard_fast_path_keeps_the_plain_paths_quirk_handling():
 
 
 def _shard(tmp_path, jpgs: list[bytes]) -> str:
-    path = tmp_path / "val-000000.tar"
-    with tarfile.open(path, "w") as tar:
-        for i, jpg in enumerate(jpgs):
-            for name, payload in ((f"k{i:04d}.jpg", jpg), (f"k{i:04d}.cls", str(i % 3).encode())):
-                info = tarfile.TarInfo(name)
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    return str(path)
+    return write_shard_tar(tmp_path / "val-000000.tar", [(f"k{i:04d}", jpg, i % 3) for i, jpg in enumerate(jpgs)])
 
 
 def test_loader_batches_match_torchvision_transforms_on_the_same_images(tmp_path):

@@ -18,7 +18,7 @@ import tarfile
 import time
 import warnings
 
-from . import index, storage
+from . import index, storage, tarindex
 from .common import Progress, StageError, StrictFailure, digest, ensure_ray, now_iso
 from .config import SPLITS, ShardConfig
 from .sources import read_item, where
@@ -142,8 +142,9 @@ def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 
 def write_shard(url: str, rows: list[tuple], params: dict, input_digest: str) -> dict:
-    """Make one shard from (key, label, path, offset, size) rows; returns its manifest entry."""
-    rejected, samples = [], 0
+    """Make one shard and its sample index from (key, label, path, offset, size, member) rows;
+    returns its manifest entry."""
+    rejected, samples = [], tarindex.Builder()
     with storage.atomic_write(url) as f:
         out = _HashingWriter(f)
         with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -154,12 +155,27 @@ def write_shard(url: str, rows: list[tuple], params: dict, input_digest: str) ->
                 except Exception as e:  # noqa: BLE001 - any decode failure quarantines that image only
                     rejected.append({"key": key, "reason": decode_problem(e), "source": where(path, member)})
                     continue
+                start = tar.offset
                 add_member(tar, f"{key}.jpg", jpg)
                 add_member(tar, f"{key}.cls", str(label).encode())
-                samples += 1
-    return {"name": storage.basename(url), "samples": samples, "bytes": out.n,
-            "checksum": f"sha256:{out.sha.hexdigest()}", "input_digest": input_digest,
-            "rejected": rejected}
+                samples.add(key, label, start, tar.offset)
+    checksum = f"sha256:{out.sha.hexdigest()}"
+    # After the tar: an index never describes a tar that is not there under its name.
+    tarindex.write(url, samples.document(storage.basename(url), checksum))
+    return {"name": storage.basename(url), "samples": len(samples.keys), "bytes": out.n,
+            "checksum": checksum, "index": storage.basename(tarindex.index_url(url)),
+            "input_digest": input_digest, "rejected": rejected}
+
+
+def add_index(url: str, entry: dict) -> dict:
+    """Give a shard made before sample indexes existed its index, from its tar headers (no image
+    is decoded or re-encoded); returns its manifest entry with the index named."""
+    doc = tarindex.scan(url, entry["checksum"])
+    if doc["samples"] != entry["samples"]:
+        raise StageError(f"{url} holds {doc['samples']} samples, its manifest says {entry['samples']}: "
+                         "delete the shard and rerun the shard stage to remake it.")
+    tarindex.write(url, doc)
+    return {**entry, "index": storage.basename(tarindex.index_url(url))}
 
 
 def file_checksum(url: str) -> str:
@@ -178,7 +194,7 @@ def _plan(cfg: ShardConfig, split: str, params: dict):
         i = r["shard"] if cfg.samples_per_shard is None else r["position"] // cfg.samples_per_shard
         groups.setdefault(i, []).append(r)
     old = {s["name"]: s for s in (read_manifest(cfg.data, split) or {}).get("shards", [])}
-    keep, make = {}, []
+    keep, make, reindex = {}, [], []
     for i in sorted(groups):
         name = shard_name(split, i)
         url = storage.join(shard_dir(cfg.data, split), name)
@@ -186,11 +202,20 @@ def _plan(cfg: ShardConfig, split: str, params: dict):
         d = digest([params, [(r["key"], r["label"], r["sha256"]) for r in groups[i]]])
         entry = old.get(name)
         if entry and entry["input_digest"] == d and _intact(url, entry, cfg.verify):
-            keep[name] = entry
+            if _indexed(url, entry, cfg.verify):
+                keep[name] = entry
+            else:  # a shard from before sample indexes, or its index lost: scan it, keep the tar
+                reindex.append((name, url, entry))
         else:
             make.append((name, url, [(r["key"], r["label"], r["path"], r["offset"], r["size"], r["member"])
                                      for r in groups[i]], d))
-    return keep, make, [shard_name(split, i) for i in sorted(groups)]
+    return keep, make, reindex, [shard_name(split, i) for i in sorted(groups)]
+
+
+def _indexed(url: str, entry: dict, verify: bool) -> bool:
+    if "index" not in entry or not storage.exists(tarindex.index_url(url)):
+        return False
+    return not verify or (tarindex.read(url) or {}).get("checksum") == entry["checksum"]
 
 
 def _intact(url: str, entry: dict, verify: bool) -> bool:
@@ -247,11 +272,14 @@ def run(cfg: ShardConfig) -> dict:
         plans[split] = _plan(cfg, split, params)
 
     todo = [(split, *m) for split in splits for m in plans[split][1]]
+    todo += [(split, name, url, entry, None) for split in splits for name, url, entry in plans[split][2]]
     entries = {split: dict(plans[split][0]) for split in splits}
+    entries_before = {split: {name for name, _, _ in plans[split][2]} for split in splits}  # reindexed only
     failures, written_images = [], 0
     if todo:
         ray = ensure_ray()
         task = ray.remote(num_cpus=cfg.num_cpus)(write_shard)
+        index_task = ray.remote(num_cpus=cfg.num_cpus)(add_index)
         # Bounded in-flight tasks: progress stays smooth and the object store holds only a few
         # shards' row lists, however large the dataset.
         # At least 32 so an autoscaling cluster that starts small sees enough demand to grow.
@@ -261,7 +289,8 @@ def run(cfg: ShardConfig) -> dict:
         while queue or pending:
             while queue and len(pending) < window:
                 split, name, url, rows, d = queue.pop(0)
-                pending[task.remote(url, rows, params, d)] = (split, name)
+                ref = task.remote(url, rows, params, d) if d is not None else index_task.remote(url, rows)
+                pending[ref] = (split, name)
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
                 split, name = pending.pop(ref)
@@ -272,24 +301,26 @@ def run(cfg: ShardConfig) -> dict:
                     progress.update(1, 0)
                     continue
                 entries[split][name] = entry
-                written_images += entry["samples"] + len(entry["rejected"])
-                progress.update(1, entry["samples"] + len(entry["rejected"]))
+                images = entry["samples"] + len(entry["rejected"]) if name not in entries_before[split] else 0
+                written_images += images
+                progress.update(1, images)
             # Record finished shards as they come (at most once a second), so a killed driver
             # loses at most a second of work: the rerun redoes only shards not in the manifest.
             if time.monotonic() - last_save > 1:
                 for split in splits:
                     _save_manifest(cfg, split, params, index_digests[split], entries[split],
-                                   plans[split][2], started)
+                                   plans[split][3], started)
                 last_save = time.monotonic()
 
     manifests, shard_rejects = {}, []
     for split in splits:
-        names = plans[split][2]
+        names = plans[split][3]
         manifests[split] = m = _save_manifest(cfg, split, params, index_digests[split],
                                               entries[split], names, started)
         if m["complete"]:  # shards from an earlier, larger grouping are no longer part of the set
             for name in storage.list_dir(shard_dir(cfg.data, split)):
-                if re.fullmatch(rf"{split}-\d{{6}}\.tar", name) and name not in names:
+                m_ = re.fullmatch(rf"({split}-\d{{6}})\.(tar|idx\.json)", name)
+                if m_ and f"{m_.group(1)}.tar" not in names:
                     storage.remove(storage.join(shard_dir(cfg.data, split), name))
         shard_rejects += [dict(r, split=split) for s in m["shards"] for r in s["rejected"]]
     index.write_rejects(cfg.data, "shard", shard_rejects, splits)
@@ -298,7 +329,9 @@ def run(cfg: ShardConfig) -> dict:
     seconds = time.monotonic() - t0
     summary = {
         "stage": "shard", "data": cfg.data, "splits": list(splits),
-        "shards": sum(len(plans[s][2]) for s in splits), "written": len(todo) - len(failures),
+        "shards": sum(len(plans[s][3]) for s in splits),
+        "written": len(todo) - len(failures) - sum(len(plans[s][2]) for s in splits),
+        "indexed": sum(len(plans[s][2]) for s in splits),
         "skipped": sum(len(plans[s][0]) for s in splits), "failed": len(failures),
         "samples": sum(m["samples"] for m in manifests.values()),
         "bytes": sum(m["bytes"] for m in manifests.values()),

@@ -39,11 +39,15 @@ def image(data: bytes):
 
 
 def write_shard_tar(path, samples) -> str:
-    """(key, jpg bytes, label) samples as a tar in the shard stage's layout: {key}.jpg + {key}.cls."""
+    """(key, jpg bytes, label) samples as a tar in the shard stage's layout: {key}.jpg + {key}.cls,
+    with its sample index beside it (scanned from the tar, as a shard rerun adds it)."""
+    from pipelines import tarindex
+
     with tarfile.open(path, "w") as tar:
         for key, jpg, label in samples:
             for ext, payload in (("jpg", jpg), ("cls", str(label).encode())):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
+    tarindex.write(str(path), tarindex.scan(str(path), "sha256:unchecked"))
     return str(path)

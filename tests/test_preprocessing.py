@@ -154,9 +154,29 @@ def test_rerun_delete_resize_and_status(sample_src, ray_local, tmp_path):
     assert again["written"] == 1
     after = mtimes(root)
     changed = {p for p in after if after[p] != before.get(p)}
-    assert changed == {"shards/train/train-000002.tar"}
+    assert changed == {"shards/train/train-000002.tar", "shards/train/train-000002.idx.json"}
     assert shard.file_checksum(str(victim)) == checksum
     assert set(_states(root).values()) == {"done"}
+
+    # Shards made before sample indexes existed (no index in the manifest, no sidecar): the rerun
+    # scans each tar for its index and rewrites no tar.
+    indexes = {p: p.read_bytes() for p in (root / "shards").rglob("*.idx.json")}
+    assert len(indexes) == 6
+    for split in ("train", "val"):
+        mpath = root / "shards" / f"{split}.json"
+        m = json.loads(mpath.read_text())
+        for entry in m["shards"]:
+            del entry["index"]
+        mpath.write_text(json.dumps(m))
+    for p in indexes:
+        p.unlink()
+    before = mtimes(root)
+    again = shard.run(ShardConfig(data=str(root)))
+    assert again["indexed"] == 6 and again["written"] == 0
+    after = mtimes(root)
+    assert all(after[p] == before[p] for p in before if p.endswith(".tar"))  # no image re-encoded
+    assert {p: p.read_bytes() for p in indexes} == indexes  # the same index as the shard stage wrote
+    _assert_indexes_locate_every_sample(root)
 
     # A parameter change redoes every shard, and the stats become stale.
     again = shard.run(ShardConfig(data=str(root), resize=128))
@@ -177,6 +197,27 @@ def test_rerun_delete_resize_and_status(sample_src, ray_local, tmp_path):
     index.run(IndexConfig(source=str(src), data=str(root), samples_per_shard=SPS))
     st = _states(root)
     assert st["index"] == "done" and st["shard train"] == "stale" and st["shard val"] == "done"
+
+
+def _assert_indexes_locate_every_sample(root: Path) -> None:
+    """Each sample's (offset, size) in the index is exactly that sample's bytes in the tar."""
+    from pipelines import storage, tarindex
+
+    for split in ("train", "val"):
+        want = read_shards(root, split)
+        got = {}
+        for entry in json.loads((root / "shards" / f"{split}.json").read_text())["shards"]:
+            url = str(root / "shards" / split / entry["name"])
+            doc = tarindex.read(url)
+            assert doc["samples"] == entry["samples"] and doc["checksum"] == entry["checksum"]
+            assert entry["index"] == entry["name"].replace(".tar", ".idx.json")
+            for key, label, off, size in zip(doc["keys"], doc["labels"], doc["offsets"], doc["sizes"]):
+                [(k, jpg, lab)] = tarindex.parse_run(storage.read_range(url, off, size))
+                got[k] = (lab, jpg, entry["name"])
+                assert (k, lab) == (key, label)
+            whole = tarindex.parse_run(storage.read_range(url, 0, doc["offsets"][-1] + doc["sizes"][-1]))
+            assert [k for k, _, _ in whole] == doc["keys"]  # a run of samples is one read
+        assert got == want
 
 
 def test_keep_aspect_keeps_the_whole_image(sample_src, ray_local, tmp_path):

@@ -56,7 +56,7 @@ def ray_train_loop(arch: str, batch: int, crop: int, steps: int, epochs: int, st
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines import tracking, train
+    from pipelines import checkpoint, tracking, train
     from pipelines.common import ensure_ray
     from pipelines.config import TrainConfig
 
@@ -78,7 +78,7 @@ def ray_train_loop(arch: str, batch: int, crop: int, steps: int, epochs: int, st
     result = trainer.fit()
     wall = time.perf_counter() - t
     tracking.end_run(run_id, "FINISHED")
-    history = train.load_state(result.checkpoint.path)["history"]
+    history = checkpoint.load(result.checkpoint.path)["history"]
     step_seconds = [h["samples"] / h["images_per_second"] for h in history]
     return {"rates": [h["images_per_second"] for h in history[1:]], "wall": wall,
             "step_seconds": step_seconds, "epochs": len(history)}

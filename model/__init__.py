@@ -3,6 +3,7 @@
     from model import build
     net = build("alexnet2012", num_classes=1000, init="paper")
 """
+import torch
 import torchvision
 from torch import nn
 
@@ -36,5 +37,12 @@ def build(arch: str = "alexnet2012", num_classes: int = 1000, init: str = "paper
     return net
 
 
-__all__ = ["ARCHS", "INITS", "AlexNet2012", "EvalTransform", "Lighting", "TrainTransform",
+def topk_hits(scores: torch.Tensor, labels: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-1 hits, top-k hits) of N x classes scores (logits or probabilities) against N labels,
+    as tensors on the scores' device (no sync). Training and evaluation both count with this."""
+    top = scores.topk(min(k, scores.shape[1]), dim=1).indices
+    return (top[:, 0] == labels).sum(), (top == labels[:, None]).any(1).sum()
+
+
+__all__ = ["topk_hits", "ARCHS", "INITS", "AlexNet2012", "EvalTransform", "Lighting", "TrainTransform",
            "build", "kaiming_init_", "paper_init_", "ten_crop_predict"]

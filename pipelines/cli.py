@@ -32,6 +32,15 @@ def _add(p, cls, *flags, dest, help, **kw):
     p.add_argument(*flags, dest=dest, help=help, **kw)
 
 
+def _workers(value: str):
+    """--workers N or MIN-MAX -> N or (MIN, MAX)."""
+    try:
+        lo, _, hi = value.partition("-")
+        return (int(lo), int(hi)) if hi else int(lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}': expected a number of workers (8) or a range MIN-MAX (4-8)")
+
+
 def _stage_parsers(sub):
     from .sample import SampleConfig, parse_size
 
@@ -90,7 +99,8 @@ def _stage_parsers(sub):
     C = config.TrainConfig
     p = sub.add_parser("train", help="the 2012 AlexNet on Ray Train workers, tracked in MLflow")
     p.add_argument("--data", required=True, help="dataset ROOT (shards, classes.json, stats.json)")
-    _add(p, C, "--workers", dest="workers", type=int, help="data-parallel workers")
+    _add(p, C, "--workers", dest="workers", type=_workers,
+         help="data-parallel workers: N, or MIN-MAX for elastic training that goes on with fewer after a node loss")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--gpu", dest="gpu", action="store_const", const=True, default=_UNSET,
                    help="train on GPUs (default: when the cluster has them)")
@@ -115,6 +125,10 @@ def _stage_parsers(sub):
     _add(p, C, "--max-failures", dest="max_failures", type=int, help="worker restarts allowed")
     _add(p, C, "--loader-workers", dest="loader_workers", type=int, help="data loader processes per worker")
     _add(p, C, "--shuffle-buffer", dest="shuffle_buffer", type=int, help="shuffle buffer in samples")
+    _add(p, C, "--checkpoint-every", dest="checkpoint_every", type=int,
+         help="steps between mid-epoch checkpoints (default: measured, about every "
+              f"{_default(C, 'checkpoint_interval_s'):.0f} s)")
+    _add(p, C, "--ledger", dest="ledger", help="debug: a local folder where each rank records the keys of every step")
     _add(p, C, "--decode", dest="decode", choices=["auto", "worker", "device"],
          help="where JPEGs are decoded: device = in one batched call on the training device (nvjpeg "
               "on a GPU), worker = in the loader processes, auto = device on a GPU, else worker")
@@ -161,6 +175,8 @@ def main(argv=None) -> int:
     args = vars(parser().parse_args(argv))
     cls, module = args.pop("config"), importlib.import_module(f"pipelines.{args.pop('module')}")
     args.pop("command")
+    if isinstance(args.get("workers"), tuple):  # train --workers MIN-MAX
+        args["min_workers"], args["workers"] = args["workers"]
     if "args" in args:  # submit: everything after '--', as a tuple
         args["args"] = tuple(a for i, a in enumerate(args["args"]) if not (i == 0 and a == "--"))
     stage = module.__name__.rsplit(".", 1)[-1]

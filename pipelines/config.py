@@ -65,6 +65,7 @@ SPLITS = ("train", "val")
 class TrainConfig:
     data: str
     workers: int = 2             # Ray Train data-parallel workers (the paper trained on 2 GPUs)
+    min_workers: int | None = None  # --workers MIN-MAX: elastic, go on with as few as MIN after a node loss
     gpu: bool | None = None      # None: use GPUs when the cluster has them
     epochs: int = 90             # paper section 5: "roughly 90 cycles"
     batch_size: int = 128        # global batch, split across workers (section 5)
@@ -86,7 +87,12 @@ class TrainConfig:
     keep_checkpoints: int = 2    # the best by val_top1 (Ray also keeps the latest, for resuming)
     max_failures: int = 3        # worker restarts from the last checkpoint before the run fails
     loader_workers: int | None = None  # per training worker; None: 8 with a GPU, 1 on CPU
-    shuffle_buffer: int = 2000   # samples; ~60 MB of JPEG bytes per loader worker at 256 px
+    shuffle_buffer: int = 2000   # samples a loader worker shuffles among; ~60 MB of JPEG bytes at 256 px
+    checkpoint_every: int | None = None  # steps between mid-epoch checkpoints; None: every ~checkpoint_interval_s
+    # 10 min: AlexNet's checkpoint (weights + momentum, ~0.5 GB) takes well under 30 s to write
+    # to disk or S3, so under 5% of the time, and a preempted node loses at most 10 min of work.
+    checkpoint_interval_s: float = 600.0
+    ledger: str | None = None    # debug: a local folder where each rank records the sample keys of each step
     decode: str = "auto"         # JPEG decoding: auto = on the GPU (nvjpeg) when training on one, else worker
     register: str | None = None  # register the final model under this name in the registry
 

@@ -1,16 +1,20 @@
-"""Shards -> batches for one training worker (no Ray Train here: rank and world size come in).
+"""Shards -> batches for one training worker, following the epoch plan (no Ray Train here).
 
-    loader = train_loader(urls_and_counts, batch_size=64, rank=0, world_size=2, epoch=3, seed=0,
-                          transform=TrainTransform.from_stats(stats, crop=224))
-    for x_uint8, y in itertools.islice(loader, plan.steps): ...
+    seg = plan.epoch_plan(counts, seed=0, epoch=3, batch_size=128, world=2, loader_workers=4)
+    loader = train_loader(shards, TrainTransform.from_stats(stats, crop=224), segment=seg, rank=0)
+    for x_uint8, y, keys in on_device(loader, "cuda"): ...   # exactly the segment's remaining steps
 
-The shard list is split across ranks, then across a rank's loader workers; each worker streams
-its tars through webdataset's tar expander and a shuffle buffer seeded by (seed, epoch, rank,
-worker), decodes JPEGs with torchvision.io.decode_jpeg (libjpeg-turbo, no PIL) and does the
-uint8 crop/flip. Batches leave as uint8: the float conversion, PCA lighting and normalisation
-run batched on the training device (TrainTransform.photometric).
+``shards`` is [(tar url, samples)]; each tar has its sample index beside it (pipelines/tarindex.py),
+so a loader worker reads the runs of consecutive samples the plan gives it with one seek or one
+ranged GET each, never a whole shard it does not need. pipelines/plan.py decides which samples
+each rank and loader worker reads at each step; this module only reads, decodes and batches them.
+Loader workers decode JPEGs with torchvision.io.decode_jpeg (libjpeg-turbo, no PIL) and do the
+uint8 crop/flip; each sample's crop and flip come from a generator seeded by (seed, epoch,
+sample), so they do not depend on which rank or worker reads it (a resume or a new world size
+crops the same sample the same way). Batches leave as uint8: the float conversion, PCA
+lighting and normalisation run batched on the training device (TrainTransform.photometric).
 
-Two decode paths (issue "Performance"), the same batches either way:
+Two decode paths, the same batches either way:
   decode="worker"  the loader workers decode on the CPU and crop; uint8 crops cross to the device.
   decode="device"  the workers only read each JPEG's size from its header and draw the crop and
                    flip with the same generator calls; the JPEG bytes cross, and the training
@@ -18,29 +22,21 @@ Two decode paths (issue "Performance"), the same batches either way:
                    and crops there. CPU decoding costs about a millisecond per image per
                    core, and a GPU trains AlexNet on thousands of images a second: nvjpeg
                    frees those cores (benchmarks/gpu.py measures both).
-``on_device(loader, device)`` yields uint8 batches on the device for either path;
+``on_device(loader, device)`` yields (uint8 images, labels, keys) on the device for either path;
 ``choose_decode`` picks "device" for a CUDA device and "worker" otherwise.
-
-Equal work per rank (no hang at the epoch's end): every rank runs exactly
-``steps = (total samples // world_size) // batch_size`` steps per epoch. Shards are dealt to
-ranks by a seeded shuffle that balances sample counts; a worker's stream cycles through its
-shards, so a rank whose shards hold fewer samples than ``steps * batch_size`` repeats its
-first few samples of the epoch, and the samples beyond that count are not seen this epoch
-(at most ``world_size * batch_size`` dropped plus the imbalance between ranks). Over epochs
-the shuffle moves which samples those are.
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import random
-from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from . import storage
+from . import plan, storage, tarindex
+from .common import StageError
+from .plan import seed_for  # noqa: F401 - the one seed derivation; train.py and tests use it from here
 
 
 DECODES = ("auto", "worker", "device")
@@ -56,40 +52,6 @@ def choose_decode(decode: str, device) -> str:
     if decode != "auto":
         return decode
     return "device" if torch.device(device).type == "cuda" else "worker"
-
-
-def seed_for(*parts) -> int:
-    """A 63-bit seed derived from any parts, e.g. (seed, epoch, rank, worker)."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    shards: list[str]       # this rank's shard URLs, in the order they are read
-    samples: int            # samples those shards hold
-    steps: int              # batches every rank runs this epoch
-
-
-def plan_epoch(shards: list[tuple[str, int]], *, batch_size: int, rank: int, world_size: int,
-               epoch: int, seed: int) -> EpochPlan:
-    """Deal (url, samples) shards to ranks: seeded by epoch, balanced by sample count."""
-    total = sum(n for _, n in shards)
-    steps = (total // world_size) // batch_size
-    if steps < 1:
-        raise ValueError(f"{total} samples over {world_size} workers cannot fill one batch of "
-                         f"{batch_size} per worker: lower --batch-size or --workers.")
-    order = list(shards)
-    random.Random(seed_for(seed, epoch, "shards")).shuffle(order)
-    # Largest first onto the least-loaded rank (greedy), ties broken by the shuffled order.
-    order.sort(key=lambda s: -s[1])
-    loads = [[0, r, []] for r in range(world_size)]
-    for url, n in order:
-        least = min(loads, key=lambda x: (x[0], x[1]))
-        least[0] += n
-        least[2].append(url)
-    mine = loads[rank][2]
-    random.Random(seed_for(seed, epoch, rank, "order")).shuffle(mine)
-    return EpochPlan(shards=mine, samples=loads[rank][0], steps=steps)
 
 
 def decode_rgb(jpg: bytes) -> torch.Tensor:
@@ -118,12 +80,7 @@ class EncodedBatch(NamedTuple):
     lengths: torch.Tensor           # int64, bytes of each JPEG
     params: list                    # transform.params() of each sample, drawn in the worker
     labels: torch.Tensor            # int64
-
-
-def _collate_encoded(batch) -> EncodedBatch:
-    jpgs, params, labels = zip(*batch)
-    return EncodedBatch(torch.frombuffer(bytearray(b"".join(jpgs)), dtype=torch.uint8),
-                        torch.tensor([len(j) for j in jpgs]), list(params), torch.tensor(labels))
+    keys: list                      # each sample's __key__ (for the sample ledger)
 
 
 def decode_batch(batch: EncodedBatch, transform, device) -> torch.Tensor:
@@ -137,16 +94,17 @@ def decode_batch(batch: EncodedBatch, transform, device) -> torch.Tensor:
 
 
 def on_device(loader: DataLoader, device):
-    """(uint8 images, labels) on ``device`` from a train_loader / eval_loader, whichever
+    """(uint8 images, labels, keys) on ``device`` from a train_loader / eval_loader, whichever
     decode path its stream uses: the transfer (decode="worker") or the decode (decode="device")."""
     device = torch.device(device)
     decode, transform = loader.dataset.decode, loader.dataset.transform
     for batch in loader:
         if decode == "worker":
-            x, y = batch
-            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y, keys = batch
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True), keys
         else:
-            yield decode_batch(batch, transform, device), batch.labels.to(device, non_blocking=True)
+            yield (decode_batch(batch, transform, device), batch.labels.to(device, non_blocking=True),
+                   batch.keys)
 
 
 def synthetic_batches(batch_size: int, crop: int, num_classes: int, steps: int, device):
@@ -159,99 +117,138 @@ def synthetic_batches(batch_size: int, crop: int, num_classes: int, steps: int, 
         yield x, y
 
 
-def _samples(urls: list[str]):
-    """(key, jpg bytes, label) from tar shards, read through the storage layer (local or S3)."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    def streams():
-        for url in urls:
-            with storage.open_read(url) as f:
-                yield {"url": url, "stream": f}
-
-    for s in group_by_keys(tar_file_expander(streams())):
-        yield s["__key__"], s["jpg"], int(s["cls"])
 
 
-class ShardStream(IterableDataset):
-    """One rank's samples as (uint8 image, label); ``cycle`` repeats the shards endlessly.
+# --- reading the plan's samples -----------------------------------------------------------------
+class _Reader:
+    """Sample ids -> (key, jpg, label), reading runs of consecutive samples through the shards'
+    sample indexes (loaded once per shard, as numpy arrays: 16 bytes a sample)."""
 
-    With decode="device", (JPEG bytes, transform.params(), label) instead: the crop parameters
-    come from the same generator calls in the same order, so decode_batch() reproduces the
-    worker path's crops exactly."""
+    def __init__(self, shards: list[tuple[str, int]]):
+        self.urls = [u for u, _ in shards]
+        self.counts = np.asarray([n for _, n in shards], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
+        self._index: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def __init__(self, urls: list[str], transform, *, seed: int = 0, epoch: int = 0, rank: int = 0,
-                 shuffle_buffer: int = 0, cycle: bool = False, decode: str = "worker"):
+    def _offsets(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        if shard not in self._index:
+            doc = tarindex.read(self.urls[shard])
+            if doc is None or doc["samples"] != self.counts[shard]:
+                found = "none" if doc is None else f"one of {doc['samples']} samples"
+                raise StageError(f"{self.urls[shard]}: its sample index ({tarindex.index_url(self.urls[shard])}) "
+                                 f"should list {self.counts[shard]} samples, found {found}: rerun the shard "
+                                 "stage, which adds missing indexes without re-encoding any image.")
+            self._index[shard] = (np.asarray(doc["offsets"], np.int64), np.asarray(doc["sizes"], np.int64))
+        return self._index[shard]
+
+    def read(self, ids) -> dict[int, tuple[str, bytes, int]]:
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        shard = np.searchsorted(self.starts, ids, side="right") - 1
+        pos = ids - self.starts[shard]
+        # a new run wherever the shard changes or the position is not the previous one + 1
+        breaks = np.flatnonzero((np.diff(shard) != 0) | (np.diff(pos) != 1)) + 1
+        out = {}
+        for run in np.split(np.arange(len(ids)), breaks):
+            if not len(run):
+                continue
+            s, p0, p1 = int(shard[run[0]]), int(pos[run[0]]), int(pos[run[-1]])
+            offsets, sizes = self._offsets(s)
+            start = int(offsets[p0])
+            buf = storage.read_range(self.urls[s], start, int(offsets[p1] + sizes[p1]) - start)
+            samples = tarindex.parse_run(buf, self.urls[s])
+            if len(samples) != len(run):
+                raise StageError(f"{self.urls[s]}: samples {p0}..{p1} hold {len(samples)} samples, not "
+                                 f"{len(run)}: the shard and its sample index disagree; rerun the shard stage.")
+            out.update(zip(ids[run].tolist(), samples))
+        return out
+
+
+class PlanStream(IterableDataset):
+    """Batches of the samples a plan gives each loader worker: ``windows[w]`` is worker w's list of
+    windows, each a list of (step, sample ids); a window is read at once, then batched.
+
+    Yields (uint8 images, labels, keys), or with decode="device" an EncodedBatch whose crop
+    parameters come from the same generator calls, so decode_batch() gives the same crops.
+    Without DataLoader workers (num_workers=0) it yields every worker's batches in step order,
+    as a DataLoader with workers would."""
+
+    def __init__(self, shards: list[tuple[str, int]], windows: list[list], transform, *, seed: int = 0,
+                 epoch: int = 0, decode: str = "worker", random_crops: bool = True):
         if decode not in ("worker", "device"):
-            raise ValueError(f"ShardStream decode must be 'worker' or 'device', got '{decode}' "
+            raise ValueError(f"PlanStream decode must be 'worker' or 'device', got '{decode}' "
                              "(resolve 'auto' with choose_decode first).")
-        self.urls, self.transform = list(urls), transform
-        self.seed, self.epoch, self.rank = seed, epoch, rank
-        self.shuffle_buffer, self.cycle, self.decode = shuffle_buffer, cycle, decode
+        self.shards, self.windows, self.transform = list(shards), windows, transform
+        self.seed, self.epoch, self.decode, self.random_crops = seed, epoch, decode, random_crops
+
+    def _batches(self, worker: int):
+        reader, gen = _Reader(self.shards), torch.Generator()
+        for window in self.windows[worker]:
+            samples = reader.read(np.concatenate([ids for _, ids in window]))
+            for step, ids in window:
+                items = []
+                for i in ids.tolist():
+                    key, jpg, label = samples[i]
+                    # Per sample, not per stream: the same crop whichever rank/worker reads it.
+                    gen.manual_seed(seed_for(self.seed, self.epoch, "crop", i))
+                    g = gen if self.random_crops else None
+                    if self.decode == "worker":
+                        items.append((self.transform.geometric(decode_rgb(jpg), g), label, key))
+                    else:
+                        items.append((jpg, self.transform.params(*_jpeg_size(jpg), g), label, key))
+                yield step, items
+
+    def _collate(self, items):
+        if self.decode == "worker":
+            x, y, keys = zip(*items)
+            return torch.stack(x), torch.tensor(y), list(keys)
+        jpgs, params, labels, keys = zip(*items)
+        return EncodedBatch(torch.frombuffer(bytearray(b"".join(jpgs)), dtype=torch.uint8),
+                            torch.tensor([len(j) for j in jpgs]), list(params), torch.tensor(labels), list(keys))
 
     def __iter__(self):
         info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        urls = self.urls[wid::nw]
-        if not urls:
+        if info is not None:
+            if info.num_workers != len(self.windows):
+                raise ValueError(f"{info.num_workers} DataLoader workers for a plan of {len(self.windows)}")
+            for _, items in self._batches(info.id):
+                yield self._collate(items)
             return
-        rng = random.Random(seed_for(self.seed, self.epoch, self.rank, wid, "buffer"))
-        gen = torch.Generator().manual_seed(seed_for(self.seed, self.epoch, self.rank, wid, "crop"))
-        source = _samples(urls)
-        if self.cycle:
-            source = _forever(lambda: _samples(urls))
-        if self.shuffle_buffer > 1:
-            source = _shuffle(source, self.shuffle_buffer, rng)
-        for _key, jpg, label in source:
-            if self.decode == "worker":
-                yield self.transform.geometric(decode_rgb(jpg), gen), label
-            else:
-                h, w = _jpeg_size(jpg)
-                yield jpg, self.transform.params(h, w, gen), label
+        # One process: the workers' batches interleaved round-robin, the DataLoader's order.
+        streams = [self._batches(w) for w in range(len(self.windows))]
+        while streams:
+            for s in list(streams):
+                try:
+                    _, items = next(s)
+                except StopIteration:
+                    streams.remove(s)
+                    continue
+                yield self._collate(items)
 
 
-def _forever(make):
-    while True:
-        yield from make()
-
-
-def _shuffle(source, size: int, rng: random.Random):
-    """A reservoir-style shuffle buffer: emit a random element once the buffer is full."""
-    buf = []
-    for item in source:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        i = rng.randrange(size)
-        buf[i], item = item, buf[i]
-        yield item
-    rng.shuffle(buf)
-    yield from buf
-
-
-def loader(dataset: ShardStream, batch_size: int, num_workers: int, pin_memory: bool = False) -> DataLoader:
+def loader(dataset: PlanStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
     device = dataset.decode == "device"
     # Pinning helps only the host-to-device copy of decoded crops; JPEG bytes stay on the host
-    # (nvjpeg reads them there), so pinning them would be a wasted copy.
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                      pin_memory=pin_memory and not device, collate_fn=_collate_encoded if device else None,
-                      persistent_workers=False, prefetch_factor=4 if num_workers else None,
-                      drop_last=False)
+    # (nvjpeg reads them there), so pinning them would be a wasted copy. batch_size=None: the
+    # plan makes the batches.
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory and not device,
+                      persistent_workers=False, prefetch_factor=4 if num_workers else None)
 
 
-def train_loader(shards: list[tuple[str, int]], transform, *, batch_size: int, rank: int, world_size: int,
-                 epoch: int, seed: int, num_workers: int = 2, shuffle_buffer: int = 2000,
-                 pin_memory: bool = False, decode: str = "worker") -> tuple[DataLoader, EpochPlan]:
-    """The training batches of one rank for one epoch; take exactly ``plan.steps`` of them
-    (through on_device() when decode="device")."""
-    plan = plan_epoch(shards, batch_size=batch_size, rank=rank, world_size=world_size, epoch=epoch, seed=seed)
-    workers = min(num_workers, len(plan.shards))
-    ds = ShardStream(plan.shards, transform, seed=seed, epoch=epoch, rank=rank,
-                     shuffle_buffer=shuffle_buffer, cycle=True, decode=decode)
-    return loader(ds, batch_size, workers, pin_memory), plan
+def train_loader(shards: list[tuple[str, int]], transform, *, segment: plan.Segment, rank: int,
+                 processes: bool = True, pin_memory: bool = False, decode: str = "worker") -> DataLoader:
+    """The batches of ``rank`` for the rest of ``segment`` (from its step ``start``), in step
+    order: one DataLoader worker per plan loader worker (in this process if not ``processes``)."""
+    windows = [segment.worker_windows(rank, w) for w in range(segment.loader_workers)]
+    ds = PlanStream(shards, windows, transform, seed=segment.seed, epoch=segment.epoch, decode=decode)
+    return loader(ds, segment.loader_workers if processes else 0, pin_memory)
 
 
-def eval_loader(urls: list[str], transform, *, batch_size: int, num_workers: int = 2,
-                pin_memory: bool = False, decode: str = "worker") -> DataLoader:
-    """Every sample of ``urls`` once, in shard order (no shuffle, no cycle)."""
-    ds = ShardStream(urls, transform, decode=decode)
-    return loader(ds, batch_size, min(num_workers, len(urls)), pin_memory)
+def eval_loader(shards: list[tuple[str, int]], transform, *, batch_size: int, rank: int = 0, world: int = 1,
+                num_workers: int = 2, pin_memory: bool = False, decode: str = "worker") -> DataLoader:
+    """This rank's share of every sample of ``shards``, once over all ranks (no shuffle)."""
+    nw = max(1, num_workers)
+    share = plan.eval_share([n for _, n in shards], rank=rank, world=world, loader_workers=nw,
+                            batch_size=batch_size)
+    windows = [[[(None, ids)] for ids in batches] for batches in share]  # a window per batch: contiguous ids
+    ds = PlanStream(shards, windows, transform, decode=decode, random_crops=False)
+    return loader(ds, num_workers, pin_memory)

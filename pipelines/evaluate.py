@@ -11,34 +11,32 @@ from __future__ import annotations
 
 import time
 
-from . import shard, storage, tracking
+from . import checkpoint, shard, storage, tracking
 from .common import StageError
 from .config import EvaluateConfig
 
 
-def evaluate(state: dict, urls: list[str], ten_crop: bool, batch_size: int, loader_workers: int,
+def evaluate(state: dict, shards: list[tuple[str, int]], ten_crop: bool, batch_size: int, loader_workers: int,
              gpu: bool) -> dict:
     """(top-1 hits, top-5 hits, images) of the checkpoint's model over the val shards."""
     import torch
 
     import model
     from . import data
-    from .train import model_from_state
 
     device = torch.device("cuda" if gpu else "cpu")
-    net = model_from_state(state).to(device).eval()
+    net = checkpoint.model_from_state(state).to(device).eval()
     transform = model.EvalTransform.from_stats(state["stats"], crop=state["config"]["crop"], ten_crop=ten_crop)
     hits1 = hits5 = images = 0
     with torch.inference_mode():
-        for x, y in data.eval_loader(urls, transform, batch_size=batch_size, num_workers=loader_workers,
-                                     pin_memory=gpu):
-            x, y = transform.photometric(x.to(device)), y.to(device)
+        loader = data.eval_loader(shards, transform, batch_size=batch_size, num_workers=loader_workers,
+                                  pin_memory=gpu)
+        for x, y, _keys in data.on_device(loader, device):
+            x = transform.photometric(x)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
                 probs = (model.ten_crop_predict(net, x) if ten_crop else net(x).float().softmax(-1))
-            top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
-            hits1 += int((top5[:, 0] == y).sum())
-            hits5 += int((top5 == y[:, None]).any(1).sum())
-            images += len(y)
+            top1, top5 = model.topk_hits(probs, y)
+            hits1, hits5, images = hits1 + int(top1), hits5 + int(top5), images + len(y)
     return {"hits1": hits1, "hits5": hits5, "images": images}
 
 
@@ -60,19 +58,21 @@ def _checkpoint_dir(cfg: EvaluateConfig) -> str:
 
 def run(cfg: EvaluateConfig) -> dict:
     from .common import ensure_ray
-    from .train import load_state
 
     t0 = time.monotonic()
     if bool(cfg.run_id) == bool(cfg.checkpoint):
         raise StageError("Give exactly one of --run-id ID or --checkpoint PATH.")
     if cfg.run_id:
         tracking.check_reachable()
-    state = load_state(_checkpoint_dir(cfg))
+    state = checkpoint.load(_checkpoint_dir(cfg))
     m = shard.read_manifest(cfg.data, "val")
     if m is None or not m["complete"]:
         raise StageError(f"The val shards in '{cfg.data}' are missing or incomplete: run "
                          f"python -m pipelines shard --data {cfg.data} --split val")
-    urls = [storage.join(shard.shard_dir(cfg.data, "val"), s["name"]) for s in m["shards"]]
+    if any("index" not in s for s in m["shards"]):
+        raise StageError(f"The val shards in '{cfg.data}' have no sample index: run python -m pipelines shard "
+                         f"--data {cfg.data} --split val (it adds them without re-encoding any image).")
+    urls = [(storage.join(shard.shard_dir(cfg.data, "val"), s["name"]), s["samples"]) for s in m["shards"]]
     import os
 
     import torch

@@ -1,24 +1,29 @@
 """Training: the 2012 AlexNet on Ray Train data-parallel workers, tracked in MLflow.
 
     python -m pipelines train --data /data/alexnet --workers 8 --gpu --name alexnet-paper
+    python -m pipelines train --data s3://bucket/imagenet --workers 4-8 --gpu --name spot   # elastic
 
 The only module that joins the model, the data, Ray Train and tracking. The loop is written
-out (zero_grad / forward / backward / step); Ray Train's prepare_model makes it data-parallel.
-Each epoch ends with a validation pass, a checkpoint (model, optimiser, scheduler, the epoch
-and every epoch's metrics) and one MLflow step per metric. Rerunning the same --name resumes
-from the last checkpoint, inside the same MLflow run; FailureConfig restarts failed workers
-from it too.
+out (zero_grad / forward / backward / step) in train_one_epoch(), validation in validate();
+Ray Train's prepare_model makes it data-parallel. pipelines/plan.py decides which samples each
+rank reads at every step; checkpoints (pipelines/checkpoint.py) are written every
+``--checkpoint-every`` steps and at each epoch's end, holding the plan's position, so a rerun of
+the same --name, a worker restarted by FailureConfig, or a worker group resized by elastic
+training (``--workers MIN-MAX``) continues at the step after the last checkpoint, inside the same
+MLflow run.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import math
 import os
 import sys
 import tempfile
 import time
 
-from . import shard, stats, storage, tracking
+from . import checkpoint, shard, stats, storage, tracking
 from .common import StageError, ensure_ray, now_iso
 from .config import TrainConfig
 
@@ -26,31 +31,8 @@ from .config import TrainConfig
 # stderr, and every line would reach the driver twice.
 log = logging.getLogger("pipelines.train")
 SCHEDULES = ("plateau", "step", "cosine")
-STATE_FILE = "state.pt"
 METRICS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
            "images_per_second", "data_wait_fraction")
-
-
-# --- checkpoints ------------------------------------------------------------------------------
-def load_state(checkpoint_dir: str) -> dict:
-    """A checkpoint's state, from a local folder or an s3:// one."""
-    import io
-
-    import torch
-
-    url = storage.join(checkpoint_dir, STATE_FILE)
-    if not storage.exists(url):
-        raise StageError(f"'{checkpoint_dir}' holds no {STATE_FILE}: not a checkpoint of this project.")
-    return torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=False)
-
-
-def model_from_state(state: dict):
-    import model
-
-    c = state["config"]
-    net = model.build(c["arch"], c["num_classes"], init="kaiming")  # weights come from the state
-    net.load_state_dict(state["model"])
-    return net
 
 
 def _scheduler(opt, c: dict):
@@ -65,58 +47,155 @@ def _scheduler(opt, c: dict):
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c["epochs"], eta_min=c["min_lr"])
 
 
+class Sums:
+    """Metric sums by name, kept on the device (reading a value back each step would stall a
+    GPU) and all-reduced across ranks as one tensor."""
+
+    def __init__(self, names, device, start: dict | None = None):
+        import torch
+
+        self.names = tuple(names)
+        self.t = torch.tensor([float((start or {}).get(n, 0.0)) for n in self.names], dtype=torch.float64,
+                              device=device)
+
+    def add(self, **values) -> None:
+        for k, v in values.items():
+            self.t[self.names.index(k)] += v
+
+    def all_reduce(self) -> "Sums":
+        """A copy summed over every rank (each rank must call it)."""
+        import torch.distributed as dist
+
+        out = Sums(self.names, self.t.device)
+        out.t = self.t.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(out.t)
+        return out
+
+    def values(self) -> dict:
+        return dict(zip(self.names, self.t.tolist()))
+
+
 # --- one worker -------------------------------------------------------------------------------
-def train_step(net, opt, x, y, gpu: bool):
+def train_step(net, opt, x, y, gpu: bool, loss_scale: float | None = None):
     """One SGD step on a normalised float batch (bf16 autocast on a GPU); returns (logits, loss).
-    benchmarks/gpu.py times this same function."""
+    benchmarks/gpu.py times this same function.
+
+    ``loss_scale``: the gradient is of sum(losses) * loss_scale instead of their mean. With
+    loss_scale = world / global batch, DDP's average over ranks makes it the mean over the
+    global batch, so every sample weighs the same when ranks hold different batch sizes (a
+    global batch that does not divide by the world size)."""
     import torch
     import torch.nn.functional as F
 
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=gpu):
         out = net(x)
-        loss = F.cross_entropy(out, y)
+        if loss_scale is None:
+            loss = F.cross_entropy(out, y)
+        else:
+            loss = F.cross_entropy(out.float(), y, reduction="sum") * loss_scale
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     return out, loss
 
 
-def _evaluate(net, urls, transform, device, batch_size, loader_workers, gpu, decode):
-    """(loss sum, top-1 hits, top-5 hits, count) over ``urls``, centre crop."""
+def validate(net, shards, transform, *, device, rank: int, world: int, batch_size: int, loader_workers: int,
+             gpu: bool, decode: str) -> Sums:
+    """This rank's share of the val samples (every sample once across ranks), centre crop:
+    loss sum, top-1 and top-5 hits, images. The caller all-reduces."""
     import torch
     import torch.nn.functional as F
 
+    import model
     from . import data
 
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
-    if not urls:
-        return sums
+    sums = Sums(("loss", "top1", "top5", "images"), device)
     net.eval()
     with torch.inference_mode():
-        loader = data.eval_loader(urls, transform, batch_size=batch_size, num_workers=loader_workers,
-                                  pin_memory=gpu, decode=decode)
-        for x, y in data.on_device(loader, device):
+        loader = data.eval_loader(shards, transform, batch_size=batch_size, rank=rank, world=world,
+                                  num_workers=loader_workers, pin_memory=gpu, decode=decode)
+        for x, y, _keys in data.on_device(loader, device):
             x = transform.photometric(x)
             if gpu:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
                 out = net(x).float()
-            top5 = out.topk(min(5, out.shape[1]), dim=1).indices
-            sums += torch.stack([F.cross_entropy(out, y, reduction="sum").double(),
-                                 (top5[:, 0] == y).sum().double(), (top5 == y[:, None]).any(1).sum().double(),
-                                 torch.tensor(len(y), dtype=torch.float64, device=device)])
+            top1, top5 = model.topk_hits(out, y)
+            sums.add(loss=F.cross_entropy(out, y, reduction="sum").double(), top1=top1, top5=top5, images=len(y))
     return sums
+
+
+def train_one_epoch(net, opt, batches, steps: range, transform, sums: Sums, *, gpu: bool, loss_scale: float,
+                    seed: int, epoch: int, rank: int, after_step) -> float:
+    """The steps ``steps`` (epoch step numbers) of one epoch; returns the seconds spent waiting
+    for data. ``after_step(step, keys)`` runs after each step (sample ledger, checkpoints)."""
+    import torch
+
+    import model
+    from . import data
+
+    net.train()
+    waited, x_float = 0.0, None  # on a CPU, each step's float batch is written into the last one's memory
+    for step in steps:
+        tw = time.perf_counter()
+        x, y, keys = next(batches)  # uint8 on the device; with decode="device" the decode happens here
+        waited += time.perf_counter() - tw
+        # Every random draw of a step (dropout, PCA lighting) comes from (seed, epoch, step, rank),
+        # as each sample's crop comes from (seed, epoch, sample): a run resumed at any step
+        # replays the rest of the epoch exactly as an uninterrupted run does.
+        torch.manual_seed(data.seed_for(seed, epoch, step, rank, "torch"))
+        if gpu:  # before the float conversion, which keeps the layout: a quarter of the bytes
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = transform.photometric(x, out=x_float)  # float, PCA lighting, normalise: batched, on the device
+        if not gpu:  # (CUDA's caching allocator reuses memory by itself)
+            x_float = x
+        out, loss = train_step(net, opt, x, y, gpu, loss_scale)
+        top1, _ = model.topk_hits(out.detach(), y, k=1)
+        sums.add(loss=loss.detach().double() / loss_scale, top1=top1, images=len(y))
+        after_step(step, keys)
+    return waited
+
+
+def _agree(value: float, device, op: str = "max") -> float:
+    """The same number on every rank (its max over ranks)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return float(t[0])
+
+
+class Ledger:
+    """The sample ledger (--ledger DIR, a debugging aid): every rank appends, per step, the keys it
+    trained on to DIR/rank<R>-attempt<A>.jsonl. An attempt is one start of the worker group; a
+    restart redoes the steps after its checkpoint, so for each (epoch, step) the entries of the
+    latest attempt that reached it are the ones in the model (tests/test_train.py reads it so)."""
+
+    def __init__(self, folder: str | None, rank: int, world: int, attempt: int):
+        self.f = None
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+            self.f = open(os.path.join(folder, f"rank{rank:03d}-attempt{attempt}.jsonl"), "a")
+        self.rank, self.world, self.attempt = rank, world, attempt
+
+    def write(self, epoch: int, step: int, keys) -> None:
+        if self.f:
+            self.f.write(json.dumps({"epoch": epoch, "step": step, "rank": self.rank, "world": self.world,
+                                     "attempt": self.attempt, "keys": list(keys)}) + "\n")
+            self.f.flush()
 
 
 def train_loop(c: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
     import torch
-    import torch.distributed as dist
     from ray.train.torch import get_device, prepare_model
 
     import model
-    from . import data
+    from . import data, plan
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -127,18 +206,21 @@ def train_loop(c: dict) -> None:
     if gpu:
         net = net.to(memory_format=torch.channels_last)
     net = prepare_model(net)
+    raw = net.module if hasattr(net, "module") else net
     opt = torch.optim.SGD(net.parameters(), lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"])
     sched = _scheduler(opt, c)
-    history, start = [], 1
+    history, position = [], {"epoch": 1, "segments": [], "sums": None}
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            state = load_state(d)
-        net.module.load_state_dict(state["model"]) if hasattr(net, "module") else net.load_state_dict(state["model"])
+            state = checkpoint.load(d)
+        raw.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        history, start = state["history"], state["epoch"] + 1
-        log.info("rank %d resumed after epoch %d", rank, state["epoch"])
+        history, position = state["history"], state["position"]
+        done = sum(s[2] for s in position["segments"])
+        log.info("rank %d resumed after epoch %d%s, on %d workers", rank, state["epoch"],
+                 f", at step {done} of epoch {position['epoch']}" if done else "", world)
     if rank == 0:
         os.environ["MLFLOW_TRACKING_URI"] = c["tracking_uri"]
         # Fail fast while the server is away (MLflow would otherwise retry for minutes inside
@@ -147,89 +229,109 @@ def train_loop(c: dict) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         _log_history(c["run_id"], history)  # epochs a crash left unlogged
 
-    raw = net.module if hasattr(net, "module") else net
     train_tf = model.TrainTransform.from_stats(c["stats"], crop=c["crop"], alphastd=c["lighting"])
     eval_tf = model.EvalTransform.from_stats(c["stats"], crop=c["crop"])
-    per_rank = c["batch_size"] // world
+    batch = c["batch_size"]
+    per_rank = plan.rank_batches(batch, world)[rank]
+    loss_scale = world / batch  # every sample the same weight, even with uneven per-rank batches
     loader_workers = c["loader_workers"] if c["loader_workers"] is not None else (8 if gpu else 1)
     if rank == 0:  # CPU speed depends on it; Ray sets OMP_NUM_THREADS to the worker's CPUs
         log.info("rank 0 on %s, %d torch threads, %d loader workers", device, torch.get_num_threads(), loader_workers)
-    decode = data.choose_decode(c["decode"], device)  # nvjpeg on a GPU (issue "Performance")
+    decode = data.choose_decode(c["decode"], device)  # nvjpeg on a GPU
+    counts = [n for _, n in c["train_shards"]]
+    every = c["checkpoint_every"]  # None: measured below, about every checkpoint_interval_s
+    ledger = Ledger(c.get("ledger"), rank, world, int(_agree(time.time() * 1000, device)))
+    steps_here = 0  # steps this process trained, for the step-time measurement
 
-    for epoch in range(start, c["epochs"] + 1):
+    def save(epoch: int, segments, sums: Sums, metrics: dict) -> None:
+        """Every rank calls it; rank 0 writes the checkpoint (mid-epoch: segments and sums set)."""
+        position = {"epoch": epoch + 1, "segments": [], "sums": None} if segments is None else \
+            {"epoch": epoch, "segments": segments, "sums": sums.values()}
+        if rank != 0:
+            ray.train.report(metrics)
+            return
+        t = time.perf_counter()
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint.save({"model": raw.state_dict(), "optimizer": opt.state_dict(),
+                             "scheduler": sched.state_dict(), "epoch": epoch - (segments is not None),
+                             "history": history, "position": position,
+                             "config": {k: c[k] for k in ("arch", "num_classes", "crop", "init", "seed")},
+                             "stats": c["stats"], "saved_at": now_iso()}, d)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        log.info("checkpoint at epoch %d%s saved in %.1f s", epoch,
+                 f" step {sum(s[2] for s in segments)}" if segments else " end", time.perf_counter() - t)
+
+    for epoch in range(position["epoch"], c["epochs"] + 1):
+        earlier = position["segments"] if epoch == position["epoch"] else []
+        t0 = time.perf_counter()
         if c.get("synthetic_steps"):
             # benchmarks/train_step.py: this loop on one fixed random batch, no data pipeline
-            batches, steps = data.synthetic_batches(per_rank, c["crop"], c["num_classes"],
-                                                    c["synthetic_steps"], device), c["synthetic_steps"]
+            fixed = data.synthetic_batches(per_rank, c["crop"], c["num_classes"], c["synthetic_steps"], device)
+            batches = ((x, y, ()) for x, y in fixed)
+            seg, steps = None, range(c["synthetic_steps"])
         else:
-            loader, plan = data.train_loader(
-                [tuple(s) for s in c["train_shards"]], train_tf, batch_size=per_rank, rank=rank,
-                world_size=world, epoch=epoch, seed=c["seed"], num_workers=loader_workers,
-                shuffle_buffer=c["shuffle_buffer"], pin_memory=gpu, decode=decode)
-            batches, steps = data.on_device(loader, device), plan.steps
-        # Every random draw of an epoch (dropout, PCA lighting) comes from a generator seeded by
-        # (seed, epoch, rank), as the loader's crops and shuffles are: a run resumed from the
-        # checkpoint of epoch e replays epoch e+1 exactly as an uninterrupted run would.
-        torch.manual_seed(data.seed_for(c["seed"], epoch, rank, "torch"))
+            seg = plan.epoch_plan(counts, seed=c["seed"], epoch=epoch, batch_size=batch, world=world,
+                                  loader_workers=loader_workers, buffer=c["shuffle_buffer"], segments=earlier)
+            if seg.start == 0 and seg.index > 0 and rank == 0:
+                log.info("epoch %d: %d steps done on another world size; the %d samples not yet read are dealt "
+                         "over %d workers (%d steps left)", epoch, seg.first_step, len(seg.order), world, seg.steps)
+            loader = data.train_loader(c["train_shards"], train_tf, segment=seg, rank=rank, pin_memory=gpu,
+                                       decode=decode)
+            batches, steps = data.on_device(loader, device), range(seg.first_step + seg.start, seg.epoch_steps)
+        resumed = position["sums"] if (earlier and rank == 0) else None
+        sums = Sums(("loss", "top1", "images"), device, resumed)
         lr = opt.param_groups[0]["lr"]
-        net.train()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
-        waited, t0 = 0.0, time.perf_counter()
-        x_float = None  # on a CPU, each step's float batch is written into the last one's memory
-        for _ in range(steps):
-            tw = time.perf_counter()
-            x, y = next(batches)  # uint8 on the device; with decode="device" the decode happens here
-            waited += time.perf_counter() - tw
-            if gpu:  # before the float conversion, which keeps the layout: a quarter of the bytes
-                x = x.contiguous(memory_format=torch.channels_last)
-            x = train_tf.photometric(x, out=x_float)  # float, PCA lighting, normalise: batched, on the device
-            if not gpu:  # (CUDA's caching allocator reuses memory by itself)
-                x_float = x
-            out, loss = train_step(net, opt, x, y, gpu)
-            # Accumulated on the device: reading a value back each step would stall the GPU.
-            sums[0] += loss.detach() * len(y)
-            sums[1] += (out.argmax(1) == y).sum()
-            sums[2] += len(y)
+        trained, probe = [0], None  # a measurement spans no epoch end (validation is not a step)
+
+        def after_step(step: int, keys) -> None:
+            nonlocal every, probe, steps_here
+            ledger.write(epoch, step, keys)
+            trained[0] += 1
+            steps_here += 1
+            if every is None and seg is not None:  # measure the step time once, then fix the interval
+                if probe is None and trained[0] == 3:  # after the loader's warm-up
+                    probe = (steps_here, time.perf_counter())
+                elif probe is not None and steps_here == probe[0] + 20:
+                    step_s = _agree((time.perf_counter() - probe[1]) / 20, device)
+                    every = max(1, math.ceil(c["checkpoint_interval_s"] / step_s))
+                    if rank == 0:
+                        log.info("%.3f s a step: a checkpoint every %d steps (--checkpoint-every)", step_s, every)
+            if seg is not None and every and (step + 1) % every == 0 and step + 1 < seg.epoch_steps:
+                done = [*[list(s) for s in earlier[:seg.index]], [world, loader_workers, step + 1 - seg.first_step]]
+                save(epoch, done, sums.all_reduce(), {"epoch": epoch, "step": step + 1, "checkpoint_score": -1.0})
+
+        waited = train_one_epoch(net, opt, batches, steps, train_tf, sums, gpu=gpu, loss_scale=loss_scale,
+                                 seed=c["seed"], epoch=epoch, rank=rank, after_step=after_step)
         del batches
-        seconds = torch.tensor([time.perf_counter() - t0, waited], dtype=torch.float64, device=device)
-        val = _evaluate(raw, c["val_shards"][rank::world], eval_tf, device, per_rank, loader_workers, gpu,
-                        decode)
-        if dist.is_available() and dist.is_initialized():
-            for t in (sums, val):
-                dist.all_reduce(t)
-            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-        val_error = 1 - float(val[1] / val[3]) if val[3] else 1.0
+        seconds = _agree(time.perf_counter() - t0, device)
+        wait_s = _agree(waited, device)
+        fresh = _agree(trained[0] * per_rank, device, op="sum")  # images trained in this attempt's part
+        total = sums.all_reduce().values()
+        val = validate(raw, c["val_shards"], eval_tf, device=device, rank=rank, world=world, batch_size=per_rank,
+                       loader_workers=loader_workers, gpu=gpu, decode=decode).all_reduce().values()
+        n = val["images"]
+        val_error = 1 - val["top1"] / n if n else 1.0
         if c["schedule"] == "plateau":
             sched.step(val_error)
         else:
             sched.step()
         metrics = {
-            "epoch": epoch, "train_loss": float(sums[0] / sums[2]), "train_top1": float(sums[1] / sums[2]),
-            "val_loss": float(val[0] / val[3]) if val[3] else float("nan"),
-            "val_top1": float(val[1] / val[3]) if val[3] else 0.0,
-            "val_top5": float(val[2] / val[3]) if val[3] else 0.0,
-            "lr": lr, "images_per_second": float(sums[2] / seconds[0]),
-            "data_wait_fraction": float(seconds[1] / seconds[0]), "samples": int(sums[2]),
+            "epoch": epoch, "train_loss": total["loss"] / total["images"], "train_top1": total["top1"] / total["images"],
+            "val_loss": val["loss"] / n if n else float("nan"), "val_top1": val["top1"] / n if n else 0.0,
+            "val_top5": val["top5"] / n if n else 0.0, "lr": lr, "images_per_second": fresh / max(seconds, 1e-9),
+            "data_wait_fraction": wait_s / max(seconds, 1e-9), "samples": int(total["images"]),
+            "left_out": seg.remainder if seg is not None else 0,
         }
         history.append(metrics)
+        position = {"epoch": epoch + 1, "segments": [], "sums": None}
         if rank == 0:
             log.info("epoch %d/%d: %s", epoch, c["epochs"],
                      ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
-            with tempfile.TemporaryDirectory() as d:
-                torch.save({"model": raw.state_dict(), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
-                            # Where the data stream stands: the next epoch's shard order, shuffle
-                            # and crops all derive from (seed, epoch), so this is all a resume needs.
-                            "data_position": {"seed": c["seed"], "epochs_done": epoch, "next_epoch": epoch + 1,
-                                              "samples_seen": int(sum(h["samples"] for h in history))},
-                            "config": {k: c[k] for k in ("arch", "num_classes", "crop", "init", "seed")},
-                            "stats": c["stats"], "saved_at": now_iso()}, os.path.join(d, STATE_FILE))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        save(epoch, None, sums, {**metrics, "checkpoint_score": metrics["val_top1"]})
+        if rank == 0:
             # After the checkpoint: a crash in between leaves the step unlogged, and the resumed
             # worker logs it from the checkpoint's history; never twice.
             _log_history(c["run_id"], history)
-        else:
-            ray.train.report(metrics)
 
 
 _logged: set[int] = set()  # epochs this process has logged (a restarted worker re-checks MLflow)
@@ -289,15 +391,34 @@ def _inputs(cfg: TrainConfig) -> dict:
     resize = train_m["params"]["resize"]
     if not train_m["params"]["keep_aspect"] and cfg.crop > resize:
         raise StageError(f"--crop {cfg.crop} is larger than the {resize} px shards: use --crop <= {resize}.")
+    for split, m in (("train", train_m), ("val", val_m)):
+        unindexed = [s["name"] for s in m["shards"] if "index" not in s]
+        if unindexed:  # shards from before sample indexes: the loader reads samples through them
+            raise StageError(f"{len(unindexed)} {split} shard(s) in '{cfg.data}' have no sample index (first: "
+                             f"{unindexed[0]}): run python -m pipelines shard --data {cfg.data}, which adds "
+                             "the indexes without re-encoding any image.")
     absolute = os.path.abspath if not storage.is_s3(cfg.data) else (lambda p: p)
     tdir, vdir = shard.shard_dir(cfg.data, "train"), shard.shard_dir(cfg.data, "val")
     return {
         "train_shards": [(absolute(storage.join(tdir, s["name"])), s["samples"]) for s in train_m["shards"]],
-        "val_shards": [absolute(storage.join(vdir, s["name"])) for s in val_m["shards"]],
+        "val_shards": [(absolute(storage.join(vdir, s["name"])), s["samples"]) for s in val_m["shards"]],
         "stats": {k: v for k, v in storage.read_json(st_url).items() if k in ("mean", "std", "eigval", "eigvec")},
         "num_classes": len(classes), "train_manifest": train_m, "classes_url": storage.join(cfg.data, "classes.json"),
         "stats_url": st_url,
     }
+
+
+def _check_plan(cfg: TrainConfig, inputs: dict) -> None:
+    """The epoch plan at the largest and smallest world size, before any worker starts."""
+    from . import plan
+
+    counts = [n for _, n in inputs["train_shards"]]
+    for world in {cfg.workers, cfg.min_workers or cfg.workers}:
+        try:
+            plan.epoch_plan(counts, seed=cfg.seed, epoch=1, batch_size=cfg.batch_size, world=world,
+                            loader_workers=cfg.loader_workers or 1, buffer=cfg.shuffle_buffer)
+        except ValueError as e:
+            raise StageError(str(e)) from e
 
 
 def _validate(cfg: TrainConfig) -> None:
@@ -312,9 +433,18 @@ def _validate(cfg: TrainConfig) -> None:
         raise StageError(f"Unknown init '{cfg.init}'. Expected one of: {', '.join(model.INITS)}.")
     if cfg.workers < 1 or cfg.epochs < 1:
         raise StageError(f"--workers {cfg.workers} / --epochs {cfg.epochs}: both must be at least 1.")
-    if cfg.batch_size % cfg.workers:
-        raise StageError(f"--batch-size {cfg.batch_size} does not split evenly over {cfg.workers} workers: "
-                         f"use a multiple of {cfg.workers}.")
+    if cfg.min_workers is not None and not 1 <= cfg.min_workers <= cfg.workers:
+        raise StageError(f"--workers {cfg.min_workers}-{cfg.workers}: need 1 <= MIN <= MAX.")
+    if cfg.batch_size < cfg.workers:
+        # A global batch that does not divide by the world size is fine (ranks differ by one
+        # sample and the loss is weighted per sample); each rank needs at least one.
+        raise StageError(f"--batch-size {cfg.batch_size} gives some of the {cfg.workers} workers no sample: "
+                         f"use --batch-size >= {cfg.workers}.")
+    if cfg.checkpoint_every is not None and cfg.checkpoint_every < 1:
+        raise StageError(f"--checkpoint-every {cfg.checkpoint_every}: must be at least 1 step (leave it out for "
+                         f"about one every {cfg.checkpoint_interval_s:.0f} s).")
+    if cfg.ledger and storage.is_s3(cfg.ledger):
+        raise StageError(f"--ledger {cfg.ledger}: the sample ledger is a local folder (a debugging aid).")
     if cfg.crop < 64:
         raise StageError(f"--crop {cfg.crop}: AlexNet needs at least 64 px.")
     if cfg.decode not in data.DECODES:
@@ -332,6 +462,7 @@ def run(cfg: TrainConfig) -> dict:
     _validate(cfg)
     tracking.check_reachable()
     inputs = _inputs(cfg)
+    _check_plan(cfg, inputs)
     name = cfg.name or "alexnet-" + time.strftime("%Y%m%d-%H%M%S")
     runs = cfg.storage or storage.join(cfg.data, "runs")
     runs = runs if storage.is_s3(runs) else os.path.abspath(runs)
@@ -369,14 +500,19 @@ def run(cfg: TrainConfig) -> dict:
                    ("train_shards", "val_shards", "stats", "num_classes")},
                    "run_id": run_id, "tracking_uri": tracking.tracking_uri()}
     cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)) // cfg.workers) if not gpu else 8.0
+    # --workers MIN-MAX: Ray Train starts with as many as it can get (at least MIN) and, when a
+    # node is lost, restarts the group on the workers left; the plan re-deals the epoch's rest.
+    workers = (cfg.min_workers, cfg.workers) if cfg.min_workers is not None else cfg.workers
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=gpu,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
                                      resources_per_worker={"CPU": min(cpus, 8.0)}),
         run_config=RunConfig(
             name=name, storage_path=runs_path, storage_filesystem=runs_fs,
+            # Epoch-end checkpoints score their val_top1, mid-epoch ones -1: the best epochs are
+            # kept, and Ray keeps the latest of any kind for resuming.
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
-                                               checkpoint_score_attribute="val_top1",
+                                               checkpoint_score_attribute="checkpoint_score",
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.max_failures)))
     try:
@@ -387,9 +523,9 @@ def run(cfg: TrainConfig) -> dict:
     if result.checkpoint is None:
         tracking.end_run(run_id, "FAILED")
         raise StageError(f"Training '{name}' ended without a checkpoint; see the worker logs above.")
-    checkpoint = f"s3://{result.checkpoint.path}" if runs_fs is not None else result.checkpoint.path
-    state = load_state(checkpoint)
-    net = model_from_state(state).eval()
+    ckpt_dir = f"s3://{result.checkpoint.path}" if runs_fs is not None else result.checkpoint.path
+    state = checkpoint.load(ckpt_dir)
+    net = checkpoint.model_from_state(state).eval()
     import numpy as np
 
     # An outage during training held some epochs back: log them now, waiting for the server.
@@ -399,10 +535,10 @@ def run(cfg: TrainConfig) -> dict:
     model_uri = _when_tracking_is_back("logging the model", lambda: tracking.log_model(
         run_id, net, example, register=cfg.register), patience)
     _when_tracking_is_back("finishing the run", lambda: (
-        tracking.set_tags(run_id, {"pipelines.checkpoint": checkpoint, "pipelines.data": cfg.data,
+        tracking.set_tags(run_id, {"pipelines.checkpoint": ckpt_dir, "pipelines.data": cfg.data,
                                    "pipelines.model_uri": model_uri}),
         tracking.end_run(run_id, "FINISHED")), patience)
-    return _summary(cfg, name, run_id, state, checkpoint, model_uri, seconds=time.monotonic() - t0, gpu=gpu)
+    return _summary(cfg, name, run_id, state, ckpt_dir, model_uri, seconds=time.monotonic() - t0, gpu=gpu)
 
 
 def _finished(run_id: str, epochs: int):
@@ -410,18 +546,19 @@ def _finished(run_id: str, epochs: int):
     tags = tracking.get_tags(run_id)
     if "pipelines.checkpoint" not in tags or "pipelines.model_uri" not in tags:
         return None
-    if not storage.exists(storage.join(tags["pipelines.checkpoint"], STATE_FILE)):
+    if not checkpoint.exists(tags["pipelines.checkpoint"]):
         return None
-    state = load_state(tags["pipelines.checkpoint"])
+    state = checkpoint.load(tags["pipelines.checkpoint"])
     if state["epoch"] < epochs:
         return None
     return state, tags["pipelines.checkpoint"], tags["pipelines.model_uri"]
 
 
-def _summary(cfg, name, run_id, state, checkpoint, model_uri, seconds, skipped=False, gpu=None) -> dict:
+def _summary(cfg, name, run_id, state, ckpt_dir, model_uri, seconds, skipped=False, gpu=None) -> dict:
     last = state["history"][-1]
     return {"stage": "train", "data": cfg.data, "name": name, "run_id": run_id, "epochs": last["epoch"],
             **{k: last[k] for k in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5")},
-            "checkpoint": checkpoint, "model_uri": model_uri, "gpu": gpu, "workers": cfg.workers,
+            "checkpoint": ckpt_dir, "model_uri": model_uri, "gpu": gpu, "workers": cfg.workers,
+            "left_out_per_epoch": last.get("left_out", 0),
             "skipped": skipped, "seconds": round(seconds, 2),
             "input_digest": shard.read_manifest(cfg.data, "train")["digest"]}

@@ -51,3 +51,26 @@ def write_shard_tar(path, samples) -> str:
                 tar.addfile(info, io.BytesIO(payload))
     tarindex.write(str(path), tarindex.scan(str(path), "sha256:unchecked"))
     return str(path)
+
+
+def read_ledger(folder) -> dict[int, dict[int, dict[int, list[str]]]]:
+    """The sample ledger as {epoch: {step: {rank: keys}}}, keeping for each (epoch, step) the
+    entries of the latest attempt that reached it (a restart redoes the steps after its
+    checkpoint; the earlier attempt's entries for them never reached the model)."""
+    entries = [json.loads(line) for p in sorted(Path(folder).glob("rank*-attempt*.jsonl"))
+               for line in p.read_text().splitlines()]
+    latest: dict[tuple[int, int], int] = {}
+    for e in entries:
+        latest[(e["epoch"], e["step"])] = max(latest.get((e["epoch"], e["step"]), 0), e["attempt"])
+    out: dict = {}
+    for e in entries:
+        if e["attempt"] == latest[(e["epoch"], e["step"])]:
+            ranks = out.setdefault(e["epoch"], {}).setdefault(e["step"], {})
+            assert e["rank"] not in ranks, f"rank {e['rank']} recorded epoch {e['epoch']} step {e['step']} twice"
+            ranks[e["rank"]] = e["keys"]
+    return out
+
+
+def epoch_keys(ledger: dict, epoch: int) -> list[str]:
+    return [k for step in sorted(ledger[epoch]) for rank in sorted(ledger[epoch][step])
+            for k in ledger[epoch][step][rank]]

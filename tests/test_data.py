@@ -1,15 +1,14 @@
-"""Shards -> batches for one worker (issue 3): balanced ranks, seeded order, fast decode."""
+"""Shards -> batches for one worker: what the plan deals, read through the sample index, fast decode."""
 from __future__ import annotations
 
 import io
-import itertools
 
 import pytest
 import torch
 from PIL import Image
 
 import model
-from pipelines import data
+from pipelines import data, plan
 
 from .helpers import write_shard_tar
 
@@ -38,53 +37,93 @@ def uneven(tmp_path):
     return shards
 
 
-def test_plan_gives_every_rank_the_same_steps_and_all_shards_once(uneven):
-    for epoch in range(5):
-        plans = [data.plan_epoch(uneven, batch_size=3, rank=r, world_size=2, epoch=epoch, seed=0) for r in range(2)]
-        assert plans[0].steps == plans[1].steps == (14 // 2) // 3
-        assert sorted(u for p in plans for u in p.shards) == sorted(u for u, _ in uneven)
-        assert sorted(p.samples for p in plans) == [7, 7]  # greedy balance: 7 | 5+2
-    again = data.plan_epoch(uneven, batch_size=3, rank=0, world_size=2, epoch=1, seed=0)
-    assert again == data.plan_epoch(uneven, batch_size=3, rank=0, world_size=2, epoch=1, seed=0)
-    with pytest.raises(ValueError, match="cannot fill one batch"):
-        data.plan_epoch(uneven, batch_size=8, rank=0, world_size=2, epoch=0, seed=0)
+def _segment(shards, batch_size, world, loader_workers, epoch=0, seed=0, buffer=4, segments=()):
+    return plan.epoch_plan([n for _, n in shards], seed=seed, epoch=epoch, batch_size=batch_size, world=world,
+                           loader_workers=loader_workers, buffer=buffer, block=3, segments=segments)
 
 
-def test_uneven_ranks_yield_exactly_steps_batches_with_cycling(uneven):
+def _keys_by_step(shards, seg, rank, processes):
+    loader = data.train_loader(shards, model.TrainTransform.from_stats(STATS, crop=64), segment=seg, rank=rank,
+                               processes=processes)
+    return [(x.shape, y.tolist(), keys) for x, y, keys in loader]
+
+
+def test_loaders_read_exactly_what_the_plan_deals_in_step_order(uneven):
+    """14 samples in shards of 7/5/2, global batch 5 over 3 ranks (2/2/1 a rank), 2 loader workers
+    each: every step of every rank holds the plan's samples, read through the sample index."""
+    seg = _segment(uneven, 5, 3, 2)
+    assert (seg.steps, seg.remainder) == (2, 4)
+    key_of = {i: f"img{i:03d}" for i in range(14)}
+    seen = []
+    for rank in range(3):
+        want = sorted(((s, [key_of[int(i)] for i in ids]) for w in range(2) for win in seg.worker_windows(rank, w)
+                       for s, ids in win))
+        for processes in (False, True):  # in this process, and through DataLoader worker processes
+            got = _keys_by_step(uneven, seg, rank, processes)
+            assert [keys for _, _, keys in got] == [keys for _, keys in want]
+            assert all(shape == (len(keys), 3, 64, 64) for shape, _, keys in got)
+            assert all(labels == [int(k[3:]) % 3 for k in keys] for _, labels, keys in got)
+        seen += [k for _, keys in want for k in keys]
+    assert len(seen) == len(set(seen)) == 10  # each used sample once; 4 left out this epoch
+
+
+def test_a_resumed_segment_yields_the_rest_of_the_epoch_unchanged(uneven):
+    seg = _segment(uneven, 4, 1, 2)
+    whole = _keys_by_step(uneven, seg, 0, False)
+    for start in range(1, seg.steps):
+        resumed = _segment(uneven, 4, 1, 2, segments=[(1, 2, start)])
+        assert resumed.start == start
+        rest = _keys_by_step(uneven, resumed, 0, True)
+        assert [k for *_, k in rest] == [k for *_, k in whole[start:]]
+
+
+def test_crops_follow_the_sample_not_the_rank_that_reads_it(uneven):
+    """The same sample is cropped the same way whatever world size deals it."""
     tf = model.TrainTransform.from_stats(STATS, crop=64)
-    for rank in range(2):
-        loader, plan = data.train_loader(uneven, tf, batch_size=4, rank=rank, world_size=3, epoch=0, seed=0,
-                                         num_workers=0, shuffle_buffer=4)
-        batches = list(itertools.islice(loader, plan.steps))
-        assert len(batches) == plan.steps == (14 // 3) // 4
-        for x, y in batches:
-            assert x.dtype == torch.uint8 and x.shape == (4, 3, 64, 64) and y.shape == (4,)
-    # A rank with a single 2-sample shard still fills its batches: its stream cycles.
-    tiny = [uneven[2]]
-    loader, plan = data.train_loader(tiny * 1, tf, batch_size=1, rank=0, world_size=1, epoch=0, seed=0,
-                                     num_workers=0, shuffle_buffer=0)
-    ds = loader.dataset
-    assert len(list(itertools.islice(iter(ds), 5))) == 5
+    crops = {}
+    for world in (1, 2):
+        for rank in range(world):
+            seg = _segment(uneven, 4, world, 1)
+            for x, _, keys in data.train_loader(uneven, tf, segment=seg, rank=rank, processes=False):
+                for img, key in zip(x, keys):
+                    if key in crops:
+                        assert torch.equal(crops[key], img), key
+                    crops[key] = img
+    assert len(crops) == 12
 
 
-def test_shuffle_is_seeded_per_epoch_and_keeps_every_sample(uneven):
+def test_shuffle_is_seeded_per_epoch(uneven):
+    def keys(epoch, seed=0):
+        return [k for *_, k in _keys_by_step(uneven, _segment(uneven, 2, 1, 1, epoch=epoch, seed=seed), 0, False)]
+
+    assert keys(0) == keys(0)
+    assert keys(0) != keys(1) and keys(0) != keys(0, seed=1)
+    assert sorted(sum(keys(0), [])) == sorted(sum(keys(1), [])) == [f"img{i:03d}" for i in range(14)]
+
+
+def test_eval_loader_reads_every_sample_once_across_ranks_and_loader_workers(uneven):
     tf = model.EvalTransform.from_stats(STATS, crop=64)
-    urls = [u for u, _ in uneven]
+    for world in (1, 2, 3, 20):
+        keys = []
+        for rank in range(world):
+            for workers in (0, 2):
+                loader = data.eval_loader(uneven, tf, batch_size=4, rank=rank, world=world, num_workers=workers)
+                got = [k for _, _, ks in loader for k in ks]
+                if workers:
+                    keys += got
+        assert sorted(keys) == [f"img{i:03d}" for i in range(14)], world
 
-    def labels(epoch, seed=0):
-        ds = data.ShardStream(urls, tf, seed=seed, epoch=epoch, shuffle_buffer=5)
-        return [int(y) for _, y in ds]
 
-    assert labels(0) == labels(0)
-    assert labels(0) != labels(1)
-    assert sorted(labels(0)) == sorted(labels(1)) == sorted(i % 3 for i in range(14))
+def test_a_shard_without_its_sample_index_is_named_with_the_fix(uneven):
+    from pipelines import tarindex
+    from pipelines.common import StageError
 
-
-def test_eval_loader_reads_every_sample_once_across_loader_workers(uneven):
-    tf = model.EvalTransform.from_stats(STATS, crop=64)
-    loader = data.eval_loader([u for u, _ in uneven], tf, batch_size=4, num_workers=2)
-    ys = torch.cat([y for _, y in loader])
-    assert sorted(ys.tolist()) == sorted(i % 3 for i in range(14))
+    import os
+    os.remove(tarindex.index_url(uneven[1][0]))
+    seg = _segment(uneven, 14, 1, 1)
+    with pytest.raises(StageError, match="train-000001.idx.json.*rerun the shard stage"):
+        list(data.train_loader(uneven, model.TrainTransform.from_stats(STATS, crop=64), segment=seg, rank=0,
+                               processes=False))
 
 
 def test_fast_decode_matches_pil_within_jpeg_tolerance(tmp_path):
@@ -128,36 +167,34 @@ def photos(tmp_path):
     return shards
 
 
-def _batches(loader, device="cpu", steps=None):
-    return list(itertools.islice(data.on_device(loader, device), steps))
+def _batches(loader, device="cpu"):
+    return list(data.on_device(loader, device))
 
 
 def test_device_decode_on_cpu_gives_the_worker_paths_train_batches(photos):
     tf = model.TrainTransform.from_stats(STATS, crop=64)
-    for rank, workers in ((0, 0), (1, 2)):  # in-process, and through loader worker processes
-        kw = dict(batch_size=3, rank=rank, world_size=2, epoch=1, seed=7, num_workers=workers, shuffle_buffer=4)
-        want, plan = data.train_loader(photos, tf, **kw)
-        got, _ = data.train_loader(photos, tf, decode="device", **kw)
-        want, got = _batches(want, steps=plan.steps), _batches(got, steps=plan.steps)
-        assert len(got) == len(want) == plan.steps
-        for (xw, yw), (xg, yg) in zip(want, got):
+    for rank, processes in ((0, False), (1, True)):  # in-process, and through loader worker processes
+        seg = _segment(photos, 6, 2, 2, epoch=1, seed=7)
+        want = _batches(data.train_loader(photos, tf, segment=seg, rank=rank, processes=processes))
+        got = _batches(data.train_loader(photos, tf, segment=seg, rank=rank, processes=processes, decode="device"))
+        assert len(got) == len(want) == seg.steps
+        for (xw, yw, kw), (xg, yg, kg) in zip(want, got):
             assert xg.dtype == torch.uint8 and xg.shape == xw.shape == (3, 3, 64, 64)
-            assert torch.equal(xg, xw) and torch.equal(yg, yw)
+            assert torch.equal(xg, xw) and torch.equal(yg, yw) and kg == kw
     # The comparison can fail: crops and flips differ between seeds.
-    other, _ = data.train_loader(photos, tf, **{**kw, "seed": 8})
-    assert not torch.equal(_batches(other, steps=1)[0][0], want[0][0])
+    other = _batches(data.train_loader(photos, tf, segment=_segment(photos, 6, 2, 2, epoch=1, seed=8), rank=1))
+    assert not torch.equal(other[0][0], want[0][0])
 
 
 @pytest.mark.parametrize("ten_crop", [False, True])
 def test_device_decode_on_cpu_gives_the_worker_paths_eval_batches(photos, ten_crop):
     tf = model.EvalTransform.from_stats(STATS, crop=64, ten_crop=ten_crop)
-    urls = [u for u, _ in photos]
-    want = _batches(data.eval_loader(urls, tf, batch_size=5, num_workers=2))
-    got = _batches(data.eval_loader(urls, tf, batch_size=5, num_workers=2, decode="device"))
-    assert [x.shape for x, _ in got] == [x.shape for x, _ in want]
+    want = _batches(data.eval_loader(photos, tf, batch_size=5, num_workers=2))
+    got = _batches(data.eval_loader(photos, tf, batch_size=5, num_workers=2, decode="device"))
+    assert [x.shape for x, *_ in got] == [x.shape for x, *_ in want]
     assert want[0][0].shape == ((5, 10, 3, 64, 64) if ten_crop else (5, 3, 64, 64))
-    for (xw, yw), (xg, yg) in zip(want, got):
-        assert torch.equal(xg, xw) and torch.equal(yg, yw)
+    for (xw, yw, kw), (xg, yg, kg) in zip(want, got):
+        assert torch.equal(xg, xw) and torch.equal(yg, yw) and kg == kw
 
 
 def test_params_then_apply_is_geometric_with_the_same_generator_draws():
@@ -184,7 +221,7 @@ def test_auto_decode_is_device_only_on_cuda_and_config_and_cli_take_it():
     with pytest.raises(ValueError, match="Unknown decode 'gpu'. Expected one of: auto, worker, device"):
         data.choose_decode("gpu", "cuda")
     with pytest.raises(ValueError, match="choose_decode"):
-        data.ShardStream([], None, decode="auto")
+        data.PlanStream([], [], None, decode="auto")
 
     assert TrainConfig(data="x").decode == "auto"
     train._validate(TrainConfig(data="x", decode="device"))
@@ -197,11 +234,11 @@ def test_auto_decode_is_device_only_on_cuda_and_config_and_cli_take_it():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nvjpeg needs a CUDA device")
 def test_nvjpeg_batches_match_the_cpu_path_within_jpeg_tolerance(photos):
     tf = model.TrainTransform.from_stats(STATS, crop=64)
-    kw = dict(batch_size=4, rank=0, world_size=1, epoch=0, seed=0, num_workers=2, shuffle_buffer=4)
-    want, plan = data.train_loader(photos, tf, **kw)
-    got, _ = data.train_loader(photos, tf, decode="device", **kw)
-    want, got = _batches(want, steps=plan.steps), _batches(got, "cuda", steps=plan.steps)
-    for (xw, yw), (xg, yg) in zip(want, got):
+    seg = _segment(photos, 4, 1, 2)
+    want = _batches(data.train_loader(photos, tf, segment=seg, rank=0))
+    got = _batches(data.train_loader(photos, tf, segment=seg, rank=0, decode="device"), "cuda")
+    assert len(want) == len(got) == seg.steps
+    for (xw, yw, _), (xg, yg, _) in zip(want, got):
         assert xg.device.type == "cuda" and xg.dtype == torch.uint8 and xg.shape == xw.shape
         assert torch.equal(yg.cpu(), yw)
         diff = (xg.cpu().int() - xw.int()).abs()

@@ -85,8 +85,8 @@ def test_loader_batches_match_torchvision_transforms_on_the_same_images(tmp_path
     stats = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     jpgs = photo_jpegs(6, size=(256, 256), seed=3)
     tf = EvalTransform.from_stats(stats, crop=224)
-    loader = data.eval_loader([_shard(tmp_path, jpgs)], tf, batch_size=4, num_workers=0)
-    ours = torch.cat([tf.photometric(x) for x, _ in data.on_device(loader, "cpu")])
+    loader = data.eval_loader([(_shard(tmp_path, jpgs), len(jpgs))], tf, batch_size=4, num_workers=0)
+    ours = torch.cat([tf.photometric(x) for x, _, _ in data.on_device(loader, "cpu")])
     ref_tf = T.Compose([T.CenterCrop(224), T.ToTensor(), T.Normalize(stats["mean"], stats["std"])])
     ref = torch.stack([ref_tf(Image.open(io.BytesIO(j)).convert("RGB")) for j in jpgs])
     assert ours.shape == ref.shape == (6, 3, 224, 224)

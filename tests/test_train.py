@@ -1,4 +1,4 @@
-"""Training on 2 Ray Train CPU workers, tracked in MLflow, resumed by name (issue 3).
+"""Training on 2 Ray Train CPU workers, tracked in MLflow, resumed by name.
 
 One dataset, two fits (a first run and its resume): each Ray Train start costs ~25 s here.
 """
@@ -12,8 +12,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipelines import train
+from pipelines import checkpoint, train
 from pipelines.config import TrainConfig
+
+from .helpers import epoch_keys, read_ledger
 
 pytestmark = pytest.mark.slow
 FIT = dict(workers=2, batch_size=16, crop=64, init="kaiming", gpu=False, lr=0.01, experiment="test")
@@ -22,17 +24,25 @@ METRICS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
 
 
 @pytest.fixture(scope="module")
-def first_run(dataset, tracking_store):
-    return train.run(TrainConfig(data=dataset, epochs=3, name="resumable", **FIT))
+def first_run(dataset, tracking_store, tmp_path_factory):
+    ledger = str(tmp_path_factory.mktemp("ledger"))
+    return {**train.run(TrainConfig(data=dataset, epochs=3, name="resumable", ledger=ledger, **FIT)), "ledger": ledger}
 
 
 def _history(client, run_id, key):
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-def test_three_uneven_shards_over_two_workers(dataset):
-    manifest = json.loads(open(f"{dataset}/shards/train.json").read())
-    assert [s["samples"] for s in manifest["shards"]] == [50, 50, 20]
+def test_three_uneven_shards_are_read_once_per_epoch(first_run, dataset):
+    """Shards of 50/50/20 samples over 2 ranks of 8 and 1 loader worker each: the ledger shows
+    every sample once per epoch but the stated remainder (120 = 7 * 16 + 8)."""
+    ledger = read_ledger(first_run["ledger"])
+    assert first_run["left_out_per_epoch"] == 8
+    for epoch in (1, 2, 3):
+        keys = epoch_keys(ledger, epoch)
+        assert sorted(ledger[epoch]) == list(range(7)) and all(len(r) == 2 for r in ledger[epoch].values())
+        assert len(keys) == len(set(keys)) == 112
+    assert len(set(epoch_keys(ledger, 1)) | set(epoch_keys(ledger, 2)) | set(epoch_keys(ledger, 3))) == 120
 
 
 def test_training_learns_and_tracks_every_epoch_once(first_run, dataset):
@@ -77,9 +87,9 @@ def test_rerunning_the_name_resumes_at_the_next_epoch(first_run, dataset):
     # Resumed after epoch 3 == never interrupted, bit for bit: the checkpoint holds the data
     # position and every random draw of an epoch is seeded by (seed, epoch, rank).
     straight = train.run(TrainConfig(data=dataset, epochs=4, name="uninterrupted", **FIT))
-    resumed, whole = train.load_state(again["checkpoint"]), train.load_state(straight["checkpoint"])
-    assert resumed["data_position"] == whole["data_position"] == {
-        "seed": 0, "epochs_done": 4, "next_epoch": 5, "samples_seen": 4 * 112}
+    resumed, whole = checkpoint.load(again["checkpoint"]), checkpoint.load(straight["checkpoint"])
+    assert resumed["position"] == whole["position"] == {"epoch": 5, "segments": [], "sums": None}
+    assert [h["samples"] for h in resumed["history"]] == [h["samples"] for h in whole["history"]] == [112] * 4
     for name, tensor in whole["model"].items():
         assert torch.equal(resumed["model"][name], tensor), name
 

@@ -1,0 +1,54 @@
+"""The checkpoint format, in one place: training writes it, training and evaluation read it.
+
+A checkpoint is a folder (local or s3://) holding ``state.pt``:
+    model, optimizer, scheduler   state dicts (the model without its DDP wrapper)
+    epoch                         the last epoch finished (0 before the first)
+    position                      where the data plan stands: {"epoch": e, "segments": [[world,
+                                  loader workers, steps done], ...], "sums": the partial epoch's
+                                  metric sums} (segments empty at an epoch boundary)
+    history                       every finished epoch's metrics
+    config, stats, saved_at       what evaluation needs to rebuild the model and its transforms
+Loaded with ``weights_only=True``: tensors and plain Python values only, so a checkpoint from a
+bucket cannot run code in the process that loads it.
+"""
+from __future__ import annotations
+
+import io
+import os
+
+from . import storage
+from .common import StageError
+
+STATE_FILE = "state.pt"
+
+
+def save(state: dict, folder: str) -> str:
+    """Write ``state`` into a local folder (Ray Train uploads it from there); returns the file."""
+    import torch
+
+    path = os.path.join(folder, STATE_FILE)
+    torch.save(state, path)
+    return path
+
+
+def exists(folder: str) -> bool:
+    return storage.exists(storage.join(folder, STATE_FILE))
+
+
+def load(folder: str) -> dict:
+    """A checkpoint's state, from a local folder or an s3:// one."""
+    import torch
+
+    url = storage.join(folder, STATE_FILE)
+    if not storage.exists(url):
+        raise StageError(f"'{folder}' holds no {STATE_FILE}: not a checkpoint of this project.")
+    return torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
+
+
+def model_from_state(state: dict):
+    import model
+
+    c = state["config"]
+    net = model.build(c["arch"], c["num_classes"], init="kaiming")  # weights come from the state
+    net.load_state_dict(state["model"])
+    return net

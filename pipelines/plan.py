@@ -14,9 +14,9 @@ Samples are numbered 0..N-1 shard after shard. Each epoch:
    seeded phase each epoch) and the blocks of all shards are shuffled together. A block is one
    seek on disk or one ranged GET on S3; the shard stage already stored each shard's samples in
    a seeded random order, so consecutive samples are not of one class.
-2. The first ``steps * batch_size`` samples of that order are used, ``steps = N // batch_size``;
-   the remainder (fewer than one global batch) is left out of this epoch. Which samples those
-   are changes every epoch with the shuffle, so none is left out for good.
+2. ``steps = N // batch_size`` global batches are used; the remainder (fewer than one global
+   batch) is left out of this epoch: a seeded random choice of samples, another each epoch, so
+   none is left out for good and none more often than another.
 3. Step s takes the next ``batch_size`` samples; rank r takes its slice of them
    (``batch_size // world`` each, the first ``batch_size % world`` ranks one more). So every rank
    runs the same number of steps and every used sample is read exactly once, at any number of
@@ -173,6 +173,11 @@ def epoch_plan(counts: list[int], *, seed: int, epoch: int, batch_size: int, wor
         raise ValueError(f"{total} training samples cannot fill one global batch of {batch_size}: "
                          f"lower --batch-size to at most {total}.")
     order = epoch_order(counts, seed=seed, epoch=epoch, block=block)
+    left_out = total % batch_size
+    if left_out:  # a seeded random choice, moved to the end: any sample may be the one left out
+        out = np.zeros(total, dtype=bool)
+        out[np.random.default_rng(seed_for(seed, epoch, "left out")).choice(total, left_out, replace=False)] = True
+        order = np.concatenate([order[~out], order[out]])
     first = 0
     for i, (w, lw, done) in enumerate(segments):
         seg = Segment(order, batch_size, int(w), int(lw), seed, epoch, i, first, int(done), buffer)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from mlflow import MlflowClient
 
@@ -214,3 +215,107 @@ def test_s3_outage_during_shard_upload_then_rerun_completes(big_index, ray_local
         assert got == want
     finally:
         s3.stop()
+
+
+# --- the epoch plan under faults: one train shard, mid-epoch checkpoints, the sample ledger ------
+ONE_SHARD = ["--workers", "2", "--no-gpu", "--loader-workers", "2", "--epochs", "3", "--crop", "64",
+             "--batch-size", "16", "--init", "kaiming", "--checkpoint-every", "2", "--experiment", "plan"]
+
+
+@pytest.fixture(scope="module")
+def one_shard(tmp_path_factory, ray_local, tracking_store):
+    """120 train images in a single shard (the index stage's default grouping), 24 val."""
+    from pipelines import stats
+    from pipelines.config import StatsConfig
+
+    tmp = tmp_path_factory.mktemp("one-shard")
+    make_sample(SampleConfig(out=str(tmp / "src"), classes=4, train_per_class=30, val_per_class=6))
+    root = str(tmp / "root")
+    index.run(IndexConfig(source=str(tmp / "src" / "folders"), data=root))
+    shard.run(ShardConfig(data=root, resize=72))
+    stats.run(StatsConfig(data=root))
+    assert [s["samples"] for s in json.loads(Path(root, "shards", "train.json").read_text())["shards"]] == [120]
+    return root
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(one_shard, tmp_path_factory):
+    """The reference: 2 workers x 2 loader workers on one shard, never interrupted, with a ledger."""
+    from pipelines import cli, train
+
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    # The killed run's exact flags, parsed as the CLI does, run in this process.
+    args = vars(cli.parser().parse_args(["train", "--data", one_shard, *ONE_SHARD, "--name", "uninterrupted",
+                                         "--storage", str(tmp / "runs"), "--ledger", str(tmp / "ledger")]))
+    cfg = args.pop("config")(**{k: v for k, v in args.items() if k not in ("module", "command")})
+    return {**train.run(cfg), "ledger": tmp / "ledger"}
+
+
+def test_one_shard_over_two_workers_reads_every_sample_once_per_epoch(uninterrupted):
+    """Fewer shards than workers: both ranks train 7 steps of 8 per epoch (120 = 7 * 16 + 8),
+    each from 2 loader workers, and the ledger holds every sample once an epoch but 8."""
+    from .helpers import epoch_keys, read_ledger
+
+    ledger = read_ledger(uninterrupted["ledger"])
+    assert uninterrupted["epochs"] == 3 and uninterrupted["left_out_per_epoch"] == 8
+    for epoch in (1, 2, 3):
+        assert sorted(ledger[epoch]) == list(range(7))
+        assert all(sorted(ranks) == [0, 1] and all(len(k) == 8 for k in ranks.values())
+                   for ranks in ledger[epoch].values())
+        keys = epoch_keys(ledger, epoch)
+        assert len(keys) == len(set(keys)) == 112
+    assert len({k for e in (1, 2, 3) for k in epoch_keys(ledger, e)}) > 112  # a different 8 each epoch
+
+
+def test_driver_killed_mid_epoch_resumes_at_the_step_bitwise(one_shard, uninterrupted, tmp_path):
+    """SIGKILL of the driver in the middle of epoch 2 (after a mid-epoch checkpoint); the rerun
+    of the same --name resumes at that step and ends with the uninterrupted run's weights, bit
+    for bit, the same ledger, and one MLflow run with every epoch logged once."""
+    from pipelines import checkpoint
+
+    from .helpers import read_ledger
+
+    args = [sys.executable, "-m", "pipelines", "train", "--data", one_shard, *ONE_SHARD, "--name", "killed-driver",
+            "--storage", str(tmp_path / "runs"), "--ledger", str(tmp_path / "ledger")]
+    env = dict(os.environ, RAY_ADDRESS=os.environ.get("RAY_ADDRESS") or _gcs())
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        def mid_epoch_two():
+            """Ray Train has registered a checkpoint from the middle of epoch 2 (its snapshot in
+            the run's storage names it): a kill now must resume there, not at an epoch start."""
+            snap = tmp_path / "runs" / "killed-driver" / "checkpoint_manager_snapshot.json"
+            try:
+                latest = json.loads(snap.read_text())["latest_checkpoint_result"]["metrics"]
+            except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+                return False
+            return latest.get("epoch") == 2 and "step" in latest
+        _wait(mid_epoch_two, "a mid-epoch-2 checkpoint registered", every=0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert 6 not in read_ledger(tmp_path / "ledger")[2], "killed too late: epoch 2 had finished"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    resumed = [line for line in (rerun.stderr + rerun.stdout).splitlines() if "resumed after epoch" in line]
+    assert resumed and all("after epoch 1, at step" in line and "of epoch 2" in line for line in resumed), resumed
+    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+
+    got, want = checkpoint.load(summary["checkpoint"]), checkpoint.load(uninterrupted["checkpoint"])
+    for name, tensor in want["model"].items():
+        assert torch.equal(got["model"][name], tensor), name
+    assert read_ledger(tmp_path / "ledger") == read_ledger(uninterrupted["ledger"])
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name("plan").experiment_id],
+                               "attributes.run_name = 'killed-driver'")
+    assert run.info.status == "FINISHED" and run.info.run_id == summary["run_id"]
+    for key in METRICS:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3], key
+
+
+def _gcs() -> str:
+    import ray
+
+    return ray.get_runtime_context().gcs_address

@@ -134,3 +134,14 @@ def test_validation_reads_every_sample_once_over_ranks_and_workers():
                for b in batches]
         ids = np.concatenate(ids) if ids else np.zeros(0)
         assert sorted(ids.tolist()) == list(range(sum(counts)))
+
+
+def test_the_left_out_samples_are_a_new_random_choice_every_epoch():
+    left = []
+    for epoch in range(1, 31):
+        seg = plan.epoch_plan([120], seed=0, epoch=epoch, batch_size=16, world=2, loader_workers=2)
+        used = np.concatenate([b for bs in _deal(seg).values() for _, b in bs])
+        left.append(set(range(120)) - set(used.tolist()))
+        assert len(left[-1]) == seg.remainder == 8
+    assert len(set().union(*left)) > 100  # 30 epochs x 8: nearly every sample is left out once, none always
+    assert max(sum(i in s for s in left) for i in range(120)) <= 8

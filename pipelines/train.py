@@ -184,7 +184,7 @@ class Ledger:
     def write(self, epoch: int, step: int, keys) -> None:
         if self.f:
             self.f.write(json.dumps({"epoch": epoch, "step": step, "rank": self.rank, "world": self.world,
-                                     "attempt": self.attempt, "keys": list(keys)}) + "\n")
+                                     "attempt": self.attempt, "pid": os.getpid(), "keys": list(keys)}) + "\n")
             self.f.flush()
 
 

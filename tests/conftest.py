@@ -58,3 +58,19 @@ def dataset(tmp_path_factory, ray_local, tracking_store):
     tracking.track_stage("shard", ShardConfig(data=root, resize=72), shard.run)  # lineage: a stage run
     stats.run(StatsConfig(data=root))
     return root
+
+
+@pytest.fixture(scope="session")
+def one_shard(tmp_path_factory, ray_local, tracking_store):
+    """120 train images in a single shard (the index stage's default grouping), 24 val."""
+    from pipelines import index, shard, stats
+    from pipelines.config import IndexConfig, ShardConfig, StatsConfig
+
+    tmp = tmp_path_factory.mktemp("one-shard")
+    make_sample(SampleConfig(out=str(tmp / "src"), classes=4, train_per_class=30, val_per_class=6))
+    root = str(tmp / "root")
+    index.run(IndexConfig(source=str(tmp / "src" / "folders"), data=root))
+    shard.run(ShardConfig(data=root, resize=72))
+    stats.run(StatsConfig(data=root))
+    assert [s["samples"] for s in json.loads((Path(root) / "shards" / "train.json").read_text())["shards"]] == [120]
+    return root

@@ -223,22 +223,6 @@ ONE_SHARD = ["--workers", "2", "--no-gpu", "--loader-workers", "2", "--epochs", 
 
 
 @pytest.fixture(scope="module")
-def one_shard(tmp_path_factory, ray_local, tracking_store):
-    """120 train images in a single shard (the index stage's default grouping), 24 val."""
-    from pipelines import stats
-    from pipelines.config import StatsConfig
-
-    tmp = tmp_path_factory.mktemp("one-shard")
-    make_sample(SampleConfig(out=str(tmp / "src"), classes=4, train_per_class=30, val_per_class=6))
-    root = str(tmp / "root")
-    index.run(IndexConfig(source=str(tmp / "src" / "folders"), data=root))
-    shard.run(ShardConfig(data=root, resize=72))
-    stats.run(StatsConfig(data=root))
-    assert [s["samples"] for s in json.loads(Path(root, "shards", "train.json").read_text())["shards"]] == [120]
-    return root
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(one_shard, tmp_path_factory):
     """The reference: 2 workers x 2 loader workers on one shard, never interrupted, with a ledger."""
     from pipelines import cli, train

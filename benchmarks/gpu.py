@@ -29,6 +29,7 @@ import tarfile
 import time
 
 from pipelines.config import TrainConfig
+from pipelines import tarindex
 from pipelines.shard import add_member
 
 from . import common
@@ -139,30 +140,38 @@ def write_shards(folder: str, images: int, shards: int) -> list[tuple[str, int]]
                     add_member(tar, f"img{k:08d}.cls", str(k % CLASSES).encode())
             os.replace(name + ".tmp", name)
         open(os.path.join(tag, "ready"), "w").close()
+    for name in names:  # the loader reads through each shard's sample index, as the shard stage writes it
+        if tarindex.read(name) is None:
+            tarindex.write(name, tarindex.scan(name, "sha256:unchecked"))
     return list(zip(names, counts))
 
 
 def bench_end_to_end(net, opt, device, shards, a) -> tuple[list[dict], dict]:
     import model
-    from pipelines import data
+    from pipelines import data, plan
 
     tf = model.TrainTransform.from_stats(STATS, crop=a.crop, alphastd=0.1)
     step = make_step(net, opt, device)
 
     def run(decode: str, workers: int, epoch: int) -> tuple[float, float]:
         """(images/s, data-wait fraction) over the timed steps of one fresh loader."""
-        loader, _plan = data.train_loader(
-            shards, tf, batch_size=a.batch, rank=0, world_size=1, epoch=epoch, seed=0, num_workers=workers,
-            shuffle_buffer=a.shuffle_buffer, pin_memory=device.type == "cuda", decode=decode)
-        batches = data.on_device(loader, device)  # the stream cycles: any number of steps
-        for _ in range(a.warmup):  # loader start-up and shuffle-buffer filling are not timed
-            x, y = next(batches)
+        # The synthetic shards listed as often as one epoch of warm-up + timed steps needs: the
+        # plan sees distinct samples, the reads go to the same files.
+        need = (a.warmup + a.steps) * a.batch
+        listed = shards * -(-need // sum(n for _, n in shards))
+        seg = plan.epoch_plan([n for _, n in listed], seed=0, epoch=epoch, batch_size=a.batch, world=1,
+                              loader_workers=workers, buffer=a.shuffle_buffer)
+        loader = data.train_loader(listed, tf, segment=seg, rank=0, pin_memory=device.type == "cuda",
+                                   decode=decode)
+        batches = data.on_device(loader, device)
+        for _ in range(a.warmup):  # loader start-up and the first window's reads are not timed
+            x, y, _ = next(batches)
             step(tf.photometric(x), y)
         sync(device)
         waited, t0 = 0.0, time.perf_counter()
         for _ in range(a.steps):
             tw = time.perf_counter()
-            x, y = next(batches)
+            x, y, _ = next(batches)
             waited += time.perf_counter() - tw
             step(tf.photometric(x), y)
         sync(device)
@@ -198,8 +207,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--loader-workers", type=int, default=12, help="loader processes (both decode paths)")
     ap.add_argument("--few-workers", type=int, default=2, help="loader processes of the extra decode=device row")
-    ap.add_argument("--images", type=int, default=2048, help="JPEGs in the synthetic shards (they cycle)")
-    ap.add_argument("--shards", type=int, default=24, help="tar shards (at least --loader-workers: one each)")
+    ap.add_argument("--images", type=int, default=2048, help="JPEGs in the synthetic shards (listed again as needed)")
+    ap.add_argument("--shards", type=int, default=24, help="tar shards")
     ap.add_argument("--shuffle-buffer", type=int, default=None,
                     help="samples per loader worker (default: TrainConfig's)")
     ap.add_argument("--compile-backend", default="inductor",

@@ -6,9 +6,12 @@ Contenders, interleaved, same images, same loader worker count, same batch, same
 (the paper's: random 224x224 patch of the 256x256 image, random mirror, PCA lighting, then
 normalisation), each batch ending as a normalised float32 N x 3 x 224 x 224 tensor:
 
-  pipelines    pipelines.data.train_loader over the shard stage's 256x256 shards (tar reads,
+  pipelines    pipelines.data.train_loader over the shard stage's 256x256 shards, following
+               the epoch plan (runs of samples read through each shard's sample index,
                decode_jpeg, uint8 crop/flip in the workers; lighting + normalisation batched in
                the training process, where the project runs them)
+  pipelines-s3 the same, with the shards in a local S3 server (SeaweedFS on loopback, started
+               by the benchmark): every run of samples is one ranged GET (--no-s3 skips it)
   torchvision  torchvision.datasets.ImageFolder + DataLoader over the original JPEGs with
                Resize(256), CenterCrop(256), RandomCrop(224), RandomHorizontalFlip, ToTensor,
                PCA lighting, Normalize: torchvision's reference-script style
@@ -25,7 +28,9 @@ import itertools
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from . import common
 from .common import STATS
@@ -35,7 +40,8 @@ def _shards(data: str, cache: str) -> list[tuple[str, int]]:
     import json
 
     manifest = os.path.join(data, "shards", "train.json")
-    if not os.path.exists(manifest) or not json.load(open(manifest)).get("complete"):
+    m = json.load(open(manifest)) if os.path.exists(manifest) else {}
+    if not m.get("complete") or any("index" not in s for s in m["shards"]):  # (a rerun adds indexes)
         subprocess.run([sys.executable, "-m", "pipelines", "shard", "--data", data, "--split", "train"],
                        check=True, env=_env(cache), stdout=subprocess.DEVNULL)
     m = json.load(open(manifest))
@@ -44,17 +50,39 @@ def _shards(data: str, cache: str) -> list[tuple[str, int]]:
 
 def pipelines_batches(shards, batch: int, workers: int, steps: int, crop: int):
     import model
-    from pipelines import data
+    from pipelines import data, plan
 
     tf = model.TrainTransform.from_stats(STATS, crop=crop)
+    epochs = itertools.count(1)
 
     def run():
-        loader, _ = data.train_loader(shards, tf, batch_size=batch, rank=0, world_size=1, epoch=1, seed=0,
-                                      num_workers=workers)
+        seg = plan.epoch_plan([n for _, n in shards], seed=0, epoch=next(epochs), batch_size=batch, world=1,
+                              loader_workers=workers)
+        if seg.steps < steps:
+            raise SystemExit(f"--take {steps * batch} is more than one epoch of {seg.steps * batch}: lower it")
+        loader = data.train_loader(shards, tf, segment=seg, rank=0)
         x_float = None
-        for x, y in _timed(itertools.islice(loader, steps)):
+        for x, _, _ in _timed(itertools.islice(loader, steps)):
             x_float = tf.photometric(x, out=x_float)  # as train_loop does on a CPU
     return run
+
+
+def in_s3(shards, tmp: str):
+    """The shards and their sample indexes uploaded to a SeaweedFS started on loopback; returns
+    (s3 shards, the server). The AWS_* settings go into this process's environment, which
+    the loader workers inherit."""
+    from pipelines import storage, tarindex
+    from tests.services import BUCKET, SeaweedFS
+
+    server = SeaweedFS(Path(tmp))
+    server.start()
+    os.environ.update(server.env)
+    out = []
+    for url, n in shards:
+        for local in (url, tarindex.index_url(url)):
+            storage.write_bytes(f"s3://{BUCKET}/loader/{os.path.basename(local)}", Path(local).read_bytes())
+        out.append((f"s3://{BUCKET}/loader/{os.path.basename(url)}", n))
+    return out, server
 
 
 def torchvision_batches(folder: str, batch: int, workers: int, steps: int, crop: int):
@@ -85,13 +113,13 @@ class _Clock:
 def _timed(batches):
     t0 = time.perf_counter()
     _Clock.images = 0
-    for i, (x, y) in enumerate(batches):
+    for i, batch in enumerate(batches):
         if i == 0:
             t1 = time.perf_counter()
             _Clock.first = t1 - t0
         else:
-            _Clock.images += len(x)
-        yield x, y
+            _Clock.images += len(batch[0])
+        yield batch
     _Clock.rest = time.perf_counter() - t1
 
 
@@ -105,6 +133,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="loader worker processes")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cache", default=os.path.join(common.OUT, "cache"))
+    ap.add_argument("--no-s3", dest="s3", action="store_false", help="skip the row that reads from S3")
     a = ap.parse_args(argv)
 
     src, data, _ = _dataset(a.images, 10, a.samples_per_shard, a.cache)
@@ -112,6 +141,18 @@ def main(argv=None) -> dict:
     steps = a.take // a.batch
     contenders = {"pipelines": pipelines_batches(shards, a.batch, a.workers, steps, a.crop),
                   "torchvision": torchvision_batches(os.path.join(src, "train"), a.batch, a.workers, steps, a.crop)}
+    server = None
+    if a.s3:
+        s3_shards, server = in_s3(shards, tempfile.mkdtemp(prefix="bench-s3-"))
+        contenders["pipelines-s3"] = pipelines_batches(s3_shards, a.batch, a.workers, steps, a.crop)
+    try:
+        return _measure(a, contenders, steps, argv)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _measure(a, contenders, steps, argv) -> dict:
     steady, first, overall = {k: [] for k in contenders}, {k: [] for k in contenders}, {k: [] for k in contenders}
     for r in range(a.repeats):
         for name, run in contenders.items():
@@ -134,7 +175,9 @@ def main(argv=None) -> dict:
         {"steady": steady, "first_batch_seconds": first, "overall": overall,
          "ratios": {"vs_torchvision": med["pipelines"] / med["torchvision"],
                     "vs_torchvision_with_first_batch":
-                        common.median(overall["pipelines"]) / common.median(overall["torchvision"])},
+                        common.median(overall["pipelines"]) / common.median(overall["torchvision"]),
+                    **({"s3_vs_torchvision": med["pipelines-s3"] / med["torchvision"],
+                        "s3_vs_local": med["pipelines-s3"] / med["pipelines"]} if "pipelines-s3" in med else {})},
          "command": "python -m benchmarks.loader " + " ".join(argv or sys.argv[1:])})
 
 

@@ -42,7 +42,15 @@ def load(folder: str) -> dict:
     url = storage.join(folder, STATE_FILE)
     if not storage.exists(url):
         raise StageError(f"'{folder}' holds no {STATE_FILE}: not a checkpoint of this project.")
-    return torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
+    import pickle
+
+    try:
+        return torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message suggests weights_only=False, which would run whatever the file holds.
+        raise StageError(f"Refused to load '{url}': it holds more than tensors and plain values (a pickled "
+                         f"object or code: {str(e).splitlines()[-1][:200]}). Checkpoints of this project never "
+                         "do; if the file came from a bucket others can write, treat it as hostile.") from e
 
 
 def model_from_state(state: dict):

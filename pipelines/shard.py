@@ -27,6 +27,15 @@ FORMAT_VERSION = 2  # bump when the bytes a shard holds change for the same para
 MIN_SIDE = 8        # smaller sources are icons or damage, not photos: upscaling them to 256 is noise
 
 
+def codec_versions() -> dict:
+    """The libraries that make a shard's bytes (decode, resize, JPEG encode). An upgrade may
+    change those bytes, so the versions are part of every shard's digest: a rerun after one
+    remakes the shards instead of mixing two encoders' output in one dataset."""
+    from importlib.metadata import version
+
+    return {lib: version(lib) for lib in ("torch", "torchvision", "pillow")}
+
+
 def shard_dir(data: str, split: str) -> str:
     return storage.join(data, "shards", split)
 
@@ -264,7 +273,7 @@ def run(cfg: ShardConfig) -> dict:
     splits = _validate(cfg)
     started = now_iso()
     params = {"resize": cfg.resize, "keep_aspect": cfg.keep_aspect, "quality": cfg.quality,
-              "format": FORMAT_VERSION}
+              "format": FORMAT_VERSION, "codecs": codec_versions()}
     index_digests = storage.read_json(index.paths(cfg.data)["record"])["digests"]
     plans = {}
     for split in splits:

@@ -52,6 +52,10 @@ def _shard_status(cfg: StatusConfig, split: str, index_rec: dict | None) -> dict
     elif damaged:
         out.update(state="stale", reason=f"{len(damaged)} of {len(m['shards'])} shards missing or "
                                          f"changed on disk (e.g. {damaged[0]})")
+    elif m["params"].get("codecs") != shard.codec_versions():
+        made, here = m["params"].get("codecs") or {}, shard.codec_versions()
+        diff = ", ".join(f"{k} {made.get(k, '?')} (here {v})" for k, v in here.items() if made.get(k) != v)
+        out.update(state="stale", reason=f"made with {diff}: a shard rerun remakes them with this machine's")
     return out
 
 

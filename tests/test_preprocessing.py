@@ -199,6 +199,23 @@ def test_rerun_delete_resize_and_status(sample_src, ray_local, tmp_path):
     assert st["index"] == "done" and st["shard train"] == "stale" and st["shard val"] == "done"
 
 
+def test_a_codec_upgrade_makes_the_shards_stale_and_a_rerun_remakes_them(sample_src, ray_local, tmp_path,
+                                                                         monkeypatch):
+    root = tmp_path / "root"
+    _build(sample_src / "folders", root, split="val", resize=64)
+    real = shard.codec_versions()
+    assert json.loads((root / "shards" / "val.json").read_text())["params"]["codecs"] == real
+    assert _states(root)["shard val"] == "done"
+    newer = {**real, "torchvision": real["torchvision"] + ".post1"}
+    monkeypatch.setattr(shard, "codec_versions", lambda: newer)  # as if torchvision were upgraded
+    st = status.run(StatusConfig(data=str(root)))
+    [row] = [r for r in st["stages"] if r["stage"] == "shard val"]
+    assert row["state"] == "stale" and f"torchvision {real['torchvision']} (here {newer['torchvision']})" in row["reason"]
+    again = shard.run(ShardConfig(data=str(root), split="val", resize=64))
+    assert again["written"] == again["shards"] == 2 and again["skipped"] == 0
+    assert _states(root)["shard val"] == "done"
+
+
 def _assert_indexes_locate_every_sample(root: Path) -> None:
     """Each sample's (offset, size) in the index is exactly that sample's bytes in the tar."""
     from pipelines import storage, tarindex

@@ -112,6 +112,29 @@ def check_reachable(timeout: float = 3.0) -> None:
         raise StageError(f"MLflow tracking server at {shown} is not reachable ({reason}). {fix}") from None
 
 
+def is_outage(e: BaseException) -> bool:
+    """Whether a tracking call failed because the server is away (refused, timed out, reset,
+    or it answered 5xx): worth waiting for. Anything else (a bad request, a missing file, a
+    bug) is not, and must fail with its own message."""
+    import re
+
+    names = {"ConnectionError", "Timeout", "ConnectTimeout", "ReadTimeout", "MaxRetryError", "NewConnectionError",
+             "ProtocolError", "ConnectionRefusedError", "ConnectionResetError", "ConnectionAbortedError",
+             "TimeoutError", "RemoteDisconnected"}
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__name__ in names and type(e).__module__.split(".")[0] in ("requests", "urllib3", "builtins",
+                                                                            "http", "socket"):
+            return True
+        if type(e).__name__ == "RestException" and getattr(e, "get_http_status_code", lambda: 0)() >= 500:
+            return True
+        if re.search(r"failed with error code 5\d\d|too many 5\d\d error responses", str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def experiment_id(name: str) -> str:
     """The id of experiment ``name``, creating it (with an absolute artifact location on a local store)."""
     from mlflow.exceptions import MlflowException

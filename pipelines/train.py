@@ -345,19 +345,24 @@ def _log_history(run_id: str, history: list[dict]) -> bool:
     try:
         _log_epochs(run_id, history)
         return True
-    except Exception as e:  # noqa: BLE001 - any tracking failure; training goes on
+    except Exception as e:  # noqa: BLE001 - an outage: training goes on; anything else: raised below
+        if not tracking.is_outage(e):
+            raise
         log.warning("MLflow not reachable (%s); %d epoch(s) kept in the checkpoint, logged on recovery",
                     str(e).splitlines()[0][:200], sum(m["epoch"] not in _logged for m in history))
         return False
 
 
 def _when_tracking_is_back(what: str, fn, patience_s: float):
-    """Run a tracking call, retrying with backoff while the server is away (driver side)."""
+    """Run a tracking call, retrying with backoff while the server is away (driver side);
+    any error that is not an outage (tracking.is_outage) is raised at once."""
     delay, deadline = 2.0, time.monotonic() + patience_s
     while True:
         try:
             return fn()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - an outage is waited out; anything else fails at once
+            if not tracking.is_outage(e):
+                raise
             if time.monotonic() > deadline:
                 raise StageError(f"MLflow at {tracking.tracking_uri()} stayed unreachable for {patience_s:.0f} s "
                                  f"while {what}; the checkpoints are intact: rerun the same --name to finish.") from e

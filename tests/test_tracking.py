@@ -260,3 +260,28 @@ def test_environment_and_yaml(client, exp, tmp_path):
 
     assert yaml.safe_load(open(client.download_artifacts(run_id, "config.yaml", str(tmp_path)))) == \
         {"lr": 0.5, "epochs": 90}
+
+
+def test_only_an_unreachable_server_is_waited_for(tmp_path, monkeypatch):
+    """A refused connection is an outage, retried until the patience runs out; an error from
+    the store itself (a run that does not exist) fails at once with its own message."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pipelines import train
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    down = MlflowClient(tracking_uri="http://127.0.0.1:9")  # nothing listens on the discard port
+    with pytest.raises(MlflowException) as refused:
+        down.log_metric("run", "m", 1.0)
+    assert tracking.is_outage(refused.value)
+    with pytest.raises(StageError, match="stayed unreachable for 3 s while logging"):
+        train._when_tracking_is_back("logging", lambda: down.log_metric("run", "m", 1.0), patience_s=3)
+
+    local = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    t = time.monotonic()
+    with pytest.raises(MlflowException, match="(?i)run .*not found|no run"):
+        train._when_tracking_is_back("logging", lambda: local.log_metric("0" * 32, "m", 1.0), patience_s=60)
+    assert time.monotonic() - t < 10  # not retried for the patience's 60 s
+    assert not tracking.is_outage(FileNotFoundError("model.pt"))

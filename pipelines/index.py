@@ -17,7 +17,7 @@ import sys
 import time
 from collections import defaultdict
 
-from . import storage
+from . import lease, storage
 from .common import StageError, StrictFailure, digest, now_iso
 from .config import SPLITS, IndexConfig
 from .sources import Item, open_source
@@ -123,6 +123,12 @@ def _limit(rows: list[dict], per_class: int) -> list[dict]:
 
 
 def run(cfg: IndexConfig) -> dict:
+    """The stage, holding ROOT's lease (pipelines/lease.py): one writer per dataset root."""
+    with lease.hold(cfg.data, "index"):
+        return _run(cfg)
+
+
+def _run(cfg: IndexConfig) -> dict:
     t0 = time.monotonic()
     if cfg.samples_per_shard < 1:
         raise StageError(f"--samples-per-shard {cfg.samples_per_shard}: must be at least 1.")

@@ -18,7 +18,7 @@ import tarfile
 import time
 import warnings
 
-from . import index, storage, tarindex
+from . import index, lease, storage, tarindex
 from .common import Progress, StageError, StrictFailure, digest, ensure_ray, now_iso
 from .config import SPLITS, ShardConfig
 from .sources import read_item, where
@@ -269,6 +269,12 @@ def _validate(cfg: ShardConfig) -> tuple[str, ...]:
 
 
 def run(cfg: ShardConfig) -> dict:
+    """The stage, holding ROOT's lease (pipelines/lease.py): one writer per dataset root."""
+    with lease.hold(cfg.data, "shard"):
+        return _run(cfg)
+
+
+def _run(cfg: ShardConfig) -> dict:
     t0 = time.monotonic()
     splits = _validate(cfg)
     started = now_iso()

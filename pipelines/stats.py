@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from . import shard, storage
+from . import lease, shard, storage
 from .common import Progress, StageError, digest, ensure_ray, now_iso
 from .config import StatsConfig
 
@@ -63,6 +63,12 @@ def reduce_sums(parts) -> dict:
 
 
 def run(cfg: StatsConfig) -> dict:
+    """The stage, holding ROOT's lease (pipelines/lease.py): one writer per dataset root."""
+    with lease.hold(cfg.data, "stats"):
+        return _run(cfg)
+
+
+def _run(cfg: StatsConfig) -> dict:
     t0 = time.monotonic()
     manifest = shard.read_manifest(cfg.data, "train")
     if manifest is None or not manifest["complete"]:

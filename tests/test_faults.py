@@ -88,6 +88,30 @@ def test_shard_stage_killed_twice_then_rerun_matches_an_uninterrupted_run(big_in
     assert leftovers == []
 
 
+def test_a_second_shard_run_on_the_same_root_is_refused_while_the_first_runs(big_index, ray_local):
+    """Two writers on one ROOT would delete each other's temp files: the second stops at once,
+    naming the first, and the first finishes untouched."""
+    root = _index(big_index, "two-writers")
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    first = subprocess.Popen([sys.executable, "-m", "pipelines", "shard", "--data", str(root)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        manifest = root / "shards" / "train.json"
+        _wait(lambda: manifest.exists() and json.loads(manifest.read_text())["shards"], "the first run's progress",
+              120, every=0.05)
+        second = subprocess.run([sys.executable, "-m", "pipelines", "shard", "--data", str(root)], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert first.poll() is None, "the first run finished before the second started"
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"Another 'shard' run holds '{root}'" in second.stderr and f"process {first.pid}" in second.stderr
+        _, err = first.communicate(timeout=600)
+        assert first.returncode == 0, err[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert json.loads(manifest.read_text())["complete"] and not (root / ".lease.json").exists()
+
+
 def _wait(check, what: str, timeout: float = 600, every: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

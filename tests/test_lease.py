@@ -1,0 +1,81 @@
+"""One writer per dataset root: the lease the index, shard and stats stages hold."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipelines import lease
+from pipelines.common import StageError
+
+
+def _lease(root, **fields):
+    doc = {"holder": "other", "stage": "shard", "host": socket.gethostname(), "pid": 1, "pid_started": None,
+           "started": "2026-01-01T00:00:00+00:00", "heartbeat": "now", "heartbeat_s": time.time(), **fields}
+    (root / lease.NAME).write_text(json.dumps(doc))
+
+
+def test_a_second_writer_is_refused_naming_the_first_and_the_lease_goes_at_the_end(tmp_path):
+    with lease.hold(str(tmp_path), "shard"):
+        held = json.loads((tmp_path / lease.NAME).read_text())
+        with pytest.raises(StageError, match=r"Another 'shard' run holds .* process \d+.*wait for it to finish"):
+            with lease.hold(str(tmp_path), "stats"):
+                pass
+        assert json.loads((tmp_path / lease.NAME).read_text())["holder"] == held["holder"]  # still the first's
+    assert not (tmp_path / lease.NAME).exists()
+    with pytest.raises(RuntimeError):  # released on an error too
+        with lease.hold(str(tmp_path), "index"):
+            raise RuntimeError("boom")
+    assert not (tmp_path / lease.NAME).exists()
+
+
+def test_the_lease_of_a_dead_process_on_this_machine_is_taken_over_at_once(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = lease._proc_start(dead.pid)
+    dead.wait()
+    _lease(tmp_path, pid=dead.pid, pid_started=started)
+    with lease.hold(str(tmp_path), "shard"):
+        assert json.loads((tmp_path / lease.NAME).read_text())["holder"] != "other"
+
+
+def test_a_lease_from_another_machine_is_taken_over_only_when_its_heartbeat_is_stale(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINES_LEASE_STALE_S", "60")
+    _lease(tmp_path, host="another-node", heartbeat_s=time.time() - 10)
+    with pytest.raises(StageError, match="on another-node.*taken over 60 s after its last heartbeat"):
+        with lease.hold(str(tmp_path), "shard"):
+            pass
+    _lease(tmp_path, host="another-node", heartbeat_s=time.time() - 61)
+    with lease.hold(str(tmp_path), "shard"):
+        assert json.loads((tmp_path / lease.NAME).read_text())["holder"] != "other"
+
+
+def test_the_heartbeat_keeps_a_long_run_from_looking_stale(tmp_path, monkeypatch):
+    monkeypatch.setattr(lease, "HEARTBEAT_S", 0.2)
+    with lease.hold(str(tmp_path), "shard"):
+        first = json.loads((tmp_path / lease.NAME).read_text())["heartbeat_s"]
+        time.sleep(1.0)
+        assert json.loads((tmp_path / lease.NAME).read_text())["heartbeat_s"] > first
+
+
+@pytest.mark.slow
+def test_on_s3_the_second_create_is_refused(tmp_path, monkeypatch):
+    from . import services as sv
+
+    s3 = sv.SeaweedFS(tmp_path / "s3")
+    s3.start()
+    try:
+        for k, v in s3.env.items():
+            monkeypatch.setenv(k, v)
+        root = f"s3://{sv.BUCKET}/lease"
+        with lease.hold(root, "shard"):
+            with pytest.raises(StageError, match="Another 'shard' run holds"):
+                with lease.hold(root, "stats"):
+                    pass
+        with lease.hold(root, "stats"):  # released: free again
+            pass
+    finally:
+        s3.stop()

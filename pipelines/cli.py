@@ -92,6 +92,8 @@ def _stage_parsers(sub):
     C = config.StatusConfig
     p = sub.add_parser("status", help="each stage of a dataset: done, stale or missing")
     p.add_argument("--data", required=True, help="dataset ROOT")
+    _add(p, C, "--verify", dest="verify", action="store_true",
+         help="re-checksum every shard (reads them all): finds damage that kept a file's size")
     _add(p, C, "--no-source-check", dest="check_source", action="store_false",
          help="do not re-list the source (faster on huge folders)")
     p.set_defaults(config=C, module="status")

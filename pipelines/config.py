@@ -56,6 +56,7 @@ class StatsConfig:
 class StatusConfig:
     data: str
     check_source: bool = True    # re-list the source to see if the index is stale (slow on huge folders)
+    verify: bool = False         # re-checksum every shard: catches damage that keeps a file's size (reads them all)
 
 
 SPLITS = ("train", "val")

@@ -300,13 +300,15 @@ def _run(cfg: ShardConfig) -> dict:
         # At least 32 so an autoscaling cluster that starts small sees enough demand to grow.
         window = max(32, 2 * int(ray.cluster_resources().get("CPU", 1)))
         progress = Progress("shard", len(todo))
-        pending, queue, last_save = {}, list(todo), 0.0
+        pending, queue, last_save, unsaved = {}, list(todo), 0.0, False
         while queue or pending:
             while queue and len(pending) < window:
                 split, name, url, rows, d = queue.pop(0)
                 ref = task.remote(url, rows, params, d) if d is not None else index_task.remote(url, rows)
                 pending[ref] = (split, name)
-            done, _ = ray.wait(list(pending), num_returns=1)
+            # Wakes at least once a second, so a finished shard is recorded within about a second
+            # even while the next one takes minutes.
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
             for ref in done:
                 split, name = pending.pop(ref)
                 try:
@@ -316,16 +318,17 @@ def _run(cfg: ShardConfig) -> dict:
                     progress.update(1, 0)
                     continue
                 entries[split][name] = entry
+                unsaved = True
                 images = entry["samples"] + len(entry["rejected"]) if name not in entries_before[split] else 0
                 written_images += images
                 progress.update(1, images)
             # Record finished shards as they come (at most once a second), so a killed driver
-            # loses at most a second of work: the rerun redoes only shards not in the manifest.
-            if time.monotonic() - last_save > 1:
+            # loses about a second of work: the rerun redoes only shards not in the manifest.
+            if unsaved and time.monotonic() - last_save >= 1:
                 for split in splits:
                     _save_manifest(cfg, split, params, index_digests[split], entries[split],
                                    plans[split][3], started)
-                last_save = time.monotonic()
+                last_save, unsaved = time.monotonic(), False
 
     manifests, shard_rejects = {}, []
     for split in splits:

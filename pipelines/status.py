@@ -43,8 +43,11 @@ def _shard_status(cfg: StatusConfig, split: str, index_rec: dict | None) -> dict
            "counts": {"shards": len(m["shards"]), "samples": m["samples"], "rejected": m["rejected"],
                       "bytes": m["bytes"]}, "params": m["params"]}
     folder = shard.shard_dir(cfg.data, split)
+    # Size by default (a missing or truncated shard); with --verify the sha256 too, which also
+    # finds bytes changed in place.
     damaged = [s["name"] for s in m["shards"]
-               if (storage.stat(storage.join(folder, s["name"])) or (None,))[0] != s["bytes"]]
+               if (storage.stat(storage.join(folder, s["name"])) or (None,))[0] != s["bytes"]
+               or (cfg.verify and shard.file_checksum(storage.join(folder, s["name"])) != s["checksum"])]
     if index_rec is None or index_rec["digests"].get(split) != m["index_digest"]:
         out.update(state="stale", reason="the index changed since the shards were made")
     elif not m["complete"]:

@@ -42,13 +42,25 @@ def _client(address: str):
 def _explain(e: Exception, address: str) -> StageError:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if type(e).__name__ == "AuthenticationError" or "uthentication" in text:
-        return StageError(
-            f"The Ray cluster at {address} refused the request: {text} Set RAY_AUTH_TOKEN to the "
-            "cluster's token (`ray start` keeps it in ~/.ray/auth_token on the head node).")
+        return StageError(f"The Ray cluster at {address} refused the request: {text} {_token_hint()}")
     if isinstance(e, ConnectionError) or "onnect" in text:
         return StageError(f"Cannot reach the Ray Jobs API at {address} ({text}): is the cluster up, and is "
                           "the address its dashboard (http://head:8265)?")
     return StageError(f"Ray Jobs API at {address}: {text}")
+
+
+def _token_hint() -> str:
+    """What is missing for Ray's token authentication, from this client's settings."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return ("Set RAY_AUTH_MODE=token: without it this client sends no token at all (the token itself "
+                "comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).")
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not os.environ.get("RAY_AUTH_TOKEN") and not path.exists():
+        return (f"No token found: set RAY_AUTH_TOKEN to the cluster's token, or copy it to {path} "
+                "(`ray start` keeps it in ~/.ray/auth_token on the head node).")
+    given = "RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else str(path)
+    return (f"The token in {given} is not this cluster's: use the head node's (~/.ray/auth_token there, "
+            "or `ray get-auth-token` on it).")
 
 
 def _call(address: str, fn, *args):
@@ -75,7 +87,25 @@ async def _follow(client, job_id: str) -> None:
         sys.stdout.flush()
 
 
+TRACKED = ("index", "shard", "stats", "train", "evaluate")  # the stages that record MLflow runs
+
+
+def _check_tracking(stage: str) -> None:
+    """A tracked stage in a job needs a tracking server: without one it would log into a SQLite
+    file in the job's temporary working directory (and Ray Train's rank 0 into another on its
+    node), and the runs would be lost with it."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if stage in TRACKED and not uri.startswith(("http://", "https://", "databricks")):
+        shown = f"'{uri}'" if uri else "unset"
+        raise StageError(f"MLFLOW_TRACKING_URI is {shown}: a '{stage}' job on a cluster would record its runs in "
+                         "a file inside the job's temporary folder, lost when the job ends. Set "
+                         "MLFLOW_TRACKING_URI to the cluster's tracking server (http://HOST:PORT), reachable "
+                         "from every node.")
+
+
 def run(cfg: SubmitConfig) -> dict:
+    if cfg.args and not (cfg.list or cfg.logs or cfg.stop):
+        _check_tracking(cfg.args[0])  # before anything reaches the cluster
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if not address:
         raise StageError("No Ray cluster given: pass --address http://HEAD:8265 or set RAY_ADDRESS.")

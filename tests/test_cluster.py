@@ -147,11 +147,22 @@ def test_wrong_s3_credentials_fail_clearly_and_write_nothing(stack, pipeline):
     assert _keys(stack, "denied") == []
 
 
-def test_a_job_without_the_clusters_token_is_refused(stack):
-    env = {**stack["env"], "RAY_AUTH_TOKEN": "not-the-token"}
+@pytest.mark.parametrize("case", ["wrong token", "no token anywhere", "RAY_AUTH_MODE unset"])
+def test_a_job_without_the_clusters_token_is_refused(stack, case, tmp_path):
+    """Each way of not holding the cluster's token is refused, and the error names what is missing."""
+    env = {k: v for k, v in stack["env"].items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    if case == "wrong token":
+        env["RAY_AUTH_TOKEN"] = "not-the-token"
+        hint = "The token in RAY_AUTH_TOKEN is not this cluster's"
+    elif case == "no token anywhere":
+        env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token here
+        hint = "No token found: set RAY_AUTH_TOKEN"
+    else:
+        env.pop("RAY_AUTH_MODE", None)
+        hint = "Set RAY_AUTH_MODE=token"
     proc, _ = _pipelines(stack, "submit", "--", "status", "--data", ROOT, env=env, timeout=120)
-    assert proc.returncode == 2
-    assert "refused the request" in proc.stderr and "RAY_AUTH_TOKEN" in proc.stderr
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "refused the request" in proc.stderr and hint in proc.stderr, proc.stderr[-2000:]
 
 
 def test_unreachable_tracking_server_stops_a_stage_before_any_work(stack):

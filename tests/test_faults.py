@@ -47,24 +47,30 @@ def _checksums(root: Path) -> dict[str, str]:
     return out
 
 
+def _recorded(manifest: Path) -> int:
+    try:
+        return len(json.loads(manifest.read_text())["shards"])
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
 def _kill_shard_run_midway(root: Path, env: dict, total: int) -> int:
-    """Start the shard CLI, SIGKILL it once some but not all shards are recorded; returns how many were."""
+    """Start the shard CLI and SIGKILL it once it has recorded a shard of its own (more than the
+    manifest held when it started) but not all; returns how many are recorded."""
+    manifest = root / "shards" / "train.json"
+    before = _recorded(manifest)
     proc = subprocess.Popen([sys.executable, "-m", "pipelines", "shard", "--data", str(root)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    manifest = root / "shards" / "train.json"
     deadline = time.monotonic() + 120
-    recorded = 0
+    recorded = before
     while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            recorded = len(json.loads(manifest.read_text())["shards"])
-        except (FileNotFoundError, json.JSONDecodeError):
-            recorded = 0
-        if recorded >= 1:
+        recorded = _recorded(manifest)
+        if recorded > before:
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 1 <= recorded < total, f"not killed mid-run: {recorded} of {total} train shards recorded"
+    assert before < recorded < total, f"not killed after real progress: {before} -> {recorded} of {total} recorded"
     return recorded
 
 
@@ -225,6 +231,16 @@ def test_s3_outage_during_shard_upload_then_rerun_completes(big_index, ray_local
         out, err = proc.communicate(timeout=600)
         if proc.returncode != 0:  # gave up during the outage: it must say why, plainly
             assert proc.returncode == 2 and "S3" in err, err[-3000:]
+        # Before any rerun: every shard object under its final name is whole, byte for byte the
+        # reference (an interrupted upload never became an object), whichever way the run ended.
+        ref_dir = reference / "shards"
+        listed = client.list_objects_v2(Bucket=sv.BUCKET, Prefix="outage/shards/").get("Contents", [])
+        tars = [o["Key"] for o in listed if o["Key"].endswith(".tar")]
+        assert tars, "no shard reached S3 before or after the outage"
+        for key in tars:
+            split, name = key.split("/")[-2:]
+            body = client.get_object(Bucket=sv.BUCKET, Key=key)["Body"].read()
+            assert body == (ref_dir / split / name).read_bytes(), f"{key} is not the whole shard"
         rerun = subprocess.run([sys.executable, "-m", "pipelines", "shard", "--data", root], env=env,
                                capture_output=True, text=True, timeout=600)
         assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -158,6 +158,23 @@ def test_rerun_delete_resize_and_status(sample_src, ray_local, tmp_path):
     assert shard.file_checksum(str(victim)) == checksum
     assert set(_states(root).values()) == {"done"}
 
+    # A shard damaged in place, its size unchanged: only the checksum sees it. `status --verify`
+    # reports it, `shard --verify` rewrites that shard alone (the default checks compare sizes).
+    victim = root / "shards" / "val" / "val-000001.tar"
+    good = victim.read_bytes()
+    bad = bytearray(good)
+    bad[2000:2100] = bytes(100)
+    victim.write_bytes(bytes(bad))
+    assert _states(root)["shard val"] == "done"  # the size matches: not seen without --verify
+    verified = status.run(StatusConfig(data=str(root), verify=True))
+    [row] = [r for r in verified["stages"] if r["stage"] == "shard val"]
+    assert row["state"] == "stale" and "val-000001.tar" in row["reason"]
+    before = mtimes(root)
+    again = shard.run(ShardConfig(data=str(root), verify=True))
+    assert again["written"] == 1 and victim.read_bytes() == good
+    after = mtimes(root)
+    assert {p for p in after if after[p] != before.get(p)} == {"shards/val/val-000001.tar", "shards/val/val-000001.idx.json"}
+
     # Shards made before sample indexes existed (no index in the manifest, no sidecar): the rerun
     # scans each tar for its index and rewrites no tar.
     indexes = {p: p.read_bytes() for p in (root / "shards").rglob("*.idx.json")}

@@ -47,28 +47,11 @@ def _proc_start(pid: int) -> str | None:
 
 
 def _create(url: str, data: bytes) -> bool:
-    """Write ``data`` to ``url`` only if nothing is there; False if something is."""
-    if storage.is_s3(url):
-        from botocore.exceptions import ClientError
-
-        bucket, key = url[len("s3://"):].split("/", 1)
-        try:
-            storage.s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
-                return False
-            raise
-        # A store that ignores If-None-Match lets both writers "create": the read-back shows who won.
-        return json.loads(storage.read_bytes(url))["holder"] == json.loads(data)["holder"]
-    path = Path(url)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
+    """Write the lease only if none is there. A store that ignores If-None-Match would let two
+    writers both "create": the read-back shows who won."""
+    if not storage.write_if_absent(url, data):
         return False
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    return True
+    return not storage.is_s3(url) or json.loads(storage.read_bytes(url))["holder"] == json.loads(data)["holder"]
 
 
 def _read(url: str) -> dict | None:

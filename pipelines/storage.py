@@ -314,6 +314,32 @@ def write_if_changed(url: str, data: bytes) -> bool:
     return True
 
 
+@_explained
+def write_if_absent(url: str, data: bytes) -> bool:
+    """Create ``url`` with ``data`` only if nothing is there; False if something is. Exclusive:
+    O_EXCL on a local disk, ``If-None-Match: *`` on S3 (the store refuses a second create)."""
+    if is_s3(url):
+        from botocore.exceptions import ClientError
+
+        bucket, key = _split(url)
+        try:
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+                return False
+            raise
+        return True
+    path = Path(url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return True
+
+
 def json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=1) + "\n").encode()
 

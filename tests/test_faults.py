@@ -105,9 +105,14 @@ def test_a_second_shard_run_on_the_same_root_is_refused_while_the_first_runs(big
         manifest = root / "shards" / "train.json"
         _wait(lambda: manifest.exists() and json.loads(manifest.read_text())["shards"], "the first run's progress",
               120, every=0.05)
-        second = subprocess.run([sys.executable, "-m", "pipelines", "shard", "--data", str(root)], env=env,
-                                capture_output=True, text=True, timeout=120)
-        assert first.poll() is None, "the first run finished before the second started"
+        # Paused mid-run (a slow run, as on ImageNet), so the second surely starts while it works.
+        first.send_signal(signal.SIGSTOP)
+        try:
+            assert first.poll() is None, "the first run finished before the second started"
+            second = subprocess.run([sys.executable, "-m", "pipelines", "shard", "--data", str(root)], env=env,
+                                    capture_output=True, text=True, timeout=120)
+        finally:
+            first.send_signal(signal.SIGCONT)
         assert second.returncode == 2, second.stderr[-2000:]
         assert f"Another 'shard' run holds '{root}'" in second.stderr and f"process {first.pid}" in second.stderr
         _, err = first.communicate(timeout=600)

@@ -336,6 +336,9 @@ def _run(cfg: ShardConfig) -> dict:
         manifests[split] = m = _save_manifest(cfg, split, params, index_digests[split],
                                               entries[split], names, started)
         if m["complete"]:  # shards from an earlier, larger grouping are no longer part of the set
+            # Temp files of tasks lost with their node (Ray reran them elsewhere): this run holds
+            # the root's lease, so no other writer's files are among them.
+            storage.remove_stale_temps(shard_dir(cfg.data, split))
             for name in storage.list_dir(shard_dir(cfg.data, split)):
                 m_ = re.fullmatch(rf"({split}-\d{{6}})\.(tar|idx\.json)", name)
                 if m_ and f"{m_.group(1)}.tar" not in names:

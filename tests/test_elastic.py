@@ -1,6 +1,7 @@
-"""Elastic training on a real multi-node Ray (a head with no CPUs and three 1-CPU worker nodes
-on this machine): a node is SIGKILLed mid-epoch, the way a spot instance goes, and never comes
-back; training goes on with two workers and reads the rest of the epoch's samples, each once."""
+"""Node loss on a real multi-node Ray (a head with no CPUs and 1-CPU worker nodes joined to it,
+on this machine): a node is SIGKILLed mid-work, the way a spot instance goes, and never comes
+back. Training goes on with fewer workers and reads the rest of the epoch's samples, each once;
+the shard stage finishes with the same bytes as an undisturbed run."""
 from __future__ import annotations
 
 import json
@@ -81,3 +82,46 @@ def test_a_lost_node_leaves_training_on_fewer_workers_with_each_sample_once(one_
     assert run.info.status == "FINISHED"
     for key in METRICS:
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+
+
+def test_a_node_lost_mid_shard_leaves_the_shards_byte_identical(tmp_path):
+    """The shard stage on a head with no CPUs and two 1-CPU worker nodes; one node is SIGKILLed
+    once shards have been recorded. Ray reruns its tasks on the node left; the stage finishes
+    with every shard byte for byte what a run nobody disturbed made, and no temp file left."""
+    from pipelines import index, shard
+    from pipelines.config import IndexConfig, ShardConfig
+    from pipelines.sample import SampleConfig, run as make_sample
+
+    src = tmp_path / "src"
+    make_sample(SampleConfig(out=str(src), classes=4, train_per_class=40, val_per_class=4, size=(800, 600)))
+    roots = {name: tmp_path / name for name in ("reference", "node-lost")}
+    for root in roots.values():
+        index.run(IndexConfig(source=str(src / "folders"), data=str(root), samples_per_shard=4))
+
+    def checksums(root):
+        return {s["name"]: s["checksum"] for split in ("train", "val")
+                for s in json.loads((root / "shards" / f"{split}.json").read_text())["shards"]}
+
+    with ray_cluster(tmp_path / "cluster", [{"num_cpus": 1}] * 2) as cluster:
+        env = {**os.environ, **cluster.env}
+        ref = subprocess.run([sys.executable, "-m", "pipelines", "shard", "--data", str(roots["reference"])],
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert ref.returncode == 0, ref.stderr[-3000:]
+        root = roots["node-lost"]
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines", "shard", "--data", str(root)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        manifest = root / "shards" / "train.json"
+        deadline = time.monotonic() + 300
+        while not (manifest.exists() and json.loads(manifest.read_text())["shards"]):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.05)
+        cluster.kill_node(1)  # a worker node goes, with the shard tasks running on it
+        recorded = len(json.loads(manifest.read_text())["shards"])
+        assert proc.poll() is None and recorded < 40, f"killed too late: {recorded} of 40 train shards recorded"
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        assert cluster.alive_nodes() == 2  # the head and the node left
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["failed"] == 0 and summary["written"] == summary["shards"]
+    assert checksums(root) == checksums(roots["reference"])
+    assert [p for p in root.rglob("*") if ".tmp-" in p.name] == []

@@ -64,9 +64,12 @@ class Progress:
 
 # Settings the stages read from the environment. A driver joining a running cluster, and a
 # submitted job, hand them to every Ray worker so tasks see the same stores as the driver.
+# Never a credential: Ray keeps a job's environment in its job info (the dashboard and
+# `ray job list` show it), credentials of the moment expire hours into a run, and a profile
+# name means nothing on a node without that profile. Every node uses its own AWS credential
+# chain (its environment, instance profile or web identity, its own profiles), which refreshes.
 FORWARD = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-           "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
-           "AWS_DEFAULT_REGION", "AWS_PROFILE")
+           "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 def forwarded_env() -> dict[str, str]:

@@ -373,20 +373,16 @@ def remove_stale_temps(url: str) -> int:
 
 
 def pyarrow_filesystem(url: str):
-    """(pyarrow filesystem, path) for libraries that take one (Ray Train's checkpoint storage),
-    built from the same AWS settings boto3 reads; (None, url) for a local path."""
+    """(pyarrow filesystem, path) for libraries that take one (Ray Train's checkpoint storage);
+    (None, url) for a local path. It carries the endpoint and region, never credentials: it is
+    pickled to every worker, and each resolves the AWS credential chain of its own node (which
+    refreshes expiring credentials) instead of keys frozen on the driver."""
     if not is_s3(url):
         return None, url
     import boto3
     from pyarrow import fs
 
-    session = boto3.session.Session()
-    creds = session.get_credentials()
-    kwargs = {"region": session.region_name or "us-east-1"}
-    if creds is not None:
-        frozen = creds.get_frozen_credentials()
-        kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key,
-                      session_token=frozen.token)
+    kwargs = {"region": boto3.session.Session().region_name or "us-east-1"}
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         scheme, _, host = endpoint.partition("://")

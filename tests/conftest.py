@@ -38,8 +38,22 @@ def tracking_store(tmp_path_factory):
 def ray_local():
     import ray
 
+    from . import services as sv
+
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING")
+    # The local Ray's node holds the tests' S3 identity of its own, as a cloud node has its
+    # instance profile: drivers forward only the endpoint (per test), never credentials.
+    node = {k: v for k, v in sv.s3_env(0).items() if k.startswith("AWS_") and k != "AWS_ENDPOINT_URL"}
+    before = {k: os.environ.get(k) for k in node}
+    os.environ.update(node)
+    try:
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING")
+    finally:  # only these keys: ray.init sets variables of its own that its drivers need
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     yield ray
     ray.shutdown()
 

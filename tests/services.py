@@ -169,15 +169,18 @@ def mlflow_server(tmp: Path, s3: dict | None = None):
 
 
 @contextmanager
-def ray_head(tmp: Path, num_cpus: int = 2):
+def ray_head(tmp: Path, num_cpus: int = 2, node_env: dict | None = None):
     """`ray start --head --block` in its own temp dir; stopped by killing its process group
-    (not `ray stop`, which would also stop the tests' own local Ray)."""
+    (not `ray stop`, which would also stop the tests' own local Ray). ``node_env``: the node's
+    own settings, e.g. its S3 credentials (as an instance profile gives a cloud node: jobs
+    bring none)."""
     tmp.mkdir(parents=True, exist_ok=True)
     gcs, dash = free_port(), free_port()
     log = tmp / "ray.log"
     # Ray's unix sockets live under --temp-dir and must stay under 107 bytes: a short folder.
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token"}
+    env = {**os.environ, **(node_env or {}), "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+           "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={gcs}",
            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",

@@ -23,7 +23,7 @@ ROOT = f"s3://{sv.BUCKET}/root"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stack")
-    with sv.seaweedfs(tmp / "s3") as s3, sv.mlflow_server(tmp / "mlflow", s3) as ml, sv.ray_head(tmp / "ray") as ray:
+    with sv.seaweedfs(tmp / "s3") as s3, sv.mlflow_server(tmp / "mlflow", s3) as ml, sv.ray_head(tmp / "ray", node_env=sv.s3_env(s3["port"])) as ray:
         env = {**os.environ, **s3["env"], "MLFLOW_TRACKING_URI": ml["uri"], "RAY_ADDRESS": ray["address"],
                "RAY_AUTH_MODE": "token"}
         yield {"s3": s3, "mlflow": ml, "ray": ray, "env": env, "tmp": tmp}
@@ -131,6 +131,14 @@ def test_no_secret_in_the_jobs_logs_or_the_dataset_files(stack, pipeline):
     assert len(OUTPUTS) == 4 and all(OUTPUTS)
     for text in OUTPUTS:
         assert sv.SECRET_KEY not in text
+    # The jobs' info as the Jobs API (and `ray job list`, the dashboard) shows it: the runtime
+    # env carries the endpoint and the tracking URI, never a credential.
+    listed = subprocess.run([str(sv.VENV_BIN / "ray"), "job", "list", "--address", stack["ray"]["address"]],
+                            env=stack["env"], capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and "runtime_env" in listed.stdout, listed.stderr[-2000:]
+    assert "AWS_ENDPOINT_URL" in listed.stdout
+    for secret in (sv.SECRET_KEY, sv.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        assert secret not in listed.stdout, secret
     s3 = _s3(stack)
     for key in _keys(stack, "root/"):
         if key.endswith((".json", ".jsonl", ".yaml")):

@@ -227,8 +227,10 @@ def test_s3_outage_during_shard_upload_then_rerun_completes(big_index, ray_local
 
         client = boto3.client("s3", endpoint_url=s3.env["AWS_ENDPOINT_URL"], aws_access_key_id=sv.ACCESS_KEY,
                               aws_secret_access_key=sv.SECRET_KEY, region_name="us-east-1")
-        _wait(lambda: client.list_objects_v2(Bucket=sv.BUCKET, Prefix="outage/shards/train/").get("KeyCount", 0) >= 1,
-              "the first shard in S3", 120, every=0.05)
+        def first_shard():
+            assert proc.poll() is None, f"the shard stage ended before its first upload:\n{proc.stderr.read()[-3000:]}"
+            return client.list_objects_v2(Bucket=sv.BUCKET, Prefix="outage/shards/train/").get("KeyCount", 0) >= 1
+        _wait(first_shard, "the first shard in S3", 120, every=0.05)
         assert proc.poll() is None, "the shard stage finished before the outage began"
         s3.stop()  # the store goes away mid-upload...
         time.sleep(5)

@@ -1,4 +1,4 @@
-"""GPU training throughput: the model alone, and end to end from shards (issue "Performance").
+"""GPU training throughput: the model alone, and end to end from shards.
 
     python -m benchmarks.gpu [--batch 256] [--loader-workers 12] [--steps 40]
     python -m benchmarks.gpu --device cpu --tiny --compile-backend eager   # wiring check (tests)

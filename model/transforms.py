@@ -149,7 +149,7 @@ class TrainTransform:
         """(top, left, flip) for an h x w image: geometric()'s random draws, without the pixels.
 
         Split out so a loader worker can draw them from the JPEG header alone and the decode
-        and crop can happen later on the GPU (issue "Performance"); same draws, same order,
+        and crop can happen later on the GPU; same draws, same order,
         so either path gives the same crops for the same generator.
         """
         _check_size(h, w, self.crop)

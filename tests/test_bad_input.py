@@ -1,4 +1,4 @@
-"""Damaged and hostile inputs (issue 5, fault 5): each one is quarantined with its reason or
+"""Damaged and hostile inputs: each one is quarantined with its reason or
 stops the stage with a clear error; the job never crashes and never writes outside ROOT."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The way a team runs it (issue 4): data and checkpoints in S3 (SeaweedFS), runs on an MLflow
+"""The way a team runs it: data and checkpoints in S3 (SeaweedFS), runs on an MLflow
 server whose artifacts go to S3, every stage submitted as a Ray job to a Ray head with token
 authentication. All three are real servers on loopback, started here."""
 from __future__ import annotations

@@ -139,7 +139,7 @@ def test_fast_decode_matches_pil_within_jpeg_tolerance(tmp_path):
     assert np.abs(fast - slow).mean() < 1.0 and np.abs(fast - slow).max() <= 8
 
 
-# --- decode="device" (issue "Performance"): the same batches, decoded in the training process ---
+# --- decode="device": the same batches, decoded in the training process ---
 def _photo_shard(path, keys_labels, sizes):
     """Textured JPEGs of the given (w, h) sizes: every crop position and flip shows in the pixels."""
     import numpy as np

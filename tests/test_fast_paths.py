@@ -1,4 +1,4 @@
-"""The fast paths give the plain paths' pixels, within JPEG tolerance (issue "Performance").
+"""The fast paths give the plain paths' pixels, within JPEG tolerance.
 
 Speed is measured by benchmarks/, never here: these tests only pin down that what the fast code
 computes is what the straightforward code (PIL, torchvision transforms) computes.

@@ -1,4 +1,4 @@
-"""Faults injected for real (issue 5): processes killed mid-work, then rerun."""
+"""Faults injected for real: processes killed mid-work, then rerun."""
 from __future__ import annotations
 
 import json

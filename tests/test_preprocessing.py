@@ -1,4 +1,4 @@
-"""index -> shard -> stats -> status on generated data, with a real local Ray (issue 2)."""
+"""index -> shard -> stats -> status on generated data, with a real local Ray."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Layout detection, the readers and one image's conversion: no Ray (issue 2)."""
+"""Layout detection, the readers and one image's conversion: no Ray."""
 from __future__ import annotations
 
 import hashlib

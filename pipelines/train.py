@@ -133,7 +133,7 @@ def train_one_epoch(net, opt, batches, steps: range, transform, sums: Sums, *, g
     import torch
 
     import model
-    from . import data
+    from . import plan
 
     net.train()
     waited, x_float = 0.0, None  # on a CPU, each step's float batch is written into the last one's memory
@@ -144,7 +144,7 @@ def train_one_epoch(net, opt, batches, steps: range, transform, sums: Sums, *, g
         # Every random draw of a step (dropout, PCA lighting) comes from (seed, epoch, step, rank),
         # as each sample's crop comes from (seed, epoch, sample): a run resumed at any step
         # replays the rest of the epoch exactly as an uninterrupted run does.
-        torch.manual_seed(data.seed_for(seed, epoch, step, rank, "torch"))
+        torch.manual_seed(plan.seed_for(seed, epoch, step, rank, "torch"))
         if gpu:  # before the float conversion, which keeps the layout: a quarter of the bytes
             x = x.contiguous(memory_format=torch.channels_last)
         x = transform.photometric(x, out=x_float)  # float, PCA lighting, normalise: batched, on the device
@@ -245,15 +245,17 @@ def train_loop(c: dict) -> None:
 
     def save(epoch: int, segments, sums: Sums, metrics: dict) -> None:
         """Every rank calls it; rank 0 writes the checkpoint (mid-epoch: segments and sums set)."""
-        position = {"epoch": epoch + 1, "segments": [], "sums": None} if segments is None else \
-            {"epoch": epoch, "segments": segments, "sums": sums.values()}
+        if segments is None:  # the epoch is finished: the next starts from its beginning
+            finished, position = epoch, {"epoch": epoch + 1, "segments": [], "sums": None}
+        else:
+            finished, position = epoch - 1, {"epoch": epoch, "segments": segments, "sums": sums.values()}
         if rank != 0:
             ray.train.report(metrics)
             return
         t = time.perf_counter()
         with tempfile.TemporaryDirectory() as d:
             checkpoint.save({"model": raw.state_dict(), "optimizer": opt.state_dict(),
-                             "scheduler": sched.state_dict(), "epoch": epoch - (segments is not None),
+                             "scheduler": sched.state_dict(), "epoch": finished,
                              "history": history, "position": position,
                              "config": {k: c[k] for k in ("arch", "num_classes", "crop", "init", "seed")},
                              "stats": c["stats"], "saved_at": now_iso()}, d)
@@ -426,6 +428,21 @@ def _check_plan(cfg: TrainConfig, inputs: dict) -> None:
             raise StageError(str(e)) from e
 
 
+def _check_capacity(cfg: TrainConfig, resources: dict, gpu: bool) -> None:
+    """On a Ray started for this run (no RAY_ADDRESS) nothing can add nodes: more workers than it
+    has CPUs (or GPUs) would have Ray Train wait for them forever. A cluster may autoscale, so
+    it is trusted to grow."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    need = cfg.min_workers or cfg.workers  # an elastic run starts with what it can get, at least MIN
+    kind = "GPU" if gpu else "CPU"
+    have = int(resources.get(kind, 0))
+    if need > have:
+        flag = f"--workers {cfg.min_workers}-{cfg.workers}" if cfg.min_workers else f"--workers {cfg.workers}"
+        raise StageError(f"{flag} needs {need} {kind}s (one a worker) and this machine's Ray has {have}: use "
+                         f"--workers {max(have, 1)} or fewer, or a cluster (RAY_ADDRESS).")
+
+
 def _validate(cfg: TrainConfig) -> None:
     import model
     from . import data
@@ -473,13 +490,14 @@ def run(cfg: TrainConfig) -> dict:
     runs = runs if storage.is_s3(runs) else os.path.abspath(runs)
     runs_fs, runs_path = storage.pyarrow_filesystem(runs)  # s3:// checkpoints use the AWS_* settings
 
+    ray = ensure_ray(dashboard=True)
+    gpu = cfg.gpu if cfg.gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    _check_capacity(cfg, ray.cluster_resources(), gpu)  # before the MLflow run: a typo leaves no run
     run_id = tracking.start_or_resume_run(cfg.experiment, name, tags={"pipelines.stage": "train"})
     done = _finished(run_id, cfg.epochs)
     if done:  # rerunning a finished run: nothing to train, the model is already logged
         tracking.end_run(run_id, "FINISHED")
         return _summary(cfg, name, run_id, *done, seconds=time.monotonic() - t0, skipped=True)
-    ray = ensure_ray(dashboard=True)
-    gpu = cfg.gpu if cfg.gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     # Workers train on CUDA exactly when gpu is set, so "auto" resolves here and the run
     # records the decode path it used.
     decode = data.choose_decode(cfg.decode, "cuda" if gpu else "cpu")

@@ -103,3 +103,14 @@ def test_evaluate_cli_reports_and_logs_ten_crop(first_run, dataset):
     assert out["crops"] == 10 and out["images"] == 24 and 0 <= out["top1"] <= out["top5"] <= 1
     logged = MlflowClient().get_run(first_run["run_id"]).data.metrics
     assert logged["eval_10crop_top1"] == pytest.approx(out["top1"])
+
+
+def test_more_workers_than_the_local_ray_has_cpus_is_refused_before_any_run(dataset):
+    """Nothing can add nodes to a Ray started for the run: Ray Train would wait forever."""
+    from pipelines.common import StageError
+
+    with pytest.raises(StageError, match=r"--workers 3 needs 3 CPUs .* has 2: use --workers 2 or fewer"):
+        train.run(TrainConfig(data=dataset, epochs=1, name="too-many", **{**FIT, "workers": 3}))
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("test")
+    assert not exp or not client.search_runs([exp.experiment_id], "attributes.run_name = 'too-many'")

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import plan, storage, tarindex
 from .common import StageError
-from .plan import seed_for  # noqa: F401 - the one seed derivation; train.py and tests use it from here
+from .plan import seed_for
 
 
 DECODES = ("auto", "worker", "device")

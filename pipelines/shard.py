@@ -286,15 +286,15 @@ def _run(cfg: ShardConfig) -> dict:
         storage.remove_stale_temps(shard_dir(cfg.data, split))  # left by a killed run
         plans[split] = _plan(cfg, split, params)
 
-    todo = [(split, *m) for split in splits for m in plans[split][1]]
-    todo += [(split, name, url, entry, None) for split in splits for name, url, entry in plans[split][2]]
+    # One Ray task each: (split, shard name, the function, its arguments, whether it encodes images)
+    todo = [(split, name, write_shard, (url, rows, params, d), True)
+            for split in splits for name, url, rows, d in plans[split][1]]
+    todo += [(split, name, add_index, (url, entry), False) for split in splits for name, url, entry in plans[split][2]]
     entries = {split: dict(plans[split][0]) for split in splits}
-    entries_before = {split: {name for name, _, _ in plans[split][2]} for split in splits}  # reindexed only
     failures, written_images = [], 0
     if todo:
         ray = ensure_ray()
-        task = ray.remote(num_cpus=cfg.num_cpus)(write_shard)
-        index_task = ray.remote(num_cpus=cfg.num_cpus)(add_index)
+        remote = {fn: ray.remote(num_cpus=cfg.num_cpus)(fn) for fn in (write_shard, add_index)}
         # Bounded in-flight tasks: progress stays smooth and the object store holds only a few
         # shards' row lists, however large the dataset.
         # At least 32 so an autoscaling cluster that starts small sees enough demand to grow.
@@ -303,14 +303,13 @@ def _run(cfg: ShardConfig) -> dict:
         pending, queue, last_save, unsaved = {}, list(todo), 0.0, False
         while queue or pending:
             while queue and len(pending) < window:
-                split, name, url, rows, d = queue.pop(0)
-                ref = task.remote(url, rows, params, d) if d is not None else index_task.remote(url, rows)
-                pending[ref] = (split, name)
+                split, name, fn, args, encodes = queue.pop(0)
+                pending[remote[fn].remote(*args)] = (split, name, encodes)
             # Wakes at least once a second, so a finished shard is recorded within about a second
             # even while the next one takes minutes.
             done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
             for ref in done:
-                split, name = pending.pop(ref)
+                split, name, encodes = pending.pop(ref)
                 try:
                     entry = ray.get(ref)
                 except Exception as e:  # noqa: BLE001 - reported below with the shard's name
@@ -319,7 +318,7 @@ def _run(cfg: ShardConfig) -> dict:
                     continue
                 entries[split][name] = entry
                 unsaved = True
-                images = entry["samples"] + len(entry["rejected"]) if name not in entries_before[split] else 0
+                images = entry["samples"] + len(entry["rejected"]) if encodes else 0
                 written_images += images
                 progress.update(1, images)
             # Record finished shards as they come (at most once a second), so a killed driver

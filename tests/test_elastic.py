@@ -100,8 +100,8 @@ def test_a_node_lost_mid_shard_leaves_the_shards_byte_identical(tmp_path):
     """The shard stage on a head with no CPUs and two 1-CPU worker nodes; one node is SIGKILLed
     once shards have been recorded. Ray reruns its tasks on the node left; the stage finishes
     with every shard byte for byte what a run nobody disturbed made, and no temp file left."""
-    from pipelines import index, shard
-    from pipelines.config import IndexConfig, ShardConfig
+    from pipelines import index
+    from pipelines.config import IndexConfig
     from pipelines.sample import SampleConfig, run as make_sample
 
     src = tmp_path / "src"

@@ -77,6 +77,8 @@ def _stage_parsers(sub):
     _add(p, C, "--keep-aspect", dest="keep_aspect", action="store_true",
          help="keep the whole image (shorter side = --resize) instead of the central square crop")
     _add(p, C, "--quality", dest="quality", type=int, help="JPEG quality")
+    _add(p, C, "--read-threads", dest="read_threads", type=int,
+         help="source reads in flight per shard task (merged ranged GETs on S3)")
     _add(p, C, "--samples-per-shard", dest="samples_per_shard", type=int,
          help="regroup; default: the index's grouping")
     _add(p, C, "--strict", dest="strict", action="store_true", help="fail (exit 1) if any input is rejected")

@@ -43,6 +43,7 @@ class ShardConfig:
     strict: bool = False
     verify: bool = False         # re-checksum existing shards instead of trusting size (slow)
     num_cpus: float = 1.0        # per shard task: decode/resize/encode is one core's work
+    read_threads: int = 8        # ranged reads in flight per task: S3 latency overlaps the decoding
 
 
 @dataclass(frozen=True)

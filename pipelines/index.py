@@ -4,8 +4,14 @@
 
 One row per image: key, wnid, label, where its bytes are (path + offset + size: tar members are
 read in place), their sha256, its position in a seeded shuffle and the shard it goes to.
-Positions come from hashing (seed, key), so the assignment mixes classes across shards and does
-not depend on the order the source lists its files (the three layouts give the same shards).
+
+Shards are made of *runs*: up to 64 images that sit next to each other in the source (in a tar,
+consecutive members; loose files, consecutive keys). The runs are shuffled by hashing (seed,
+first key) and dealt to shards, and inside a shard the images are ordered by hashing (seed,
+key). So the shard stage reads a run with one large ranged GET instead of one request per image,
+while each shard still mixes many classes (a 4,096-image shard holds 64 runs) and the training
+loader mixes shards. Nothing depends on the order the source lists its files, and when a tar's
+members are in key order (as ImageNet's are) the three layouts give the same shards.
 Unusable inputs go to ROOT/index/rejected.jsonl with their reason.
 """
 from __future__ import annotations
@@ -21,6 +27,12 @@ from . import lease, storage
 from .common import StageError, StrictFailure, digest, now_iso
 from .config import SPLITS, IndexConfig
 from .sources import Item, open_source
+
+# A run of 64 ImageNet images is ~7 MB of source: one GET that size costs about what one small
+# GET does in latency, and 64 runs per 4,096-image shard still mix 64 classes in every shard.
+RUN = 64
+MIN_RUNS_PER_SHARD = 16
+ASSIGNMENT = 2  # bump when the way images are dealt to shards changes: an old index is redone
 
 COLUMNS = ["key", "wnid", "label", "path", "member", "offset", "size", "sha256", "position", "shard"]
 REJECTED = "index/rejected.jsonl"
@@ -80,11 +92,32 @@ def write_rejects(data: str, stage: str, entries: list[dict], splits=SPLITS) -> 
                         "".join(json.dumps(r, sort_keys=True) + "\n" for r in lines).encode())
 
 
-def _position_order(rows: list[dict], seed: int) -> None:
-    """Give each row its place in a seeded shuffle that depends only on (seed, key)."""
-    rank = sorted(range(len(rows)), key=lambda i: hashlib.sha256(f"{seed}:{rows[i]['key']}".encode()).digest())
-    for pos, i in enumerate(rank):
-        rows[i]["position"] = pos
+def run_length(samples_per_shard: int) -> int:
+    """Images per run: 64 (one ranged GET per 64 images), but at least 16 runs per shard so small
+    shards still mix classes; 1 (every image on its own) for shards under 32 images."""
+    return max(1, min(RUN, samples_per_shard // MIN_RUNS_PER_SHARD))
+
+
+def _locality(row: dict) -> tuple:
+    """Where an image sits in the source: tar members by their offset, loose files by key (each
+    is its own object, so any order reads the same; key order matches the tars' member order)."""
+    return (row["path"], row["offset"], row["key"]) if row["path"].endswith(".tar") else ("", 0, row["key"])
+
+
+def _position_order(rows: list[dict], seed: int, samples_per_shard: int) -> None:
+    """Give each row its place: runs of neighbouring images in a seeded order, cut into shards,
+    each shard's images in a seeded order of their own. Depends only on (seed, keys, locality)."""
+    def h(key: str) -> bytes:
+        return hashlib.sha256(f"{seed}:{key}".encode()).digest()
+
+    run = run_length(samples_per_shard)
+    located = sorted(rows, key=_locality)
+    runs = sorted((located[i:i + run] for i in range(0, len(located), run)), key=lambda r: h(r[0]["key"]))
+    ordered = [row for r in runs for row in r]
+    for start in range(0, len(ordered), samples_per_shard):
+        shard = sorted(ordered[start:start + samples_per_shard], key=lambda row: h(row["key"]))
+        for pos, row in enumerate(shard, start):
+            row["position"] = pos
 
 
 def _collect(items, label: dict[str, int], progress_label: str):
@@ -139,7 +172,7 @@ def _run(cfg: IndexConfig) -> dict:
     out = paths(cfg.data)
     src = open_source(cfg.source, cfg.layout, cfg.read_threads)
     params = {"source": cfg.source, "layout": src.layout, "classes": cfg.classes, "limit": cfg.limit,
-              "seed": cfg.seed, "samples_per_shard": cfg.samples_per_shard}
+              "seed": cfg.seed, "samples_per_shard": cfg.samples_per_shard, "assignment": ASSIGNMENT}
     fingerprint = src.fingerprint()
 
     if not cfg.force and storage.exists(out["record"]):
@@ -163,7 +196,7 @@ def _run(cfg: IndexConfig) -> dict:
         rows, rejects = _collect(src.items(split, wanted), label, f"index {split}")
         if cfg.limit:
             rows = _limit(rows, cfg.limit)
-        _position_order(rows, cfg.seed)
+        _position_order(rows, cfg.seed, cfg.samples_per_shard)
         rows.sort(key=lambda r: r["position"])
         for r in rows:
             r["shard"] = r["position"] // cfg.samples_per_shard

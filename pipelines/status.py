@@ -24,6 +24,9 @@ def _index_status(cfg: StatusConfig) -> dict:
     lost = [s for s in (*SPLITS, "classes") if not storage.exists(paths[s])]
     if lost:
         out.update(state="stale", reason=f"output missing: {', '.join(lost)}")
+    elif rec["params"].get("assignment") != index.ASSIGNMENT:
+        out.update(state="stale", reason="made by an older version that dealt images to shards one by one: "
+                                         "rerun the index stage (then shard) to read the source in runs")
     elif cfg.check_source:
         p = rec["params"]
         try:

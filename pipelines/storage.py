@@ -46,6 +46,18 @@ def basename(url: str) -> str:
 
 # --- S3 ---------------------------------------------------------------------------------------
 _clients: dict[int, object] = {}
+_requests: dict[str, int] = {}  # S3 API calls this process made, by operation (GetObject, ...)
+
+
+def request_counts() -> dict[str, int]:
+    """How many S3 requests of each kind this process has sent so far (every attempt, retries
+    included): the shard stage reports its GETs per image from the difference."""
+    return dict(_requests)
+
+
+def _count(event_name: str, **_) -> None:
+    op = event_name.rsplit(".", 1)[-1]  # before-send.s3.GetObject: one per attempt sent
+    _requests[op] = _requests.get(op, 0) + 1
 
 
 def s3_client():
@@ -56,9 +68,13 @@ def s3_client():
         from botocore.config import Config
 
         # 'adaptive' retries transient errors and throttling with backoff (boto3's retry modes).
-        _clients[pid] = boto3.session.Session().client(
+        client = boto3.session.Session().client(
             "s3", config=Config(retries={"max_attempts": 10, "mode": "adaptive"},
-                                connect_timeout=10, read_timeout=60))
+                                connect_timeout=10, read_timeout=60,
+                                # the shard stage fetches several ranges of a source at once
+                                max_pool_connections=32))
+        client.meta.events.register("before-send.s3.*", _count)
+        _clients[pid] = client
     return _clients[pid]
 
 

@@ -65,6 +65,8 @@ def _stage_parsers(sub):
     _add(p, C, "--seed", dest="seed", type=int, help="seed of the shard assignment")
     _add(p, C, "--samples-per-shard", dest="samples_per_shard", type=int, help="images per shard")
     _add(p, C, "--read-threads", dest="read_threads", type=int, help="parallel reads of loose files")
+    _add(p, C, "--parallel", dest="parallel", choices=["auto", "ray", "local"],
+         help="read the source in Ray tasks (one per class tar / 1,024 files) or in this process")
     _add(p, C, "--strict", dest="strict", action="store_true", help="fail (exit 1) if any input is rejected")
     _add(p, C, "--force", dest="force", action="store_true", help="redo even if nothing changed")
     p.set_defaults(config=C, module="index")

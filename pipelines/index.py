@@ -3,7 +3,8 @@
     python -m pipelines index --source /data/imagenet --data /data/alexnet [--classes 100 --limit 50]
 
 One row per image: key, wnid, label, where its bytes are (path + offset + size: tar members are
-read in place), their sha256, its position in a seeded shuffle and the shard it goes to.
+read in place), their sha256 (or, for a loose S3 object, its listed ETag), its position in a
+seeded shuffle and the shard it goes to.
 
 Shards are made of *runs*: up to 64 images that sit next to each other in the source (in a tar,
 consecutive members; loose files, consecutive keys). The runs are shuffled by hashing (seed,
@@ -19,14 +20,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import sys
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 
 from . import lease, storage
-from .common import StageError, StrictFailure, digest, now_iso
+from .common import StageError, StrictFailure, digest, ensure_ray, now_iso
 from .config import SPLITS, IndexConfig
-from .sources import Item, open_source
+from .sources import Item, Unit, expand, open_source, read_unit
 
 # A run of 64 ImageNet images is ~7 MB of source: one GET that size costs about what one small
 # GET does in latency, and 64 runs per 4,096-image shard still mix 64 classes in every shard.
@@ -34,7 +36,7 @@ RUN = 64
 MIN_RUNS_PER_SHARD = 16
 ASSIGNMENT = 2  # bump when the way images are dealt to shards changes: an old index is redone
 
-COLUMNS = ["key", "wnid", "label", "path", "member", "offset", "size", "sha256", "position", "shard"]
+COLUMNS = ["key", "wnid", "label", "path", "member", "offset", "size", "sha256", "etag", "position", "shard"]
 REJECTED = "index/rejected.jsonl"
 
 
@@ -48,10 +50,16 @@ def paths(data: str) -> dict[str, str]:
     }
 
 
+def content_id(row: dict) -> str:
+    """What identifies an image's bytes: their sha256, or for a loose S3 object the ETag its
+    listing gave (S3 derives it from the content, so a changed image gets a new one)."""
+    return row["sha256"] or f"etag:{row['etag']}"
+
+
 def split_digest(rows: list[dict]) -> str:
     """What later stages depend on: which image (by content) goes where with which label.
     Paths are left out on purpose, so moving the source does not redo any shard."""
-    return digest([(r["key"], r["label"], r["sha256"], r["shard"]) for r in rows])
+    return digest([(r["key"], r["label"], content_id(r), r["shard"]) for r in rows])
 
 
 def read_rows(data: str, split: str) -> list[dict]:
@@ -71,7 +79,7 @@ def _write_rows(url: str, rows: list[dict]) -> None:
     table = pa.Table.from_pylist(rows, schema=pa.schema([
         ("key", pa.string()), ("wnid", pa.string()), ("label", pa.int32()), ("path", pa.string()),
         ("member", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
-        ("sha256", pa.string()), ("position", pa.int64()), ("shard", pa.int32())]))
+        ("sha256", pa.string()), ("etag", pa.string()), ("position", pa.int64()), ("shard", pa.int32())]))
     buf = io.BytesIO()
     pq.write_table(table, buf)
     storage.write_bytes(url, buf.getvalue())
@@ -148,6 +156,59 @@ def _collect(items, label: dict[str, int], progress_label: str):
     return rows, rejects
 
 
+def _use_ray(cfg: IndexConfig, units: list[Unit]) -> bool:
+    """Ray tasks on a cluster (RAY_ADDRESS: the driver may sit on a head with no CPUs to spare)
+    or for a source large enough to repay starting a local Ray; else this process."""
+    if cfg.parallel != "auto":
+        return cfg.parallel == "ray" and bool(units)
+    if not units:
+        return False
+    return bool(os.environ.get("RAY_ADDRESS")) or (len(units) > 1 and sum(u.nbytes for u in units) >= cfg.ray_min_bytes)
+
+
+def _read_counted(unit: Unit, threads: int) -> tuple[list[Item], int]:
+    """A Ray task: one unit's items and the S3 GETs it took."""
+    before = storage.request_counts().get("GetObject", 0)
+    items = read_unit(unit, threads)
+    return items, storage.request_counts().get("GetObject", 0) - before
+
+
+def _on_ray(parts: list, threads: int, gets: list[int]):
+    """The items of ``parts`` in order, each unit read by a Ray task, a bounded number at once;
+    adds the tasks' S3 GETs to ``gets[0]``."""
+    ray = ensure_ray()
+    remote = ray.remote(num_cpus=1)(_read_counted)
+    window = max(32, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    pending: deque = deque()
+    in_flight = 0
+
+    def take():
+        nonlocal in_flight
+        part = pending.popleft()
+        if isinstance(part, Item):
+            return [part]
+        in_flight -= 1
+        try:
+            items, n = ray.get(part)
+            gets[0] += n
+            return items
+        except Exception as e:  # noqa: BLE001 - a StageError inside the task is the user's error
+            if isinstance(getattr(e, "cause", None), StageError):
+                raise e.cause from None
+            raise
+
+    for part in parts:
+        if isinstance(part, Unit):
+            pending.append(remote.remote(part, threads))
+            in_flight += 1
+        else:
+            pending.append(part)
+        while in_flight > window:
+            yield from take()
+    while pending:
+        yield from take()
+
+
 def _limit(rows: list[dict], per_class: int) -> list[dict]:
     by_class = defaultdict(list)
     for r in sorted(rows, key=lambda r: r["key"]):
@@ -191,9 +252,15 @@ def _run(cfg: IndexConfig) -> dict:
     label = {c["wnid"]: i for i, c in enumerate(classes)}
     wanted = set(label)
 
-    counts, digests, all_rejects = {}, {}, []
+    counts, digests, all_rejects, tasks, gets = {}, {}, [], 0, [0]
+    gets_before = storage.request_counts().get("GetObject", 0)
     for split in SPLITS:
-        rows, rejects = _collect(src.items(split, wanted), label, f"index {split}")
+        parts = list(src.plan(split, wanted))
+        units = [p for p in parts if isinstance(p, Unit)]
+        on_ray = _use_ray(cfg, units)
+        tasks += len(units) if on_ray else 0
+        items = _on_ray(parts, cfg.read_threads, gets) if on_ray else expand(parts, cfg.read_threads)
+        rows, rejects = _collect(items, label, f"index {split}")
         if cfg.limit:
             rows = _limit(rows, cfg.limit)
         _position_order(rows, cfg.seed, cfg.samples_per_shard)
@@ -218,6 +285,9 @@ def _run(cfg: IndexConfig) -> dict:
         "stage": "index", "data": cfg.data, "layout": src.layout, "classes": len(classes),
         **counts, "rejected": len(all_rejects), "skipped": False, "seconds": round(seconds, 2),
         "images_per_second": round(images / max(seconds, 1e-9), 1),
+        "ray_tasks": tasks,  # class tars / val tar / chunks of files read as Ray tasks (0: in this process)
+        # S3 GET requests to read the source (this process and the tasks; listings not counted)
+        "source_gets": gets[0] + storage.request_counts().get("GetObject", 0) - gets_before,
         "input_digest": fingerprint, "output_digest": digest(digests),
     }
     storage.write_json(out["record"], {

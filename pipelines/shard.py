@@ -271,7 +271,7 @@ def _plan(cfg: ShardConfig, split: str, params: dict):
         name = shard_name(split, i)
         url = storage.join(shard_dir(cfg.data, split), name)
         # The image content (sha256), not its location, decides whether a shard is still right.
-        d = digest([params, [(r["key"], r["label"], r["sha256"]) for r in groups[i]]])
+        d = digest([params, [(r["key"], r["label"], index.content_id(r)) for r in groups[i]]])
         entry = old.get(name)
         if entry and entry["input_digest"] == d and _intact(url, entry, cfg.verify):
             if _indexed(url, entry, cfg.verify):

@@ -3,9 +3,15 @@ layout, and ImageFolder-style folders (the README's "Sources" describes each).
 
 Each reader lists the images of a split as ``Item``s: where the bytes are (a file, or a byte
 range inside a tar: tar members are stored uncompressed, so an image inside
-ILSVRC2012_img_train.tar is just ``offset``/``size`` in that file), the key, the WNID, and a
-sha256 of the bytes. Nothing is extracted to disk; the shard stage later reads each image by
-its byte range. An input that cannot be used comes back with ``reject`` set to the reason.
+ILSVRC2012_img_train.tar is just ``offset``/``size`` in that file), the key, the WNID, and what
+identifies the bytes: their sha256, or for a loose object in S3 its ETag from the listing (so
+the index stage downloads nothing there). Nothing is extracted to disk; the shard stage later
+reads each image by its byte range. An input that cannot be used comes back with ``reject`` set
+to the reason.
+
+The reading is planned in ``Unit``s: one per class tar, one for the val tar, one per 1,024
+loose files to hash. Each is a plain picklable value, so the index stage can run them as Ray
+tasks across a cluster (``read_unit``) or one after the other in its own process.
 """
 from __future__ import annotations
 
@@ -44,6 +50,7 @@ class Item:
     member: str         # the name inside the tar or the path below the source, for people
     sha256: str | None = None
     reject: str | None = None
+    etag: str | None = None  # S3 loose objects: stands for the content, no download needed
 
     def as_row(self) -> dict:
         return asdict(self)
@@ -93,8 +100,63 @@ def _tar_entry_problem(m: tarfile.TarInfo) -> str | None:
     return None
 
 
+FILES_PER_UNIT = 1024  # loose files hashed per unit: a Ray task of a few seconds, not milliseconds
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Reading that fills in checksums: a class tar ("class-tar": path, offset, size, member,
+    wnid), the val tar ("val-tar": path, val=(id_to_wnid, truth, wnids)) or loose files to hash
+    ("files": items)."""
+    kind: str
+    path: str
+    offset: int = 0
+    size: int = 0
+    member: str = ""
+    wnid: str | None = None
+    items: tuple = ()
+    val: tuple | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.size or sum(i.size for i in self.items)
+
+
+def read_unit(unit: Unit, threads: int = 16) -> list[Item]:
+    """The items of one unit with their sha256 filled in (and any rejects it finds)."""
+    if unit.kind == "class-tar":
+        return list(_class_tar_items(unit))
+    if unit.kind == "val-tar":
+        return list(_val_tar_items(unit.path, *unit.val))
+    return list(_hash_items(unit.items, threads))
+
+
+def expand(parts: Iterable, threads: int = 16) -> Iterator[Item]:
+    """Items and units -> items, reading each unit here, in order."""
+    for part in parts:
+        if isinstance(part, Unit):
+            yield from read_unit(part, threads)
+        else:
+            yield part
+
+
+def _chunked(items: Iterable[Item]) -> Iterator:
+    """Loose items: rejects and ETag-identified ones as they are, the rest in units to hash."""
+    batch: list[Item] = []
+    for item in items:
+        if item.reject is not None or item.etag is not None:
+            yield item
+            continue
+        batch.append(item)
+        if len(batch) >= FILES_PER_UNIT:
+            yield Unit("files", batch[0].path, items=tuple(batch))
+            batch = []
+    if batch:
+        yield Unit("files", batch[0].path, items=tuple(batch))
+
+
 class Source:
-    """One ImageNet copy. Subclasses fill in classes(), items() and the files they fingerprint."""
+    """One ImageNet copy. Subclasses fill in classes(), plan() and the files they fingerprint."""
 
     layout = ""
 
@@ -105,13 +167,68 @@ class Source:
         """[{'wnid', 'name'}] sorted by WNID (label = position: the torchvision convention)."""
         raise NotImplementedError
 
-    def items(self, split: str, wnids: set[str]) -> Iterator[Item]:
-        """Every input of ``split`` whose class is in ``wnids`` (and every reject)."""
+    def plan(self, split: str, wnids: set[str]) -> Iterator:
+        """Every input of ``split`` whose class is in ``wnids`` (and every reject): Items known
+        from listings alone and Units that read bytes to make theirs, in a fixed order."""
         raise NotImplementedError
+
+    def items(self, split: str, wnids: set[str]) -> Iterator[Item]:
+        return expand(self.plan(split, wnids), getattr(self, "threads", 16))
 
     def fingerprint(self) -> str:
         """A cheap digest of the source's listing (names, sizes, times): changes when files do."""
         raise NotImplementedError
+
+
+def _class_tar_items(u: Unit) -> Iterator[Item]:
+    """One class tar of the train tarball, streamed (one ranged GET on S3), each image hashed."""
+    with storage.open_range(u.path, u.offset, u.size) as f, tarfile.open(fileobj=f, mode="r|") as inner:
+        for im in inner:
+            if im.isdir():
+                continue
+            item = Item("train", _stem(im.name), u.wnid, u.path, u.offset + im.offset_data, im.size,
+                        f"{u.member}/{im.name}")
+            item.reject = _tar_entry_problem(im) or _name_problem(im.name)
+            if item.reject is None:
+                item.sha256 = hashlib.sha256(inner.extractfile(im).read()).hexdigest()
+            yield item
+
+
+def _val_tar_items(path: str, id_to_wnid: dict, truth: list, wnids) -> Iterator[Item]:
+    """The val tarball, streamed front to back, labelled through the devkit's ground truth."""
+    gt_name = "ILSVRC2012_validation_ground_truth.txt"
+    seen = 0
+    with storage.open_read(path) as f, tarfile.open(fileobj=f, mode="r|") as tf:
+        for m in tf:
+            if m.isdir():
+                continue
+            key = _stem(m.name)
+            item = Item("val", key, None, path, m.offset_data, m.size, m.name)
+            item.reject = _tar_entry_problem(m) or _name_problem(m.name)
+            number = _VAL_NUMBER.match(key)
+            if item.reject is None and not number:
+                item.reject = "not a val image name (ILSVRC2012_val_########)"
+            if item.reject:
+                yield item
+                continue
+            seen += 1
+            n = int(number.group(1))
+            if n > len(truth):
+                raise StageError(
+                    f"{m.name} is image {n}, but {gt_name} in the devkit has only {len(truth)} "
+                    f"lines: the devkit does not belong to this {VAL_TAR}.")
+            item.wnid = id_to_wnid.get(truth[n - 1])
+            if item.wnid is None:
+                item.reject = f"{gt_name} line {n} names ILSVRC2012_ID {truth[n - 1]}, not a leaf class in meta.mat"
+            elif item.wnid not in wnids:
+                continue
+            else:
+                item.sha256 = hashlib.sha256(tf.extractfile(m).read()).hexdigest()
+            yield item
+    if seen != len(truth):
+        raise StageError(
+            f"{VAL_TAR} holds {seen} val images but {gt_name} has {len(truth)} lines: "
+            "they must match one to one; check that both files are complete and belong together.")
 
 
 # --- the original tarballs --------------------------------------------------------------------
@@ -158,24 +275,22 @@ class IlsvrcTarSource(Source):
     def classes(self) -> list[dict]:
         return self._read_devkit()[0]
 
-    def items(self, split: str, wnids: set[str]) -> Iterator[Item]:
+    def plan(self, split: str, wnids: set[str]) -> Iterator:
         name = TRAIN_TAR if split == "train" else VAL_TAR
         if not self.has[name]:
             raise StageError(f"'{storage.join(self.root, name)}' is missing; it holds the {split} images.")
-        return self._train(wnids) if split == "train" else self._val(wnids)
-
-    def _open_tar(self, name):
-        f = storage.open_read(storage.join(self.root, name))
-        # Seekable files (local disk) skip unwanted members without reading them; streams
-        # (S3) are read front to back, which is all a tar needs.
-        mode = "r:" if f.seekable() else "r|"
-        return f, tarfile.open(fileobj=f, mode=mode)
+        if split == "val":
+            _, id_to_wnid, truth = self._read_devkit()
+            return iter([Unit("val-tar", storage.join(self.root, VAL_TAR), val=(id_to_wnid, truth, frozenset(wnids)))])
+        return self._train(wnids)
 
     def _train(self, wnids):
+        """The outer tar's member list (headers only: on S3 a small read per class tar), one unit
+        per wanted class tar."""
         path = storage.join(self.root, TRAIN_TAR)
         known = {c["wnid"] for c in self.classes()}
-        f, outer = self._open_tar(TRAIN_TAR)
-        with f, outer:
+        # Seekable (local disk, S3 in small ranges): tarfile skips each class tar's bytes.
+        with storage.open_read(path, buffer=64 * 1024) as f, tarfile.open(fileobj=f, mode="r:") as outer:
             for m in outer:
                 wnid = _stem(m.name)
                 if m.isdir():
@@ -187,58 +302,8 @@ class IlsvrcTarSource(Source):
                 if problem:
                     yield Item("train", _stem(m.name), None, path, m.offset_data, m.size, m.name,
                                reject=problem)
-                    continue
-                if wnid not in wnids:
-                    continue
-                with tarfile.open(fileobj=outer.extractfile(m), mode="r|") as inner:
-                    for im in inner:
-                        if im.isdir():
-                            continue
-                        member = f"{m.name}/{im.name}"
-                        item = Item("train", _stem(im.name), wnid, path,
-                                    m.offset_data + im.offset_data, im.size, member)
-                        item.reject = _tar_entry_problem(im) or _name_problem(im.name)
-                        if item.reject is None:
-                            item.sha256 = hashlib.sha256(inner.extractfile(im).read()).hexdigest()
-                        yield item
-
-    def _val(self, wnids):
-        path = storage.join(self.root, VAL_TAR)
-        _, id_to_wnid, truth = self._read_devkit()
-        gt_name = "ILSVRC2012_validation_ground_truth.txt"
-        f, tf = self._open_tar(VAL_TAR)
-        seen = 0
-        with f, tf:
-            for m in tf:
-                if m.isdir():
-                    continue
-                key = _stem(m.name)
-                item = Item("val", key, None, path, m.offset_data, m.size, m.name)
-                item.reject = _tar_entry_problem(m) or _name_problem(m.name)
-                number = _VAL_NUMBER.match(key)
-                if item.reject is None and not number:
-                    item.reject = "not a val image name (ILSVRC2012_val_########)"
-                if item.reject:
-                    yield item
-                    continue
-                seen += 1
-                n = int(number.group(1))
-                if n > len(truth):
-                    raise StageError(
-                        f"{m.name} is image {n}, but {gt_name} in the devkit has only {len(truth)} "
-                        f"lines: the devkit does not belong to this {VAL_TAR}.")
-                item.wnid = id_to_wnid.get(truth[n - 1])
-                if item.wnid is None:
-                    item.reject = f"{gt_name} line {n} names ILSVRC2012_ID {truth[n - 1]}, not a leaf class in meta.mat"
-                elif item.wnid not in wnids:
-                    continue
-                else:
-                    item.sha256 = hashlib.sha256(tf.extractfile(m).read()).hexdigest()
-                yield item
-        if seen != len(truth):
-            raise StageError(
-                f"{VAL_TAR} holds {seen} val images but {gt_name} has {len(truth)} lines: "
-                "they must match one to one; check that both files are complete and belong together.")
+                elif wnid in wnids:
+                    yield Unit("class-tar", path, m.offset_data, m.size, m.name, wnid)
 
     def fingerprint(self) -> str:
         return digest([(n, storage.stat(storage.join(self.root, n)))
@@ -278,13 +343,13 @@ def _class_folders(base: str, split: str, wnids: set[str], known: set[str]) -> I
             continue
         if wnid not in wnids:
             continue
-        files = list(storage.walk_files(folder))
+        files = list(storage.walk_files(folder, etags=True))
         if not files:
             yield Item(split, wnid, wnid, folder, 0, 0, wnid, reject="empty class folder: no images")
-        for rel, size, _ in files:
+        for rel, size, _, etag in files:
             path = storage.join(folder, rel)
             yield Item(split, _stem(rel), wnid, path, 0, size, f"{split}/{wnid}/{rel}",
-                       reject=_loose_problem(path, rel))
+                       reject=_loose_problem(path, rel), etag=etag)
 
 
 class FolderSource(Source):
@@ -306,12 +371,12 @@ class FolderSource(Source):
             names = _read_mapping(storage.join(self.root, KAGGLE_MAPPING))
         return [{"wnid": w, "name": names.get(w, w)} for w in sorted(wnids)]
 
-    def items(self, split: str, wnids: set[str]) -> Iterator[Item]:
+    def plan(self, split: str, wnids: set[str]) -> Iterator:
         base = storage.join(self.root, split)
         if not storage.is_dir(base):
             raise StageError(f"'{base}' is missing: expected {split}/<wnid>/ folders.")
         known = {c["wnid"] for c in self.classes()}
-        return _hash_items(_class_folders(base, split, wnids, known), self.threads)
+        return _chunked(_class_folders(base, split, wnids, known))
 
     def fingerprint(self) -> str:
         return digest(list(storage.walk_files(self.root)))
@@ -354,20 +419,20 @@ class KaggleSource(Source):
         # The first token of PredictionString is the WNID; the rest are boxes.
         return {r["ImageId"]: (r["PredictionString"] or "").split(" ")[0] for r in rows}
 
-    def items(self, split: str, wnids: set[str]) -> Iterator[Item]:
+    def plan(self, split: str, wnids: set[str]) -> Iterator:
         base = storage.join(self.root, KAGGLE_DATA, split)
         if not storage.is_dir(base):
             raise StageError(f"'{base}' is missing; it holds the {split} images.")
         known = {c["wnid"] for c in self.classes()}
         if split == "train":
-            return _hash_items(_class_folders(base, split, wnids, known), self.threads)
-        return _hash_items(self._val_items(base, wnids, known), self.threads)
+            return _chunked(_class_folders(base, split, wnids, known))
+        return _chunked(self._val_items(base, wnids, known))
 
     def _val_items(self, base, wnids, known):
         labels = self._val_labels()
-        for rel, size, _ in storage.walk_files(base):
+        for rel, size, _, etag in storage.walk_files(base, etags=True):
             item = Item("val", _stem(rel), None, storage.join(base, rel), 0, size, f"val/{rel}",
-                        reject=_loose_problem(storage.join(base, rel), rel))
+                        reject=_loose_problem(storage.join(base, rel), rel), etag=etag)
             if item.reject is None:
                 item.wnid = labels.get(item.key)
                 if item.wnid is None:

@@ -225,13 +225,16 @@ def list_dir(url: str) -> list[str]:
 
 
 @_explained
-def walk_files(url: str) -> Iterator[tuple[str, int, int]]:
-    """(path relative to url, size, mtime_ns) of every file below url, in sorted order."""
+def walk_files(url: str, etags: bool = False) -> Iterator[tuple]:
+    """(path relative to url, size, mtime_ns) of every file below url, in sorted order; with
+    ``etags``, a fourth field: the S3 object's ETag from the listing (None for local files)."""
     if not is_s3(url):
-        return _walk_local(Path(url))
+        files = _walk_local(Path(url))
+        return (f + (None,) for f in files) if etags else files
     found = []  # listed eagerly, so S3 errors surface here, explained
     for prefix, page in _list(url, delimiter=False):
         found += [(o["Key"][len(prefix):], o["Size"], int(o["LastModified"].timestamp() * 1e9))
+                  + ((o["ETag"].strip('"'),) if etags else ())
                   for o in page.get("Contents", []) if not o["Key"].endswith("/")]
     return iter(sorted(found))
 
@@ -246,11 +249,63 @@ def _walk_local(base: Path) -> Iterator[tuple[str, int, int]]:
 
 
 @_explained
-def open_read(url: str) -> IO[bytes]:
-    """A seekable binary file; on S3 it fetches 8 MB ranges as it goes (streams, no local copy)."""
+def open_read(url: str, buffer: int = READ_BUFFER) -> IO[bytes]:
+    """A seekable binary file; on S3 it fetches ``buffer``-sized ranges as it goes (streams, no
+    local copy). A small buffer suits reading headers here and there (a tar's member list)."""
     if not is_s3(url):
         return open(url, "rb")
-    return io.BufferedReader(_S3Reader(url), buffer_size=READ_BUFFER)
+    return io.BufferedReader(_S3Reader(url), buffer_size=buffer)
+
+
+class _Slice(io.RawIOBase):
+    """``size`` bytes of a local file from ``offset``, read front to back."""
+
+    def __init__(self, f, size: int):
+        self.f, self.left = f, size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        n = self.f.readinto(memoryview(buf)[:min(len(buf), self.left)]) if self.left > 0 else 0
+        self.left -= n
+        return n
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+@_explained
+def open_range(url: str, offset: int, size: int) -> IO[bytes]:
+    """A byte range as a stream to read front to back: on S3 one GET, its body streamed (a class
+    tar of 140 MB is one request and never held whole in memory)."""
+    if not is_s3(url):
+        f = open(url, "rb")
+        f.seek(offset)
+        return io.BufferedReader(_Slice(f, size), buffer_size=1 << 20)
+    bucket, key = _split(url)
+    body = s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + size - 1}")["Body"]
+    return io.BufferedReader(_Body(body), buffer_size=1 << 20)
+
+
+class _Body(io.RawIOBase):
+    """A botocore streaming body as a raw stream (so it can be buffered and closed)."""
+
+    def __init__(self, body):
+        self.body = body
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        data = self.body.read(len(buf))
+        buf[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.body.close()
+        super().close()
 
 
 @_explained

@@ -81,33 +81,58 @@ def test_shards_are_made_of_runs_of_neighbours_and_still_mix_classes(src, tmp_pa
     assert index.run_length(30) == 1 and index.run_length(256) == 16
 
 
+def test_the_index_read_as_ray_tasks_equals_the_index_read_in_this_process(src, tmp_path, ray_local):
+    for layout, units in (("tarballs", 8 + 1), ("kaggle", 2 + 1)):  # class tars + val tar; 1,280 + 80 files
+        got = {}
+        for parallel in ("local", "ray"):
+            root = str(tmp_path / layout / parallel)
+            summary = index.run(IndexConfig(source=str(src / layout), data=root, samples_per_shard=1024,
+                                            parallel=parallel))
+            assert summary["ray_tasks"] == (units if parallel == "ray" else 0)
+            got[parallel] = ({split: index.read_rows(root, split) for split in ("train", "val")},
+                             json.loads((tmp_path / layout / parallel / "index" / "index.json").read_text())["digests"])
+        assert got["ray"] == got["local"]
+        assert len(got["ray"][0]["train"]) == 8 * 160
+
+
 @pytest.mark.slow
 def test_shard_stage_reads_the_tarballs_in_s3_with_one_get_per_run(src, tmp_path, ray_local):
-    """The same ILSVRC tarballs from local disk and from S3 give byte-identical shards; from S3
-    the shard tasks send at most one GET per 50 images (runs of 64, merged ranges)."""
+    """The same images from local tarballs, from the tarballs in S3 and from the Kaggle layout in
+    S3 give byte-identical shards. From the tarballs in S3 the shard tasks send at most one GET
+    per 50 images (runs of 64, merged ranges); the Kaggle layout's index downloads no image (the
+    listing's ETags identify them) and the shard stage reads each image once."""
     import boto3
 
     with sv.seaweedfs(tmp_path / "s3") as s3:
         client = boto3.client("s3", endpoint_url=s3["env"]["AWS_ENDPOINT_URL"], aws_access_key_id=sv.ACCESS_KEY,
                               aws_secret_access_key=sv.SECRET_KEY, region_name="us-east-1")
-        for f in (src / "tarballs").iterdir():
-            client.upload_file(str(f), sv.BUCKET, f"src/{f.name}")
+        for layout in ("tarballs", "kaggle"):
+            for f in (src / layout).rglob("*"):
+                if f.is_file():
+                    client.upload_file(str(f), sv.BUCKET, f"{layout}/{f.relative_to(src / layout)}")
         env = dict(os.environ, **s3["env"], RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
         summaries = {}
         for where, source, root in (("local", str(src / "tarballs"), str(tmp_path / "local")),
-                                    ("s3", f"s3://{sv.BUCKET}/src", f"s3://{sv.BUCKET}/root")):
+                                    ("s3", f"s3://{sv.BUCKET}/tarballs", f"s3://{sv.BUCKET}/root"),
+                                    ("kaggle", f"s3://{sv.BUCKET}/kaggle", f"s3://{sv.BUCKET}/root-kaggle")):
             for stage in (["index", "--source", source, "--samples-per-shard", "1024"], ["shard", "--resize", "64"]):
                 proc = subprocess.run([sys.executable, "-m", "pipelines", stage[0], "--data", root, *stage[1:]],
                                       env=env, capture_output=True, text=True, timeout=600)
                 assert proc.returncode == 0, proc.stderr[-3000:]
-            summaries[where] = json.loads(proc.stdout.strip().splitlines()[-1])
-        local, remote = summaries["local"], summaries["s3"]
-        assert local["output_digest"] == remote["output_digest"]  # the same bytes, however read
+                summaries[where, stage[0]] = json.loads(proc.stdout.strip().splitlines()[-1])
+        local, remote, kaggle = (summaries[w, "shard"] for w in ("local", "s3", "kaggle"))
+        # The same bytes, however and wherever read.
+        assert local["output_digest"] == remote["output_digest"] == kaggle["output_digest"]
         assert local["source_gets"] == 0
         images = 8 * 160 + 8 * 10
         assert remote["samples"] + remote["rejected_here"] == images
         assert 0 < remote["source_gets"] <= images / 50, remote
         assert remote["gets_per_image"] == round(remote["source_gets"] / images, 4)
+        # Loose objects: the index reads the two label files and no image; the shards read each once.
+        assert summaries["kaggle", "index"]["source_gets"] <= 3, summaries["kaggle", "index"]
+        assert images <= kaggle["source_gets"] <= images + 8, kaggle
+        # The index read the class tars as Ray tasks (a cluster is there), one GET each.
+        assert summaries["s3", "index"]["ray_tasks"] == 8 + 1
         # Which node did the work: this test's one local Ray node did all of it.
         assert [(n["shards"], n["images"]) for n in remote["nodes"]] == [(remote["written"], images)]
         assert Counter(len(n["node"]) for n in remote["nodes"]) == Counter({56: 1})

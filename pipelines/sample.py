@@ -99,6 +99,19 @@ def run(cfg: SampleConfig) -> dict:
     }
 
 
+def write_tarballs(root: str, cfg: SampleConfig, images: list[bytes]) -> dict:
+    """The original tarball layout (train tar of class tars, val tar, devkit) of ``cfg``'s classes,
+    holding the given JPEGs instead of generated ones: train images in key order, then val. The
+    benchmarks use it with photo-like JPEGs of ImageNet's size. Returns {"train": n, "val": n}."""
+    plan = _plan(cfg)
+    keys = [*plan["train"], *plan["val"]]
+    if len(images) < len(keys):
+        raise ValueError(f"{len(keys)} images needed, {len(images)} given")
+    os.makedirs(root, exist_ok=True)
+    _write_tarballs(root, plan, dict(zip(keys, images)))
+    return {"train": len(plan["train"]), "val": len(plan["val"])}
+
+
 def _check(cfg: SampleConfig) -> None:
     # Quirks and bad files each take a distinct image, so small configs need enough images.
     need_train, need_val = (6, 3) if cfg.bad else (3, 2)

@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from . import common, loader, shard, train_step
+from . import common, loader, s3, shard, train_step
 
 
 def main(argv=None) -> None:
@@ -25,6 +25,7 @@ def main(argv=None) -> None:
         shard.main(small + (["--images", "600"] if a.quick else [])),
         loader.main(small + (["--images", "600", "--take", "512"] if a.quick else [])),
         train_step.main(small + (["--steps", "4"] if a.quick else [])),
+        s3.main(small + (["--images", "512"] if a.quick else [])),
     ]
     print("\nsummary (pipelines against each baseline, ratio of medians):")
     for r in results:

@@ -41,3 +41,16 @@ def test_gpu_benchmark_without_cuda_says_how_to_run_it():
     r = subprocess.run([sys.executable, "-m", "benchmarks.gpu"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "--device cpu --tiny" in r.stderr
+
+
+def test_s3_benchmark_runs_small_and_counts_the_gets(tmp_path):
+    env = {**os.environ, "BENCH_OUT": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "benchmarks.s3", "--images", "256", "--repeats", "1"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads((tmp_path / "s3.json").read_text())
+    rows = {row["contender"]: row for row in record["rows"]}
+    assert set(rows) == {"local", "s3"} and all(row["images/s"] > 0 for row in rows.values())
+    # 256 images of 8 classes in one shard: 4 runs of 64, neighbours in the tar: a few GETs at most.
+    assert rows["local"]["source GETs"] == 0 and 1 <= rows["s3"]["source GETs"] <= 4
+    assert record["ratios"]["s3_vs_local"] > 0

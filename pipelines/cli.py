@@ -15,6 +15,7 @@ from . import config
 from .common import StageError, StrictFailure
 
 TRACKED = ("index", "shard", "stats")
+RAY_STAGES = ("index", "shard", "stats", "train", "evaluate", "demo")
 _UNSET = argparse.SUPPRESS  # flags not given stay out of the config, so config.py's defaults win
 
 
@@ -41,15 +42,25 @@ def _workers(value: str):
         raise argparse.ArgumentTypeError(f"'{value}': expected a number of workers (8) or a range MIN-MAX (4-8)")
 
 
+def _size(text: str):
+    """--size WxH, with parse_size's message (argparse would replace a ValueError's by its own)."""
+    from .sample import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _stage_parsers(sub):
-    from .sample import SampleConfig, parse_size
+    from .sample import SampleConfig
 
     p = sub.add_parser("sample", help="write a small ImageNet-format dataset in all three layouts")
     p.add_argument("--out", required=True, help="output folder")
     _add(p, SampleConfig, "--classes", dest="classes", type=int, help="number of classes")
     _add(p, SampleConfig, "--train-per-class", dest="train_per_class", type=int, help="train images per class")
     _add(p, SampleConfig, "--val-per-class", dest="val_per_class", type=int, help="val images per class")
-    _add(p, SampleConfig, "--size", dest="size", type=parse_size, help="nominal image size WxH")
+    _add(p, SampleConfig, "--size", dest="size", type=_size, help="nominal image size WxH")
     _add(p, SampleConfig, "--seed", dest="seed", type=int, help="random seed")
     _add(p, SampleConfig, "--bad", dest="bad", action="store_true",
          help="also write damaged files (truncated, empty, not an image)")
@@ -188,6 +199,12 @@ def main(argv=None) -> int:
     stage = module.__name__.rsplit(".", 1)[-1]
     try:
         cfg = cls(**args) if cls else args
+        if stage in RAY_STAGES:  # a wrong or dead RAY_ADDRESS is named now, not after a run began
+            from .common import ray_address
+
+            ray_address()
+        if hasattr(module, "check"):  # flags and paths, before any MLflow run or store exists
+            module.check(cfg)
         if stage in TRACKED:  # each preprocessing run is an MLflow run of its own (experiment 'preprocessing')
             from . import tracking
 

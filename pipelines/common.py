@@ -76,6 +76,33 @@ def forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARD if os.environ.get(k)}
 
 
+def ray_address() -> str:
+    """Where a stage's Ray is: RAY_ADDRESS (a cluster's GCS, HOST:PORT), checked to answer within
+    seconds, else "local": a Ray of its own. Never ray.init()'s own default, which joins whatever
+    cluster `ray start` last recorded on this machine and hangs silently when that head is gone."""
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if not address or address == "local":
+        return "local"
+    if address.startswith(("http://", "https://")):
+        raise StageError(
+            f"RAY_ADDRESS={address} is a dashboard (Jobs API) address: `python -m pipelines submit -- <stage> ...` "
+            "sends a stage there as a job. To run this stage's driver here against that cluster, set RAY_ADDRESS "
+            "to its GCS address (HOST:6379); unset it to use a Ray of this process's own.")
+    if address == "auto" or address.startswith("ray://"):
+        return address
+    host, _, port = address.rpartition(":")
+    import socket
+
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            pass
+    except (OSError, ValueError) as e:
+        raise StageError(
+            f"Nothing answers at RAY_ADDRESS={address} ({type(e).__name__}: {e}): is the cluster's head up, and is "
+            "this its GCS address (HOST:6379)? Unset RAY_ADDRESS to use a Ray of this process's own.") from None
+    return address
+
+
 def ensure_ray(dashboard: bool = False):
     """Connect to the cluster in RAY_ADDRESS, or start a local Ray; reuse one already started.
 
@@ -88,15 +115,15 @@ def ensure_ray(dashboard: bool = False):
     import ray
 
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS") or None
-        local = {} if address else {"include_dashboard": dashboard}
-        if dashboard and not address:
+        address = ray_address()
+        local = {} if address != "local" else {"include_dashboard": dashboard}
+        if dashboard and address == "local":
             local["dashboard_host"] = "127.0.0.1"
         # Workers of a cluster started elsewhere do not have this shell's settings: send them.
         # Inside a submitted job they arrive with the job's runtime env (sending them again
         # would be a conflict Ray refuses).
         env = forwarded_env()
-        if address and env and "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+        if address != "local" and env and "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
             local["runtime_env"] = {"env_vars": env}
         ray.init(address=address, logging_level="WARNING", **local)
     return ray

@@ -222,16 +222,26 @@ def run(cfg: IndexConfig) -> dict:
         return _run(cfg)
 
 
-def _run(cfg: IndexConfig) -> dict:
-    t0 = time.monotonic()
+def check(cfg: IndexConfig):
+    """Every flag and path, before any work or MLflow run; returns the opened source."""
     if cfg.samples_per_shard < 1:
         raise StageError(f"--samples-per-shard {cfg.samples_per_shard}: must be at least 1.")
     for name in ("classes", "limit"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise StageError(f"--{name} {value}: must be at least 1 (or leave it out for all).")
+    if cfg.read_threads < 1:
+        raise StageError(f"--read-threads {cfg.read_threads}: must be at least 1.")
+    if cfg.parallel not in ("auto", "ray", "local"):
+        raise StageError(f"--parallel {cfg.parallel!r}: expected auto, ray or local.")
+    storage.check_url(cfg.data)
+    return open_source(cfg.source, cfg.layout, cfg.read_threads)
+
+
+def _run(cfg: IndexConfig) -> dict:
+    t0 = time.monotonic()
+    src = check(cfg)
     out = paths(cfg.data)
-    src = open_source(cfg.source, cfg.layout, cfg.read_threads)
     params = {"source": cfg.source, "layout": src.layout, "classes": cfg.classes, "limit": cfg.limit,
               "seed": cfg.seed, "samples_per_shard": cfg.samples_per_shard, "assignment": ASSIGNMENT}
     fingerprint = src.fingerprint()

@@ -37,7 +37,12 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
+from .common import StageError
 from .config import SampleConfig  # noqa: F401 - re-exported: callers build it from here too
+
+
+class SampleError(StageError, ValueError):
+    """A sample setting that cannot work: the CLI shows the message and exits 2."""
 
 
 # --- fixed facts of the formats ---------------------------------------------------------
@@ -67,7 +72,7 @@ def parse_size(text: str) -> tuple[int, int]:
     """'160x120' -> (160, 120); the CLI's --size."""
     match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
     if not match or int(match[1]) < 1 or int(match[2]) < 1:
-        raise ValueError(f"Bad --size {text!r}: expected WxH, e.g. 160x120")
+        raise SampleError(f"Bad --size {text!r}: expected WxH, e.g. 160x120")
     return int(match[1]), int(match[2])
 
 
@@ -116,18 +121,18 @@ def _check(cfg: SampleConfig) -> None:
     # Quirks and bad files each take a distinct image, so small configs need enough images.
     need_train, need_val = (6, 3) if cfg.bad else (3, 2)
     if cfg.classes < 2:
-        raise ValueError(f"classes={cfg.classes}: need at least 2, so that "
+        raise SampleError(f"--classes {cfg.classes} (classes={cfg.classes}): need at least 2, so that "
                          "ILSVRC2012_ID order can differ from sorted-WNID order.")
     if cfg.train_per_class < 1 or cfg.classes * cfg.train_per_class < need_train:
-        raise ValueError(f"train_per_class={cfg.train_per_class}: need >= 1 and at least "
+        raise SampleError(f"--train-per-class {cfg.train_per_class} (train_per_class={cfg.train_per_class}): need >= 1 and at least "
                          f"{need_train} train images in all for the quirks"
                          f"{' and bad files' if cfg.bad else ''}.")
     if cfg.val_per_class < 1 or cfg.classes * cfg.val_per_class < need_val:
-        raise ValueError(f"val_per_class={cfg.val_per_class}: need >= 1 and at least "
+        raise SampleError(f"--val-per-class {cfg.val_per_class} (val_per_class={cfg.val_per_class}): need >= 1 and at least "
                          f"{need_val} val images in all for the quirks"
                          f"{' and bad files' if cfg.bad else ''}.")
     if len(cfg.size) != 2 or min(cfg.size) < 8:
-        raise ValueError(f"size={cfg.size!r}: expected (W, H), each >= 8 pixels.")
+        raise SampleError(f"--size {cfg.size[0]}x{cfg.size[1]} (size={cfg.size!r}): expected (W, H), each >= 8 pixels.")
 
 
 # --- the plan: every random choice, made up front from the seed ----------------------------
@@ -384,10 +389,10 @@ def _prepare_out(out: str) -> str:
         foreign = sorted(set(os.listdir(out)) - ours)
         # Only replace what a previous run wrote: never delete a user's unrelated files.
         if foreign and not os.path.exists(os.path.join(out, "truth.json")):
-            raise ValueError(f"Output dir {out!r} is not empty and holds no earlier sample "
+            raise SampleError(f"Output dir {out!r} is not empty and holds no earlier sample "
                              f"(found {foreign[:3]}); pass an empty or new directory.")
     elif os.path.exists(out):
-        raise ValueError(f"Output {out!r} is a file; pass a directory.")
+        raise SampleError(f"Output {out!r} is a file; pass a directory.")
     stage = os.path.join(out, ".sample-staging")
     shutil.rmtree(stage, ignore_errors=True)  # left by an interrupted run
     os.makedirs(stage)

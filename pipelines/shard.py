@@ -315,7 +315,9 @@ def _save_manifest(cfg, split, params, index_digest, entries: dict, names: list[
     return manifest
 
 
-def _validate(cfg: ShardConfig) -> tuple[str, ...]:
+def check(cfg: ShardConfig) -> tuple[str, ...]:
+    """Every flag, and that the index is there, before any work or MLflow run; the splits."""
+    storage.check_url(cfg.data)
     splits = SPLITS if cfg.split == "all" else (cfg.split,)
     if cfg.split not in (*SPLITS, "all"):
         raise StageError(f"Unknown split '{cfg.split}'. Expected one of: train, val, all.")
@@ -325,6 +327,8 @@ def _validate(cfg: ShardConfig) -> tuple[str, ...]:
         raise StageError(f"--quality {cfg.quality}: must be in 1..100 (90 is the default).")
     if cfg.samples_per_shard is not None and cfg.samples_per_shard < 1:
         raise StageError(f"--samples-per-shard {cfg.samples_per_shard}: must be at least 1.")
+    if cfg.read_threads < 1:
+        raise StageError(f"--read-threads {cfg.read_threads}: must be at least 1.")
     if not storage.exists(index.paths(cfg.data)["record"]):
         raise StageError(f"No index in '{cfg.data}': run the index stage first "
                          f"(python -m pipelines index --source SRC --data {cfg.data}).")
@@ -339,7 +343,7 @@ def run(cfg: ShardConfig) -> dict:
 
 def _run(cfg: ShardConfig) -> dict:
     t0 = time.monotonic()
-    splits = _validate(cfg)
+    splits = check(cfg)
     started = now_iso()
     params = {"resize": cfg.resize, "keep_aspect": cfg.keep_aspect, "quality": cfg.quality,
               "format": FORMAT_VERSION, "codecs": codec_versions()}

@@ -68,13 +68,20 @@ def run(cfg: StatsConfig) -> dict:
         return _run(cfg)
 
 
-def _run(cfg: StatsConfig) -> dict:
-    t0 = time.monotonic()
+def check(cfg: StatsConfig) -> dict:
+    """The training shards are there and complete, before any work or MLflow run; their manifest."""
+    storage.check_url(cfg.data)
     manifest = shard.read_manifest(cfg.data, "train")
     if manifest is None or not manifest["complete"]:
         state = "missing" if manifest is None else "incomplete"
         raise StageError(f"The training shards in '{cfg.data}' are {state}: run the shard stage first "
                          f"(python -m pipelines shard --data {cfg.data} --split train).")
+    return manifest
+
+
+def _run(cfg: StatsConfig) -> dict:
+    t0 = time.monotonic()
+    manifest = check(cfg)
     out = stats_url(cfg.data)
     if not cfg.force and storage.exists(out):
         old = storage.read_json(out)

@@ -85,6 +85,14 @@ def _split(url: str) -> tuple[str, str]:
     return bucket, key.strip("/")
 
 
+def check_url(url: str) -> None:
+    """A usable location, before any work: an s3:// URL names a bucket."""
+    if is_s3(url):
+        _split(url)
+    elif not str(url).strip():
+        raise StageError("An empty path was given: pass a folder or s3://bucket/prefix.")
+
+
 def _explained(fn):
     """Turn S3 failures into errors that name the URL, the endpoint and the fix (never a secret)."""
 

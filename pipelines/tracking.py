@@ -203,7 +203,22 @@ def set_tags(run_id: str, tags: dict) -> None:
 
 
 def get_tags(run_id: str) -> dict[str, str]:
-    return dict(_client().get_run(run_id).data.tags)
+    """The tags of ``run_id``; a run that is not in the configured store is a StageError that
+    names the store searched and how to point at another (never an empty store created)."""
+    uri = tracking_uri()
+    fix = ("Set MLFLOW_TRACKING_URI to the store that holds it (the demo's is sqlite:///<its --out>/mlflow.db; "
+           "a team's is its server, http://HOST:5000).")
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise StageError(f"Run {run_id} not found: there is no MLflow store at {uri} "
+                         f"(MLFLOW_TRACKING_URI {'is' if os.environ.get('MLFLOW_TRACKING_URI') else 'unset: the default is ./mlflow.db'}). {fix}")
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return dict(_client().get_run(run_id).data.tags)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise StageError(f"Run {run_id} is not in the MLflow store {_redact_url(uri)}. {fix}") from None
 
 
 # --- params and metrics ---------------------------------------------------------------------

@@ -455,6 +455,10 @@ def _validate(cfg: TrainConfig) -> None:
         raise StageError(f"Unknown init '{cfg.init}'. Expected one of: {', '.join(model.INITS)}.")
     if cfg.workers < 1 or cfg.epochs < 1:
         raise StageError(f"--workers {cfg.workers} / --epochs {cfg.epochs}: both must be at least 1.")
+    for flag, value in (("--lr", cfg.lr), ("--momentum", cfg.momentum), ("--weight-decay", cfg.weight_decay)):
+        if not value >= 0 or (flag == "--lr" and value == 0):
+            raise StageError(f"{flag} {value}: must be {'above' if flag == '--lr' else 'at least'} 0 "
+                             f"(the paper uses --lr 0.01 --momentum 0.9 --weight-decay 0.0005).")
     if cfg.min_workers is not None and not 1 <= cfg.min_workers <= cfg.workers:
         raise StageError(f"--workers {cfg.min_workers}-{cfg.workers}: need 1 <= MIN <= MAX.")
     if cfg.batch_size < cfg.workers:

@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     except StageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if stage == "status":
-        print(module.format_table(summary))
+    if stage == "status":  # the table for people on stderr; stdout stays one JSON line for scripts
+        print(module.format_table(summary), file=sys.stderr)
     print(json.dumps(summary), flush=True)
     return int(summary.get("exit_code", 0))  # submit: the job's own exit code

@@ -26,10 +26,20 @@ def _default(cls, name):
     raise KeyError(name)
 
 
+METAVARS = {"name": "NAME", "experiment": "EXP", "storage": "DIR", "ledger": "DIR", "register": "NAME",
+            "address": "URL", "layout": None, "workers": "N|MIN-MAX", "size": "WxH"}
+
+
 def _add(p, cls, *flags, dest, help, **kw):
     kw.setdefault("default", _UNSET)
-    if "action" not in kw or kw["action"] not in ("store_true", "store_false"):
-        help = f"{help} (default: {_default(cls, dest)})" if _default(cls, dest) is not dataclasses.MISSING else help
+    flag_only = kw.get("action") in ("store_true", "store_false", "store_const")
+    default = _default(cls, dest)
+    # The default that is really used, once: none shown where the help says it or there is none.
+    if not flag_only and default not in (dataclasses.MISSING, None) and "default:" not in help:
+        shown = "x".join(map(str, default)) if isinstance(default, tuple) else default
+        help = f"{help} (default: {shown})"
+    if not flag_only and "choices" not in kw:
+        kw.setdefault("metavar", METAVARS.get(dest) or {int: "N", float: "X"}.get(kw.get("type"), dest.upper()))
     p.add_argument(*flags, dest=dest, help=help, **kw)
 
 
@@ -56,7 +66,7 @@ def _stage_parsers(sub):
     from .sample import SampleConfig
 
     p = sub.add_parser("sample", help="write a small ImageNet-format dataset in all three layouts")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     _add(p, SampleConfig, "--classes", dest="classes", type=int, help="number of classes")
     _add(p, SampleConfig, "--train-per-class", dest="train_per_class", type=int, help="train images per class")
     _add(p, SampleConfig, "--val-per-class", dest="val_per_class", type=int, help="val images per class")
@@ -68,11 +78,11 @@ def _stage_parsers(sub):
 
     C = config.IndexConfig
     p = sub.add_parser("index", help="source -> classes.json + index/{train,val}.parquet")
-    p.add_argument("--source", required=True, help="ImageNet folder: original tarballs, Kaggle or train/<wnid>/")
-    p.add_argument("--data", required=True, help="dataset ROOT to write")
-    _add(p, C, "--layout", dest="layout", choices=["ilsvrc-tar", "kaggle", "folder"], help="skip detection")
-    _add(p, C, "--classes", dest="classes", type=int, help="keep the first N classes (sorted WNIDs)")
-    _add(p, C, "--limit", dest="limit", type=int, help="at most N images per class and split")
+    p.add_argument("--source", required=True, metavar="SRC", help="ImageNet folder: original tarballs, Kaggle or train/<wnid>/")
+    p.add_argument("--data", required=True, metavar="ROOT", help="dataset ROOT to write")
+    _add(p, C, "--layout", dest="layout", choices=["ilsvrc-tar", "kaggle", "folder"], help="skip detection (default: detected from the files)")
+    _add(p, C, "--classes", dest="classes", type=int, help="keep the first N classes (sorted WNIDs; default: all)")
+    _add(p, C, "--limit", dest="limit", type=int, help="at most N images per class and split (default: all)")
     _add(p, C, "--seed", dest="seed", type=int, help="seed of the shard assignment")
     _add(p, C, "--samples-per-shard", dest="samples_per_shard", type=int, help="images per shard")
     _add(p, C, "--read-threads", dest="read_threads", type=int, help="parallel reads of loose files")
@@ -84,7 +94,7 @@ def _stage_parsers(sub):
 
     C = config.ShardConfig
     p = sub.add_parser("shard", help="index -> webdataset shards (one Ray task per shard)")
-    p.add_argument("--data", required=True, help="dataset ROOT")
+    p.add_argument("--data", required=True, metavar="ROOT", help="dataset ROOT")
     _add(p, C, "--split", dest="split", choices=["train", "val", "all"], help="which split")
     _add(p, C, "--resize", dest="resize", type=int, help="shorter side in px")
     _add(p, C, "--keep-aspect", dest="keep_aspect", action="store_true",
@@ -100,13 +110,13 @@ def _stage_parsers(sub):
 
     C = config.StatsConfig
     p = sub.add_parser("stats", help="training shards -> stats.json (mean, std, RGB eigen-decomposition)")
-    p.add_argument("--data", required=True, help="dataset ROOT")
+    p.add_argument("--data", required=True, metavar="ROOT", help="dataset ROOT")
     _add(p, C, "--force", dest="force", action="store_true", help="recompute even if the shards are unchanged")
     p.set_defaults(config=C, module="stats")
 
     C = config.StatusConfig
     p = sub.add_parser("status", help="each stage of a dataset: done, stale or missing")
-    p.add_argument("--data", required=True, help="dataset ROOT")
+    p.add_argument("--data", required=True, metavar="ROOT", help="dataset ROOT")
     _add(p, C, "--verify", dest="verify", action="store_true",
          help="re-checksum every shard (reads them all): finds damage that kept a file's size")
     _add(p, C, "--no-source-check", dest="check_source", action="store_false",
@@ -115,7 +125,7 @@ def _stage_parsers(sub):
 
     C = config.TrainConfig
     p = sub.add_parser("train", help="the 2012 AlexNet on Ray Train workers, tracked in MLflow")
-    p.add_argument("--data", required=True, help="dataset ROOT (shards, classes.json, stats.json)")
+    p.add_argument("--data", required=True, metavar="ROOT", help="dataset ROOT (shards, classes.json, stats.json)")
     _add(p, C, "--workers", dest="workers", type=_workers,
          help="data-parallel workers: N, or MIN-MAX for elastic training that goes on with fewer after a node loss")
     g = p.add_mutually_exclusive_group()
@@ -154,7 +164,7 @@ def _stage_parsers(sub):
 
     C = config.EvaluateConfig
     p = sub.add_parser("evaluate", help="a checkpoint on the val shards: top-1 / top-5")
-    p.add_argument("--data", required=True, help="dataset ROOT")
+    p.add_argument("--data", required=True, metavar="ROOT", help="dataset ROOT")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--run-id", dest="run_id", default=_UNSET, help="MLflow run id of a training run")
     g.add_argument("--checkpoint", dest="checkpoint", default=_UNSET, help="checkpoint folder (holds state.pt)")
@@ -174,14 +184,50 @@ def _stage_parsers(sub):
     p.add_argument("args", nargs=argparse.REMAINDER, help="-- <stage> <args...>")
     p.set_defaults(config=C, module="submit")
 
-    p = sub.add_parser("demo", help="sample data -> index -> shard -> stats -> status")
-    p.add_argument("--out", default="demo", help="folder for the demo's data (default: demo)")
+    p = sub.add_parser("demo", help="sample data -> index -> shard -> stats -> train -> evaluate, all tracked")
+    p.add_argument("--out", default="demo", metavar="DIR", help="folder for the demo's data (default: demo)")
     p.set_defaults(config=None, module="demo")
 
 
+DESCRIPTION = """\
+AlexNet (Krizhevsky, Sutskever and Hinton, 2012) on ImageNet: Ray jobs turn ImageNet as you hold
+it into webdataset shards, Ray Train workers train the paper's network on them, and every stage
+is a run in MLflow. Each stage reads and writes files under a dataset ROOT (a folder or
+s3://bucket/prefix) and ends with one JSON line on stdout.
+
+  index -> shard -> stats -> train -> evaluate      (status shows where a ROOT stands)
+
+exit codes: 0 done, 1 --strict and inputs were rejected, 2 a usage or input error."""
+
+EXAMPLES = {
+    "sample": "python -m pipelines sample --out /tmp/sample --classes 10",
+    "index": "python -m pipelines index --source /data/imagenet --data /data/alexnet\n"
+             "  python -m pipelines index --source s3://bucket/ilsvrc2012 --data s3://bucket/alexnet --classes 100",
+    "shard": "python -m pipelines shard --data /data/alexnet            # 256x256 q90, as the paper\n"
+             "  python -m pipelines shard --data /data/alexnet --split val --verify",
+    "stats": "python -m pipelines stats --data /data/alexnet",
+    "status": "python -m pipelines status --data /data/alexnet 2>/dev/null | jq .states",
+    "train": "python -m pipelines train --data /data/alexnet --gpu --workers 8 --name run1\n"
+             "  python -m pipelines train --data /data/alexnet --gpu --workers 4-8 --name run1   # elastic",
+    "evaluate": "python -m pipelines evaluate --data /data/alexnet --run-id RUN_ID --ten-crop",
+    "submit": "python -m pipelines submit -- shard --data s3://bucket/alexnet\n"
+              "  python -m pipelines submit --list",
+    "demo": "python -m pipelines demo --out demo",
+}
+
+
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m pipelines", description=DESCRIPTION,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="`python -m pipelines STAGE --help` describes each stage.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="STAGE")
+    add_parser = sub.add_parser
+
+    def described(name, help, **kw):  # each stage: its one-line help as description, an example
+        return add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".",
+                          epilog="example:\n  " + EXAMPLES[name], formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+    sub.add_parser = described
     _stage_parsers(sub)
     return ap
 

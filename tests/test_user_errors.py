@@ -126,3 +126,18 @@ def test_a_dead_head_left_by_ray_start_is_not_joined(indexed, tmp_path):
         except ProcessLookupError:
             pass
         subprocess.run(["rm", "-rf", str(ray_tmp)], check=False)
+
+
+def test_help_is_written_for_people():
+    from pipelines import cli
+
+    top = cli.parser().format_help()
+    assert "index -> shard -> stats -> train -> evaluate" in top and "exit codes" in top
+    for stage in cli.EXAMPLES:
+        p, _ = _cli([stage, "--help"], cwd=PROJECT, timeout=60)
+        assert p.returncode == 0, p.stderr
+        text = " ".join(p.stdout.split())  # argparse wraps lines
+        assert f"example: python -m pipelines {stage}" in text, stage
+        assert "(default: None)" not in text and ") (default:" not in text, stage
+        if "--data" in text:
+            assert "--data ROOT" in text, stage

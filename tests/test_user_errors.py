@@ -4,6 +4,7 @@ Ray a stage uses when RAY_ADDRESS is unset, wrong or dead."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -138,6 +139,6 @@ def test_help_is_written_for_people():
         assert p.returncode == 0, p.stderr
         text = " ".join(p.stdout.split())  # argparse wraps lines
         assert f"example: python -m pipelines {stage}" in text, stage
-        assert "(default: None)" not in text and ") (default:" not in text, stage
-        if "--data" in text:
+        assert "(default: None)" not in text and not re.search(r"\(default: [^)]*\) \(default:", text), stage
+        if stage not in ("sample", "submit", "demo"):
             assert "--data ROOT" in text, stage

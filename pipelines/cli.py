@@ -155,6 +155,8 @@ def _stage_parsers(sub):
     _add(p, C, "--checkpoint-every", dest="checkpoint_every", type=int,
          help="steps between mid-epoch checkpoints (default: measured, about every "
               f"{_default(C, 'checkpoint_interval_s'):.0f} s)")
+    _add(p, C, "--progress-every", dest="progress_every", type=int,
+         help="steps between progress lines inside an epoch (default: a tenth of an epoch)")
     _add(p, C, "--ledger", dest="ledger", help="debug: a local folder where each rank records the keys of every step")
     _add(p, C, "--decode", dest="decode", choices=["auto", "worker", "device"],
          help="where JPEGs are decoded: device = in one batched call on the training device (nvjpeg "

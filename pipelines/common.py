@@ -30,7 +30,7 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _fmt_seconds(s: float) -> str:
+def fmt_seconds(s: float) -> str:
     s = int(s)
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
@@ -56,9 +56,9 @@ class Progress:
         elapsed = max(now - self.start, 1e-9)
         rate = self.images / elapsed
         left = (self.total - self.done) * elapsed / self.done if self.done else float("nan")
-        eta = _fmt_seconds(left) if self.done else "?"
+        eta = fmt_seconds(left) if self.done else "?"
         print(f"{self.label}: {self.done}/{self.total} {self.unit}, {self.images} images, "
-              f"{rate:.0f} img/s, {_fmt_seconds(elapsed)} elapsed, ETA {eta}",
+              f"{rate:.0f} img/s, {fmt_seconds(elapsed)} elapsed, ETA {eta}",
               file=sys.stderr, flush=True)
 
 
@@ -76,13 +76,22 @@ def forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARD if os.environ.get(k)}
 
 
+_own_address: str | None = None  # RAY_ADDRESS as ensure_ray set it for a local Ray of this process
+
+
+def on_cluster() -> bool:
+    """RAY_ADDRESS names a cluster (not unset, not "local", not the local Ray this process started)."""
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    return bool(address) and address not in ("local", _own_address)
+
+
 def ray_address() -> str:
     """Where a stage's Ray is: RAY_ADDRESS (a cluster's GCS, HOST:PORT), checked to answer within
     seconds, else "local": a Ray of its own. Never ray.init()'s own default, which joins whatever
     cluster `ray start` last recorded on this machine and hangs silently when that head is gone."""
-    address = os.environ.get("RAY_ADDRESS", "").strip()
-    if not address or address == "local":
+    if not on_cluster():
         return "local"
+    address = os.environ["RAY_ADDRESS"].strip()
     if address.startswith(("http://", "https://")):
         raise StageError(
             f"RAY_ADDRESS={address} is a dashboard (Jobs API) address: `python -m pipelines submit -- <stage> ...` "
@@ -103,6 +112,21 @@ def ray_address() -> str:
     return address
 
 
+def _name_the_local_gcs(ray) -> None:
+    """Choose the local Ray's GCS port and put its address in RAY_ADDRESS before it starts, so
+    its processes inherit it: Ray Train's placement-group cleaner looks its cluster up by address
+    and, with another Ray on the machine (a `ray start` left running), finds two and fails."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    global _own_address
+    _own_address = f"{ray.util.get_node_ip_address()}:{port}"
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = _own_address
+
+
 def ensure_ray(dashboard: bool = False):
     """Connect to the cluster in RAY_ADDRESS, or start a local Ray; reuse one already started.
 
@@ -116,6 +140,13 @@ def ensure_ray(dashboard: bool = False):
 
     if not ray.is_initialized():
         address = ray_address()
+        if not sys.stderr.isatty():  # a log file or a pipe: no colour codes in the workers' lines
+            os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        if address == "local":
+            # A Ray of this process's own, on loopback: a token would guard nothing, and Ray
+            # warns about it on every start. A user's own RAY_AUTH_MODE is kept.
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            _name_the_local_gcs(ray)
         local = {} if address != "local" else {"include_dashboard": dashboard}
         if dashboard and address == "local":
             local["dashboard_host"] = "127.0.0.1"

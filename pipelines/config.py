@@ -94,6 +94,7 @@ class TrainConfig:
     loader_workers: int | None = None  # per training worker; None: 8 with a GPU, 1 on CPU
     shuffle_buffer: int = 2000   # samples a loader worker shuffles among; ~60 MB of JPEG bytes at 256 px
     checkpoint_every: int | None = None  # steps between mid-epoch checkpoints; None: every ~checkpoint_interval_s
+    progress_every: int | None = None  # steps between progress lines inside an epoch; None: a tenth of an epoch
     # 10 min: AlexNet's checkpoint (weights + momentum, ~0.5 GB) takes well under 30 s to write
     # to disk or S3, so under 5% of the time, and a preempted node loses at most 10 min of work.
     checkpoint_interval_s: float = 600.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 from . import evaluate, index, sample, shard, stats, status, storage, tracking, train
 from .common import ensure_ray
@@ -58,8 +59,12 @@ def run(args: dict) -> dict:
 
     print("\n" + status.format_table(status.run(StatusConfig(data=data))), file=sys.stderr)
     uri = tracking.tracking_uri()
-    ui = (f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"
+    # Commands that work from any folder: absolute paths, the store named in them.
+    bin_dir = Path(sys.executable).parent
+    cli = str(bin_dir / "alexnet-pipelines") if (bin_dir / "alexnet-pipelines").exists() else f"{sys.executable} -m pipelines"
+    ui = (f"{bin_dir / 'mlflow'} ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"
           if uri.startswith("sqlite") else f"open {uri}")
+    again = f"MLFLOW_TRACKING_URI={uri} {cli} evaluate --data {data} --run-id {s['train']['run_id']} --ten-crop"
     e, e10 = s["evaluate"], s["evaluate10"]
     print(f"""
 == summary
@@ -69,6 +74,7 @@ shards:      {storage.join(data, 'shards')}  ({s['shard']['samples']} samples, {
 checkpoint:  {s['train']['checkpoint']}
 MLflow run:  {s['train']['run_id']} (experiment '{TRAIN['experiment']}'); stage runs in 'preprocessing'
 MLflow UI:   {ui}
+evaluate:    {again}
 took {time.monotonic() - t0:.0f} s""", file=sys.stderr)
     return {"stage": "demo", "data": data, "seconds": round(time.monotonic() - t0, 2),
             "top1": e["top1"], "top5": e["top5"], "top1_10crop": e10["top1"], "top5_10crop": e10["top5"],

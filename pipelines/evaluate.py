@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from . import checkpoint, shard, storage, tracking
-from .common import StageError
+from .common import Progress, StageError, on_cluster
 from .config import EvaluateConfig
 
 
@@ -28,6 +28,7 @@ def evaluate(state: dict, shards: list[tuple[str, int]], ten_crop: bool, batch_s
     net = checkpoint.model_from_state(state).to(device).eval()
     transform = model.EvalTransform.from_stats(state["stats"], crop=state["config"]["crop"], ten_crop=ten_crop)
     hits1 = hits5 = images = 0
+    progress = Progress("evaluate", sum(n for _, n in shards), unit="images")  # every 2 s, on stderr
     with torch.inference_mode():
         loader = data.eval_loader(shards, transform, batch_size=batch_size, num_workers=loader_workers,
                                   pin_memory=gpu)
@@ -37,6 +38,7 @@ def evaluate(state: dict, shards: list[tuple[str, int]], ten_crop: bool, batch_s
                 probs = (model.ten_crop_predict(net, x) if ten_crop else net(x).float().softmax(-1))
             top1, top5 = model.topk_hits(probs, y)
             hits1, hits5, images = hits1 + int(top1), hits5 + int(top5), images + len(y)
+            progress.update(len(y), len(y))
     return {"hits1": hits1, "hits5": hits5, "images": images}
 
 
@@ -80,7 +82,7 @@ def run(cfg: EvaluateConfig) -> dict:
     args = (state, urls, cfg.ten_crop, cfg.batch_size, cfg.loader_workers)
     local_gpu = torch.cuda.is_available() and cfg.gpu is not False
     counts = None
-    if not local_gpu and cfg.gpu is not False and (os.environ.get("RAY_ADDRESS") or _ray_running()):
+    if not local_gpu and cfg.gpu is not False and (on_cluster() or _ray_running()):
         # A driver on a CPU head node: 50,000 images x 10 crops belong on a GPU worker.
         ray = ensure_ray()
         if ray.cluster_resources().get("GPU", 0) >= 1:

@@ -26,7 +26,7 @@ import time
 from collections import defaultdict, deque
 
 from . import lease, storage
-from .common import StageError, StrictFailure, digest, ensure_ray, now_iso
+from .common import StageError, StrictFailure, digest, ensure_ray, now_iso, on_cluster
 from .config import SPLITS, IndexConfig
 from .sources import Item, Unit, expand, open_source, read_unit
 
@@ -163,7 +163,7 @@ def _use_ray(cfg: IndexConfig, units: list[Unit]) -> bool:
         return cfg.parallel == "ray" and bool(units)
     if not units:
         return False
-    return bool(os.environ.get("RAY_ADDRESS")) or (len(units) > 1 and sum(u.nbytes for u in units) >= cfg.ray_min_bytes)
+    return on_cluster() or (len(units) > 1 and sum(u.nbytes for u in units) >= cfg.ray_min_bytes)
 
 
 def _read_counted(unit: Unit, threads: int) -> tuple[list[Item], int]:

@@ -62,8 +62,12 @@ def configure() -> str:
     mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI (mlflow/tracking/_tracking_service/
     utils.py), so processes started afterwards, such as a local Ray, use this same absolute store.
     """
+    import logging
+
     import mlflow
 
+    # A new SQLite store announces its table creation at INFO: not news to the user.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     return uri

@@ -24,7 +24,7 @@ import tempfile
 import time
 
 from . import checkpoint, shard, stats, storage, tracking
-from .common import StageError, ensure_ray, now_iso
+from .common import StageError, ensure_ray, fmt_seconds, now_iso, on_cluster
 from .config import TrainConfig
 
 # Workers log through logging, not print: Ray Train tees print() when MLflow has wrapped
@@ -199,6 +199,11 @@ def train_loop(c: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # Ray Train names one of its loggers by file path, outside the `ray.train` level its
+    # LoggingConfig sets (run()): it would print a 500-character line per report and rank.
+    for logger_name in list(logging.root.manager.loggerDict):
+        if logger_name.endswith(".py") and f"{os.sep}ray{os.sep}train{os.sep}" in logger_name:
+            logging.getLogger(logger_name).setLevel(logging.WARNING)
     device = get_device()
     gpu = device.type == "cuda"
     torch.manual_seed(c["seed"])
@@ -285,11 +290,21 @@ def train_loop(c: dict) -> None:
         lr = opt.param_groups[0]["lr"]
         trained, probe = [0], None  # a measurement spans no epoch end (validation is not a step)
 
+        # Progress inside an epoch (ImageNet's are ~10,000 steps): rank 0, a tenth of an epoch apart.
+        report = c.get("progress_every") or max(1, (seg.epoch_steps if seg is not None else 1) // 10)
+
         def after_step(step: int, keys) -> None:
             nonlocal every, probe, steps_here
             ledger.write(epoch, step, keys)
             trained[0] += 1
             steps_here += 1
+            if rank == 0 and seg is not None and (step + 1) % report == 0 and step + 1 < seg.epoch_steps:
+                took = time.perf_counter() - t0
+                step_s = took / trained[0]
+                epoch_left = (seg.epoch_steps - step - 1) * step_s
+                log.info("epoch %d/%d step %d/%d: %.0f images/s, epoch ETA %s, run ETA %s", epoch, c["epochs"],
+                         step + 1, seg.epoch_steps, trained[0] * batch / took, fmt_seconds(epoch_left),
+                         fmt_seconds(epoch_left + (c["epochs"] - epoch) * seg.epoch_steps * step_s))
             if every is None and seg is not None:  # measure the step time once, then fix the interval
                 if probe is None and trained[0] == 3:  # after the loader's warm-up
                     probe = (steps_here, time.perf_counter())
@@ -432,7 +447,7 @@ def _check_capacity(cfg: TrainConfig, resources: dict, gpu: bool) -> None:
     """On a Ray started for this run (no RAY_ADDRESS) nothing can add nodes: more workers than it
     has CPUs (or GPUs) would have Ray Train wait for them forever. A cluster may autoscale, so
     it is trusted to grow."""
-    if os.environ.get("RAY_ADDRESS"):
+    if on_cluster():
         return
     need = cfg.min_workers or cfg.workers  # an elastic run starts with what it can get, at least MIN
     kind = "GPU" if gpu else "CPU"
@@ -469,6 +484,9 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.checkpoint_every is not None and cfg.checkpoint_every < 1:
         raise StageError(f"--checkpoint-every {cfg.checkpoint_every}: must be at least 1 step (leave it out for "
                          f"about one every {cfg.checkpoint_interval_s:.0f} s).")
+    if cfg.progress_every is not None and cfg.progress_every < 1:
+        raise StageError(f"--progress-every {cfg.progress_every}: must be at least 1 step (leave it out for "
+                         "a line every tenth of an epoch).")
     if cfg.ledger and storage.is_s3(cfg.ledger):
         raise StageError(f"--ledger {cfg.ledger}: the sample ledger is a local folder (a debugging aid).")
     if cfg.crop < 64:
@@ -479,7 +497,7 @@ def _validate(cfg: TrainConfig) -> None:
 
 
 def run(cfg: TrainConfig) -> dict:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from . import data
@@ -541,7 +559,10 @@ def run(cfg: TrainConfig) -> dict:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                checkpoint_score_attribute="checkpoint_score",
                                                checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=cfg.max_failures)))
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # Ray Train's own INFO lines (every report, every checkpoint, 500 characters each)
+            # drown the run's; its warnings and errors still show.
+            logging_config=LoggingConfig(log_level="WARNING")))
     try:
         result = trainer.fit()
     except BaseException:

@@ -78,6 +78,12 @@ def runtime_env() -> dict:
     if here["git_sha"] != "unknown":
         env["PIPELINES_GIT_SHA"] = here["git_sha"]
         env["PIPELINES_GIT_DIRTY"] = "true" if here["git_dirty"] else "false"
+    import getpass
+
+    try:  # the runs' mlflow.user: who submitted, not the cluster's account
+        env["PIPELINES_USER"] = getpass.getuser()
+    except (KeyError, OSError):
+        pass
     return {"working_dir": str(PROJECT), "excludes": EXCLUDES, "env_vars": env}
 
 

@@ -170,6 +170,26 @@ def _quote(value: str) -> str:
     raise StageError(f"Name {value!r} contains both ' and \": MLflow cannot search for it. Choose another.")
 
 
+def standard_tags(stage: str) -> dict[str, str]:
+    """MLflow's own tags, which fill the UI's User, Source and Version columns (MLflow sets them
+    only for runs started with mlflow.start_run; these runs are made with the client)."""
+    import getpass
+
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        user = "unknown"
+    tags = {MLFLOW_USER: os.environ.get("PIPELINES_USER") or user,  # a job: who submitted it
+            MLFLOW_SOURCE_NAME: f"python -m pipelines {stage}",
+            MLFLOW_SOURCE_TYPE: "JOB" if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else "LOCAL"}
+    sha = environment()["git_sha"]
+    if sha != "unknown":
+        tags[MLFLOW_GIT_COMMIT] = sha
+    return tags
+
+
 def start_or_resume_run(experiment: str, run_name: str, tags: dict | None = None) -> str:
     """The run of ``experiment`` tagged with ``run_name`` (the newest if several), else a new one.
 
@@ -182,7 +202,8 @@ def start_or_resume_run(experiment: str, run_name: str, tags: dict | None = None
     found = client.search_runs([exp_id], f"tags.`{RUN_NAME_TAG}` = {_quote(run_name)}",
                                order_by=["attributes.start_time DESC"], max_results=1)
     if not found:
-        return client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+        stage = (tags or {}).get(STAGE_TAG, run_name)
+        return client.create_run(exp_id, run_name=run_name, tags={**standard_tags(stage), **all_tags}).info.run_id
     run = found[0]
     if run.info.status != "RUNNING":
         client.update_run(run.info.run_id, status="RUNNING")
@@ -478,7 +499,7 @@ def track_stage(stage: str, cfg, fn: Callable, experiment: str = "preprocessing"
         tags["mlflow.parentRunId"] = parent_run_id
     client = _client()
     run_id = client.create_run(experiment_id(experiment), run_name=stage,
-                               tags=_clean_strings(tags)).info.run_id
+                               tags={**standard_tags(stage), **_clean_strings(tags)}).info.run_id
     log_params(run_id, {**config, **environment()})
     try:
         summary = fn(cfg)

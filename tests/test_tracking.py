@@ -165,6 +165,13 @@ def test_track_stage_records_the_run(client, exp, store_dir, tmp_path, monkeypat
                                 "counts.train": 32, "counts.val": 8, "skipped": 0}
     tags = run.data.tags
     assert tags["pipelines.stage"] == "shard" and tags["pipelines.data"] == cfg.data
+    # The UI's User, Source and Version columns
+    import getpass
+
+    assert tags["mlflow.user"] == getpass.getuser() and tags["mlflow.source.name"] == "python -m pipelines shard"
+    assert tags["mlflow.source.git.commit"] == tracking.environment()["git_sha"] and tags["mlflow.source.type"] == "LOCAL"
+    resumed = client.get_run(tracking.start_or_resume_run(exp, "a-training-run", tags={"pipelines.stage": "train"}))
+    assert resumed.data.tags["mlflow.source.name"] == "python -m pipelines train"
     assert tags["pipelines.input_digest.val"] == "i2"
     assert tags["pipelines.output_digest.train"] == "train-digest-1"
     on_disk = store_dir / "mlartifacts" / exp / run.info.run_id / "artifacts" / "summary.json"

@@ -218,10 +218,12 @@ def _start_worker(cluster: Cluster, spec: dict, timeout: float) -> Node:
 
 @contextmanager
 def ray_cluster(tmp: Path, workers: list[dict], head: dict | None = None, fast_health_check: bool = True,
-                timeout: float = 120):
+                timeout: float = 120, node_env: dict[str, str | None] | None = None):
     """A head (``head``: {"num_cpus": 0, "resources": {...}} by default no CPUs) and one worker
     node per entry of ``workers`` ({"num_cpus": 1, "resources": {"nodeA": 1}, "labels": {...}}),
-    started one after the other (simultaneous starts collide). Yields a :class:`Cluster`."""
+    started one after the other (simultaneous starts collide). ``node_env``: what every node's
+    environment holds beyond this process's, e.g. its own S3 credentials, as an instance
+    profile gives a cloud node (None removes a variable). Yields a :class:`Cluster`."""
     tmp.mkdir(parents=True, exist_ok=True)
     head = {"num_cpus": 0, **(head or {})}
     # Unix sockets live under each node's temp dir and must stay under 107 bytes: a short root.
@@ -230,6 +232,11 @@ def ray_cluster(tmp: Path, workers: list[dict], head: dict | None = None, fast_h
     env.update(CLUSTER_ENV, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}")
     if fast_health_check:
         env.update(FAST_HEALTH_CHECK)
+    for k, v in (node_env or {}).items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
     gcs_port, dash_port, client_port, *node_ports = _free_ports(9)
     head_args = ["--head", f"--port={gcs_port}", f"--num-cpus={head['num_cpus']}",
                  "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",

@@ -112,6 +112,19 @@ class SeaweedFS:
 
         wait_for(bucket_ready, "SeaweedFS S3", 90, self.log)
 
+    def identities(self, extra: list[dict]) -> None:
+        """Make ``extra`` the identities beside the tests' own, on the running server:
+        SeaweedFS reloads its -s3.config file on SIGHUP, so keys are issued and revoked live,
+        as an operator (or a cloud's credential service) does. Entries look like
+        {"name": ..., "credentials": [{"accessKey": ..., "secretKey": ...}], "actions": [...]}."""
+        cfg = json.loads((self.tmp / "s3.json").read_text())
+        cfg["identities"] = [i for i in cfg["identities"] if i["name"] == "tester"] + extra
+        staged = self.tmp / ".s3.json.new"
+        staged.write_text(json.dumps(cfg))
+        staged.replace(self.tmp / "s3.json")  # the server never reads a half-written file
+        if self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGHUP)
+
     def stop(self) -> None:
         if self.proc is not None:
             _kill(self.proc, grace=1)

@@ -1,0 +1,430 @@
+"""Everything real at once: a multi-node Ray (a head with no CPUs, as infra/ray/cluster.yaml's,
+and 1-CPU worker nodes joined to it), a SeaweedFS S3 holding the data and the checkpoints, an
+MLflow server with its artifacts in that S3. Every stage is submitted from a shell as a Ray
+job to the head's dashboard, as README "Run on a cluster" says.
+
+The nodes hold no static key: their environment names an AWS profile whose
+``credential_process`` prints the current key of a file with a short ``Expiration``, the way
+an instance profile or a web identity hands out keys that expire. The submitting shell holds
+its own keys (and a session token) for its checks; none of them may reach the jobs.
+
+Faults, each injected for real: a worker node SIGKILLed while the shard stage runs on it, a
+node SIGKILLed mid-epoch of an elastic training run, and the nodes' key rotated (a new key
+issued, the file updated, the old key revoked on the server) while training writes
+checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+
+from pipelines.sample import SampleConfig, run as make_sample
+from pipelines.train import METRICS
+
+from . import services as sv
+from .helpers import epoch_keys, read_ledger
+from .multinode import CLUSTER_ENV, FAST_TRAIN_RESTART, ray_cluster
+
+pytestmark = pytest.mark.slow
+
+BUCKET = sv.BUCKET
+ROOT = f"s3://{BUCKET}/root"
+TRAIN_SHARDS, VAL_SHARDS = 20, 5  # 80 train / 20 val images, 4 a shard
+# What the submitting shell holds beyond the tests' own keys: a token must not travel either.
+SESSION_TOKEN = "session-token-that-must-never-leak"
+# The nodes' keys live this long after each read: short, so every process must re-read them
+# within the test (botocore refreshes keys that expire within 10 minutes before each request;
+# the AWS C++ SDK under pyarrow, which writes Ray Train's checkpoints, refreshes expiring ones).
+KEY_LIFETIME_S = 10
+# 80 samples make 5 global batches of 16 an epoch. Each checkpoint (weights and momentum,
+# ~0.5 GB) takes seconds to reach S3 on 2 cores, so the tests ask only for those they need.
+TRAIN_ARGS = ["--no-gpu", "--epochs", "2", "--crop", "64", "--batch-size", "16", "--init", "kaiming",
+              "--experiment", "multinode-s3"]
+
+
+class NodeKeys:
+    """The nodes' S3 identity, as a cloud gives it: an AWS profile whose credential_process
+    prints the key of the moment (from a file an operator rotates) with an expiry."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.keys = folder, []
+        self.key_file = folder / "current-key"
+        script = folder / "credentials.sh"
+        script.write_text(
+            f"read id secret < {self.key_file}\n"
+            "printf '{\"Version\": 1, \"AccessKeyId\": \"%s\", \"SecretAccessKey\": \"%s\", \"Expiration\": \"%s\"}\\n' "
+            f"\"$id\" \"$secret\" \"$(date -u -d '+{KEY_LIFETIME_S} seconds' +%Y-%m-%dT%H:%M:%SZ)\"\n")
+        (folder / "config").write_text(f"[profile node]\ncredential_process = sh {script}\n")
+        (folder / "credentials").write_text("")  # not ~/.aws/credentials: nothing static anywhere
+        self.hand_out(self.make())
+
+    def make(self) -> tuple[str, str]:
+        """A new (access key, secret): the server must know it before the file hands it out."""
+        key = (f"node-key-{len(self.keys) + 1}", f"node-secret-{secrets.token_hex(12)}")
+        self.keys.append(key)
+        return key
+
+    def hand_out(self, key: tuple[str, str]) -> None:
+        """From now on credential_process prints ``key``."""
+        staged = self.folder / ".current-key.new"
+        staged.write_text(" ".join(key) + "\n")
+        staged.replace(self.key_file)  # credential_process never reads half a key
+
+    def identity(self, keys) -> dict:
+        return {"name": "nodes", "actions": ["Read", "Write", "List", "Tagging"],
+                "credentials": [{"accessKey": a, "secretKey": s} for a, s in keys]}
+
+    def env(self) -> dict:
+        """A node's environment: the profile, and no static key (None removes a variable)."""
+        return {"AWS_CONFIG_FILE": str(self.folder / "config"), "AWS_PROFILE": "node",
+                "AWS_SHARED_CREDENTIALS_FILE": str(self.folder / "credentials"),
+                "AWS_EC2_METADATA_DISABLED": "true",  # no instance metadata service on this machine
+                "AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_SESSION_TOKEN": None,
+                "AWS_ENDPOINT_URL": None, "MLFLOW_TRACKING_URI": None}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("multinode-s3")
+    keys = NodeKeys(tmp / "node-keys")
+    with sv.seaweedfs(tmp / "s3") as s3:
+        s3["server"].identities([keys.identity(keys.keys)])
+        # FAST_TRAIN_RESTART on the nodes: a job's driver runs on the head and reads it there.
+        with sv.mlflow_server(tmp / "mlflow", s3) as ml, \
+                ray_cluster(tmp / "cluster", [{"num_cpus": 1, "resources": {"w0": 1}},
+                                              {"num_cpus": 1, "resources": {"w1": 1}}],
+                            node_env={**keys.env(), **FAST_TRAIN_RESTART}) as cluster:
+            # The submitting shell: the cluster's dashboard, the tracking server, the S3 endpoint
+            # and region, and its own keys and session token, which must not travel.
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_"))}
+            env.update(CLUSTER_ENV, RAY_ADDRESS=cluster.dashboard, MLFLOW_TRACKING_URI=ml["uri"],
+                       AWS_SESSION_TOKEN=SESSION_TOKEN, **s3["env"])
+            yield {"s3": s3, "mlflow": ml, "cluster": cluster, "env": env, "tmp": tmp, "keys": keys,
+                   "outputs": []}
+
+
+def _client(world, access_key=sv.ACCESS_KEY, secret_key=sv.SECRET_KEY):
+    return boto3.client("s3", endpoint_url=world["s3"]["env"]["AWS_ENDPOINT_URL"], aws_access_key_id=access_key,
+                        aws_secret_access_key=secret_key, region_name="us-east-1")
+
+
+def _wait_key(world, key: tuple[str, str], accepted: bool, timeout: float = 30) -> None:
+    """Until the server (which reloads its identities in the background) accepts or refuses ``key``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _client(world, *key).head_bucket(Bucket=BUCKET)
+            now = True
+        except ClientError as e:
+            assert e.response["Error"]["Code"] in ("403", "InvalidAccessKeyId", "AccessDenied"), e
+            now = False
+        if now == accepted:
+            return
+        assert time.monotonic() < deadline, f"the server still {'refuses' if accepted else 'accepts'} {key[0]}"
+        time.sleep(0.2)
+
+
+def _keys(world, prefix: str) -> dict[str, dict]:
+    pages = _client(world).get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return {o["Key"]: o for page in pages for o in page.get("Contents", [])}
+
+
+def _get(world, key: str) -> bytes | None:
+    try:
+        return _client(world).get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    except ClientError as e:
+        if e.response["Error"]["Code"] in ("NoSuchKey", "404"):
+            return None
+        raise
+
+
+def _submit(world, *stage_args, log: Path | None = None) -> subprocess.Popen:
+    """``python -m pipelines submit -- <stage> ...`` from the submitting shell, following the job."""
+    out = (log or world["tmp"] / f"{stage_args[0]}-{time.monotonic_ns()}.log").open("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "submit", "--", *stage_args], env=world["env"],
+                            stdout=out, stderr=subprocess.STDOUT, text=True)
+    proc.log = out
+    return proc
+
+
+def _finish(world, proc: subprocess.Popen, timeout: float = 600) -> tuple[str, dict, dict]:
+    """(output, the stage's summary, submit's summary) of a submitted job that must succeed."""
+    try:
+        proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    proc.log.seek(0)
+    text = proc.log.read()
+    world["outputs"].append(text)
+    assert proc.returncode == 0, text[-5000:]
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith('{"stage": ')]
+    stage = next(s for s in reversed(lines) if s["stage"] != "submit")
+    done = next(s for s in reversed(lines) if s["stage"] == "submit")
+    assert done["status"] == "SUCCEEDED", done
+    return text, stage, done
+
+
+def _run(world, *stage_args, timeout: float = 600):
+    return _finish(world, _submit(world, *stage_args), timeout)
+
+
+def _job(world, submission_id: str) -> str:
+    """The Ray job id of a submitted job (the state API lists tasks and actors by it)."""
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(world["cluster"].dashboard).get_job_info(submission_id).job_id
+
+
+def _state(world, what: str, *filters: str) -> list[dict]:
+    """``ray list <what>`` from the GCS, as JSON (no driver needed)."""
+    cmd = [str(sv.VENV_BIN / "ray"), "list", what, f"--address={world['cluster'].gcs}", "--detail",
+           "--format=json", "--limit=10000", *[f"--filter={f}" for f in filters]]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **world["cluster"].env})
+    assert out.returncode == 0, out.stderr[-2000:]
+    if out.stdout.startswith("No resource"):  # what `ray list` prints instead of an empty list
+        return []
+    return json.loads(out.stdout)
+
+
+def _shard_tasks(world, job_id: str) -> list[dict]:
+    """Every attempt of the shard job's Ray tasks (by job, not by function name: the stage may
+    wrap its shard functions in one task function)."""
+    return _state(world, "tasks", "type=NORMAL_TASK", f"job_id={job_id}")
+
+
+def _node_names(world) -> dict[str, str]:
+    """Node id -> "head" or the worker's name ("w0", "w1", ...: each worker node carries a
+    resource of that name, as all of them share the address 127.0.0.1)."""
+    names = {}
+    for n in _state(world, "nodes"):
+        own = [r for r in n["resources_total"] if re.fullmatch(r"w\d+", r)]
+        names[n["node_id"]] = "head" if n["is_head_node"] else own[0]
+    return names
+
+
+def _live_workers(world, count: int = 2) -> None:
+    """Top the cluster up to ``count`` live worker nodes (a test before may have killed one),
+    as an autoscaler replaces a lost machine."""
+    cluster = world["cluster"]
+    while sum(w.alive for w in cluster.workers) < count:
+        i = len(cluster.workers)
+        cluster.add_node(num_cpus=1, resources={f"w{i}": 1})
+
+
+def _manifest(world, root_key: str, split: str) -> dict | None:
+    data = _get(world, f"{root_key}/shards/{split}.json")
+    return json.loads(data) if data else None
+
+
+@pytest.fixture(scope="module")
+def stages(world):
+    """Sample tarballs in the bucket, then index -> shard -> stats, each submitted as a job."""
+    local = world["tmp"] / "sample"
+    make_sample(SampleConfig(out=str(local), classes=4, train_per_class=20, val_per_class=5, size=(400, 300)))
+    s3 = _client(world)
+    for path in (local / "tarballs").iterdir():
+        s3.upload_file(str(path), BUCKET, f"src/tarballs/{path.name}")
+    _run(world, "index", "--source", f"s3://{BUCKET}/src/tarballs", "--data", ROOT, "--samples-per-shard", "4")
+    _, shard, done = _run(world, "shard", "--data", ROOT, "--resize", "72")
+    _run(world, "stats", "--data", ROOT)
+    return {"shard": shard, "shard_job": _job(world, done["job_id"])}
+
+
+def test_every_stage_is_a_job_whose_work_ran_on_the_worker_nodes_against_s3(world, stages):
+    """index, shard and stats, submitted, wrote their outputs to the bucket, and the shard
+    tasks ran on the worker nodes (the Ray state API says where each ran)."""
+    keys = _keys(world, "root/")
+    assert {"root/classes.json", "root/index/train.parquet", "root/stats.json", "root/shards/train.json"} <= set(keys)
+    for split, count in (("train", TRAIN_SHARDS), ("val", VAL_SHARDS)):
+        manifest = _manifest(world, "root", split)
+        assert manifest["complete"] and len(manifest["shards"]) == count
+        assert {f"root/shards/{split}/{s['name']}" for s in manifest["shards"]} <= set(keys)
+    assert stages["shard"]["written"] == TRAIN_SHARDS + VAL_SHARDS and stages["shard"]["failed"] == 0
+    # Which nodes did the work: every shard task (the job's only tasks: one per shard) finished
+    # on a worker node, both of them took some, and the head (no CPUs) none.
+    names = _node_names(world)
+    tasks = _shard_tasks(world, stages["shard_job"])
+    finished = [names[t["node_id"]] for t in tasks if t["state"] == "FINISHED"]
+    assert len(finished) == TRAIN_SHARDS + VAL_SHARDS, tasks
+    assert set(finished) == {"w0", "w1"}, finished
+
+
+def test_a_node_lost_mid_shard_on_s3_leaves_the_shards_byte_identical(world, stages):
+    """The shard stage on a second ROOT (the same index); a worker node is SIGKILLed once a
+    shard is in the bucket and recorded, with shards still to make. Ray reruns the lost tasks
+    on the node left; every shard and sample-index object is byte for byte what the
+    undisturbed run (the stages fixture's) wrote."""
+    _live_workers(world)
+    s3 = _client(world)
+    for key in _keys(world, "root/index/") | {"root/classes.json": None}:  # the index, as the index stage wrote it
+        s3.copy_object(Bucket=BUCKET, Key="lost/" + key[len("root/"):], CopySource={"Bucket": BUCKET, "Key": key})
+    cluster = world["cluster"]
+    victim = next(w for w in cluster.workers if w.alive)
+    proc = _submit(world, "shard", "--data", f"s3://{BUCKET}/lost", "--resize", "72")
+    deadline = time.monotonic() + 300
+    while not (_manifest(world, "lost", "train") or {}).get("shards"):
+        assert proc.poll() is None and time.monotonic() < deadline, "the shard job ended before a shard was recorded"
+        time.sleep(0.1)
+    victim.kill()  # SIGKILL of the node's raylet and every process on it: its running shard tasks go
+    recorded = len(_manifest(world, "lost", "train")["shards"])
+    assert proc.poll() is None and recorded < TRAIN_SHARDS, f"killed too late: {recorded} train shards recorded"
+    _, summary, done = _finish(world, proc)
+    assert summary["failed"] == 0 and summary["written"] == TRAIN_SHARDS + VAL_SHARDS
+
+    # The kill hit the stage's work: the node had shard tasks, and some were run again elsewhere.
+    names = _node_names(world)
+    tasks = _shard_tasks(world, _job(world, done["job_id"]))
+    lost_node = f"w{victim.index}"
+    assert any(names.get(t["node_id"]) == lost_node for t in tasks), tasks
+    assert any(t["attempt_number"] > 0 and t["state"] == "FINISHED" for t in tasks), \
+        "no shard task was rerun: the node died idle"
+
+    objects = _keys(world, "lost/shards/")
+    for split in ("train", "val"):
+        reference, lost = _manifest(world, "root", split), _manifest(world, "lost", split)
+        assert [(s["name"], s["checksum"]) for s in lost["shards"]] == \
+               [(s["name"], s["checksum"]) for s in reference["shards"]]
+        for s in reference["shards"]:
+            for name in (s["name"], s["index"]):
+                assert _get(world, f"lost/shards/{split}/{name}") == _get(world, f"root/shards/{split}/{name}"), name
+    assert not [k for k in objects if ".tmp-" in k]
+
+
+def _latest_checkpoint(world, prefix: str) -> dict:
+    """The metrics of the latest checkpoint Ray Train has registered under ``prefix`` (in the bucket)."""
+    data = _get(world, f"{prefix}/checkpoint_manager_snapshot.json")
+    try:
+        return json.loads(data)["latest_checkpoint_result"]["metrics"] if data else {}
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return {}
+
+
+def _one_finished_run(world, summary: dict, name: str) -> None:
+    """The run is FINISHED on the server, with each epoch's metrics logged once, no second run
+    of that name was started, and its model is in the bucket (logged through the server)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=world["mlflow"]["uri"])
+    run_id = summary["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for key in METRICS:
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2], key
+    same_name = client.search_runs([run.info.experiment_id], f"attributes.run_name = '{name}'")
+    assert [r.info.run_id for r in same_name] == [run_id]
+    model_id = summary["model_uri"].rsplit("/", 1)[-1]  # models:/m-...
+    assert any(model_id in k and k.endswith("/MLmodel") for k in _keys(world, "mlartifacts/")), model_id
+
+
+def test_training_on_s3_goes_on_through_a_rotation_of_the_nodes_key(world, stages):
+    """Two Ray Train workers on two nodes, checkpoints to S3 through the nodes' AWS chain.
+    Once a checkpoint is registered: a new key is issued on the server and handed out by the
+    nodes' credential_process; when the last credentials given out with the old key have
+    expired, the old key is revoked on the server. Checkpoints keep landing with the new key
+    and the run finishes with its model."""
+    _live_workers(world)
+    keys = world["keys"]
+    prefix = "root/runs/rotation"
+    proc = _submit(world, "train", "--data", ROOT, "--workers", "2", "--name", "rotation",
+                   "--checkpoint-every", "3", *TRAIN_ARGS)
+    deadline = time.monotonic() + 400
+    while not _latest_checkpoint(world, prefix):
+        assert proc.poll() is None and time.monotonic() < deadline, "training ended before a checkpoint"
+        time.sleep(0.2)
+    old, new = keys.keys[-1], keys.make()
+    server = world["s3"]["server"]
+    server.identities([keys.identity([old, new])])  # issued: the server knows both keys
+    _wait_key(world, new, accepted=True)
+    keys.hand_out(new)
+    time.sleep(KEY_LIFETIME_S + 3)  # every credential handed out with the old key has expired
+    server.identities([keys.identity([new])])
+    _wait_key(world, old, accepted=False)  # the old key is really gone
+    revoked_at = datetime.now(timezone.utc)
+    assert proc.poll() is None, "training ended before the old key was revoked: nothing tested"
+    _, summary, done = _finish(world, proc)
+
+    assert summary["checkpoint"].startswith(f"s3://{BUCKET}/{prefix}/checkpoint_")
+    objects = _keys(world, prefix + "/")
+    after = [k for k, o in objects.items() if k.endswith("/state.pt") and o["LastModified"] > revoked_at]
+    assert after, "no checkpoint was written after the old key was revoked"
+    assert summary["checkpoint"][len(f"s3://{BUCKET}/"):] + "/state.pt" in objects
+    _one_finished_run(world, summary, "rotation")
+    # Which nodes trained: one worker on each worker node, none on the head.
+    names = _node_names(world)
+    workers = _state(world, "actors", "class_name=RayTrainWorker", f"job_id={_job(world, done['job_id'])}")
+    assert sorted(names[a["node_id"]] for a in workers) == sorted(f"w{w.index}" for w in world["cluster"].workers
+                                                                     if w.alive), workers
+
+
+def test_a_node_lost_mid_epoch_on_s3_leaves_training_on_one_worker_in_the_same_run(world, stages, tmp_path):
+    """--workers 1-2 on two nodes; once a mid-epoch checkpoint of epoch 1 is registered in the
+    bucket, the node of rank 1 is SIGKILLed and stays gone. Ray Train restarts on the worker
+    left from that checkpoint; the run finishes in the same MLflow run, each epoch logged once,
+    each of the epoch's samples read once, the checkpoints in the bucket."""
+    _live_workers(world)
+    cluster = world["cluster"]
+    ledger = tmp_path / "ledger"  # written by the workers on their nodes: all on this machine
+    storage = f"s3://{BUCKET}/checkpoints"
+    proc = _submit(world, "train", "--data", ROOT, "--workers", "1-2", "--name", "node-lost", "--storage", storage,
+                   "--ledger", str(ledger), "--checkpoint-every", "2", *TRAIN_ARGS)
+    deadline = time.monotonic() + 400
+    while not ((c := _latest_checkpoint(world, "checkpoints/node-lost")).get("epoch") == 1 and "step" in c):
+        assert proc.poll() is None and time.monotonic() < deadline, "training ended before a mid-epoch checkpoint"
+        time.sleep(0.1)
+    first = [json.loads(line) for p in sorted(ledger.glob("rank*.jsonl")) for line in p.read_text().splitlines()]
+    assert {e["world"] for e in first} == {2}, "did not start on two workers"
+    victim = cluster.node_of(next(e["pid"] for e in first if e["rank"] == 1))
+    assert victim is not None and victim >= 0
+    cluster.kill_node(victim)
+    final_before = read_ledger(ledger)
+    assert max(final_before[1]) < 4, "killed too late: epoch 1 had finished"
+    text, summary, _ = _finish(world, proc)
+
+    assert summary["epochs"] == 2 and summary["checkpoint"].startswith(f"{storage}/node-lost/checkpoint_")
+    final = read_ledger(ledger)
+    worlds = {step: len(ranks) for step, ranks in final[1].items()}
+    assert sorted(worlds) == list(range(5)) and 2 in worlds.values() and 1 in worlds.values(), worlds
+    assert all(len(ranks) == 1 for ranks in final[2].values()) and sorted(final[2]) == list(range(5))
+    for epoch in (1, 2):  # 80 samples, 5 global batches of 16: each read once
+        keys = epoch_keys(final, epoch)
+        assert len(keys) == len(set(keys)) == 80, epoch
+    assert "dealt over 1 workers" in text, text[-3000:]
+    objects = _keys(world, "checkpoints/node-lost/")
+    assert summary["checkpoint"][len(f"s3://{BUCKET}/"):] + "/state.pt" in objects
+    _one_finished_run(world, summary, "node-lost")
+
+
+def test_no_secret_in_the_jobs_info_or_output(world, stages):
+    """The Jobs API's info on every job this module submitted (as `ray job list` and the
+    dashboard show it) and everything the jobs printed: no key, secret or token of the
+    submitting shell or of the nodes."""
+    from ray.job_submission import JobSubmissionClient
+
+    listed = subprocess.run([str(sv.VENV_BIN / "ray"), "job", "list", "--address", world["cluster"].dashboard],
+                            env=world["env"], capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and "runtime_env" in listed.stdout, listed.stderr[-2000:]
+    infos = json.dumps([j.model_dump() for j in JobSubmissionClient(world["cluster"].dashboard).list_jobs()],
+                       default=str)
+    assert len(world["outputs"]) >= 3 and "AWS_ENDPOINT_URL" in listed.stdout
+    values = [sv.SECRET_KEY, sv.ACCESS_KEY, SESSION_TOKEN, *[part for key in world["keys"].keys for part in key]]
+    for text in (listed.stdout, infos, *world["outputs"]):
+        for secret in values:
+            assert secret not in text, secret
+    # Nor a credential variable at all in the jobs' runtime env: the nodes' own chain is used.
+    for text in (listed.stdout, infos):
+        for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                     "AWS_CONFIG_FILE"):
+            assert name not in text, name

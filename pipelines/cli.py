@@ -26,7 +26,7 @@ def _default(cls, name):
     raise KeyError(name)
 
 
-METAVARS = {"name": "NAME", "experiment": "EXP", "storage": "DIR", "ledger": "DIR", "register": "NAME",
+METAVARS = {"name": "NAME", "experiment": "EXP", "storage": "DIR", "ledger": "DIR", "register": "NAME", "alias": "ALIAS",
             "address": "URL", "layout": None, "workers": "N|MIN-MAX", "size": "WxH"}
 
 
@@ -161,7 +161,9 @@ def _stage_parsers(sub):
     _add(p, C, "--decode", dest="decode", choices=["auto", "worker", "device"],
          help="where JPEGs are decoded: device = in one batched call on the training device (nvjpeg "
               "on a GPU), worker = in the loader processes, auto = device on a GPU, else worker")
-    _add(p, C, "--register", dest="register", help="register the final model under this name")
+    _add(p, C, "--register", dest="register",
+         help="register the model (the best epoch's, by val_top1) under this name in the MLflow registry")
+    _add(p, C, "--alias", dest="alias", help="with --register: the alias moved to the new version")
     p.set_defaults(config=C, module="train")
 
     C = config.EvaluateConfig
@@ -174,6 +176,15 @@ def _stage_parsers(sub):
     _add(p, C, "--batch-size", dest="batch_size", type=int, help="images per batch")
     _add(p, C, "--loader-workers", dest="loader_workers", type=int, help="data loader processes")
     p.set_defaults(config=C, module="evaluate")
+
+    C = config.PredictConfig
+    p = sub.add_parser("predict", help="images -> their top 5 classes, with a logged or registered model")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", dest="model", default=_UNSET, metavar="URI",
+                   help="a model URI: models:/NAME@ALIAS (e.g. models:/alexnet-demo@champion), models:/NAME/VERSION")
+    g.add_argument("--run-id", dest="run_id", default=_UNSET, metavar="ID", help="a training run: its logged model")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG), local or s3://")
+    p.set_defaults(config=C, module="predict")
 
     C = config.SubmitConfig
     p = sub.add_parser("submit", help="run a stage as a Ray job on a cluster and follow it")
@@ -215,6 +226,7 @@ EXAMPLES = {
     "submit": "python -m pipelines submit -- shard --data s3://bucket/alexnet\n"
               "  python -m pipelines submit --list",
     "demo": "python -m pipelines demo --out demo",
+    "predict": "python -m pipelines predict --model models:/alexnet-demo@champion photo.jpg",
 }
 
 
@@ -242,6 +254,8 @@ def main(argv=None) -> int:
     args.pop("command")
     if isinstance(args.get("workers"), tuple):  # train --workers MIN-MAX
         args["min_workers"], args["workers"] = args["workers"]
+    if "images" in args:  # predict
+        args["images"] = tuple(args["images"])
     if "args" in args:  # submit: everything after '--', as a tuple
         args["args"] = tuple(a for i, a in enumerate(args["args"]) if not (i == 0 and a == "--"))
     stage = module.__name__.rsplit(".", 1)[-1]

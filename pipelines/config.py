@@ -101,6 +101,7 @@ class TrainConfig:
     ledger: str | None = None    # debug: a local folder where each rank records the sample keys of each step
     decode: str = "auto"         # JPEG decoding: auto = on the GPU (nvjpeg) when training on one, else worker
     register: str | None = None  # register the final model under this name in the registry
+    alias: str = "champion"      # with --register: the registry alias moved to this run's model version
 
 
 @dataclass(frozen=True)
@@ -122,3 +123,10 @@ class SubmitConfig:
     list: bool = False
     logs: str | None = None
     stop: str | None = None
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    images: tuple[str, ...]      # image files (JPEG, PNG), local or s3://
+    model: str | None = None     # a model URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model
+    run_id: str | None = None    # or a training run: its logged model

@@ -24,7 +24,7 @@ RESIZE, CROP = 72, 64
 # He init learns on small data at once (model/alexnet.py); the paper's batch of 128 keeps the
 # per-step cost (optimiser and all-reduce over 61M parameters) to few steps per epoch on CPU.
 TRAIN = dict(workers=2, epochs=8, batch_size=128, lr=0.01, init="kaiming", name="demo", patience=3,
-             experiment="demo")
+             experiment="demo", register="alexnet-demo")  # alias "champion": the model to use
 
 
 def _step(name: str) -> None:

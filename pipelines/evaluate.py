@@ -4,8 +4,9 @@
 
 Centre crop by default; ``--ten-crop`` is the paper's test procedure (section 4.1): the four
 corner patches and the centre patch, each with its reflection, softmax outputs averaged.
-With --run-id the metrics are logged back into that training run (eval_top1, eval_top5, or
-eval_10crop_top1 / eval_10crop_top5).
+With --run-id it evaluates the run's best checkpoint (the one its model was made from) and logs
+the metrics back into that training run (eval_top1, eval_top5, or eval_10crop_top1 /
+eval_10crop_top5).
 """
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def _checkpoint_dir(cfg: EvaluateConfig) -> str:
     if "pipelines.checkpoint" not in tags:
         raise StageError(f"Run {cfg.run_id} has no checkpoint recorded (tag pipelines.checkpoint): is it "
                          "a finished training run? Pass --checkpoint PATH instead.")
-    return tags["pipelines.checkpoint"]
+    # The run's model is its best epoch's: evaluate that one (runs from before it was recorded: the last).
+    return tags.get("pipelines.best_checkpoint", tags["pipelines.checkpoint"])
 
 
 def run(cfg: EvaluateConfig) -> dict:

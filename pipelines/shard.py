@@ -69,9 +69,15 @@ def prepare_image(data: bytes, resize: int = 256, keep_aspect: bool = False, qua
     1/2-1/8 scaled decoding applies; torch's uint8 antialiased bilinear resize is about twice
     PIL's speed on one core. Geometry as the plain PIL path: resize, then crop the centre.
     """
-    import torch
-    from PIL import Image
     from torchvision.io import encode_jpeg
+
+    return encode_jpeg(resized_rgb(data, resize, keep_aspect), quality=quality).numpy().tobytes()
+
+
+def resized_rgb(data: bytes, resize: int = 256, keep_aspect: bool = False):
+    """Image bytes -> RGB 3 x H x W uint8, shorter side ``resize``, the central square unless
+    ``keep_aspect``: the pixels a shard holds (before JPEG), and what the logged model does first."""
+    from PIL import Image
 
     with warnings.catch_warnings():
         # A header claiming a huge size is a decompression bomb: refuse it rather than allocate.
@@ -80,16 +86,29 @@ def prepare_image(data: bytes, resize: int = 256, keep_aspect: bool = False, qua
         w, h = im.size
         if min(w, h) < MIN_SIDE:
             raise ValueError(f"image is {w}x{h}; sides under {MIN_SIDE} px are not usable photos")
-        scale = resize / min(w, h)
-        size = (max(resize, round(w * scale)), max(resize, round(h * scale)))
-        x = _decode_rgb(im, data, size)  # 3 x H x W uint8
-    x = x.unsqueeze(0).contiguous(memory_format=torch.channels_last)  # torch's fast uint8 path
-    x = torch.nn.functional.interpolate(x, size=(size[1], size[0]), mode="bilinear", antialias=True,
-                                        align_corners=False)
+        x = _decode_rgb(im, data, _target(w, h, resize))  # 3 x H x W uint8
+    return resize_rgb(x, resize, keep_aspect)
+
+
+def _target(w: int, h: int, resize: int) -> tuple[int, int]:
+    scale = resize / min(w, h)
+    return max(resize, round(w * scale)), max(resize, round(h * scale))
+
+
+def resize_rgb(x, resize: int = 256, keep_aspect: bool = False):
+    """RGB 3 x H x W uint8 -> shorter side ``resize`` (antialiased bilinear), then the central
+    ``resize`` square unless ``keep_aspect``. An image already that size comes back unchanged."""
+    import torch
+
+    size = _target(x.shape[2], x.shape[1], resize)
+    if (x.shape[2], x.shape[1]) != size:
+        x = x.unsqueeze(0).contiguous(memory_format=torch.channels_last)  # torch's fast uint8 path
+        x = torch.nn.functional.interpolate(x, size=(size[1], size[0]), mode="bilinear", antialias=True,
+                                            align_corners=False)[0]
     if not keep_aspect:
         left, top = (size[0] - resize) // 2, (size[1] - resize) // 2
-        x = x[:, :, top:top + resize, left:left + resize]
-    return encode_jpeg(x[0], quality=quality).numpy().tobytes()
+        x = x[:, top:top + resize, left:left + resize]
+    return x.contiguous()
 
 
 def _decode_rgb(im, data: bytes, size: tuple[int, int]):

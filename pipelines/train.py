@@ -519,7 +519,7 @@ def run(cfg: TrainConfig) -> dict:
     done = _finished(run_id, cfg.epochs)
     if done:  # rerunning a finished run: nothing to train, the model is already logged
         tracking.end_run(run_id, "FINISHED")
-        return _summary(cfg, name, run_id, *done, seconds=time.monotonic() - t0, skipped=True)
+        return _summary(cfg, name, run_id, *done[:3], seconds=time.monotonic() - t0, skipped=True, best=done[3])
     # Workers train on CUDA exactly when gpu is set, so "auto" resolves here and the run
     # records the decode path it used.
     decode = data.choose_decode(cfg.decode, "cuda" if gpu else "cpu")
@@ -571,22 +571,49 @@ def run(cfg: TrainConfig) -> dict:
     if result.checkpoint is None:
         tracking.end_run(run_id, "FAILED")
         raise StageError(f"Training '{name}' ended without a checkpoint; see the worker logs above.")
-    ckpt_dir = f"s3://{result.checkpoint.path}" if runs_fs is not None else result.checkpoint.path
+    def where(ckpt) -> str:
+        return f"s3://{ckpt.path}" if runs_fs is not None else ckpt.path
+
+    ckpt_dir = where(result.checkpoint)  # the latest: what a rerun resumes from
     state = checkpoint.load(ckpt_dir)
-    net = checkpoint.model_from_state(state).eval()
-    import numpy as np
+    # The model logged is the best epoch by val_top1 (mid-epoch checkpoints score -1).
+    best = result.get_best_checkpoint("checkpoint_score", "max")
+    best_dir = where(best) if best is not None else ckpt_dir
+    best_state = checkpoint.load(best_dir) if best_dir != ckpt_dir else state
 
     # An outage during training held some epochs back: log them now, waiting for the server.
     patience = float(os.environ.get("PIPELINES_TRACKING_PATIENCE_S", 900))
     _when_tracking_is_back("logging the epochs' metrics", lambda: _log_epochs(run_id, state["history"]), patience)
-    example = np.zeros((2, 3, cfg.crop, cfg.crop), dtype=np.float32)
-    model_uri = _when_tracking_is_back("logging the model", lambda: tracking.log_model(
-        run_id, net, example, register=cfg.register), patience)
+    model_uri = _when_tracking_is_back("logging the model", lambda: _log_classifier(
+        cfg, run_id, best_state, inputs), patience)
     _when_tracking_is_back("finishing the run", lambda: (
-        tracking.set_tags(run_id, {"pipelines.checkpoint": ckpt_dir, "pipelines.data": cfg.data,
-                                   "pipelines.model_uri": model_uri}),
+        tracking.set_tags(run_id, {"pipelines.checkpoint": ckpt_dir, "pipelines.best_checkpoint": best_dir,
+                                   "pipelines.data": cfg.data, "pipelines.model_uri": model_uri}),
         tracking.end_run(run_id, "FINISHED")), patience)
-    return _summary(cfg, name, run_id, state, ckpt_dir, model_uri, seconds=time.monotonic() - t0, gpu=gpu)
+    return _summary(cfg, name, run_id, state, ckpt_dir, model_uri, seconds=time.monotonic() - t0, gpu=gpu,
+                    best=(best_state, best_dir))
+
+
+def _log_classifier(cfg: TrainConfig, run_id: str, state: dict, inputs: dict) -> str:
+    """The image classifier of ``state`` (pipelines/classifier.py), with two val images as its
+    input example; registered under --register with the alias --alias."""
+    import tempfile
+
+    import pandas as pd
+
+    from . import classifier, tarindex
+
+    params = inputs["train_manifest"]["params"]
+    geometry = {"resize": params["resize"], "keep_aspect": params["keep_aspect"], "crop": cfg.crop}
+    url = inputs["val_shards"][0][0]
+    doc = tarindex.read(url)
+    run = storage.read_range(url, doc["offsets"][0], doc["offsets"][min(2, doc["samples"]) - 1] - doc["offsets"][0]
+                             + doc["sizes"][min(2, doc["samples"]) - 1])
+    example = pd.DataFrame({"image": [jpg for _, jpg, _ in tarindex.parse_run(run, url)]})
+    with tempfile.TemporaryDirectory() as tmp:
+        files = classifier.artifacts(state, geometry, storage.read_bytes(inputs["classes_url"]),
+                                     storage.read_bytes(inputs["stats_url"]), tmp)
+        return tracking.log_classifier(run_id, files, example, register=cfg.register, alias=cfg.alias)
 
 
 def _finished(run_id: str, epochs: int):
@@ -599,14 +626,17 @@ def _finished(run_id: str, epochs: int):
     state = checkpoint.load(tags["pipelines.checkpoint"])
     if state["epoch"] < epochs:
         return None
-    return state, tags["pipelines.checkpoint"], tags["pipelines.model_uri"]
+    best = tags.get("pipelines.best_checkpoint", tags["pipelines.checkpoint"])
+    return state, tags["pipelines.checkpoint"], tags["pipelines.model_uri"], (checkpoint.load(best), best)
 
 
-def _summary(cfg, name, run_id, state, ckpt_dir, model_uri, seconds, skipped=False, gpu=None) -> dict:
+def _summary(cfg, name, run_id, state, ckpt_dir, model_uri, seconds, skipped=False, gpu=None, best=None) -> dict:
     last = state["history"][-1]
+    best_state, best_dir = best or (state, ckpt_dir)
     return {"stage": "train", "data": cfg.data, "name": name, "run_id": run_id, "epochs": last["epoch"],
             **{k: last[k] for k in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5")},
-            "checkpoint": ckpt_dir, "model_uri": model_uri, "gpu": gpu, "workers": cfg.workers,
+            "checkpoint": ckpt_dir, "best_checkpoint": best_dir, "best_epoch": best_state["history"][-1]["epoch"],
+            "model_uri": model_uri, "gpu": gpu, "workers": cfg.workers,
             "left_out_per_epoch": last.get("left_out", 0),
             "skipped": skipped, "seconds": round(seconds, 2),
             "input_digest": shard.read_manifest(cfg.data, "train")["digest"]}

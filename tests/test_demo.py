@@ -52,3 +52,44 @@ def test_the_printed_evaluate_command_works_from_another_folder(demo):
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert got["run_id"] == demo["summary"]["run_id"] and got["top1"] == demo["summary"]["top1_10crop"]
     assert os.listdir(elsewhere) == []  # no store made where the user stood
+
+
+def test_the_registered_model_classifies_images_as_evaluate_does(demo):
+    """models:/alexnet-demo@champion, loaded as any MLflow user would, fed the val images' JPEG
+    bytes, gets the top-1 that `evaluate` (centre crop) reported; `predict` prints a top 5."""
+    import mlflow
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from pipelines import tarindex
+
+    data = demo["summary"]["data"]
+    manifest = json.loads(Path(data, "shards", "val.json").read_text())
+    jpgs, labels = [], []
+    for s in manifest["shards"]:
+        url = str(Path(data, "shards", "val", s["name"]))
+        for _, jpg, label in tarindex.parse_run(Path(url).read_bytes(), url):
+            jpgs.append(jpg)
+            labels.append(label)
+    mlflow.set_tracking_uri(demo["summary"]["tracking_uri"])
+    try:
+        model = mlflow.pyfunc.load_model("models:/alexnet-demo@champion")
+        out = model.predict(pd.DataFrame({"image": jpgs}))
+    finally:
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    hits = sum(int(c) == y for c, y in zip(out["class_id"], labels))
+    assert len(jpgs) == 99 and hits / len(jpgs) == demo["summary"]["top1"]
+    classes = json.loads(Path(data, "classes.json").read_text())
+    assert [classes[int(c)]["wnid"] for c in out["class_id"]] == list(out["wnid"])
+    # The CLI, from another folder, on an image file.
+    image = demo["tmp"] / "val.jpg"
+    image.write_bytes(jpgs[0])
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env.update(MLFLOW_TRACKING_URI=demo["summary"]["tracking_uri"], PYTHONPATH=str(PROJECT))
+    p = subprocess.run([sys.executable, "-m", "pipelines", "predict", "--model", "models:/alexnet-demo@champion",
+                        str(image)], cwd=demo["tmp"], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    top5 = result["predictions"][0]["top5"]
+    assert len(top5) == 5 and top5[0]["class_id"] == int(out["class_id"][0])
+    assert [l.strip()[:2] for l in p.stderr.splitlines() if l.startswith("  ")] == ["1.", "2.", "3.", "4.", "5."]

@@ -166,16 +166,18 @@ def _use_ray(cfg: IndexConfig, units: list[Unit]) -> bool:
     return on_cluster() or (len(units) > 1 and sum(u.nbytes for u in units) >= cfg.ray_min_bytes)
 
 
-def _read_counted(unit: Unit, threads: int) -> tuple[list[Item], int]:
-    """A Ray task: one unit's items and the S3 GETs it took."""
+def _read_counted(unit: Unit, threads: int) -> tuple[list[Item], int, str]:
+    """A Ray task: one unit's items, the S3 GETs it took and the node it ran on."""
+    import ray
+
     before = storage.request_counts().get("GetObject", 0)
     items = read_unit(unit, threads)
-    return items, storage.request_counts().get("GetObject", 0) - before
+    return items, storage.request_counts().get("GetObject", 0) - before, ray.get_runtime_context().get_node_id()
 
 
-def _on_ray(parts: list, threads: int, gets: list[int]):
+def _on_ray(parts: list, threads: int, gets: list[int], nodes: dict):
     """The items of ``parts`` in order, each unit read by a Ray task, a bounded number at once;
-    adds the tasks' S3 GETs to ``gets[0]``."""
+    adds the tasks' S3 GETs to ``gets[0]`` and counts their units per node in ``nodes``."""
     ray = ensure_ray()
     remote = ray.remote(num_cpus=1)(_read_counted)
     window = max(32, 2 * int(ray.cluster_resources().get("CPU", 1)))
@@ -189,8 +191,9 @@ def _on_ray(parts: list, threads: int, gets: list[int]):
             return [part]
         in_flight -= 1
         try:
-            items, n = ray.get(part)
+            items, n, node = ray.get(part)
             gets[0] += n
+            nodes[node] = nodes.get(node, 0) + 1
             return items
         except Exception as e:  # noqa: BLE001 - a StageError inside the task is the user's error
             if isinstance(getattr(e, "cause", None), StageError):
@@ -262,14 +265,14 @@ def _run(cfg: IndexConfig) -> dict:
     label = {c["wnid"]: i for i, c in enumerate(classes)}
     wanted = set(label)
 
-    counts, digests, all_rejects, tasks, gets = {}, {}, [], 0, [0]
+    counts, digests, all_rejects, tasks, gets, nodes = {}, {}, [], 0, [0], {}
     gets_before = storage.request_counts().get("GetObject", 0)
     for split in SPLITS:
         parts = list(src.plan(split, wanted))
         units = [p for p in parts if isinstance(p, Unit)]
         on_ray = _use_ray(cfg, units)
         tasks += len(units) if on_ray else 0
-        items = _on_ray(parts, cfg.read_threads, gets) if on_ray else expand(parts, cfg.read_threads)
+        items = _on_ray(parts, cfg.read_threads, gets, nodes) if on_ray else expand(parts, cfg.read_threads)
         rows, rejects = _collect(items, label, f"index {split}")
         if cfg.limit:
             rows = _limit(rows, cfg.limit)
@@ -296,6 +299,7 @@ def _run(cfg: IndexConfig) -> dict:
         **counts, "rejected": len(all_rejects), "skipped": False, "seconds": round(seconds, 2),
         "images_per_second": round(images / max(seconds, 1e-9), 1),
         "ray_tasks": tasks,  # class tars / val tar / chunks of files read as Ray tasks (0: in this process)
+        "nodes": [{"node": k, "units": v} for k, v in sorted(nodes.items(), key=lambda kv: -kv[1])],
         # S3 GET requests to read the source (this process and the tasks; listings not counted)
         "source_gets": gets[0] + storage.request_counts().get("GetObject", 0) - gets_before,
         "input_digest": fingerprint, "output_digest": digest(digests),

@@ -234,6 +234,16 @@ def train_loop(c: dict) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         _log_history(c["run_id"], history)  # epochs a crash left unlogged
 
+    # Which node each rank of this worker group runs on: the checkpoint keeps it, the driver's
+    # summary names the nodes that did the work.
+    here = {"rank": rank, "node": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
+    placement = [here]
+    if world > 1:
+        import torch.distributed as dist
+
+        placement = [None] * world
+        dist.all_gather_object(placement, here)
+
     train_tf = model.TrainTransform.from_stats(c["stats"], crop=c["crop"], alphastd=c["lighting"])
     eval_tf = model.EvalTransform.from_stats(c["stats"], crop=c["crop"])
     batch = c["batch_size"]
@@ -263,7 +273,7 @@ def train_loop(c: dict) -> None:
                              "scheduler": sched.state_dict(), "epoch": finished,
                              "history": history, "position": position,
                              "config": {k: c[k] for k in ("arch", "num_classes", "crop", "init", "seed")},
-                             "stats": c["stats"], "saved_at": now_iso()}, d)
+                             "stats": c["stats"], "workers": placement, "saved_at": now_iso()}, d)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         log.info("checkpoint at epoch %d%s saved in %.1f s", epoch,
                  f" step {sum(s[2] for s in segments)}" if segments else " end", time.perf_counter() - t)
@@ -630,6 +640,13 @@ def _finished(run_id: str, epochs: int):
     return state, tags["pipelines.checkpoint"], tags["pipelines.model_uri"], (checkpoint.load(best), best)
 
 
+def _by_node(workers: list[dict]) -> list[dict]:
+    nodes: dict[str, dict] = {}
+    for w in workers:
+        nodes.setdefault(w["node"], {"node": w["node"], "ip": w["ip"], "ranks": []})["ranks"].append(w["rank"])
+    return sorted(nodes.values(), key=lambda n: n["ranks"][0])
+
+
 def _summary(cfg, name, run_id, state, ckpt_dir, model_uri, seconds, skipped=False, gpu=None, best=None) -> dict:
     last = state["history"][-1]
     best_state, best_dir = best or (state, ckpt_dir)
@@ -637,6 +654,8 @@ def _summary(cfg, name, run_id, state, ckpt_dir, model_uri, seconds, skipped=Fal
             **{k: last[k] for k in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5")},
             "checkpoint": ckpt_dir, "best_checkpoint": best_dir, "best_epoch": best_state["history"][-1]["epoch"],
             "model_uri": model_uri, "gpu": gpu, "workers": cfg.workers,
+            # the ranks of the last worker group, by node (a group restarted after a node loss differs)
+            "nodes": _by_node(state.get("workers") or []),
             "left_out_per_epoch": last.get("left_out", 0),
             "skipped": skipped, "seconds": round(seconds, 2),
             "input_digest": shard.read_manifest(cfg.data, "train")["digest"]}

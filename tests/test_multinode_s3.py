@@ -237,10 +237,11 @@ def stages(world):
     s3 = _client(world)
     for path in (local / "tarballs").iterdir():
         s3.upload_file(str(path), BUCKET, f"src/tarballs/{path.name}")
-    _run(world, "index", "--source", f"s3://{BUCKET}/src/tarballs", "--data", ROOT, "--samples-per-shard", "4")
+    _, index, _ = _run(world, "index", "--source", f"s3://{BUCKET}/src/tarballs", "--data", ROOT,
+                       "--samples-per-shard", "4")
     _, shard, done = _run(world, "shard", "--data", ROOT, "--resize", "72")
     _run(world, "stats", "--data", ROOT)
-    return {"shard": shard, "shard_job": _job(world, done["job_id"])}
+    return {"index": index, "shard": shard, "shard_job": _job(world, done["job_id"])}
 
 
 def test_every_stage_is_a_job_whose_work_ran_on_the_worker_nodes_against_s3(world, stages):
@@ -260,6 +261,11 @@ def test_every_stage_is_a_job_whose_work_ran_on_the_worker_nodes_against_s3(worl
     finished = [names[t["node_id"]] for t in tasks if t["state"] == "FINISHED"]
     assert len(finished) == TRAIN_SHARDS + VAL_SHARDS, tasks
     assert set(finished) == {"w0", "w1"}, finished
+    # The summaries say the same: shards per node, and the index's class tars read as tasks there.
+    summary_nodes = {names[n["node"]]: n["shards"] for n in stages["shard"]["nodes"]}
+    assert set(summary_nodes) == {"w0", "w1"} and sum(summary_nodes.values()) == TRAIN_SHARDS + VAL_SHARDS
+    assert stages["index"]["ray_tasks"] == 4 + 1  # 4 class tars + the val tar
+    assert {names[n["node"]] for n in stages["index"]["nodes"]} <= {"w0", "w1"}
 
 
 def test_a_node_lost_mid_shard_on_s3_leaves_the_shards_byte_identical(world, stages):
@@ -367,6 +373,7 @@ def test_training_on_s3_goes_on_through_a_rotation_of_the_nodes_key(world, stage
     workers = _state(world, "actors", "class_name=RayTrainWorker", f"job_id={_job(world, done['job_id'])}")
     assert sorted(names[a["node_id"]] for a in workers) == sorted(f"w{w.index}" for w in world["cluster"].workers
                                                                      if w.alive), workers
+    assert sorted(names[n["node"]] for n in summary["nodes"]) == sorted(names[a["node_id"]] for a in workers)
 
 
 def test_a_node_lost_mid_epoch_on_s3_leaves_training_on_one_worker_in_the_same_run(world, stages, tmp_path):

@@ -80,6 +80,7 @@ def test_training_learns_and_tracks_every_epoch_once(first_run, dataset):
     assert len(out) == 3 and set(out["wnid"]) <= {c["wnid"] for c in classes}
     assert all(0 < p <= 1 for p in out["probability"]) and all(len(t) == 4 for t in out["top5_class_ids"])
     assert first_run["best_epoch"] in (1, 2, 3) and doc["samples"] >= 3
+    assert [n["ranks"] for n in first_run["nodes"]] == [[0, 1]]  # both ranks on this one node
 
 
 def test_rerunning_the_name_resumes_at_the_next_epoch(first_run, dataset):

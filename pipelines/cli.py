@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from . import config
@@ -234,6 +235,8 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pipelines", description=DESCRIPTION,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="`python -m pipelines STAGE --help` describes each stage.")
+    ap.add_argument("-q", "--quiet", action="store_true", default=False,
+                    help="print only the final JSON line (and errors): no progress, no worker lines")
     sub = ap.add_subparsers(dest="command", required=True, metavar="STAGE")
     add_parser = sub.add_parser
 
@@ -250,6 +253,12 @@ def main(argv=None) -> int:
     import importlib
 
     args = vars(parser().parse_args(argv))
+    errors = sys.stderr  # errors always reach the user, --quiet or not
+    if args.pop("quiet", False):
+        # Only the JSON line: progress, tables and the workers' lines (Ray sends them to this
+        # process's stderr) go nowhere; a failure's message still comes.
+        os.environ["PIPELINES_QUIET"] = "1"
+        sys.stderr = open(os.devnull, "w")
     cls, module = args.pop("config"), importlib.import_module(f"pipelines.{args.pop('module')}")
     args.pop("command")
     if isinstance(args.get("workers"), tuple):  # train --workers MIN-MAX
@@ -276,10 +285,10 @@ def main(argv=None) -> int:
             summary = module.run(cfg)
     except StrictFailure as e:
         print(json.dumps(e.summary), flush=True)
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=errors)
         return 1
     except StageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=errors)
         return 2
     if stage == "status":  # the table for people on stderr; stdout stays one JSON line for scripts
         print(module.format_table(summary), file=sys.stderr)

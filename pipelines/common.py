@@ -156,5 +156,7 @@ def ensure_ray(dashboard: bool = False):
         env = forwarded_env()
         if address != "local" and env and "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
             local["runtime_env"] = {"env_vars": env}
-        ray.init(address=address, logging_level="WARNING", **local)
+        # --quiet: the workers' lines are not sent here at all
+        ray.init(address=address, logging_level="WARNING", log_to_driver=not os.environ.get("PIPELINES_QUIET"),
+                 **local)
     return ray

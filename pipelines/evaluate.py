@@ -29,18 +29,23 @@ def evaluate(state: dict, shards: list[tuple[str, int]], ten_crop: bool, batch_s
     net = checkpoint.model_from_state(state).to(device).eval()
     transform = model.EvalTransform.from_stats(state["stats"], crop=state["config"]["crop"], ten_crop=ten_crop)
     hits1 = hits5 = images = 0
+    predicted, labels, keys = [], [], []  # per image: the top class, the label, the key
     progress = Progress("evaluate", sum(n for _, n in shards), unit="images")  # every 2 s, on stderr
     with torch.inference_mode():
         loader = data.eval_loader(shards, transform, batch_size=batch_size, num_workers=loader_workers,
                                   pin_memory=gpu)
-        for x, y, _keys in data.on_device(loader, device):
+        for x, y, batch_keys in data.on_device(loader, device):
             x = transform.photometric(x)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
                 probs = (model.ten_crop_predict(net, x) if ten_crop else net(x).float().softmax(-1))
             top1, top5 = model.topk_hits(probs, y)
             hits1, hits5, images = hits1 + int(top1), hits5 + int(top5), images + len(y)
+            predicted += probs.argmax(1).tolist()
+            labels += y.tolist()
+            keys += list(batch_keys)
             progress.update(len(y), len(y))
-    return {"hits1": hits1, "hits5": hits5, "images": images}
+    return {"hits1": hits1, "hits5": hits5, "images": images, "predicted": predicted, "labels": labels,
+            "keys": keys}
 
 
 def _ray_running() -> bool:
@@ -97,11 +102,77 @@ def run(cfg: EvaluateConfig) -> dict:
         raise StageError(f"The val shards in '{cfg.data}' hold no images.")
     top1, top5 = counts["hits1"] / counts["images"], counts["hits5"] / counts["images"]
     prefix = "eval_10crop" if cfg.ten_crop else "eval"
+    eval_run = None
     if cfg.run_id:
         tracking.log_metrics_once(cfg.run_id, {f"{prefix}_top1": top1, f"{prefix}_top5": top5},
                                   step=state["epoch"])
+        eval_run = _record(cfg, state, counts, top1, top5, time.monotonic() - t0)
     seconds = time.monotonic() - t0
     return {"stage": "evaluate", "data": cfg.data, "run_id": cfg.run_id, "epoch": state["epoch"],
             "top1": top1, "top5": top5, "images": counts["images"], "crops": 10 if cfg.ten_crop else 1,
             "seconds": round(seconds, 2), "images_per_second": round(counts["images"] / max(seconds, 1e-9), 1),
-            "input_digest": m["digest"]}
+            "input_digest": m["digest"], "evaluation_run_id": eval_run}
+
+
+def _record(cfg: EvaluateConfig, state: dict, counts: dict, top1: float, top5: float, seconds: float) -> str:
+    """This evaluation as a run of its own, nested under the training run: its metrics, the
+    per-class accuracy, the confusion matrix and the most confused pairs with example keys."""
+    from collections import Counter
+
+    classes = storage.read_json(storage.join(cfg.data, "classes.json"))
+    name = "evaluate-10crop" if cfg.ten_crop else "evaluate"
+    run_id = tracking.start_child_run(cfg.run_id, name, "evaluate", tags={
+        "pipelines.evaluates": cfg.run_id, "pipelines.checkpoint": _checkpoint_dir(cfg), "pipelines.data": cfg.data})
+    try:
+        tracking.log_params(run_id, {"ten_crop": cfg.ten_crop, "epoch": state["epoch"], "images": counts["images"],
+                                     "checkpoint": _checkpoint_dir(cfg), "data": cfg.data})
+        tracking.log_metrics_once(run_id, {"top1": top1, "top5": top5, "seconds": seconds}, step=state["epoch"])
+        n = len(classes)
+        seen, right = Counter(counts["labels"]), Counter(y for y, p in zip(counts["labels"], counts["predicted"]) if y == p)
+        tracking.log_table(run_id, [{"class_id": c, "wnid": classes[c]["wnid"], "name": classes[c]["name"],
+                                     "images": seen[c], "top1": right[c] / seen[c] if seen[c] else None}
+                                    for c in range(n)], "per_class_accuracy.json")
+        pairs = Counter((y, p) for y, p in zip(counts["labels"], counts["predicted"]) if y != p)
+        examples: dict = {}
+        for key, y, p in zip(counts["keys"], counts["labels"], counts["predicted"]):
+            if y != p and len(examples.setdefault((y, p), [])) < 5:
+                examples[(y, p)].append(key)
+        tracking.log_table(run_id, [{"true": classes[y]["name"], "true_wnid": classes[y]["wnid"],
+                                     "predicted": classes[p]["name"], "predicted_wnid": classes[p]["wnid"],
+                                     "images": k, "examples": " ".join(examples[(y, p)])}
+                                    for (y, p), k in pairs.most_common(50)], "most_confused.json")
+        tracking.log_figure(run_id, _confusion_figure(counts["labels"], counts["predicted"], classes),
+                            "confusion_matrix.png")
+    except BaseException:
+        tracking.end_run(run_id, "FAILED")
+        raise
+    tracking.end_run(run_id, "FINISHED")
+    return run_id
+
+
+def _confusion_figure(labels: list[int], predicted: list[int], classes: list[dict]):
+    """Rows: true class, columns: predicted, each row normalised to 1 (1,000 classes: a heat map
+    without tick labels; up to 30: with their names)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a cluster node
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    n = len(classes)
+    m = np.zeros((n, n))
+    np.add.at(m, (np.asarray(labels), np.asarray(predicted)), 1)
+    m = m / np.maximum(m.sum(1, keepdims=True), 1)
+    size = 6 if n > 30 else max(4.0, 0.35 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 30:
+        names = [c["name"].split(",")[0][:18] for c in classes]
+        ax.set_xticks(range(n), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), names, fontsize=7)
+    ax.set_title(f"{len(labels)} val images, each row sums to 1", fontsize=9)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

@@ -329,6 +329,29 @@ def _json_default(obj):
     return str(obj)  # Paths, datetimes
 
 
+def start_child_run(parent_run_id: str, run_name: str, stage: str, tags: dict | None = None) -> str:
+    """A new run nested under ``parent_run_id`` in its experiment (the UI shows it under the
+    parent's row): an evaluation of a training run is a run of its own, every time."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    client = _client()
+    parent = client.get_run(parent_run_id)
+    return client.create_run(parent.info.experiment_id, run_name=run_name, tags={
+        **standard_tags(stage), STAGE_TAG: stage, MLFLOW_PARENT_RUN_ID: parent_run_id,
+        **_clean_strings(tags or {})}).info.run_id
+
+
+def log_table(run_id: str, rows: list[dict], artifact_file: str) -> None:
+    """Rows as an MLflow table (the UI's artifact view and Evaluation tab show it)."""
+    import pandas as pd
+
+    _client().log_table(run_id, data=pd.DataFrame(rows), artifact_file=artifact_file)
+
+
+def log_figure(run_id: str, figure, artifact_file: str) -> None:
+    _client().log_figure(run_id, figure, artifact_file)
+
+
 def log_json(run_id: str, obj, artifact_file: str) -> None:
     _client().log_text(run_id, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n", artifact_file)
 

@@ -233,6 +233,7 @@ def train_loop(c: dict) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         _log_history(c["run_id"], history)  # epochs a crash left unlogged
+        monitor = _system_metrics(c["run_id"], c["tracking_uri"])
 
     # Which node each rank of this worker group runs on: the checkpoint keeps it, the driver's
     # summary names the nodes that did the work.
@@ -359,6 +360,24 @@ def train_loop(c: dict) -> None:
             # After the checkpoint: a crash in between leaves the step unlogged, and the resumed
             # worker logs it from the checkpoint's history; never twice.
             _log_history(c["run_id"], history)
+    if rank == 0 and monitor is not None:
+        monitor.finish()
+
+
+def _system_metrics(run_id: str, uri: str):
+    """MLflow's system metrics (CPU, memory, disk, network; GPU where pynvml sees one) of rank
+    0's node, every 10 s, into the run as system/*; a restarted worker continues the steps.
+    Best effort: it stops by itself when the run ends or the server cannot be reached."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop lines
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=True, tracking_uri=uri)
+        monitor.start()
+        return monitor
+    except Exception as e:  # noqa: BLE001 - system metrics never stop training
+        log.warning("system metrics not recorded: %s", e)
+        return None
 
 
 _logged: set[int] = set()  # epochs this process has logged (a restarted worker re-checks MLflow)

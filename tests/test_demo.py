@@ -93,3 +93,30 @@ def test_the_registered_model_classifies_images_as_evaluate_does(demo):
     top5 = result["predictions"][0]["top5"]
     assert len(top5) == 5 and top5[0]["class_id"] == int(out["class_id"][0])
     assert [l.strip()[:2] for l in p.stderr.splitlines() if l.startswith("  ")] == ["1.", "2.", "3.", "4.", "5."]
+
+
+def test_the_mlflow_record_is_worth_browsing(demo):
+    """Standard tags on every run, each evaluation a run of its own nested under the training
+    run with its per-class table, most-confused pairs and confusion matrix, system metrics."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(demo["summary"]["tracking_uri"])
+    train_run = client.get_run(demo["summary"]["run_id"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) >= 6  # index, shard, stats, train, two evaluations
+    for r in runs:
+        assert r.data.tags["mlflow.user"] and r.data.tags["mlflow.source.name"].startswith("python -m pipelines ")
+        assert len(r.data.tags["mlflow.source.git.commit"]) == 40
+    evaluations = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == train_run.info.run_id]
+    assert sorted(r.info.run_name for r in evaluations) == ["evaluate", "evaluate-10crop"]
+    for r in evaluations:
+        assert r.info.status == "FINISHED" and r.info.experiment_id == train_run.info.experiment_id
+        assert {a.path for a in client.list_artifacts(r.info.run_id)} >= {
+            "per_class_accuracy.json", "most_confused.json", "confusion_matrix.png"}
+        table = json.loads(Path(client.download_artifacts(r.info.run_id, "per_class_accuracy.json")).read_text())
+        assert len(table["data"]) == 10 and sum(row[3] for row in table["data"]) == 99  # images per class
+    centre = next(r for r in evaluations if r.info.run_name == "evaluate")
+    assert centre.data.metrics["top1"] == demo["summary"]["top1"]
+    png = Path(client.download_artifacts(centre.info.run_id, "confusion_matrix.png")).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "system/cpu_utilization_percentage" in train_run.data.metrics

@@ -81,6 +81,9 @@ def test_training_learns_and_tracks_every_epoch_once(first_run, dataset):
     assert all(0 < p <= 1 for p in out["probability"]) and all(len(t) == 4 for t in out["top5_class_ids"])
     assert first_run["best_epoch"] in (1, 2, 3) and doc["samples"] >= 3
     assert [n["ranks"] for n in first_run["nodes"]] == [[0, 1]]  # both ranks on this one node
+    # System metrics of rank 0's node, every 10 s of the run
+    system = [k for k in run.data.metrics if k.startswith("system/")]
+    assert "system/cpu_utilization_percentage" in system and "system/system_memory_usage_megabytes" in system, system
 
 
 def test_rerunning_the_name_resumes_at_the_next_epoch(first_run, dataset):

@@ -142,3 +142,15 @@ def test_help_is_written_for_people():
         assert "(default: None)" not in text and not re.search(r"\(default: [^)]*\) \(default:", text), stage
         if stage not in ("sample", "submit", "demo"):
             assert "--data ROOT" in text, stage
+
+
+def test_quiet_prints_only_the_json_line(indexed, tmp_path):
+    root = tmp_path / "root"
+    subprocess.run(["cp", "-r", str(indexed / "root"), str(root)], check=True)
+    p, _ = _cli(["--quiet", "shard", "--data", str(root), "--resize", "64"], cwd=tmp_path,
+                env_extra={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}, timeout=300)
+    assert p.returncode == 0 and p.stderr == "", p.stderr[-2000:]
+    assert [l for l in p.stdout.splitlines() if l.strip()][-1].startswith('{"stage": "shard"')
+    assert len([l for l in p.stdout.splitlines() if l.strip()]) == 1, p.stdout[-2000:]
+    p, _ = _cli(["-q", "shard", "--data", str(tmp_path / "none")], cwd=tmp_path)
+    assert p.returncode == 2 and "No index in" in p.stderr  # errors still come

@@ -47,6 +47,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=4096, help="train images (8 classes)")
     ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs of each first (0: none, a smoke test)")
     ap.add_argument("--cache", default=os.path.join(common.OUT, "cache"))
     a = ap.parse_args(argv)
 
@@ -87,7 +88,7 @@ def main(argv=None) -> dict:
         wall = {k: [] for k in roots}
         own = {k: [] for k in roots}
         gets = []
-        for r in range(-1, a.repeats):  # -1: a warm-up of each (SeaweedFS grows its volumes on the
+        for r in range(-a.warmup, a.repeats):  # r < 0: warm-ups (SeaweedFS grows its volumes on the
             for name, (_, root) in roots.items():  # first writes, Ray starts workers): not timed
                 for f in storage.list_dir(storage.join(root, "shards")):  # a fresh run: nothing to skip
                     url = storage.join(root, "shards", f)

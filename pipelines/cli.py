@@ -16,7 +16,7 @@ from . import config
 from .common import StageError, StrictFailure
 
 TRACKED = ("index", "shard", "stats")
-RAY_STAGES = ("index", "shard", "stats", "train", "evaluate", "demo")
+RAY_STAGES = ("shard", "stats", "train", "demo")
 _UNSET = argparse.SUPPRESS  # flags not given stay out of the config, so config.py's defaults win
 
 
@@ -270,7 +270,9 @@ def main(argv=None) -> int:
     stage = module.__name__.rsplit(".", 1)[-1]
     try:
         cfg = cls(**args) if cls else args
-        if stage in RAY_STAGES:  # a wrong or dead RAY_ADDRESS is named now, not after a run began
+        # A wrong or dead RAY_ADDRESS is named now, not after a run began (index and evaluate
+        # run in this process unless RAY_ADDRESS names a cluster's Ray: they need no check).
+        if stage in RAY_STAGES or (stage == "index" and cfg.parallel == "ray"):
             from .common import ray_address
 
             ray_address()

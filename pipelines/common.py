@@ -80,23 +80,25 @@ _own_address: str | None = None  # RAY_ADDRESS as ensure_ray set it for a local 
 
 
 def on_cluster() -> bool:
-    """RAY_ADDRESS names a cluster (not unset, not "local", not the local Ray this process started)."""
+    """RAY_ADDRESS names a cluster's Ray for this process to join (not unset, not "local", not the
+    local Ray this process started, not a dashboard URL, which only `submit` can use)."""
     address = os.environ.get("RAY_ADDRESS", "").strip()
-    return bool(address) and address not in ("local", _own_address)
+    return bool(address) and address not in ("local", _own_address) and not address.startswith(("http://", "https://"))
 
 
 def ray_address() -> str:
     """Where a stage's Ray is: RAY_ADDRESS (a cluster's GCS, HOST:PORT), checked to answer within
     seconds, else "local": a Ray of its own. Never ray.init()'s own default, which joins whatever
-    cluster `ray start` last recorded on this machine and hangs silently when that head is gone."""
-    if not on_cluster():
-        return "local"
-    address = os.environ["RAY_ADDRESS"].strip()
+    cluster `ray start` last recorded on this machine and hangs silently when that head is gone.
+    A dashboard URL in RAY_ADDRESS (what `submit` uses) is refused, naming the fix."""
+    address = os.environ.get("RAY_ADDRESS", "").strip()
     if address.startswith(("http://", "https://")):
         raise StageError(
             f"RAY_ADDRESS={address} is a dashboard (Jobs API) address: `python -m pipelines submit -- <stage> ...` "
             "sends a stage there as a job. To run this stage's driver here against that cluster, set RAY_ADDRESS "
             "to its GCS address (HOST:6379); unset it to use a Ray of this process's own.")
+    if not on_cluster():
+        return "local"
     if address == "auto" or address.startswith("ray://"):
         return address
     host, _, port = address.rpartition(":")

@@ -140,7 +140,7 @@ def test_help_is_written_for_people():
         text = " ".join(p.stdout.split())  # argparse wraps lines
         assert f"example: python -m pipelines {stage}" in text, stage
         assert "(default: None)" not in text and not re.search(r"\(default: [^)]*\) \(default:", text), stage
-        if stage not in ("sample", "submit", "demo"):
+        if stage not in ("sample", "submit", "demo", "predict"):
             assert "--data ROOT" in text, stage
 
 

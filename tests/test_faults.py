@@ -278,7 +278,7 @@ def uninterrupted(one_shard, tmp_path_factory):
     # The killed run's exact flags, parsed as the CLI does, run in this process.
     args = vars(cli.parser().parse_args(["train", "--data", one_shard, *ONE_SHARD, "--name", "uninterrupted",
                                          "--storage", str(tmp / "runs"), "--ledger", str(tmp / "ledger")]))
-    cfg = args.pop("config")(**{k: v for k, v in args.items() if k not in ("module", "command")})
+    cfg = args.pop("config")(**{k: v for k, v in args.items() if k not in ("module", "command", "quiet")})
     return {**train.run(cfg), "ledger": tmp / "ledger"}
 
 

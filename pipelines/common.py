@@ -83,7 +83,11 @@ def on_cluster() -> bool:
     """RAY_ADDRESS names a cluster's Ray for this process to join (not unset, not "local", not the
     local Ray this process started, not a dashboard URL, which only `submit` can use)."""
     address = os.environ.get("RAY_ADDRESS", "").strip()
-    return bool(address) and address not in ("local", _own_address) and not address.startswith(("http://", "https://"))
+    return bool(address) and address not in ("local", _own_address) and not _is_url(address)
+
+
+def _is_url(address: str) -> bool:
+    return address.startswith(("http://", "https://"))
 
 
 def ray_address() -> str:
@@ -92,7 +96,7 @@ def ray_address() -> str:
     cluster `ray start` last recorded on this machine and hangs silently when that head is gone.
     A dashboard URL in RAY_ADDRESS (what `submit` uses) is refused, naming the fix."""
     address = os.environ.get("RAY_ADDRESS", "").strip()
-    if address.startswith(("http://", "https://")):
+    if _is_url(address):
         raise StageError(
             f"RAY_ADDRESS={address} is a dashboard (Jobs API) address: `python -m pipelines submit -- <stage> ...` "
             "sends a stage there as a job. To run this stage's driver here against that cluster, set RAY_ADDRESS "
@@ -127,6 +131,19 @@ def _name_the_local_gcs(ray) -> None:
     _own_address = f"{ray.util.get_node_ip_address()}:{port}"
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     os.environ["RAY_ADDRESS"] = _own_address
+
+
+def counted_task(fn, args: tuple) -> dict:
+    """Run ``fn(*args)`` as a Ray task does for the stages: its result, the S3 GETs it sent and
+    the node it ran on (summaries count GETs per image and say which nodes did the work)."""
+    import ray
+
+    from . import storage
+
+    before = storage.request_counts().get("GetObject", 0)
+    result = fn(*args)
+    return {"result": result, "gets": storage.request_counts().get("GetObject", 0) - before,
+            "node": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
 
 
 def ensure_ray(dashboard: bool = False):

@@ -73,7 +73,8 @@ def run(cfg: EvaluateConfig) -> dict:
         raise StageError("Give exactly one of --run-id ID or --checkpoint PATH.")
     if cfg.run_id:
         tracking.check_reachable()
-    state = checkpoint.load(_checkpoint_dir(cfg))
+    ckpt_dir = _checkpoint_dir(cfg)
+    state = checkpoint.load(ckpt_dir)
     m = shard.read_manifest(cfg.data, "val")
     if m is None or not m["complete"]:
         raise StageError(f"The val shards in '{cfg.data}' are missing or incomplete: run "
@@ -106,7 +107,7 @@ def run(cfg: EvaluateConfig) -> dict:
     if cfg.run_id:
         tracking.log_metrics_once(cfg.run_id, {f"{prefix}_top1": top1, f"{prefix}_top5": top5},
                                   step=state["epoch"])
-        eval_run = _record(cfg, state, counts, top1, top5, time.monotonic() - t0)
+        eval_run = _record(cfg, ckpt_dir, state, counts, top1, top5, time.monotonic() - t0)
     seconds = time.monotonic() - t0
     return {"stage": "evaluate", "data": cfg.data, "run_id": cfg.run_id, "epoch": state["epoch"],
             "top1": top1, "top5": top5, "images": counts["images"], "crops": 10 if cfg.ten_crop else 1,
@@ -114,7 +115,8 @@ def run(cfg: EvaluateConfig) -> dict:
             "input_digest": m["digest"], "evaluation_run_id": eval_run}
 
 
-def _record(cfg: EvaluateConfig, state: dict, counts: dict, top1: float, top5: float, seconds: float) -> str:
+def _record(cfg: EvaluateConfig, ckpt_dir: str, state: dict, counts: dict, top1: float, top5: float,
+            seconds: float) -> str:
     """This evaluation as a run of its own, nested under the training run: its metrics, the
     per-class accuracy, the confusion matrix and the most confused pairs with example keys."""
     from collections import Counter
@@ -122,10 +124,10 @@ def _record(cfg: EvaluateConfig, state: dict, counts: dict, top1: float, top5: f
     classes = storage.read_json(storage.join(cfg.data, "classes.json"))
     name = "evaluate-10crop" if cfg.ten_crop else "evaluate"
     run_id = tracking.start_child_run(cfg.run_id, name, "evaluate", tags={
-        "pipelines.evaluates": cfg.run_id, "pipelines.checkpoint": _checkpoint_dir(cfg), "pipelines.data": cfg.data})
+        "pipelines.evaluates": cfg.run_id, "pipelines.checkpoint": ckpt_dir, "pipelines.data": cfg.data})
     try:
         tracking.log_params(run_id, {"ten_crop": cfg.ten_crop, "epoch": state["epoch"], "images": counts["images"],
-                                     "checkpoint": _checkpoint_dir(cfg), "data": cfg.data})
+                                     "checkpoint": ckpt_dir, "data": cfg.data})
         tracking.log_metrics_once(run_id, {"top1": top1, "top5": top5, "seconds": seconds}, step=state["epoch"])
         n = len(classes)
         seen, right = Counter(counts["labels"]), Counter(y for y, p in zip(counts["labels"], counts["predicted"]) if y == p)

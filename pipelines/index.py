@@ -26,7 +26,7 @@ import time
 from collections import defaultdict, deque
 
 from . import lease, storage
-from .common import StageError, StrictFailure, digest, ensure_ray, now_iso, on_cluster
+from .common import StageError, StrictFailure, counted_task, digest, ensure_ray, now_iso, on_cluster
 from .config import SPLITS, IndexConfig
 from .sources import Item, Unit, expand, open_source, read_unit
 
@@ -166,20 +166,11 @@ def _use_ray(cfg: IndexConfig, units: list[Unit]) -> bool:
     return on_cluster() or (len(units) > 1 and sum(u.nbytes for u in units) >= cfg.ray_min_bytes)
 
 
-def _read_counted(unit: Unit, threads: int) -> tuple[list[Item], int, str]:
-    """A Ray task: one unit's items, the S3 GETs it took and the node it ran on."""
-    import ray
-
-    before = storage.request_counts().get("GetObject", 0)
-    items = read_unit(unit, threads)
-    return items, storage.request_counts().get("GetObject", 0) - before, ray.get_runtime_context().get_node_id()
-
-
 def _on_ray(parts: list, threads: int, gets: list[int], nodes: dict):
     """The items of ``parts`` in order, each unit read by a Ray task, a bounded number at once;
     adds the tasks' S3 GETs to ``gets[0]`` and counts their units per node in ``nodes``."""
     ray = ensure_ray()
-    remote = ray.remote(num_cpus=1)(_read_counted)
+    remote = ray.remote(num_cpus=1)(counted_task)
     window = max(32, 2 * int(ray.cluster_resources().get("CPU", 1)))
     pending: deque = deque()
     in_flight = 0
@@ -191,10 +182,10 @@ def _on_ray(parts: list, threads: int, gets: list[int], nodes: dict):
             return [part]
         in_flight -= 1
         try:
-            items, n, node = ray.get(part)
-            gets[0] += n
-            nodes[node] = nodes.get(node, 0) + 1
-            return items
+            done = ray.get(part)
+            gets[0] += done["gets"]
+            nodes[done["node"]] = nodes.get(done["node"], 0) + 1
+            return done["result"]
         except Exception as e:  # noqa: BLE001 - a StageError inside the task is the user's error
             if isinstance(getattr(e, "cause", None), StageError):
                 raise e.cause from None
@@ -202,7 +193,7 @@ def _on_ray(parts: list, threads: int, gets: list[int], nodes: dict):
 
     for part in parts:
         if isinstance(part, Unit):
-            pending.append(remote.remote(part, threads))
+            pending.append(remote.remote(read_unit, (part, threads)))
             in_flight += 1
         else:
             pending.append(part)

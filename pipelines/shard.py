@@ -20,7 +20,7 @@ import time
 import warnings
 
 from . import index, lease, storage, tarindex
-from .common import Progress, StageError, StrictFailure, digest, ensure_ray, now_iso
+from .common import Progress, StageError, StrictFailure, counted_task, digest, ensure_ray, now_iso
 from .config import SPLITS, ShardConfig
 from .sources import read_item, where
 
@@ -246,18 +246,6 @@ def write_shard(url: str, rows: list[tuple], params: dict, input_digest: str, re
             "input_digest": input_digest, "rejected": rejected}
 
 
-def run_task(fn, args: tuple) -> dict:
-    """One shard task as Ray runs it: the function's result, the S3 requests it sent and the node
-    it ran on (the stage's summary says which nodes did the work)."""
-    import ray
-
-    before = storage.request_counts()
-    result = fn(*args)
-    after = storage.request_counts()
-    return {"result": result, "gets": after.get("GetObject", 0) - before.get("GetObject", 0),
-            "node": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
-
-
 def add_index(url: str, entry: dict) -> dict:
     """Give a shard made before sample indexes existed its index, from its tar headers (no image
     is decoded or re-encoded); returns its manifest entry with the index named."""
@@ -380,7 +368,7 @@ def _run(cfg: ShardConfig) -> dict:
     failures, written_images, gets, nodes = [], 0, 0, {}
     if todo:
         ray = ensure_ray()
-        remote = ray.remote(num_cpus=cfg.num_cpus)(run_task)
+        remote = ray.remote(num_cpus=cfg.num_cpus)(counted_task)
         # Bounded in-flight tasks: progress stays smooth and the object store holds only a few
         # shards' row lists, however large the dataset.
         # At least 32 so an autoscaling cluster that starts small sees enough demand to grow.

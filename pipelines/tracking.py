@@ -391,13 +391,19 @@ def log_dataset(run_id: str, name: str, digest: str, source: str, context: str =
         InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("pipelines.digest", digest)])])
 
 
-def log_classifier(run_id: str, artifacts: dict, input_example, register: str | None = None,
+def log_classifier(run_id: str, artifacts: dict, input_example, output_example, register: str | None = None,
                    alias: str | None = None, name: str = "model") -> str:
     """Log the image classifier (pipelines/classifier.py) into run ``run_id``; with ``register``
-    also a version of that registered model, and ``alias`` pointed at it. Returns its URI:
+    also a version of that registered model, and ``alias`` pointed at it. ``output_example`` is
+    what the model makes of ``input_example``: the signature is stated from the two (MLflow would
+    infer it with an INFO line and a warning about integer columns). Returns its URI:
     ``models:/NAME@ALIAS`` when registered with an alias, else the logged model's ``models:/`` URI."""
+    import contextlib
+    import io
+    import warnings
+
     import mlflow.pyfunc
-    from mlflow.models import Model
+    from mlflow.models import Model, infer_signature
 
     from . import classifier
 
@@ -406,26 +412,9 @@ def log_classifier(run_id: str, artifacts: dict, input_example, register: str | 
     # As in log_model: the LoggedModel made here, so it lands in the run's experiment.
     logged = client.create_logged_model(experiment_id=run.info.experiment_id, name=name,
                                         source_run_id=run_id, params=run.data.params)
-    import contextlib
-    import io
-    import logging
-    import warnings
-
-    from mlflow.models import infer_signature
-
-    # The signature stated, from the example and what the model makes of it (MLflow would infer
-    # it with an INFO line and a warning about integer columns).
-    import torch
-
-    from . import checkpoint as ckpt
-
-    state = torch.load(artifacts["weights"], map_location="cpu", weights_only=True)
-    output = classifier.classify(ckpt.model_from_state(state).eval(), list(input_example["image"]), state["geometry"],
-                                 json.loads(Path(artifacts["classes"]).read_text()),
-                                 json.loads(Path(artifacts["stats"]).read_text()))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "add type hints to predict", "integer columns"
-        signature = infer_signature(input_example, __import__("pandas").DataFrame(output))
+        warnings.simplefilter("ignore", UserWarning)  # "integer columns may hold missing values"
+        signature = infer_signature(input_example, output_example)
         # MLflow prints its registration steps itself (eprint); the summary and this stage's line say it.
         with contextlib.redirect_stderr(io.StringIO()):
             info = Model.log(None, mlflow.pyfunc, name=name, run_id=run_id, model_id=logged.model_id,
@@ -434,7 +423,6 @@ def log_classifier(run_id: str, artifacts: dict, input_example, register: str | 
                              signature=signature,
                              pip_requirements=[f"{p}=={_version(p)}"
                                                for p in ("torch", "torchvision", "pillow", "numpy", "pandas")])
-    logging.getLogger(__name__).debug("logged %s", info.model_uri)
     if register and alias:
         client.set_registered_model_alias(register, alias, info.registered_model_version)
         print(f"train: model registered as {register} version {info.registered_model_version}, "

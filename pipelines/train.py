@@ -639,10 +639,12 @@ def _log_classifier(cfg: TrainConfig, run_id: str, state: dict, inputs: dict) ->
     run = storage.read_range(url, doc["offsets"][0], doc["offsets"][min(2, doc["samples"]) - 1] - doc["offsets"][0]
                              + doc["sizes"][min(2, doc["samples"]) - 1])
     example = pd.DataFrame({"image": [jpg for _, jpg, _ in tarindex.parse_run(run, url)]})
+    classes, stats_ = storage.read_bytes(inputs["classes_url"]), storage.read_bytes(inputs["stats_url"])
+    output = pd.DataFrame(classifier.classify(checkpoint.model_from_state(state).eval(), list(example["image"]),
+                                              geometry, json.loads(classes), json.loads(stats_)))
     with tempfile.TemporaryDirectory() as tmp:
-        files = classifier.artifacts(state, geometry, storage.read_bytes(inputs["classes_url"]),
-                                     storage.read_bytes(inputs["stats_url"]), tmp)
-        return tracking.log_classifier(run_id, files, example, register=cfg.register, alias=cfg.alias)
+        files = classifier.artifacts(state, geometry, classes, stats_, tmp)
+        return tracking.log_classifier(run_id, files, example, output, register=cfg.register, alias=cfg.alias)
 
 
 def _finished(run_id: str, epochs: int):

@@ -1,6 +1,7 @@
 """The model a training run logs and registers: an image classifier, not a tensor function.
 
-It takes encoded images (JPEG, PNG: a DataFrame column ``image`` of bytes) and returns, per
+It takes images (a DataFrame column ``image`` of encoded JPEG/PNG bytes, or of decoded RGB
+uint8 arrays shaped H x W x 3, as PIL and OpenCV-after-BGR-swap give them) and returns, per
 image, the class id, WNID, class name and probability of its top class and its top 5. Inside
 it: the weights, the class list (classes.json), the normalisation (stats.json), and the
 geometry the run was trained with (the shards' resize, then the centre crop), so that
@@ -43,17 +44,15 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
 
 def classify(net, images: list, geometry: dict, classes: list[dict], stats: dict, batch: int = 64) -> list[dict]:
-    """Encoded images -> one row each: class_id, wnid, name, probability, top5 ids and probabilities."""
+    """Images (bytes or H x W x 3 uint8 arrays) -> one row each: class_id, wnid, name, probability, top5 ids and probabilities."""
     import torch
 
     import model
-    from pipelines.shard import resized_rgb
 
     transform = model.EvalTransform.from_stats(stats, crop=geometry["crop"])
     rows = []
     for start in range(0, len(images), batch):
-        crops = torch.stack([transform.geometric(resized_rgb(bytes(b), geometry["resize"], geometry["keep_aspect"]))
-                             for b in images[start:start + batch]])
+        crops = torch.stack([transform.geometric(_pixels(b, geometry)) for b in images[start:start + batch]])
         with torch.inference_mode():
             probs = net(transform.photometric(crops)).float().softmax(-1)
         top_p, top_i = probs.topk(min(TOP, probs.shape[1]), dim=1)
@@ -63,6 +62,24 @@ def classify(net, images: list, geometry: dict, classes: list[dict], stats: dict
                          "top5_class_ids": i, "top5_wnids": [classes[k]["wnid"] for k in i],
                          "top5_names": [classes[k]["name"] for k in i], "top5_probabilities": p})
     return rows
+
+
+def _pixels(image, geometry: dict):
+    """One input -> the 3 x H x W uint8 the shards would hold: bytes are decoded, an H x W x 3
+    uint8 array is taken as RGB pixels. Anything else is refused by name, not guessed at."""
+    import numpy as np
+    import torch
+
+    from pipelines.shard import resize_rgb, resized_rgb
+
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return resized_rgb(bytes(image), geometry["resize"], geometry["keep_aspect"])
+    a = np.asarray(image)
+    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
+        raise ValueError(f"an image must be encoded bytes or an RGB uint8 array of shape H x W x 3; "
+                         f"got {type(image).__name__} {a.dtype} {a.shape}")
+    x = torch.from_numpy(a.copy()).permute(2, 0, 1)  # a copy: the caller's array may be read-only
+    return resize_rgb(x, geometry["resize"], geometry["keep_aspect"])
 
 
 def artifacts(state: dict, geometry: dict, classes_json: bytes, stats_json: bytes, folder: str) -> dict:

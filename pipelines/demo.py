@@ -42,21 +42,30 @@ def run(args: dict) -> dict:
         sample.run(sample.SampleConfig(out=src, **SAMPLE))
     source = storage.join(src, "tarballs")
     s = {}
-    _step(f"index: {source} -> {data}")
-    s["index"] = tracking.track_stage("index", IndexConfig(source=source, data=data,
-                                                           samples_per_shard=SAMPLES_PER_SHARD), index.run)
-    ensure_ray(dashboard=True)  # one local Ray for shard, stats and train; train wants the dashboard
-    _step("shard: one Ray task per shard")
-    s["shard"] = tracking.track_stage("shard", ShardConfig(data=data, resize=RESIZE), shard.run)
-    _step("stats: mean, std and RGB eigen-decomposition over the training shards")
-    s["stats"] = tracking.track_stage("stats", StatsConfig(data=data), stats.run)
-    _step(f"train: AlexNet (2012) on {TRAIN['workers']} Ray Train CPU workers, {TRAIN['epochs']} epochs, "
-          f"{CROP} px crops")
-    s["train"] = train.run(TrainConfig(data=data, crop=CROP, gpu=False, **TRAIN))
-    _step("evaluate: centre crop and the paper's 10 crops on the val shards")
-    s["evaluate"] = evaluate.run(EvaluateConfig(data=data, run_id=s["train"]["run_id"], gpu=False))
-    s["evaluate10"] = evaluate.run(EvaluateConfig(data=data, run_id=s["train"]["run_id"], ten_crop=True, gpu=False))
+    # One run for the whole pipeline, the stage runs and the training run nested under it (and the
+    # evaluations under training): the MLflow UI shows the demo as one tree in its experiment.
+    pipeline = tracking.start_pipeline_run(TRAIN["experiment"], "pipeline", "demo", {"pipelines.data": data})
+    stage = dict(experiment=TRAIN["experiment"], parent_run_id=pipeline)
+    try:
+        _step(f"index: {source} -> {data}")
+        s["index"] = tracking.track_stage("index", IndexConfig(source=source, data=data,
+                                                               samples_per_shard=SAMPLES_PER_SHARD), index.run, **stage)
+        ensure_ray(dashboard=True)  # one local Ray for shard, stats and train; train wants the dashboard
+        _step("shard: one Ray task per shard")
+        s["shard"] = tracking.track_stage("shard", ShardConfig(data=data, resize=RESIZE), shard.run, **stage)
+        _step("stats: mean, std and RGB eigen-decomposition over the training shards")
+        s["stats"] = tracking.track_stage("stats", StatsConfig(data=data), stats.run, **stage)
+        _step(f"train: AlexNet (2012) on {TRAIN['workers']} Ray Train CPU workers, {TRAIN['epochs']} epochs, "
+              f"{CROP} px crops")
+        s["train"] = train.run(TrainConfig(data=data, crop=CROP, gpu=False, **TRAIN), parent_run_id=pipeline)
+        _step("evaluate: centre crop and the paper's 10 crops on the val shards")
+        s["evaluate"] = evaluate.run(EvaluateConfig(data=data, run_id=s["train"]["run_id"], gpu=False))
+        s["evaluate10"] = evaluate.run(EvaluateConfig(data=data, run_id=s["train"]["run_id"], ten_crop=True, gpu=False))
+    except BaseException as e:
+        tracking.end_run(pipeline, "FAILED" if isinstance(e, Exception) else "KILLED")
+        raise
 
+    tracking.end_run(pipeline)
     print("\n" + status.format_table(status.run(StatusConfig(data=data))), file=sys.stderr)
     uri = tracking.tracking_uri()
     # Commands that work from any folder: absolute paths, the store named in them.
@@ -72,7 +81,7 @@ val top-1 {e['top1']:.1%}, top-5 {e['top5']:.1%} (centre crop); 10-crop top-1 {e
    on {e['images']} val images of {SAMPLE['classes']} classes (chance: {1 / SAMPLE['classes']:.0%})
 shards:      {storage.join(data, 'shards')}  ({s['shard']['samples']} samples, {s['shard']['rejected']} damaged inputs quarantined in {index.paths(data)['rejected']})
 checkpoint:  {s['train']['checkpoint']}
-MLflow run:  {s['train']['run_id']} (experiment '{TRAIN['experiment']}'); stage runs in 'preprocessing'
+MLflow run:  {s['train']['run_id']} (experiment '{TRAIN['experiment']}', nested with the stage runs under run 'pipeline')
 MLflow UI:   {ui}
 evaluate:    {again}
 took {time.monotonic() - t0:.0f} s""", file=sys.stderr)

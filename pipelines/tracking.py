@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
-from .common import StageError, StrictFailure
+from .common import StageError, StrictFailure, digest
 
 RUN_NAME_TAG = "pipelines.run_name"
 STAGE_TAG = "pipelines.stage"
@@ -329,6 +329,13 @@ def _json_default(obj):
     return str(obj)  # Paths, datetimes
 
 
+def start_pipeline_run(experiment: str, run_name: str, command: str, tags: dict | None = None) -> str:
+    """A run that stands for a whole pipeline (``command``, e.g. demo): its stage runs are created
+    with it as parent."""
+    return _client().create_run(experiment_id(experiment), run_name=run_name, tags={
+        **standard_tags(command), STAGE_TAG: "pipeline", **_clean_strings(tags or {})}).info.run_id
+
+
 def start_child_run(parent_run_id: str, run_name: str, stage: str, tags: dict | None = None) -> str:
     """A new run nested under ``parent_run_id`` in its experiment (the UI shows it under the
     parent's row): an evaluation of a training run is a run of its own, every time."""
@@ -584,24 +591,71 @@ def _fail(run_id: str, error: BaseException, status: str) -> None:
     end_run(run_id, status)
 
 
-def find_stage_runs(output_digest: str, experiment: str = "preprocessing") -> list[dict]:
-    """Stage runs (newest first) that wrote ``output_digest``, e.g. the shard run behind a training
-    run's manifest. [{"run_id", "stage", "status"}]; a failed strict run did write its output."""
+def find_stage_runs(output_digest: str, experiment: str | None = "preprocessing", key: str = "output") -> list[dict]:
+    """Stage runs (newest first) that wrote ``output_digest`` (``key="input"``: that read it), e.g.
+    the shard run behind a training run's manifest (``key="input"`` matches a single input digest,
+    as stats records); ``experiment=None`` searches every experiment
+    (the demo keeps its stage runs in its own). [{"run_id", "stage", "status", "experiment_id",
+    "input_digest"}]; a failed strict run did write its output."""
     client = _client()
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None or not re.fullmatch(r"[\w.:+-]+", output_digest):
+    if experiment is None:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    else:
+        exp = client.get_experiment_by_name(experiment)
+        ids = [exp.experiment_id] if exp is not None else []
+    if not ids or not re.fullmatch(r"[\w.:+-]+", output_digest):
         return []
     # MLflow search has no OR over tag keys; the combined tag narrows in the store, the loop is exact.
-    query = f"tags.`{OUTPUT_DIGESTS_TAG}` LIKE '%{output_digest}%'"
+    query = (f"tags.`{OUTPUT_DIGESTS_TAG}` LIKE '%{output_digest}%'" if key == "output"
+             else f"tags.`pipelines.input_digest` = '{output_digest}'")
     found, token = [], None
     while True:
-        page = client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time DESC"],
+        page = client.search_runs(ids, query, order_by=["attributes.start_time DESC"],
                                   max_results=1000, page_token=token)
         for run in page:
             t = run.data.tags
             if any(v == output_digest for k, v in t.items()
-                   if k == "pipelines.output_digest" or k.startswith("pipelines.output_digest.")):
-                found.append({"run_id": run.info.run_id, "stage": t.get(STAGE_TAG), "status": run.info.status})
+                   if k == f"pipelines.{key}_digest" or k.startswith(f"pipelines.{key}_digest.")):
+                found.append({"run_id": run.info.run_id, "stage": t.get(STAGE_TAG), "status": run.info.status,
+                              "experiment_id": run.info.experiment_id, "input_digest": _digest_from_tags(t, "input")})
         token = page.token
         if not token:
             return found
+
+
+def _digest_from_tags(tags: dict, key: str):
+    """The ``input``/``output`` digest a run's tags record: a string, or {split: digest}."""
+    if f"pipelines.{key}_digest" in tags:
+        return tags[f"pipelines.{key}_digest"]
+    prefix = f"pipelines.{key}_digest."
+    return {k[len(prefix):]: v for k, v in tags.items() if k.startswith(prefix)} or None
+
+
+def lineage(manifest_digest: str) -> dict[str, dict]:
+    """The newest index, shard and stats runs behind a train manifest (in any experiment):
+    the shard run that wrote it, the index run that wrote what that shard run read, the stats
+    run that read it. {stage: run} for those found."""
+    found = {}
+    shard_runs = find_stage_runs(manifest_digest, experiment=None)
+    if shard_runs:
+        found["shard"] = shard_runs[0]
+        # The shard run read the index's {split: digest}; the index run's output digest is their digest.
+        read = shard_runs[0]["input_digest"]
+        index_runs = find_stage_runs(read if isinstance(read, str) else digest(read or {}), experiment=None)
+        if index_runs:
+            found["index"] = index_runs[0]
+    stats_runs = [r for r in find_stage_runs(manifest_digest, experiment=None, key="input") if r["stage"] == "stats"]
+    if stats_runs:
+        found["stats"] = stats_runs[0]
+    return found
+
+
+def link_lineage(run_id: str, runs: dict[str, dict], datasets: str) -> None:
+    """Tags naming the stage runs, and a description the MLflow UI shows on the run's page with
+    a link to each (the UI nests runs only inside one experiment; a link works across them)."""
+    if not runs:
+        return
+    links = ", ".join(f"[{stage}](#/experiments/{r['experiment_id']}/runs/{r['run_id']})"
+                      for stage, r in runs.items())
+    set_tags(run_id, {**{f"pipelines.{stage}_run": r["run_id"] for stage, r in runs.items()},
+                      "mlflow.note.content": f"Trained on {datasets}. Made by the stage runs: {links}."})

@@ -454,7 +454,7 @@ def _inputs(cfg: TrainConfig) -> dict:
         "train_shards": [(absolute(storage.join(tdir, s["name"])), s["samples"]) for s in train_m["shards"]],
         "val_shards": [(absolute(storage.join(vdir, s["name"])), s["samples"]) for s in val_m["shards"]],
         "stats": {k: v for k, v in storage.read_json(st_url).items() if k in ("mean", "std", "eigval", "eigvec")},
-        "num_classes": len(classes), "train_manifest": train_m, "classes_url": storage.join(cfg.data, "classes.json"),
+        "num_classes": len(classes), "train_manifest": train_m, "val_manifest": val_m, "classes_url": storage.join(cfg.data, "classes.json"),
         "stats_url": st_url,
     }
 
@@ -525,7 +525,8 @@ def _validate(cfg: TrainConfig) -> None:
                          "(auto: on the GPU when training on one, else in the loader workers).")
 
 
-def run(cfg: TrainConfig) -> dict:
+def run(cfg: TrainConfig, parent_run_id: str | None = None) -> dict:
+    """Train; with ``parent_run_id`` a new run is nested under that run (the demo's pipeline run)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -545,6 +546,8 @@ def run(cfg: TrainConfig) -> dict:
     gpu = cfg.gpu if cfg.gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     _check_capacity(cfg, ray.cluster_resources(), gpu)  # before the MLflow run: a typo leaves no run
     run_id = tracking.start_or_resume_run(cfg.experiment, name, tags={"pipelines.stage": "train"})
+    if parent_run_id and "mlflow.parentRunId" not in tracking.get_tags(run_id):
+        tracking.set_tags(run_id, {"mlflow.parentRunId": parent_run_id})  # a resumed run keeps its place
     done = _finished(run_id, cfg.epochs)
     if done:  # rerunning a finished run: nothing to train, the model is already logged
         tracking.end_run(run_id, "FINISHED")
@@ -563,12 +566,17 @@ def run(cfg: TrainConfig) -> dict:
     tracking.log_dataset(run_id, name="imagenet-train-shards", digest=manifest["digest"],
                          source=shard.manifest_url(cfg.data, "train"),
                          profile={"samples": manifest["samples"], "shards": len(manifest["shards"])})
+    val_m = inputs["val_manifest"]  # what val_top1 (and the best checkpoint's choice) was measured on
+    tracking.log_dataset(run_id, name="imagenet-val-shards", digest=val_m["digest"],
+                         source=shard.manifest_url(cfg.data, "val"), context="validation",
+                         profile={"samples": val_m["samples"], "shards": len(val_m["shards"])})
     tracking.log_yaml(run_id, dataclasses.asdict(resolved), "config.yaml")
     tracking.log_json(run_id, storage.read_json(inputs["classes_url"]), "classes.json")
     tracking.log_json(run_id, storage.read_json(inputs["stats_url"]), "stats.json")
-    makers = tracking.find_stage_runs(manifest["digest"])
+    makers = tracking.find_stage_runs(manifest["digest"], experiment=None)
     if makers:
         tracking.set_tags(run_id, {"pipelines.shard_runs": ",".join(r["run_id"] for r in makers)})
+    tracking.link_lineage(run_id, tracking.lineage(manifest["digest"]), f"`{cfg.data}`")
 
     loop_config = {**dataclasses.asdict(resolved), **{k: inputs[k] for k in
                    ("train_shards", "val_shards", "stats", "num_classes")},

@@ -1,6 +1,7 @@
 """`make demo` as a new user sees it: the terminal, and the commands it prints."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -75,8 +76,18 @@ def test_the_registered_model_classifies_images_as_evaluate_does(demo):
     try:
         model = mlflow.pyfunc.load_model("models:/alexnet-demo@champion")
         out = model.predict(pd.DataFrame({"image": jpgs}))
+        # Decoded pixels too: RGB uint8 arrays of H x W x 3, as PIL gives them, classify as their bytes do.
+        import numpy as np
+        from PIL import Image
+
+        arrays = [np.asarray(Image.open(io.BytesIO(j)).convert("RGB")) for j in jpgs[:20]]
+        from_arrays = model.predict(pd.DataFrame({"image": arrays}))
+        with pytest.raises(Exception, match="RGB uint8 array of shape H x W x 3"):
+            model.predict(pd.DataFrame({"image": [arrays[0].astype(np.float32)]}))
     finally:
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    assert list(from_arrays["class_id"]) == list(out["class_id"][:20])
+    assert np.allclose(from_arrays["probability"], out["probability"][:20], atol=1e-5)
     hits = sum(int(c) == y for c, y in zip(out["class_id"], labels))
     assert len(jpgs) == 99 and hits / len(jpgs) == demo["summary"]["top1"]
     classes = json.loads(Path(data, "classes.json").read_text())
@@ -103,7 +114,7 @@ def test_the_mlflow_record_is_worth_browsing(demo):
     client = MlflowClient(demo["summary"]["tracking_uri"])
     train_run = client.get_run(demo["summary"]["run_id"])
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert len(runs) >= 6  # index, shard, stats, train, two evaluations
+    assert len(runs) >= 7  # the pipeline, index, shard, stats, train, two evaluations
     for r in runs:
         assert r.data.tags["mlflow.user"] and r.data.tags["mlflow.source.name"].startswith("python -m pipelines ")
         assert len(r.data.tags["mlflow.source.git.commit"]) == 40
@@ -121,3 +132,18 @@ def test_the_mlflow_record_is_worth_browsing(demo):
     png = Path(client.download_artifacts(centre.info.run_id, "confusion_matrix.png")).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert "system/cpu_utilization_percentage" in train_run.data.metrics
+    # One tree: the pipeline run, with the stage runs and the training run under it.
+    pipeline = client.get_run(train_run.data.tags["mlflow.parentRunId"])
+    assert pipeline.info.run_name == "pipeline" and pipeline.info.status == "FINISHED"
+    under = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == pipeline.info.run_id}
+    assert set(under) == {"index", "shard", "stats", train_run.info.run_name}
+    assert all(r.info.experiment_id == pipeline.info.experiment_id for r in under.values())
+    # The training run links each stage run (tags, and links in the description the UI shows).
+    for stage in ("index", "shard", "stats"):
+        linked = train_run.data.tags[f"pipelines.{stage}_run"]
+        assert linked == under[stage].info.run_id
+        assert f"(#/experiments/{pipeline.info.experiment_id}/runs/{linked})" in train_run.data.tags["mlflow.note.content"]
+    # Its inputs: the train shards, and the val shards its val_top1 and best checkpoint come from.
+    inputs = {d.dataset.name: {t.key: t.value for t in d.tags} for d in train_run.inputs.dataset_inputs}
+    assert inputs["imagenet-train-shards"]["mlflow.data.context"] == "training"
+    assert inputs["imagenet-val-shards"]["mlflow.data.context"] == "validation"

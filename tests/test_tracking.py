@@ -178,7 +178,9 @@ def test_track_stage_records_the_run(client, exp, store_dir, tmp_path, monkeypat
     assert json.loads(on_disk.read_text())["counts"] == {"train": 32, "val": 8}
 
     assert tracking.find_stage_runs("val-digest-1", experiment=exp) == [
-        {"run_id": run.info.run_id, "stage": "shard", "status": "FINISHED"}]
+        {"run_id": run.info.run_id, "stage": "shard", "status": "FINISHED",
+         "experiment_id": run.info.experiment_id, "input_digest": {"train": "i1", "val": "i2"}}]
+    assert [r["run_id"] for r in tracking.find_stage_runs("val-digest-1", experiment=None)] == [run.info.run_id]
     assert tracking.find_stage_runs("val-digest", experiment=exp) == []  # exact, not a substring
     assert tracking.find_stage_runs("val-digest-1", experiment="no-such-experiment") == []
 

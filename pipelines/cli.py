@@ -75,6 +75,11 @@ def _stage_parsers(sub):
     _add(p, SampleConfig, "--seed", dest="seed", type=int, help="random seed")
     _add(p, SampleConfig, "--bad", dest="bad", action="store_true",
          help="also write damaged files (truncated, empty, not an image)")
+    _add(p, SampleConfig, "--imagenet", dest="imagenet", action="store_true",
+         help="ILSVRC-2012's shape: 1000 classes, the devkit's 1860 synsets, 50 val images per class "
+              "(50,000 ground-truth lines) unless --val-per-class says otherwise")
+    _add(p, SampleConfig, "--layouts", dest="layouts", type=lambda t: tuple(x.strip() for x in t.split(",") if x.strip()),
+         metavar="LIST", help="which layouts to write, comma-separated (default: tarballs,kaggle,folders)")
     p.set_defaults(config=SampleConfig, module="sample")
 
     C = config.IndexConfig
@@ -263,6 +268,9 @@ def main(argv=None) -> int:
     args.pop("command")
     if isinstance(args.get("workers"), tuple):  # train --workers MIN-MAX
         args["min_workers"], args["workers"] = args["workers"]
+    if args.get("imagenet"):  # sample --imagenet: the real class count and val size, unless given
+        args.setdefault("classes", 1000)
+        args.setdefault("val_per_class", 50)
     if "images" in args:  # predict
         args["images"] = tuple(args["images"])
     if "args" in args:  # submit: everything after '--', as a tuple

@@ -16,6 +16,10 @@ class SampleConfig:
     size: tuple[int, int] = (160, 120)  # nominal W x H; real images vary, so each varies +-25%
     seed: int = 0  # every byte written is a function of the seed
     bad: bool = False  # also write damaged files, to test that readers report, not crash
+    # ILSVRC-2012's shape: 1,000 classes and the devkit's full synset tree (1,000 leaves and 860
+    # WordNet nodes above them, 1,860 synsets), so scale is measured on the real class count.
+    imagenet: bool = False
+    layouts: tuple[str, ...] = ("tarballs", "kaggle", "folders")  # which of the three to write
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,12 @@ tested on identical bytes:
     out/folders/{train,val}/<wnid>/*.JPEG        ImageFolder layout
     out/truth.json                               what the generator made (the test oracle)
 
+``imagenet=True`` (``--imagenet``) gives the real shape: 1,000 classes, the devkit's 1,860 synsets
+(860 WordNet nodes above the leaves, with every field meta.mat has), val ground truth lines
+(50,000 at the default 50 per class) whose ILSVRC2012_IDs are not in sorted-WNID order; with a
+small ``--size`` it builds 100,000+ images in minutes. ``layouts`` picks which of the three
+layouts to write (the scale benchmark writes only the tarballs).
+
 The images are easy on purpose: each class has its own hue and stripe orientation/period,
 so a small AlexNet learns them in a few epochs; per-image size, phase, brightness and noise
 keep the images distinct. The real files' quirks are reproduced (CMYK JPEGs, a PNG named
@@ -53,7 +59,11 @@ DEVKIT_TAR = "ILSVRC2012_devkit_t12.tar.gz"
 DEVKIT_DIR = "ILSVRC2012_devkit_t12"
 KAGGLE_DATA = "ILSVRC/Data/CLS-LOC"
 # The layouts this module writes under `out`; only these are replaced on a rerun.
-OUTPUTS = ("tarballs", "kaggle", "folders", "truth.json")
+LAYOUTS = ("tarballs", "kaggle", "folders")
+OUTPUTS = (*LAYOUTS, "truth.json")
+# ILSVRC-2012's devkit: 1,000 leaf classes (ILSVRC2012_ID 1-1000) and 860 WordNet synsets above
+# them (1001-1860), the root among them.
+IMAGENET_CLASSES, IMAGENET_NODES = 1000, 860
 
 # Fixed tar/gzip metadata so reruns are byte-identical (2012-07-04, the devkit's era).
 TAR_MTIME = 1341360000
@@ -83,14 +93,14 @@ def run(cfg: SampleConfig) -> dict:
     plan = _plan(cfg)
     images = {key: _encode(key, plan) for key in [*plan["train"], *plan["val"]]}
 
+    _progress(f"{len(images):,} images encoded in {time.perf_counter() - start:.1f} s")
+
     out = os.path.abspath(cfg.out)
     stage = _prepare_out(out)
-    _write_tarballs(os.path.join(stage, "tarballs"), plan, images)
-    _progress(f"tarballs -> {out}/tarballs")
-    _write_kaggle(os.path.join(stage, "kaggle"), plan, images)
-    _progress(f"kaggle -> {out}/kaggle")
-    _write_folders(os.path.join(stage, "folders"), plan, images)
-    _progress(f"folders -> {out}/folders")
+    writers = {"tarballs": _write_tarballs, "kaggle": _write_kaggle, "folders": _write_folders}
+    for layout in cfg.layouts:
+        writers[layout](os.path.join(stage, layout), plan, images)
+        _progress(f"{layout} -> {out}/{layout}")
     _write_file(os.path.join(stage, "truth.json"), json.dumps(_truth(plan), indent=1).encode())
     _publish(stage, out)  # the staging dir keeps a half-written sample out of sight
 
@@ -100,6 +110,8 @@ def run(cfg: SampleConfig) -> dict:
         "train": len(plan["train"]),
         "val": len(plan["val"]),
         "bad": len(plan["bad"]),
+        "synsets": len(plan["classes"]) + len(plan["nodes"]),
+        "layouts": list(cfg.layouts),
         "seconds": round(time.perf_counter() - start, 3),
     }
 
@@ -131,6 +143,13 @@ def _check(cfg: SampleConfig) -> None:
         raise SampleError(f"--val-per-class {cfg.val_per_class} (val_per_class={cfg.val_per_class}): need >= 1 and at least "
                          f"{need_val} val images in all for the quirks"
                          f"{' and bad files' if cfg.bad else ''}.")
+    if cfg.imagenet and cfg.classes != IMAGENET_CLASSES:
+        raise SampleError(f"--imagenet with --classes {cfg.classes}: ILSVRC-2012 has {IMAGENET_CLASSES} "
+                          "classes; drop --classes (or drop --imagenet for a smaller sample).")
+    unknown = [l for l in cfg.layouts if l not in LAYOUTS]
+    if unknown or not cfg.layouts:
+        raise SampleError(f"--layouts {','.join(cfg.layouts)}: expected a comma-separated list of "
+                          f"{', '.join(LAYOUTS)}.")
     if len(cfg.size) != 2 or min(cfg.size) < 8:
         raise SampleError(f"--size {cfg.size[0]}x{cfg.size[1]} (size={cfg.size!r}): expected (W, H), each >= 8 pixels.")
 
@@ -171,7 +190,7 @@ def _plan(cfg: SampleConfig) -> dict:
         sizes[key] = (int(w), int(h))
 
     return {"cfg": cfg, "classes": classes, "by_wnid": {c["wnid"]: c for c in classes},
-            "train": train, "val": val,
+            "nodes": _wordnet_nodes(cfg, classes), "train": train, "val": val,
             "quirks": quirks, "bad": bad, "sizes": sizes}
 
 
@@ -200,6 +219,38 @@ def _make_classes(cfg: SampleConfig) -> list[dict]:
             "hue": hue, "angle": angle, "period": period,
         })
     return classes
+
+
+def _wordnet_nodes(cfg: SampleConfig, classes: list[dict]) -> list[dict]:
+    """The synsets above the leaves, as meta.mat lists them after the leaves: a tree whose root
+    (the last) covers every class. Two for a small sample; with ``imagenet`` 860, as in the
+    real devkit (chains of one child included, as WordNet has them), every WNID distinct."""
+    n = len(classes)
+    if not cfg.imagenet:
+        # Real WordNet WNIDs, below every leaf's n01000000+.
+        half, rest = list(range(1, n // 2 + 1)), list(range(n // 2 + 1, n + 1))
+        return [{"id": n + 1, "wnid": "n00021939", "words": "artifact, artefact", "gloss": "a man-made object",
+                 "children": half, "height": 1},
+                {"id": n + 2, "wnid": "n00001740", "words": "entity", "gloss": "the WordNet root",
+                 "children": [n + 1, *rest], "height": 2}]
+    rng = _rng(cfg, 6)
+    taken = {c["wnid"] for c in classes}
+    wnids = [w for w in (f"n{x:08d}" for x in rng.choice(np.arange(1_000_000, 15_000_000), 2 * IMAGENET_NODES,
+                                                         replace=False)) if w not in taken][:IMAGENET_NODES]
+    # Children per node: 1 each, plus the n - 1 extra that joining n leaves into one root takes.
+    fan = 1 + rng.multinomial(n - 1, np.full(IMAGENET_NODES, 1 / IMAGENET_NODES))
+    height = {c["ilsvrc2012_id"]: 0 for c in classes}
+    free = list(rng.permutation(sorted(height)))  # synsets without a parent yet
+    nodes = []
+    for i, k in enumerate(fan):
+        # Each node adopts k parentless synsets; the last one adopts all that are left (the root).
+        picks = sorted(int(free.pop(int(rng.integers(len(free))))) for _ in range(len(free) if i == len(fan) - 1 else k))
+        node = n + 1 + i
+        height[node] = 1 + max(height[c] for c in picks)
+        nodes.append({"id": node, "wnid": wnids[i], "words": f"synset {i + 1} above the classes",
+                      "gloss": "a WordNet synset grouping the ones below it", "children": picks, "height": height[node]})
+        free.append(node)
+    return nodes
 
 
 def _pick_quirks(cfg: SampleConfig, train: list[str], val: list[str]) -> tuple[dict, dict]:
@@ -304,18 +355,13 @@ def _meta_mat(plan: dict) -> bytes:
     """meta.mat as the devkit has it: a `synsets` struct array, leaves then WordNet nodes."""
     fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children",
               "wordnet_height", "num_train_images"]
-    n = len(plan["classes"])
     cfg = plan["cfg"]
     rows = [(c["ilsvrc2012_id"], c["wnid"], c["name"], f"synthetic images of {c['name']}",
              0, np.zeros(0, np.int32), 0, cfg.train_per_class) for c in plan["classes"]]
-    # Two internal nodes (IDs n+1, n+2), as the real file has 860: a reader must skip entries
-    # with num_children > 0. Their WNIDs (real WordNet ones) are below every leaf's n01000000+.
-    half = list(range(1, n // 2 + 1))
-    rest = list(range(n // 2 + 1, n + 1))
-    rows.append((n + 1, "n00021939", "artifact, artefact", "a man-made object", len(half),
-                 np.array(half, np.int32), 1, 0))
-    rows.append((n + 2, "n00001740", "entity", "the WordNet root", len(rest) + 1,
-                 np.array([n + 1, *rest], np.int32), 2, 0))
+    # The synsets above the leaves (IDs after theirs; the real file has 860): a reader must skip
+    # entries with num_children > 0.
+    rows += [(d["id"], d["wnid"], d["words"], d["gloss"], len(d["children"]), np.array(d["children"], np.int32),
+              d["height"], 0) for d in plan["nodes"]]
     rows.sort(key=lambda r: r[0])  # the real file lists synsets in ILSVRC2012_ID order
 
     synsets = np.zeros((len(rows), 1), dtype=[(f, object) for f in fields])
@@ -403,13 +449,14 @@ def _publish(stage: str, out: str) -> None:
     """Move the staged layouts into place; truth.json last, so it marks a complete sample."""
     if os.path.exists(os.path.join(out, "truth.json")):
         os.remove(os.path.join(out, "truth.json"))
-    for name in OUTPUTS:
+    for name in OUTPUTS:  # a layout not written this time goes too: it would hold other images
         target = os.path.join(out, name)
         if os.path.isdir(target):
             shutil.rmtree(target)
         elif os.path.exists(target):
             os.remove(target)
-        os.replace(os.path.join(stage, name), target)
+        if os.path.exists(os.path.join(stage, name)):
+            os.replace(os.path.join(stage, name), target)
     os.rmdir(stage)
 
 

@@ -1,43 +1,78 @@
 #!/usr/bin/env bash
-# Screenshot of one MLflow run's metric charts (the run page's "Model metrics" tab), for the README.
+# Screenshots of the demo in the MLflow UI, for the README. Three views (--view, default metrics):
+#   metrics     one run's metric charts (the run page's "Model metrics" tab)
+#               -> docs/mlflow-run-metrics.png
+#   runs        the experiment's runs table with every nested run expanded (the tree: pipeline ->
+#               index, shard, stats, demo -> evaluate, evaluate-10crop) -> docs/mlflow-runs.png
+#   evaluation  the latest `evaluate` run's Artifacts tab showing confusion_matrix.png
+#               -> docs/mlflow-evaluation.png
 #
 # Starts a throwaway `mlflow server` on 127.0.0.1 (a free port) over the given tracking store,
 # waits for /health, looks up the experiment and run ids by name (the latest run of that name),
-# opens
-#   http://127.0.0.1:PORT/#/experiments/<experiment_id>/runs/<run_id>/model-metrics?workflowType=machine_learning
-# in headless Chromium (Debian's /usr/bin/chromium), waits until every chart in the window has
-# been drawn and writes the PNG. The server (and Chromium) are stopped on exit (trap).
+# opens (all with ?workflowType=machine_learning: the "Model training" sidebar, not the GenAI one)
+#   metrics:    http://127.0.0.1:PORT/#/experiments/<experiment_id>/runs/<run_id>/model-metrics
+#   runs:       http://127.0.0.1:PORT/#/experiments/<experiment_id>/runs
+#   evaluation: http://127.0.0.1:PORT/#/experiments/<experiment_id>/runs/<run_id>/artifacts/<file>
+# in headless Chromium (Debian's /usr/bin/chromium), waits until the view is ready (metrics: every
+# chart in the window drawn; runs: every parent run's children shown, the Run Name and Source
+# columns widened until nothing is cut off; evaluation: the image loaded) and writes the PNG.
+# The server (and Chromium) are stopped on exit (trap).
 # Installs nothing: if Chromium is missing it says how to get it.
 #
 # Run from the repository root, after `make demo` (and, once, `apt-get install -y chromium`):
 #   infra/screenshot/mlflow_run.sh                           # demo store -> docs/mlflow-run-metrics.png
+#   infra/screenshot/mlflow_run.sh --view runs               # -> docs/mlflow-runs.png
+#   infra/screenshot/mlflow_run.sh --view evaluation         # -> docs/mlflow-evaluation.png
 #   infra/screenshot/mlflow_run.sh --store sqlite:////abs/path/mlflow.db --experiment demo \
-#       --run demo --out docs/mlflow-run-metrics.png [--artifacts DIR]
+#       --run demo --out docs/mlflow-run-metrics.png [--artifacts DIR] [--view metrics]
+#   infra/screenshot/mlflow_run.sh --view evaluation --run evaluate-10crop --file confusion_matrix.png \
+#       --out /tmp/cm-10crop.png
 # The same settings as environment variables (flags win):
+#   VIEW            metrics, runs or evaluation (default metrics)
 #   STORE_URI       backend store URI        (default sqlite:///$PWD/demo/mlflow.db)
 #   EXPERIMENT      experiment name          (default demo)
-#   RUN_NAME        run name                 (default demo)
-#   OUT             output PNG               (default docs/mlflow-run-metrics.png)
+#   RUN_NAME        run name                 (default demo; evaluation: evaluate; runs: unused)
+#   OUT             output PNG               (default docs/mlflow-run-metrics.png, docs/mlflow-runs.png,
+#                                             docs/mlflow-evaluation.png)
+#   ARTIFACT_FILE   evaluation: the image shown, a path in the run's artifacts (--file;
+#                                             default confusion_matrix.png)
 #   ARTIFACTS       server's artifact root   (default: the mlartifacts/ folder next to a SQLite store)
-#   WINDOW_SIZE     browser window, W,H      (default 1600,1780: the 12 demo charts, 3 per row)
-#   RENDER_TIMEOUT  seconds to wait for the charts (default 120)
+#   WINDOW_SIZE     browser window, W,H      (default metrics 1600,1780: the 12 demo charts, 3 per
+#                                             row; runs 1600,560: the 7 demo runs; evaluation 1600,800)
+#   RENDER_TIMEOUT  seconds to wait for the view (default 120)
 #   CHROMIUM        Chromium binary          (default /usr/bin/chromium)
-# Needs the project venv (.venv, `make install`) or an `mlflow` on PATH. Takes ~40-90 s on 2 cores.
+# Needs the project venv (.venv, `make install`) or an `mlflow` on PATH. Takes ~20-90 s on 2 cores
+# (each view; mostly the server's start).
 #
 # Why not just `chromium --headless --screenshot --virtual-time-budget=...`: that works (with a
 # budget of ~60 s), but the UI of a server on localhost opens its "MLflow Assistant" side panel on
 # first load, covering a third of the charts, and a fixed budget is a guess. So Chromium is driven
 # over the DevTools protocol instead (--remote-debugging-pipe, Python stdlib only, no open port):
 # two localStorage entries mark the panel as already shown and closed (and should it open anyway,
-# its Close button is clicked), then it waits until the charts are drawn.
+# its Close button is clicked), then it waits until the view is ready.
+#
+# What the views rely on in the MLflow UI (3.17; fix here when it changes):
+#   runs: the expand/collapse button of a parent run is
+#     button[data-component-id$="runnamecellrenderer.tsx_46"] (no aria-expanded; the icon is a plus
+#     or minus square), inside its ag-grid row [role=row][row-id=<run_id>]. Which rows should show
+#     children comes from the REST API (mlflow.parentRunId tags): a parent is clicked while a child
+#     of it has no row (again after 10 s, should the click have got lost). Columns are widened by
+#     dragging (mouse events) the ag-grid resize handle
+#     .ag-header-cell[col-id="attributes.`Run Name`"] .ag-header-cell-resize (same for `Source`)
+#     by what the text its cells cut off with an ellipsis lacks (scrollWidth - clientWidth).
+#   evaluation: the route .../runs/<run_id>/artifacts/<path> selects the file; the preview is an
+#     <img> under .mlflow-artifact-right. Should the route stop selecting it, the file's tree node
+#     [data-testid=artifact-tree-node][artifact-name=<file>] is clicked.
 set -euo pipefail
 
+VIEW=${VIEW:-metrics}
 STORE_URI=${STORE_URI:-sqlite:///$PWD/demo/mlflow.db}
 EXPERIMENT=${EXPERIMENT:-demo}
-RUN_NAME=${RUN_NAME:-demo}
-OUT=${OUT:-docs/mlflow-run-metrics.png}
+RUN_NAME=${RUN_NAME:-}
+OUT=${OUT:-}
+ARTIFACT_FILE=${ARTIFACT_FILE:-confusion_matrix.png}
 ARTIFACTS=${ARTIFACTS:-}
-WINDOW_SIZE=${WINDOW_SIZE:-1600,1780}
+WINDOW_SIZE=${WINDOW_SIZE:-}
 RENDER_TIMEOUT=${RENDER_TIMEOUT:-120}
 CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
 
@@ -46,16 +81,25 @@ usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
 
 while (( $# )); do
     case $1 in
+        --view) VIEW=${2:?}; shift 2 ;;
         --store) STORE_URI=${2:?}; shift 2 ;;
         --experiment) EXPERIMENT=${2:?}; shift 2 ;;
         --run) RUN_NAME=${2:?}; shift 2 ;;
         --out) OUT=${2:?}; shift 2 ;;
+        --file) ARTIFACT_FILE=${2:?}; shift 2 ;;
         --artifacts) ARTIFACTS=${2:?}; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $1" ;;
     esac
 done
+case $VIEW in
+    metrics)    RUN_NAME=${RUN_NAME:-demo} OUT=${OUT:-docs/mlflow-run-metrics.png} WINDOW_SIZE=${WINDOW_SIZE:-1600,1780} ;;
+    runs)       RUN_NAME=- OUT=${OUT:-docs/mlflow-runs.png} WINDOW_SIZE=${WINDOW_SIZE:-1600,560} ;;
+    evaluation) RUN_NAME=${RUN_NAME:-evaluate} OUT=${OUT:-docs/mlflow-evaluation.png} WINDOW_SIZE=${WINDOW_SIZE:-1600,800} ;;
+    *) die "VIEW (--view) must be metrics, runs or evaluation, not '$VIEW'" ;;
+esac
 [[ $WINDOW_SIZE =~ ^[0-9]+,[0-9]+$ ]] || die "WINDOW_SIZE must be W,H (e.g. 1600,1780), not '$WINDOW_SIZE'"
+[[ -n $ARTIFACT_FILE && $ARTIFACT_FILE != /* ]] || die "ARTIFACT_FILE (--file) must be a path inside the run's artifacts, not '$ARTIFACT_FILE'"
 
 [[ -x $CHROMIUM ]] || die "$CHROMIUM not found: install it with  apt-get install -y chromium  (as root)"
 if [[ -x .venv/bin/mlflow ]]; then
@@ -110,35 +154,70 @@ done
 health || { tail -20 "$WORK/server.log" >&2; die "mlflow server did not answer $URL/health within 120 s"; }
 echo "mlflow server up at $URL after $((SECONDS - start)) s"
 
-read -r EXP_ID RUN_ID < <("$PY" - "$URL" "$EXPERIMENT" "$RUN_NAME" <<'PY'
-import sys
+read -r EXP_ID RUN_ID < <("$PY" - "$URL" "$EXPERIMENT" "$RUN_NAME" "$VIEW" "$ARTIFACT_FILE" "$WORK/runs.json" <<'PY'
+import json, posixpath, sys
 from mlflow.tracking import MlflowClient
 
-url, exp_name, run_name = sys.argv[1:]
+url, exp_name, run_name, view, artifact, runs_json = sys.argv[1:]
 client = MlflowClient(tracking_uri=url)
 exp = client.get_experiment_by_name(exp_name)
 if exp is None:
     sys.exit(f"no experiment named {exp_name!r}")
+if view == "runs":
+    # Which runs the table should show under which: the experiment's active runs (what the table
+    # lists by default) by their mlflow.parentRunId tag.
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    ids = {r.info.run_id for r in runs}
+    children = {}
+    for r in runs:
+        parent = r.data.tags.get("mlflow.parentRunId")
+        if parent in ids:
+            children.setdefault(parent, []).append(r.info.run_id)
+    with open(runs_json, "w") as f:
+        json.dump({"runs": len(runs), "children": children}, f)
+    print(exp.experiment_id, "-")
+    sys.exit()
 quoted = run_name.replace("'", "\\'")
 runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{quoted}'",
                           order_by=["attributes.start_time DESC"], max_results=1)
 if not runs:
     sys.exit(f"no run named {run_name!r} in experiment {exp_name!r}")
+if view == "evaluation":
+    run_id, folder = runs[0].info.run_id, posixpath.dirname(artifact)
+    if artifact not in {a.path for a in client.list_artifacts(run_id, folder or None)}:
+        sys.exit(f"run {run_name!r} ({run_id}) has no artifact {artifact!r}")
 print(exp.experiment_id, runs[0].info.run_id)
 PY
 ) || true
-[[ -n ${RUN_ID:-} ]] || die "could not find run '$RUN_NAME' in experiment '$EXPERIMENT'"
 # workflowType=machine_learning: the sidebar of the "Model training" view, not the GenAI one.
-PAGE="$URL/#/experiments/$EXP_ID/runs/$RUN_ID/model-metrics?workflowType=machine_learning"
-echo "run $RUN_ID (experiment $EXP_ID): $PAGE"
+case $VIEW in
+    metrics)
+        [[ -n ${RUN_ID:-} ]] || die "could not find run '$RUN_NAME' in experiment '$EXPERIMENT'"
+        PAGE="$URL/#/experiments/$EXP_ID/runs/$RUN_ID/model-metrics?workflowType=machine_learning"
+        echo "run $RUN_ID (experiment $EXP_ID): $PAGE" ;;
+    runs)
+        [[ -n ${EXP_ID:-} ]] || die "could not find experiment '$EXPERIMENT'"
+        PAGE="$URL/#/experiments/$EXP_ID/runs?workflowType=machine_learning"
+        echo "experiment $EXP_ID: $PAGE" ;;
+    evaluation)
+        [[ -n ${RUN_ID:-} ]] || die "could not find run '$RUN_NAME' with artifact '$ARTIFACT_FILE' in experiment '$EXPERIMENT'"
+        path=$("$PY" -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1]))' "$ARTIFACT_FILE")
+        PAGE="$URL/#/experiments/$EXP_ID/runs/$RUN_ID/artifacts/$path?workflowType=machine_learning"
+        echo "run $RUN_ID (experiment $EXP_ID): $PAGE" ;;
+esac
 
 mkdir -p "$(dirname "$OUT")"
-"$PY" - "$CHROMIUM" "$PAGE" "$OUT" "$WINDOW_SIZE" "$RENDER_TIMEOUT" "$WORK/chromium" <<'PY'
+case $VIEW in   # what the view needs besides the page
+    metrics) extra= ;;
+    runs) extra=$WORK/runs.json ;;
+    evaluation) extra=$ARTIFACT_FILE ;;
+esac
+"$PY" - "$CHROMIUM" "$PAGE" "$OUT" "$WINDOW_SIZE" "$RENDER_TIMEOUT" "$WORK/chromium" "$VIEW" "$extra" <<'PY'
 # Drive headless Chromium over the DevTools protocol on a pipe (fd 3: to Chromium, fd 4: from it;
 # NUL-separated JSON messages): no debugging port, nothing beyond the standard library.
 import base64, fcntl, json, os, subprocess, sys, time
 
-chromium, url, out, size, timeout, profile = sys.argv[1:]
+chromium, url, out, size, timeout, profile, view, extra = sys.argv[1:]
 width, height = map(int, size.split(","))
 to_r, to_w = os.pipe()
 from_r, from_w = os.pipe()
@@ -179,18 +258,73 @@ def call(method, session=None, **params):
                 sys.exit(f"{method}: {reply['error']}")
             return reply["result"]
 
-# Is every chart card that starts inside the window drawn (cards off-screen are drawn lazily)?
 # If the Assistant panel opened anyway, close it (and count that as not ready yet).
-STATE = """(() => {
+CLOSE_PANEL = """
   const close = document.querySelector('button[data-component-id="mlflow.assistant.chat_panel.close"]');
-  if (close) close.click();
+  if (close) close.click();"""
+# metrics: is every chart card that starts inside the window drawn (cards off-screen are drawn lazily)?
+METRICS = """(() => {%s
   const grid = document.querySelector('[data-testid=draggable-chart-cards-grid]');
   const cards = grid ? [...grid.children] : [];
   const inView = cards.filter(c => c.getBoundingClientRect().top < innerHeight);
   const drawn = inView.filter(c => c.querySelector('.js-plotly-plot .scatterlayer .trace'));
   return {cards: cards.length, inView: inView.length, drawn: drawn.length, panel: !!close,
           text: document.body ? document.body.innerText.slice(0, 300) : ''};
-})()"""
+})()""" % CLOSE_PANEL
+# runs: click the expander of every shown parent run that lacks a child row (again after 10 s if
+# the click got lost), and measure how much wider the Run Name and Source cells want to be (what
+# their text cut off with an ellipsis lacks) and where the column's resize handle is.
+RUNS = """((children, fit) => {%s
+  const shown = new Set([...document.querySelectorAll('[role=row][row-id]')].map(r => r.getAttribute('row-id')));
+  const inView = new Set([...document.querySelectorAll('[role=row][row-id]')]
+    .filter(r => r.getBoundingClientRect().bottom <= innerHeight).map(r => r.getAttribute('row-id')));
+  const clicked = window.__screenshotClicked = window.__screenshotClicked || {};
+  const collapsed = [];
+  for (const b of document.querySelectorAll('button[data-component-id$="runnamecellrenderer.tsx_46"]')) {
+    const id = b.closest('[role=row]')?.getAttribute('row-id');
+    if ((children[id] || []).every(c => shown.has(c))) continue;
+    collapsed.push(id);
+    if (!clicked[id] || Date.now() - clicked[id] > 10000) { clicked[id] = Date.now(); b.click(); }
+  }
+  const lack = {};
+  for (const col of fit) {
+    let need = 0;
+    for (const cell of document.querySelectorAll(`.ag-cell[col-id="${col}"]`))
+      for (const e of [cell, ...cell.querySelectorAll('*')])
+        if (getComputedStyle(e).textOverflow === 'ellipsis') need = Math.max(need, e.scrollWidth - e.clientWidth);
+    const h = document.querySelector(`.ag-header-cell[col-id="${col}"] .ag-header-cell-resize`);
+    const r = h && h.getBoundingClientRect();
+    const hit = r && document.elementFromPoint(r.x + 2, r.y + r.height / 2) === h;  // not off-screen or covered
+    lack[col] = [need, hit ? r.x + 2 : null, hit ? r.y + r.height / 2 : null];
+  }
+  return {shown: shown.size, inView: inView.size, collapsed, expanded: Object.keys(clicked).length,
+          lack, panel: !!close, text: document.body ? document.body.innerText.slice(0, 300) : ''};
+})(%s, %s)"""
+FIT = ["attributes.`Run Name`", "attributes.`Source`"]
+# evaluation: is the file selected (its name above the preview) and its <img> loaded? If not after a
+# few seconds, click the file in the artifact tree (again every 5 s).
+EVALUATION = """((name, click) => {%s
+  const right = document.querySelector('.mlflow-artifact-right');
+  const img = right && right.querySelector('img');
+  const node = document.querySelector(`[data-testid=artifact-tree-node][artifact-name="${CSS.escape(name.split('/').pop())}"]`);
+  const selected = !!right && right.innerText.includes(name.split('/').pop());
+  if (click && !selected && node) node.click();
+  return {selected, loaded: !!(img && img.complete && img.naturalWidth > 0), node: !!node,
+          width: img ? img.naturalWidth : 0, height: img ? img.naturalHeight : 0, panel: !!close,
+          text: document.body ? document.body.innerText.slice(0, 300) : ''};
+})(%s, %s)"""
+
+def evaluate(expression):
+    return call("Runtime.evaluate", s, expression=expression, returnByValue=True)["result"]["value"]
+
+def mouse_drag(x, y, dx):
+    """Press at (x, y), move right by dx in steps, release: what resizing a column by hand does."""
+    call("Input.dispatchMouseEvent", s, type="mouseMoved", x=x, y=y)
+    call("Input.dispatchMouseEvent", s, type="mousePressed", x=x, y=y, button="left", buttons=1, clickCount=1)
+    for step in range(1, 11):
+        call("Input.dispatchMouseEvent", s, type="mouseMoved", x=x + dx * step / 10, y=y, button="left", buttons=1)
+    call("Input.dispatchMouseEvent", s, type="mouseReleased", x=x + dx, y=y, button="left", clickCount=1)
+
 try:
     target = call("Target.createTarget", url="about:blank")["targetId"]
     s = call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
@@ -203,19 +337,49 @@ try:
       localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');
       localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');
     } catch (e) {}""")
+    if view == "runs":
+        with open(extra) as f:
+            tree = json.load(f)
     call("Page.navigate", s, url=url)
-    t0, ready_since, state = time.monotonic(), None, {}
+    t0, ready_since, state, resizes, last_click = time.monotonic(), None, {}, 0, 0
     while time.monotonic() - t0 < float(timeout):
         time.sleep(0.5)
-        state = call("Runtime.evaluate", s, expression=STATE, returnByValue=True)["result"]["value"]
-        ready = state["inView"] > 0 and state["drawn"] == state["inView"] and not state["panel"]
+        if view == "metrics":
+            state = evaluate(METRICS)
+            ready = state["inView"] > 0 and state["drawn"] == state["inView"] and not state["panel"]
+        elif view == "runs":
+            state = evaluate(RUNS % (CLOSE_PANEL, json.dumps(tree["children"]), json.dumps(FIT)))
+            ready = state["shown"] > 0 and not state["collapsed"] and not state["panel"]
+            short = {col: v for col, v in state["lack"].items() if v[0] > 1 and v[1] is not None}
+            if ready and short and resizes < 2 * len(FIT):   # widen one column, then look again
+                resizes += 1
+                need, x, y = next(iter(short.values()))
+                mouse_drag(x, y, min(need + 4, 400))
+                ready = False
+        else:
+            click = time.monotonic() - t0 > 5 and time.monotonic() - last_click > 5
+            state = evaluate(EVALUATION % (CLOSE_PANEL, json.dumps(extra), json.dumps(click)))
+            if click and not state["selected"] and state["node"]:
+                last_click = time.monotonic()
+            ready = state["selected"] and state["loaded"] and not state["panel"]
         ready_since = (ready_since or time.monotonic()) if ready else None
-        if ready_since and time.monotonic() - ready_since >= 2:   # let the last charts settle
-            break
+        if ready_since and time.monotonic() - ready_since >= (2 if view == "metrics" else 1):
+            break   # let the last charts (rows, image) settle
     else:
-        sys.exit(f"charts not drawn after {timeout} s: {state}")
-    print(f"{state['drawn']} of {state['cards']} charts drawn after {time.monotonic() - t0:.0f} s"
-          + ("" if state["drawn"] == state["cards"] else " (a taller WINDOW_SIZE shows the rest)"))
+        what = {"metrics": "charts not drawn", "runs": "runs not expanded",
+                "evaluation": f"{extra} not shown"}[view]
+        sys.exit(f"{what} after {timeout} s: {state}")
+    took = time.monotonic() - t0
+    if view == "metrics":
+        print(f"{state['drawn']} of {state['cards']} charts drawn after {took:.0f} s"
+              + ("" if state["drawn"] == state["cards"] else " (a taller WINDOW_SIZE shows the rest)"))
+    elif view == "runs":
+        print(f"{state['shown']} of {tree['runs']} runs shown ({state['expanded']} expanded), "
+              f"{state['inView']} in the picture, after {took:.0f} s"
+              + ("" if state["inView"] == state["shown"] else " (a taller WINDOW_SIZE shows the rest)")
+              + "".join(f"; {col} still {v[0]} px short" for col, v in state["lack"].items() if v[0] > 1))
+    else:
+        print(f"{extra} ({state['width']}x{state['height']}) shown after {took:.0f} s")
     png = call("Page.captureScreenshot", s, format="png")["data"]
     with open(out, "wb") as f:
         f.write(base64.b64decode(png))

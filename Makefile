@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bench-scale clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: install
 # The CPU benchmarks against their baselines (~8 min on 2 cores): tables + bench-results/*.json
 bench: install
 	$(PY) -m benchmarks
+
+# index, shard and stats at N, 2N and 4N images of ImageNet's shape (1,000 classes), plus the
+# epoch plan at ImageNet's full size (~12 min on 2 cores): a table + bench-results/scale.json
+bench-scale: install
+	$(PY) -m benchmarks.scale
 
 clean:
 	rm -rf demo .pytest_cache bench-results

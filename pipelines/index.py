@@ -17,18 +17,19 @@ Unusable inputs go to ROOT/index/rejected.jsonl with their reason.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import os
 import sys
 import time
-from collections import defaultdict, deque
+from collections import deque
 
 from . import lease, storage
 from .common import StageError, StrictFailure, counted_task, digest, ensure_ray, now_iso, on_cluster
 from .config import SPLITS, IndexConfig
-from .sources import Item, Unit, expand, open_source, read_unit
+from .sources import Item, Unit, expand, open_source, read_unit, where
 
 # A run of 64 ImageNet images is ~7 MB of source: one GET that size costs about what one small
 # GET does in latency, and 64 runs per 4,096-image shard still mix 64 classes in every shard.
@@ -37,6 +38,7 @@ MIN_RUNS_PER_SHARD = 16
 ASSIGNMENT = 2  # bump when the way images are dealt to shards changes: an old index is redone
 
 COLUMNS = ["key", "wnid", "label", "path", "member", "offset", "size", "sha256", "etag", "position", "shard"]
+BATCH = 65_536  # rows turned into Python objects at once, when the index is built or hashed
 REJECTED = "index/rejected.jsonl"
 
 
@@ -50,38 +52,56 @@ def paths(data: str) -> dict[str, str]:
     }
 
 
-def content_id(row: dict) -> str:
+def content_id(sha256: str | None, etag: str | None) -> str:
     """What identifies an image's bytes: their sha256, or for a loose S3 object the ETag its
     listing gave (S3 derives it from the content, so a changed image gets a new one)."""
-    return row["sha256"] or f"etag:{row['etag']}"
+    return sha256 or f"etag:{etag}"
 
 
-def split_digest(rows: list[dict]) -> str:
+def split_digest(table) -> str:
     """What later stages depend on: which image (by content) goes where with which label.
-    Paths are left out on purpose, so moving the source does not redo any shard."""
-    return digest([(r["key"], r["label"], content_id(r), r["shard"]) for r in rows])
+    Paths are left out on purpose, so moving the source does not redo any shard.
+
+    ``digest([(key, label, content id, shard), ...])`` of the rows in order (a table or a list
+    of dicts), hashed a batch at a time: the same bytes without the whole list in memory."""
+    import pyarrow as pa
+
+    if not isinstance(table, pa.Table):
+        table = pa.Table.from_pylist(table) if table else None
+    h = hashlib.sha256(b"[")
+    first = True
+    for batch in (table.select(["key", "label", "sha256", "etag", "shard"]).to_batches(BATCH) if table else []):
+        c = batch.to_pydict()
+        for k, lab, sha, etag, sh in zip(c["key"], c["label"], c["sha256"], c["etag"], c["shard"]):
+            h.update((b"" if first else b",") + json.dumps([k, lab, content_id(sha, etag), sh],
+                                                             separators=(",", ":")).encode())
+            first = False
+    h.update(b"]")
+    return h.hexdigest()
 
 
-def read_rows(data: str, split: str) -> list[dict]:
+def read_table(data: str, split: str, columns: list[str] | None = None):
+    """The split's index as a pyarrow Table (columnar: ~100 bytes an image, where a list of dicts
+    takes ~1 KB). Paths repeat (a class tar holds ~1,300 images) and are dictionary-encoded."""
     import pyarrow.parquet as pq
 
     url = paths(data)[split]
     if not storage.exists(url):
         raise StageError(f"'{url}' is missing: run the index stage first "
                          f"(python -m pipelines index --source SRC --data {data}).")
-    return pq.read_table(io.BytesIO(storage.read_bytes(url))).to_pylist()
+    return pq.read_table(io.BytesIO(storage.read_bytes(url)), columns=columns,
+                         read_dictionary=[c for c in ("path", "wnid") if columns is None or c in columns])
 
 
-def _write_rows(url: str, rows: list[dict]) -> None:
-    import pyarrow as pa
+def read_rows(data: str, split: str) -> list[dict]:
+    return read_table(data, split).to_pylist()
+
+
+def _write_rows(url: str, table) -> None:
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist(rows, schema=pa.schema([
-        ("key", pa.string()), ("wnid", pa.string()), ("label", pa.int32()), ("path", pa.string()),
-        ("member", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
-        ("sha256", pa.string()), ("etag", pa.string()), ("position", pa.int64()), ("shard", pa.int32())]))
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    pq.write_table(table.select(COLUMNS).cast(_schema()), buf)
     storage.write_bytes(url, buf.getvalue())
 
 
@@ -106,54 +126,151 @@ def run_length(samples_per_shard: int) -> int:
     return max(1, min(RUN, samples_per_shard // MIN_RUNS_PER_SHARD))
 
 
-def _locality(row: dict) -> tuple:
-    """Where an image sits in the source: tar members by their offset, loose files by key (each
-    is its own object, so any order reads the same; key order matches the tars' member order)."""
-    return (row["path"], row["offset"], row["key"]) if row["path"].endswith(".tar") else ("", 0, row["key"])
+class _Rows:
+    """A split's accepted images as they are read, columnar: Python objects for at most BATCH
+    rows at a time, pyarrow arrays (~170 bytes an image) for the rest. A dict per image (~1 KB)
+    made the driver's memory grow by gigabytes on ImageNet."""
+
+    FIELDS = ("key", "wnid", "label", "path", "member", "offset", "size", "sha256", "etag", "seq")
+
+    def __init__(self):
+        self.batches, self.n = [], 0
+        self._cols = {f: [] for f in self.FIELDS}
+
+    def append(self, item: Item, label: int, seq: int) -> None:
+        for f, v in zip(self.FIELDS, (item.key, item.wnid, label, item.path, item.member, item.offset, item.size,
+                                      item.sha256, item.etag, seq)):
+            self._cols[f].append(v)
+        self.n += 1
+        if len(self._cols["key"]) >= BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self._cols["key"]:
+            types = {"label": pa.int32(), "offset": pa.int64(), "size": pa.int64(), "seq": pa.int64()}
+            arrays = [pa.array(self._cols[f], types.get(f, pa.string())) for f in self.FIELDS]
+            # A class's images share their wnid and (tars) their path: stored once per batch.
+            arrays = [a.dictionary_encode() if f in ("wnid", "path") else a for f, a in zip(self.FIELDS, arrays)]
+            self.batches.append(pa.table(arrays, names=list(self.FIELDS)).cast(_memory_schema()))
+            self._cols = {f: [] for f in self.FIELDS}
+
+    def table(self):
+        import pyarrow as pa
+
+        self._flush()
+        return pa.concat_tables(self.batches) if self.batches else _memory_schema().empty_table()
 
 
-def _position_order(rows: list[dict], seed: int, samples_per_shard: int) -> None:
+@functools.cache
+def _schema():
+    """The index file's columns (the data contract)."""
+    import pyarrow as pa
+
+    return pa.schema([
+        ("key", pa.string()), ("wnid", pa.string()), ("label", pa.int32()), ("path", pa.string()),
+        ("member", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
+        ("sha256", pa.string()), ("etag", pa.string()), ("position", pa.int64()), ("shard", pa.int32())])
+
+
+@functools.cache
+def _memory_schema():
+    import pyarrow as pa
+
+    d = pa.dictionary(pa.int32(), pa.string())
+    return pa.schema([("key", pa.string()), ("wnid", d), ("label", pa.int32()), ("path", d), ("member", pa.string()),
+                      ("offset", pa.int64()), ("size", pa.int64()), ("sha256", pa.string()), ("etag", pa.string()),
+                      ("seq", pa.int64())])
+
+
+def _seeded_hashes(keys, seed: int):
+    """sha256(f"{seed}:{key}") of every key, as a numpy array of 32-byte strings."""
+    import numpy as np
+
+    out = np.empty(len(keys), dtype="S32")
+    i = 0
+    for chunk in keys.chunks if hasattr(keys, "chunks") else [keys]:
+        for k in chunk.to_pylist():
+            out[i] = hashlib.sha256(f"{seed}:{k}".encode()).digest()
+            i += 1
+    return out
+
+
+def _position_order(table, seed: int, samples_per_shard: int):
     """Give each row its place: runs of neighbouring images in a seeded order, cut into shards,
-    each shard's images in a seeded order of their own. Depends only on (seed, keys, locality)."""
-    def h(key: str) -> bytes:
-        return hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    each shard's images in a seeded order of their own. Depends only on (seed, keys, locality).
+    Returns the table in position order, with its ``position`` and ``shard`` columns."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
+    n = table.num_rows
+    # Where an image sits in the source: tar members by their offset, loose files by key (each
+    # is its own object, so any order reads the same; key order matches the tars' member order).
+    path = pc.cast(table["path"], pa.string())
+    is_tar = pc.ends_with(path, ".tar")
+    located = pc.sort_indices(pa.table({"p": pc.if_else(is_tar, path, ""), "o": pc.if_else(is_tar, table["offset"], 0),
+                                        "k": table["key"]}),
+                              sort_keys=[("p", "ascending"), ("o", "ascending"), ("k", "ascending")]).to_numpy()
+    del path, is_tar
+    h = _seeded_hashes(table["key"], seed)
     run = run_length(samples_per_shard)
-    located = sorted(rows, key=_locality)
-    runs = sorted((located[i:i + run] for i in range(0, len(located), run)), key=lambda r: h(r[0]["key"]))
-    ordered = [row for r in runs for row in r]
-    for start in range(0, len(ordered), samples_per_shard):
-        shard = sorted(ordered[start:start + samples_per_shard], key=lambda row: h(row["key"]))
-        for pos, row in enumerate(shard, start):
-            row["position"] = pos
+    firsts = located[0::run]
+    runs = np.argsort(h[firsts], kind="stable")  # stable, as sorted() is: equal hashes keep their order
+    ordered = np.concatenate([located[r * run:(r + 1) * run] for r in runs]) if n else located
+    final = np.empty(n, dtype=np.int64)
+    for start in range(0, n, samples_per_shard):
+        part = ordered[start:start + samples_per_shard]
+        final[start:start + len(part)] = part[np.argsort(h[part], kind="stable")]
+    positions = np.arange(n, dtype=np.int64)
+    return (table.take(pa.array(final))
+            .append_column("position", pa.array(positions))
+            .append_column("shard", pa.array((positions // samples_per_shard).astype(np.int32))))
 
 
 def _collect(items, label: dict[str, int], progress_label: str):
-    rows, rejects, seen = [], [], {}
+    """Accepted images (a table, duplicates of an earlier key left out) and the rejects, in the
+    order the items came."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rows, rejects = _Rows(), []
     started = last = time.monotonic()
-    nbytes = 0
+    nbytes, seq = 0, 0
     for item in items:
         item: Item
+        seq += 1
         if item.reject is None and item.size == 0:
             item.reject = "empty file (0 bytes)"
-        if item.reject is None and item.key in seen:
-            item.reject = f"duplicate key: also at {seen[item.key]}"
         if item.reject:
-            rejects.append({"split": item.split, "key": item.key, "reason": item.reject,
-                            "source": item.where})
+            rejects.append((seq, {"split": item.split, "key": item.key, "reason": item.reject, "source": item.where}))
             continue
-        seen[item.key] = item.member
         nbytes += item.size
-        row = item.as_row()
-        del row["split"], row["reject"]
-        row["label"] = label[item.wnid]
-        rows.append(row)
+        rows.append(item, label[item.wnid], seq)
         now = time.monotonic()
         if now - last > 2:
             last = now
-            print(f"{progress_label}: {len(rows)} images, {nbytes / 1e6 / (now - started):.0f} MB/s, "
+            print(f"{progress_label}: {rows.n} images, {nbytes / 1e6 / (now - started):.0f} MB/s, "
                   f"{len(rejects)} rejected", file=sys.stderr, flush=True)
-    return rows, rejects
+    table = rows.table()
+    # A key seen before is a duplicate: the first wins, the others are rejected naming it.
+    by_key = pc.sort_indices(table, sort_keys=[("key", "ascending"), ("seq", "ascending")]).to_numpy()
+    keys = table["key"].take(pa.array(by_key))
+    same = np.zeros(len(by_key), dtype=bool)
+    if len(by_key) > 1:
+        same[1:] = pc.equal(keys.slice(1), keys.slice(0, len(by_key) - 1)).to_numpy(zero_copy_only=False)
+    if same.any():
+        first = by_key[np.maximum.accumulate(np.where(same, 0, np.arange(len(by_key))))]
+        for dup, orig in zip(by_key[same], first[same]):
+            d, o = table.slice(int(dup), 1).to_pylist()[0], table.slice(int(orig), 1).to_pylist()[0]
+            rejects.append((d["seq"], {"split": None, "key": d["key"],  # the caller names the split
+                                       "reason": f"duplicate key: also at {o['member']}",
+                                       "source": where(d["path"], d["member"])}))
+        table = table.filter(pa.array(~np.isin(np.arange(table.num_rows), by_key[same])))
+    rejects.sort(key=lambda r: r[0])
+    return table, [r for _, r in rejects]
 
 
 def _use_ray(cfg: IndexConfig, units: list[Unit]) -> bool:
@@ -203,11 +320,20 @@ def _on_ray(parts: list, threads: int, gets: list[int], nodes: dict):
         yield from take()
 
 
-def _limit(rows: list[dict], per_class: int) -> list[dict]:
-    by_class = defaultdict(list)
-    for r in sorted(rows, key=lambda r: r["key"]):
-        by_class[r["wnid"]].append(r)
-    return [r for group in by_class.values() for r in group[:per_class]]
+def _limit(table, per_class: int):
+    """The first ``per_class`` images of each class, by key."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    by_key = pc.sort_indices(table, sort_keys=[("key", "ascending")]).to_numpy()
+    classes = table["label"].to_numpy()[by_key]
+    order = np.argsort(classes, kind="stable")  # by class, each class by key
+    sorted_classes = classes[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_classes)) + 1]
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)])) if len(order) else order
+    keep = np.sort(by_key[order[rank < per_class]])
+    return table.take(pa.array(keep))
 
 
 def run(cfg: IndexConfig) -> dict:
@@ -233,6 +359,8 @@ def check(cfg: IndexConfig):
 
 
 def _run(cfg: IndexConfig) -> dict:
+    import pyarrow.compute as pc
+
     t0 = time.monotonic()
     src = check(cfg)
     out = paths(cfg.data)
@@ -265,19 +393,19 @@ def _run(cfg: IndexConfig) -> dict:
         tasks += len(units) if on_ray else 0
         items = _on_ray(parts, cfg.read_threads, gets, nodes) if on_ray else expand(parts, cfg.read_threads)
         rows, rejects = _collect(items, label, f"index {split}")
+        for r in rejects:
+            r["split"] = split
         if cfg.limit:
             rows = _limit(rows, cfg.limit)
-        _position_order(rows, cfg.seed, cfg.samples_per_shard)
-        rows.sort(key=lambda r: r["position"])
-        for r in rows:
-            r["shard"] = r["position"] // cfg.samples_per_shard
+        rows = _position_order(rows, cfg.seed, cfg.samples_per_shard)
         _write_rows(out[split], rows)
-        counts[split] = len(rows)
+        counts[split] = rows.num_rows
         counts[f"{split}_rejected"] = len(rejects)
         digests[split] = split_digest(rows)
         all_rejects += rejects
-        missing = wanted - {r["wnid"] for r in rows}
-        if rows and missing:
+        missing = wanted - set(pc.unique(pc.cast(rows["wnid"], "string")).to_pylist())
+        del rows
+        if counts[split] and missing:
             print(f"index {split}: warning: {len(missing)} classes have no images "
                   f"(e.g. {sorted(missing)[:3]})", file=sys.stderr)
 

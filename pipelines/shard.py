@@ -18,6 +18,7 @@ import re
 import tarfile
 import time
 import warnings
+from functools import partial
 
 from . import index, lease, storage, tarindex
 from .common import Progress, StageError, StrictFailure, counted_task, digest, ensure_ray, now_iso
@@ -266,19 +267,37 @@ def file_checksum(url: str) -> str:
 
 
 # --- the stage --------------------------------------------------------------------------------
+ROW_COLUMNS = ["key", "label", "path", "offset", "size", "member"]  # what a shard task reads by
+
+
 def _plan(cfg: ShardConfig, split: str, params: dict):
-    """Group the index rows into shards; sort them into those to keep and those to make."""
-    groups: dict[int, list[dict]] = {}
-    for r in index.read_rows(cfg.data, split):
-        i = r["shard"] if cfg.samples_per_shard is None else r["position"] // cfg.samples_per_shard
-        groups.setdefault(i, []).append(r)
+    """Group the index rows into shards; sort them into those to keep and those to make.
+
+    The index stays a columnar table and each shard's rows become Python objects one shard
+    at a time: the driver's memory is ~100 bytes an image, not a dict (~1 KB) per image. A shard
+    to make carries a ``rows()`` that builds its task's row list when the task is sent."""
+    import numpy as np
+
+    table = index.read_table(cfg.data, split, ["key", "label", "sha256", "etag", "path", "offset", "size", "member",
+                                               "position" if cfg.samples_per_shard is not None else "shard"])
+    if cfg.samples_per_shard is None:
+        ids = table["shard"].to_numpy()
+    else:
+        ids = table["position"].to_numpy() // cfg.samples_per_shard
+    order = np.argsort(ids, kind="stable")  # stable: a shard's rows stay in index (position) order
+    groups = np.unique(ids[order], return_index=True)
+    starts = [*groups[1].tolist(), len(order)]
     old = {s["name"]: s for s in (read_manifest(cfg.data, split) or {}).get("shards", [])}
-    keep, make, reindex = {}, [], []
-    for i in sorted(groups):
+    keep, make, reindex, names = {}, [], [], []
+    for g, i in enumerate(groups[0].tolist()):
+        take = order[starts[g]:starts[g + 1]]
         name = shard_name(split, i)
+        names.append(name)
         url = storage.join(shard_dir(cfg.data, split), name)
+        cols = table.select(["key", "label", "sha256", "etag"]).take(take).to_pydict()
         # The image content (sha256), not its location, decides whether a shard is still right.
-        d = digest([params, [(r["key"], r["label"], index.content_id(r)) for r in groups[i]]])
+        d = digest([params, [(k, lab, index.content_id(sha, etag))
+                             for k, lab, sha, etag in zip(cols["key"], cols["label"], cols["sha256"], cols["etag"])]])
         entry = old.get(name)
         if entry and entry["input_digest"] == d and _intact(url, entry, cfg.verify):
             if _indexed(url, entry, cfg.verify):
@@ -286,9 +305,19 @@ def _plan(cfg: ShardConfig, split: str, params: dict):
             else:  # a shard from before sample indexes, or its index lost: scan it, keep the tar
                 reindex.append((name, url, entry))
         else:
-            make.append((name, url, [(r["key"], r["label"], r["path"], r["offset"], r["size"], r["member"])
-                                     for r in groups[i]], d))
-    return keep, make, reindex, [shard_name(split, i) for i in sorted(groups)]
+            make.append((name, url, _rows_of(table, take), d))
+    return keep, make, reindex, names
+
+
+def _rows_of(table, take):
+    def rows() -> list[tuple]:
+        c = table.select(ROW_COLUMNS).take(take).to_pydict()
+        return list(zip(*(c[k] for k in ROW_COLUMNS)))
+    return rows
+
+
+def _args(url, rows, params, d, threads) -> tuple:
+    return url, rows(), params, d, threads
 
 
 def _indexed(url: str, entry: dict, verify: bool) -> bool:
@@ -356,12 +385,16 @@ def _run(cfg: ShardConfig) -> dict:
               "format": FORMAT_VERSION, "codecs": codec_versions()}
     index_digests = storage.read_json(index.paths(cfg.data)["record"])["digests"]
     plans = {}
+    # Temp files a killed run left: of the manifests (ROOT/shards) and of the shards. This run
+    # holds the root's lease, so no other writer's files are among them.
+    storage.remove_stale_temps(storage.join(cfg.data, "shards"))
     for split in splits:
-        storage.remove_stale_temps(shard_dir(cfg.data, split))  # left by a killed run
+        storage.remove_stale_temps(shard_dir(cfg.data, split))
         plans[split] = _plan(cfg, split, params)
 
     # One Ray task each: (split, shard name, the function, its arguments, whether it encodes images)
-    todo = [(split, name, write_shard, (url, rows, params, d, cfg.read_threads), True)
+    # (the arguments as a function where they are a shard's row list: built when its task is sent)
+    todo = [(split, name, write_shard, partial(_args, url, rows, params, d, cfg.read_threads), True)
             for split in splits for name, url, rows, d in plans[split][1]]
     todo += [(split, name, add_index, (url, entry), False) for split in splits for name, url, entry in plans[split][2]]
     entries = {split: dict(plans[split][0]) for split in splits}
@@ -378,7 +411,7 @@ def _run(cfg: ShardConfig) -> dict:
         while queue or pending:
             while queue and len(pending) < window:
                 split, name, fn, args, encodes = queue.pop(0)
-                pending[remote.remote(fn, args)] = (split, name, encodes)
+                pending[remote.remote(fn, args() if callable(args) else args)] = (split, name, encodes)
             # Wakes at least once a second, so a finished shard is recorded within about a second
             # even while the next one takes minutes.
             done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)

@@ -113,3 +113,19 @@ def test_a_layout_subset_replaces_the_others(tmp_path):
         sample.run(SampleConfig(out=str(out), layouts=("tarbals",)))
     with pytest.raises(sample.SampleError, match="--imagenet with --classes 10"):
         sample.run(SampleConfig(out=str(out), imagenet=True))
+
+
+def test_the_split_digest_hashed_in_batches_is_the_digest_of_the_whole_list(monkeypatch):
+    """The index hashes its rows a batch at a time (no list of every row in memory); the digest
+    must stay the one recorded in existing indexes and shard manifests."""
+    import pyarrow as pa
+
+    from pipelines import index
+    from pipelines.common import digest
+
+    rows = [{"key": f"n0000000{i % 7}_{i}", "label": i % 7, "sha256": None if i % 5 == 0 else f"{i:064x}",
+             "etag": f'"{i:032x}"' if i % 5 == 0 else None, "shard": i // 10} for i in range(95)]
+    want = digest([(r["key"], r["label"], r["sha256"] or f"etag:{r['etag']}", r["shard"]) for r in rows])
+    monkeypatch.setattr(index, "BATCH", 8)  # 12 batches
+    assert index.split_digest(pa.Table.from_pylist(rows)) == want == index.split_digest(rows)
+    assert index.split_digest([]) == digest([])

@@ -13,17 +13,28 @@ process start to exit (so Ray's start-up is included where Ray is used), interle
   baseline       one process, written the way people write it: PIL open + convert, resize the
                  shorter side to 256, centre crop, JPEG encode, webdataset.ShardWriter
   ray-data       Ray Data, all cores: read_images -> map(resize, crop, encode) -> write_webdataset
+  litdata        LitData's litdata.optimize(), all cores: the baseline's per-image work, written in
+                 LitData's own chunk format (skipped, saying why, where litdata is not installed:
+                 pip install -e '.[bench]')
 and, in this process, one core, no I/O:
   floor          the stage's own per-image work (pipelines.shard.prepare_image) in a tight loop
   floor-pil      the baseline's per-image work in a tight loop
 
 Every contender writes quality-90 256x256 JPEGs of the same images with the same shard size.
+
+Then a cold-start profile of the stage (``startup_profile`` in the JSON; ``--no-profile`` skips
+it): one more run of the same command, with timestamps written by the CLI's own calls (MLflow,
+ray.init, each task's start, its imports and its end) wrapped in place, so the seconds from
+process start to the first finished shard and on to exit are split into phases; beside it, the
+import times of the driver's and a worker's libraries, each measured in a fresh interpreter.
 """
 from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import io
+import json
 import os
 import re
 import shutil
@@ -96,6 +107,43 @@ def run_ray_data(src: str, out: str, per_shard: int) -> int:
     return len(_labelled_files(os.path.join(src, "train")))
 
 
+def _litdata_sample(item: tuple[str, int]) -> dict:
+    """LitData's per-item function: the baseline's work on one (path, label)."""
+    from PIL import Image
+
+    path, label = item
+    with Image.open(path) as im:
+        jpg = _pil_resize_crop_encode(im.convert("RGB"))
+    return {"key": os.path.splitext(os.path.basename(path))[0], "jpg": jpg, "cls": label}
+
+
+def run_litdata(src: str, out: str, per_shard: int) -> int:
+    """LitData's documented path: optimize(fn, inputs, output_dir, num_workers, chunk_size)."""
+    import litdata
+
+    items = _labelled_files(os.path.join(src, "train"))
+    # chunk_size: items per chunk, as the others' shard size; bytes in, bytes out (no re-encode)
+    litdata.optimize(fn=_litdata_sample, inputs=items, output_dir=out, num_workers=os.cpu_count(),
+                     chunk_size=per_shard)
+    return len(items)
+
+
+def _count_litdata(folder: str) -> int:
+    """Items LitData wrote, from its index.json (what its StreamingDataset reads)."""
+    try:
+        with open(os.path.join(folder, "index.json")) as f:
+            return sum(c["chunk_size"] for c in json.load(f)["chunks"])
+    except FileNotFoundError:
+        return 0
+
+
+def litdata_missing() -> str | None:
+    """Why the litdata row cannot run here, or None."""
+    if importlib.util.find_spec("litdata") is None:
+        return "litdata is not installed (pip install -e '.[bench]')"
+    return None
+
+
 # --- the harness --------------------------------------------------------------------------------
 def _dataset(images: int, classes: int, per_shard: int, cache: str) -> tuple[str, str, list[bytes]]:
     """The source folder and the indexed dataset ROOT, built once per size and cached."""
@@ -147,6 +195,134 @@ def _count_tar_members(folder: str) -> int:
                for t in glob.glob(os.path.join(folder, "**", "*.tar"), recursive=True))
 
 
+# --- the cold-start profile ---------------------------------------------------------------------
+# `python -c _TRACED shard ...` runs the CLI as `python -m pipelines shard ...` does, with its own
+# calls wrapped in place to append wall-clock stamps (comparable across processes) to a file.
+_TRACED = r"""
+import json, os, sys, time
+_T = os.environ["SHARDBENCH_TRACE"]
+def mark(what, **kw):
+    with open(_T, "a") as f:
+        f.write(json.dumps({"t": time.time(), "what": what, **kw}) + "\n")
+import pipelines.cli, pipelines.shard as sh, pipelines.tracking as tr
+mark("cli imported")
+def wrap(mod, name):
+    f = getattr(mod, name)
+    def g(*a, **k):
+        mark(name + " begin")
+        try:
+            return f(*a, **k)
+        finally:
+            mark(name + " end")
+    setattr(mod, name, g)
+for mod, name in ((tr, "_client"), (tr, "log_params"), (sh, "ensure_ray")):
+    wrap(mod, name)
+def traced(fn, args, _task=sh.counted_task, _T=_T):  # runs in a Ray worker (pickled by value)
+    import json, os, time
+    t0 = time.time()
+    import torch, torchvision.io, PIL.Image, pipelines.data  # what prepare_image's first call imports
+    t1 = time.time()
+    out = _task(fn, args)
+    with open(_T, "a") as f:
+        f.write(json.dumps({"t": time.time(), "what": "task", "pid": os.getpid(), "start": t0,
+                            "imported": t1}) + "\n")
+    return out
+sh.counted_task = traced
+code = pipelines.cli.main(sys.argv[1:])
+mark("main returned")
+import ray
+ray.shutdown()  # what the exit would do first (Ray's atexit hook), timed apart from the rest
+mark("ray shutdown")
+sys.exit(code)
+"""
+
+# Imports, each group after the ones before it, in a fresh interpreter: {group: seconds}.
+_IMPORTS = r"""
+import json, sys, time
+out, t = {}, time.perf_counter()
+for group in sys.argv[1:]:
+    for m in group.split(","):
+        __import__(m)
+    now = time.perf_counter()
+    out[group], t = now - t, now
+print(json.dumps(out))
+"""
+# The driver's libraries in the order the stage imports them, and a worker's (prepare_image's)
+DRIVER_IMPORTS = ["pipelines.cli,pipelines.shard", "mlflow", "ray"]
+WORKER_IMPORTS = ["torch", "torchvision.io", "PIL.Image,pipelines.data"]
+
+
+def _import_seconds(groups: list[str], cache: str) -> dict:
+    r = subprocess.run([sys.executable, "-c", _IMPORTS, *groups], env=_env(cache), capture_output=True,
+                       text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def startup_profile(data: str, cache: str) -> dict:
+    """One traced run of the stage from a fresh process: where its seconds go, in phases."""
+    trace = os.path.join(cache, "startup-trace.jsonl")
+    shutil.rmtree(os.path.join(data, "shards"), ignore_errors=True)
+    if os.path.exists(trace):
+        os.remove(trace)
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    bare = time.perf_counter() - t
+    env = {**_env(cache), "SHARDBENCH_TRACE": trace}
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-c", _TRACED, "shard", "--split", "train", "--data", data], env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    end = time.time()
+    if r.returncode != 0:
+        raise RuntimeError(f"the traced stage failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    with open(trace) as f:
+        marks = [json.loads(line) for line in f]
+    tasks = sorted((m for m in marks if m["what"] == "task"), key=lambda m: m["t"])
+
+    def at(what: str) -> float:
+        return min(m["t"] for m in marks if m["what"] == what)
+
+    first = tasks[0]  # the first finished shard: its worker's path is the critical one
+    points = [
+        ("python start, imports of pipelines.cli and .shard", at("cli imported")),
+        ("CLI: parse flags, check the index", at("_client begin")),
+        ("MLflow: import mlflow, open the store", at("_client end")),
+        ("MLflow: experiment, run, params", at("log_params end")),
+        ("lease, index read, plan", at("ensure_ray begin")),
+        ("Ray start (ray.init)", at("ensure_ray end")),
+        ("first task reaches a worker", first["start"]),
+        ("worker imports torch, torchvision, PIL", first["imported"]),
+        ("first finished shard's images", first["t"]),
+        ("the other shards (steady work)", tasks[-1]["t"]),
+        ("driver: MLflow summary, end run, manifest", at("main returned")),
+        ("Ray shutdown (ray.shutdown)", at("ray shutdown")),
+        ("interpreter exit (atexit hooks)", end),
+    ]
+    phases, before = [], t0
+    for name, stamp in points:
+        phases.append({"phase": name, "seconds": stamp - before, "at": stamp - t0})
+        before = stamp
+    return {"phases": phases, "to_first_shard_s": first["t"] - t0, "total_s": end - t0, "tasks": len(tasks),
+            "worker_import_s": [m["imported"] - m["start"] for m in tasks],
+            "imports_s": {"python -c pass (wall)": bare, "driver": _import_seconds(DRIVER_IMPORTS, cache),
+                          "worker": _import_seconds(WORKER_IMPORTS, cache)},
+            "note": "one traced run, stamps from the CLI's own calls wrapped in place; a worker's imports are "
+                    "timed at its first task (as prepare_image's first call would)"}
+
+
+def print_profile(p: dict) -> None:
+    print(f"\ncold start of the stage, traced once: {p['to_first_shard_s']:.1f} s to the first finished shard, "
+          f"{p['total_s']:.1f} s in all")
+    w = max(len(x["phase"]) for x in p["phases"])
+    print(f"{'phase'.ljust(w)}  seconds  at (s)")
+    print(f"{'-' * w}  -------  ------")
+    for x in p["phases"]:
+        print(f"{x['phase'].ljust(w)}  {x['seconds']:7.2f}  {x['at']:6.2f}")
+    imp = p["imports_s"]
+    print("imports, fresh interpreter, each after those before it: "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in [*imp["driver"].items(), *imp["worker"].items()])
+          + f"; python -c pass {imp['python -c pass (wall)']:.2f} s")
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=3000)
@@ -154,6 +330,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--samples-per-shard", type=int, default=250)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--cache", default=os.path.join(common.OUT, "cache"))
+    ap.add_argument("--no-profile", dest="profile", action="store_false",
+                    help="skip the cold-start profile (one more traced run of the stage)")
     a = ap.parse_args(argv)
 
     src, data, jpgs = _dataset(a.images, a.classes, a.samples_per_shard, a.cache)
@@ -170,6 +348,13 @@ def main(argv=None) -> dict:
         "ray-data": _process(me + ["_run", "ray-data", src, os.path.join(work, "ray-data"), str(a.samples_per_shard)],
                              a.cache, [os.path.join(work, "ray-data")]),
     }
+    skipped = litdata_missing()
+    skipped_rows = {"litdata": skipped} if skipped else {}
+    if skipped:
+        print(f"litdata: skipped: {skipped}", file=sys.stderr, flush=True)
+    else:
+        contenders["litdata"] = _process(me + ["_run", "litdata", src, os.path.join(work, "litdata"),
+                                               str(a.samples_per_shard)], a.cache, [os.path.join(work, "litdata")])
     # The floors run in every repeat, beside the stage, so the per-core ratio compares the two
     # in the same minutes (this machine's speed drifts by 20% and more between minutes).
     floors = _floors(jpgs[: min(n, 400)])
@@ -189,9 +374,13 @@ def main(argv=None) -> dict:
     written = {"pipelines": count(os.path.join(data, "shards", "train")),
                "baseline": count(os.path.join(work, "baseline")),
                "ray-data": count(os.path.join(work, "ray-data"))}
+    if "litdata" in contenders:
+        written["litdata"] = _count_litdata(os.path.join(work, "litdata"))
     for name in contenders:
         if written[name] != n:
             raise RuntimeError(f"{name} wrote {written[name]} images, expected {n}")
+
+    profile = startup_profile(data, a.cache) if a.profile else None
 
     cores = os.cpu_count()
     t = {k: common.median(v) for k, v in seconds.items()}
@@ -201,6 +390,7 @@ def main(argv=None) -> dict:
     startup = t["pipelines"] - n / started
     rate = {"pipelines": n / t["pipelines"], "pipelines, once started": started,
             "baseline": n / t["baseline"], "ray-data": n / t["ray-data"],
+            **({"litdata": n / t["litdata"]} if "litdata" in t else {}),
             **{k: common.median(v) for k, v in floor_rates.items()}}
     single = {"baseline", "floor", "floor-pil"}
     rows = [{"contender": k, "cores": 1 if k in single else cores, "images/s": v,
@@ -210,18 +400,22 @@ def main(argv=None) -> dict:
     ratios = {"vs_baseline": rate["pipelines"] / rate["baseline"],
               "vs_baseline_once_started": started / rate["baseline"],
               "vs_ray_data": rate["pipelines"] / rate["ray-data"],
+              "vs_litdata": rate["pipelines"] / rate["litdata"] if "litdata" in rate else None,
               # per repeat, stage and floor of the same minutes; then the median
               "per_core_vs_floor_once_started": common.median(
                   [st / cores / fl for st, fl in zip(started_each, floor_rates["floor"])]),
               "floor_vs_floor_pil": rate["floor"] / rate["floor-pil"]}
-    return common.report(
+    record = common.report(
         "shard", f"shard stage: {n} photo-like JPEGs (~500x375, ~108 KB) -> 256x256 q90 shards of "
         f"{a.samples_per_shard}; median of {a.repeats}; wall time from process start (the stage's fixed "
         f"start-up, {startup:.1f} s here, is included except in 'once started')",
         rows, ["contender", "cores", "images/s", "images/s/core", "pipelines x"],
         {"images": n, "seconds": seconds, "floor_rates": floor_rates, "once_started": started_each,
-         "startup_seconds": startup, "ratios": ratios,
+         "startup_seconds": startup, "ratios": ratios, "startup_profile": profile, "skipped": skipped_rows,
          "command": "python -m benchmarks.shard " + " ".join(argv or sys.argv[1:])})
+    if profile:
+        print_profile(profile)
+    return record
 
 
 def _floors(jpgs: list[bytes]) -> dict:
@@ -257,6 +451,6 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and "_run" in sys.argv:
         i = sys.argv.index("_run")
         kind, src, out, per_shard = sys.argv[i + 1:i + 5]
-        {"baseline": run_baseline, "ray-data": run_ray_data}[kind](src, out, int(per_shard))
+        {"baseline": run_baseline, "ray-data": run_ray_data, "litdata": run_litdata}[kind](src, out, int(per_shard))
     else:
         main()

@@ -5,7 +5,10 @@
 Contenders, each a fresh process over the same folder of photo-like 500x375 JPEGs, timed from
 process start to exit (so Ray's start-up is included where Ray is used), interleaved:
 
-  pipelines      `python -m pipelines shard --split train`: the project's stage, all cores
+  pipelines      `python -m pipelines shard --split train`: the project's stage, all cores (below
+                 4 GB of source its tasks run in a pool of local processes, no Ray start-up)
+  pipelines-ray  the same with --parallel ray: the tasks on a local Ray the stage starts, as it
+                 does for larger sources
   pipelines, once started
                  the same runs' rate from the first finished shard to the last, timed here from
                  the stage's progress lines: without the fixed cost (imports, Ray and its
@@ -24,7 +27,7 @@ Every contender writes quality-90 256x256 JPEGs of the same images with the same
 
 Then a cold-start profile of the stage (``startup_profile`` in the JSON; ``--no-profile`` skips
 it): one more run of the same command, with timestamps written by the CLI's own calls (MLflow,
-ray.init, each task's start, its imports and its end) wrapped in place, so the seconds from
+the start of its task pool, each finished task) wrapped in place, so the seconds from
 process start to the first finished shard and on to exit are split into phases; beside it, the
 import times of the driver's and a worker's libraries, each measured in a fresh interpreter.
 """
@@ -215,23 +218,23 @@ def wrap(mod, name):
         finally:
             mark(name + " end")
     setattr(mod, name, g)
-for mod, name in ((tr, "_client"), (tr, "log_params"), (sh, "ensure_ray")):
+for mod, name in ((tr, "_client"), (tr, "log_params")):
     wrap(mod, name)
-def traced(fn, args, _task=sh.counted_task, _T=_T):  # runs in a Ray worker (pickled by value)
-    import json, os, time
-    t0 = time.time()
-    import torch, torchvision.io, PIL.Image, pipelines.data  # what prepare_image's first call imports
-    t1 = time.time()
-    out = _task(fn, args)
-    with open(_T, "a") as f:
-        f.write(json.dumps({"t": time.time(), "what": "task", "pid": os.getpid(), "start": t0,
-                            "imported": t1}) + "\n")
-    return out
-sh.counted_task = traced
+class TracedPool(sh.TaskPool):  # where the stage's tasks run: a local Ray, or a local process pool
+    def __init__(self, *a, **k):
+        mark("pool begin")
+        super().__init__(*a, **k)
+        mark("pool end", ray=self.ray is not None)
+    def result(self, handle):
+        out = super().result(handle)
+        mark("task")  # a shard finished (the driver hears of it within milliseconds)
+        return out
+sh.TaskPool = TracedPool
 code = pipelines.cli.main(sys.argv[1:])
 mark("main returned")
 import ray
-ray.shutdown()  # what the exit would do first (Ray's atexit hook), timed apart from the rest
+if ray.is_initialized():
+    ray.shutdown()  # what the exit would do first (Ray's atexit hook), timed apart from the rest
 mark("ray shutdown")
 sys.exit(code)
 """
@@ -281,32 +284,30 @@ def startup_profile(data: str, cache: str) -> dict:
     def at(what: str) -> float:
         return min(m["t"] for m in marks if m["what"] == what)
 
-    first = tasks[0]  # the first finished shard: its worker's path is the critical one
+    on_ray = next(m for m in marks if m["what"] == "pool end")["ray"]
     points = [
         ("python start, imports of pipelines.cli and .shard", at("cli imported")),
         ("CLI: parse flags, check the index", at("_client begin")),
         ("MLflow: import mlflow, open the store", at("_client end")),
         ("MLflow: experiment, run, params", at("log_params end")),
-        ("lease, index read, plan", at("ensure_ray begin")),
-        ("Ray start (ray.init)", at("ensure_ray end")),
-        ("first task reaches a worker", first["start"]),
-        ("worker imports torch, torchvision, PIL", first["imported"]),
-        ("first finished shard's images", first["t"]),
+        ("lease, index read, plan", at("pool begin")),
+        ("Ray start (ray.init)" if on_ray else "process pool start", at("pool end")),
+        ("first finished shard (workers start, import torch and torchvision, encode)", tasks[0]["t"]),
         ("the other shards (steady work)", tasks[-1]["t"]),
         ("driver: MLflow summary, end run, manifest", at("main returned")),
-        ("Ray shutdown (ray.shutdown)", at("ray shutdown")),
+        ("Ray shutdown (ray.shutdown)" if on_ray else "process pool shut down (in the stage)", at("ray shutdown")),
         ("interpreter exit (atexit hooks)", end),
     ]
     phases, before = [], t0
     for name, stamp in points:
         phases.append({"phase": name, "seconds": stamp - before, "at": stamp - t0})
         before = stamp
-    return {"phases": phases, "to_first_shard_s": first["t"] - t0, "total_s": end - t0, "tasks": len(tasks),
-            "worker_import_s": [m["imported"] - m["start"] for m in tasks],
+    return {"phases": phases, "to_first_shard_s": tasks[0]["t"] - t0, "total_s": end - t0, "tasks": len(tasks),
+            "on_ray": on_ray,
             "imports_s": {"python -c pass (wall)": bare, "driver": _import_seconds(DRIVER_IMPORTS, cache),
                           "worker": _import_seconds(WORKER_IMPORTS, cache)},
-            "note": "one traced run, stamps from the CLI's own calls wrapped in place; a worker's imports are "
-                    "timed at its first task (as prepare_image's first call would)"}
+            "note": "one traced run, stamps from the CLI's own calls wrapped in place; the workers' imports "
+                    "are measured apart, in a fresh interpreter (imports_s.worker)"}
 
 
 def print_profile(p: dict) -> None:
@@ -343,6 +344,9 @@ def main(argv=None) -> dict:
         "pipelines": lambda: (marks.append([]), _process(
             [sys.executable, "-m", "pipelines", "shard", "--split", "train", "--data", data], a.cache,
             [os.path.join(data, "shards")], marks[-1])())[1],
+        # The same stage made to start a local Ray, as it does for over 4 GB of source: Ray's start-up cost.
+        "pipelines-ray": _process([sys.executable, "-m", "pipelines", "shard", "--split", "train", "--data", data,
+                                   "--parallel", "ray"], a.cache, [os.path.join(data, "shards")]),
         "baseline": _process(me + ["_run", "baseline", src, os.path.join(work, "baseline"), str(a.samples_per_shard)],
                              a.cache, [os.path.join(work, "baseline")]),
         "ray-data": _process(me + ["_run", "ray-data", src, os.path.join(work, "ray-data"), str(a.samples_per_shard)],
@@ -372,6 +376,7 @@ def main(argv=None) -> dict:
     # Same work done: every contender wrote every image (the half run, half of them).
     count = _count_tar_members
     written = {"pipelines": count(os.path.join(data, "shards", "train")),
+               "pipelines-ray": count(os.path.join(data, "shards", "train")),  # ran after pipelines, same place
                "baseline": count(os.path.join(work, "baseline")),
                "ray-data": count(os.path.join(work, "ray-data"))}
     if "litdata" in contenders:
@@ -389,6 +394,7 @@ def main(argv=None) -> dict:
     started = common.median(started_each)
     startup = t["pipelines"] - n / started
     rate = {"pipelines": n / t["pipelines"], "pipelines, once started": started,
+            "pipelines-ray": n / t["pipelines-ray"],
             "baseline": n / t["baseline"], "ray-data": n / t["ray-data"],
             **({"litdata": n / t["litdata"]} if "litdata" in t else {}),
             **{k: common.median(v) for k, v in floor_rates.items()}}
@@ -400,6 +406,7 @@ def main(argv=None) -> dict:
     ratios = {"vs_baseline": rate["pipelines"] / rate["baseline"],
               "vs_baseline_once_started": started / rate["baseline"],
               "vs_ray_data": rate["pipelines"] / rate["ray-data"],
+              "on_ray_vs_baseline": rate["pipelines-ray"] / rate["baseline"],
               "vs_litdata": rate["pipelines"] / rate["litdata"] if "litdata" in rate else None,
               # per repeat, stage and floor of the same minutes; then the median
               "per_core_vs_floor_once_started": common.median(

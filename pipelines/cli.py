@@ -99,7 +99,7 @@ def _stage_parsers(sub):
     p.set_defaults(config=C, module="index")
 
     C = config.ShardConfig
-    p = sub.add_parser("shard", help="index -> webdataset shards (one Ray task per shard)")
+    p = sub.add_parser("shard", help="index -> webdataset shards (one task per shard, on Ray or local processes)")
     p.add_argument("--data", required=True, metavar="ROOT", help="dataset ROOT")
     _add(p, C, "--split", dest="split", choices=["train", "val", "all"], help="which split")
     _add(p, C, "--resize", dest="resize", type=int, help="shorter side in px")
@@ -110,6 +110,9 @@ def _stage_parsers(sub):
          help="source reads in flight per shard task (merged ranged GETs on S3)")
     _add(p, C, "--samples-per-shard", dest="samples_per_shard", type=int,
          help="regroup; default: the index's grouping")
+    _add(p, C, "--parallel", dest="parallel", choices=["auto", "ray", "local"],
+         help="run the shard tasks on Ray or in a pool of this machine's processes; auto: Ray on a "
+              "cluster (RAY_ADDRESS) or for over 4 GB of source, else local processes (no Ray start-up)")
     _add(p, C, "--strict", dest="strict", action="store_true", help="fail (exit 1) if any input is rejected")
     _add(p, C, "--verify", dest="verify", action="store_true", help="re-checksum existing shards")
     p.set_defaults(config=C, module="shard")
@@ -118,6 +121,8 @@ def _stage_parsers(sub):
     p = sub.add_parser("stats", help="training shards -> stats.json (mean, std, RGB eigen-decomposition)")
     p.add_argument("--data", required=True, metavar="ROOT", help="dataset ROOT")
     _add(p, C, "--force", dest="force", action="store_true", help="recompute even if the shards are unchanged")
+    _add(p, C, "--parallel", dest="parallel", choices=["auto", "ray", "local"],
+         help="one task per shard on Ray or in a pool of this machine's processes; auto as for shard")
     p.set_defaults(config=C, module="stats")
 
     C = config.StatusConfig
@@ -303,4 +308,9 @@ def main(argv=None) -> int:
     if stage == "status":  # the table for people on stderr; stdout stays one JSON line for scripts
         print(module.format_table(summary), file=sys.stderr)
     print(json.dumps(summary), flush=True)
+    # The interpreter's last garbage collection walks every object MLflow, Ray and torch made:
+    # about a second on 2 cores, for memory the process gives back anyway. Frozen objects are skipped.
+    import gc
+
+    gc.freeze()
     return int(summary.get("exit_code", 0))  # submit: the job's own exit code

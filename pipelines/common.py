@@ -146,6 +146,88 @@ def counted_task(fn, args: tuple) -> dict:
             "node": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
 
 
+def local_task(fn, args: tuple) -> dict:
+    """counted_task in a process of this machine's pool (no Ray): the same result."""
+    import socket
+
+    from . import storage
+
+    before = storage.request_counts().get("GetObject", 0)
+    result = fn(*args)
+    return {"result": result, "gets": storage.request_counts().get("GetObject", 0) - before,
+            "node": f"local:{socket.gethostname()}", "ip": "127.0.0.1"}
+
+
+def _warm_worker(module: str) -> None:
+    # One thread per worker, as Ray gives a 1-CPU task; the imports happen while the driver plans.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import importlib
+
+    import torch
+
+    torch.set_num_threads(1)
+    importlib.import_module(module)
+
+
+class TaskPool:
+    """Where a stage's tasks run: Ray (a cluster's, or a local one), or a pool of this machine's
+    processes, which a small job on one machine gets instead of a local Ray's ~7 s start-up and
+    shut-down. The same calls either way: submit(fn, args) -> handle, done(handles) -> the
+    finished ones (within a second), result(handle) -> counted_task's dict; ``window`` tasks in
+    flight keep the queue short and progress smooth."""
+
+    def __init__(self, use_ray: bool, num_cpus: float = 1.0, warm: str = "pipelines.common"):
+        self.ray = ensure_ray() if use_ray else None
+        if self.ray is not None:
+            self._remote = self.ray.remote(num_cpus=num_cpus)(counted_task)
+            # At least 32 so an autoscaling cluster that starts small sees enough demand to grow.
+            self.window = max(32, 2 * int(self.ray.cluster_resources().get("CPU", 1)))
+            return
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        workers = max(1, int((os.cpu_count() or 1) // max(num_cpus, 1e-9)))
+        # spawn, not fork: the driver holds MLflow's and boto3's threads and connections
+        self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_warm_worker, initargs=(warm,))
+        self.window = 2 * workers
+
+    def submit(self, fn, args: tuple):
+        if self.ray is not None:
+            return self._remote.remote(fn, args)
+        return self._pool.submit(local_task, fn, args)
+
+    def done(self, pending) -> list:
+        if self.ray is not None:
+            return self.ray.wait(list(pending), num_returns=1, timeout=1.0)[0]
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        return list(wait(list(pending), timeout=1.0, return_when=FIRST_COMPLETED).done)
+
+    def result(self, handle) -> dict:
+        return self.ray.get(handle) if self.ray is not None else handle.result()
+
+    def close(self) -> None:
+        if self.ray is None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def use_ray(parallel: str, source_bytes: int, ray_min_bytes: int) -> bool:
+    """--parallel auto|ray|local: auto is Ray on a cluster (RAY_ADDRESS), in a process already
+    connected to Ray (a job, the demo, tests), or for ``source_bytes`` >= ``ray_min_bytes``."""
+    if parallel != "auto":
+        return parallel == "ray"
+    import ray
+
+    return on_cluster() or ray.is_initialized() or source_bytes >= ray_min_bytes
+
+
 def ensure_ray(dashboard: bool = False):
     """Connect to the cluster in RAY_ADDRESS, or start a local Ray; reuse one already started.
 

@@ -22,6 +22,11 @@ class SampleConfig:
     layouts: tuple[str, ...] = ("tarballs", "kaggle", "folders")  # which of the three to write
 
 
+# Below this much source data a stage run on one machine skips starting a local Ray (~7 s of
+# start-up and shut-down on 2 cores, more than hashing ~4 GB or sharding ~2,000 images takes).
+RAY_MIN_BYTES = 4 << 30
+
+
 @dataclass(frozen=True)
 class IndexConfig:
     source: str                  # ImageNet as the user holds it: tarballs, Kaggle or folders
@@ -36,7 +41,7 @@ class IndexConfig:
     read_threads: int = 16       # hashing loose files is I/O-bound; threads overlap the reads
     parallel: str = "auto"       # ray: one Ray task per class tar / 1,024 loose files; local: this process;
     #                              auto: ray on a cluster (RAY_ADDRESS) or for sources over ray_min_bytes
-    ray_min_bytes: int = 4 << 30  # a local Ray's ~10 s start-up buys hashing ~4 GB in parallel on 2 cores
+    ray_min_bytes: int = RAY_MIN_BYTES
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,10 @@ class ShardConfig:
     verify: bool = False         # re-checksum existing shards instead of trusting size (slow)
     num_cpus: float = 1.0        # per shard task: decode/resize/encode is one core's work
     read_threads: int = 8        # ranged reads in flight per task: S3 latency overlaps the decoding
+    parallel: str = "auto"       # ray: one Ray task per shard; local: a pool of this machine's processes;
+    #                              auto: ray on a cluster (RAY_ADDRESS), inside a running Ray, or for
+    #                              sources over ray_min_bytes; else local
+    ray_min_bytes: int = RAY_MIN_BYTES
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,8 @@ class StatsConfig:
     data: str
     force: bool = False
     num_cpus: float = 1.0
+    parallel: str = "auto"       # as ShardConfig's: Ray, or this machine's processes for small data
+    ray_min_bytes: int = RAY_MIN_BYTES
 
 
 @dataclass(frozen=True)

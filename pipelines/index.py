@@ -89,7 +89,8 @@ def read_table(data: str, split: str, columns: list[str] | None = None):
     if not storage.exists(url):
         raise StageError(f"'{url}' is missing: run the index stage first "
                          f"(python -m pipelines index --source SRC --data {data}).")
-    return pq.read_table(io.BytesIO(storage.read_bytes(url)), columns=columns,
+    source = url if not storage.is_s3(url) else io.BytesIO(storage.read_bytes(url))  # a local file: no copy
+    return pq.read_table(source, columns=columns,
                          read_dictionary=[c for c in ("path", "wnid") if columns is None or c in columns])
 
 

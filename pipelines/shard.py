@@ -21,7 +21,7 @@ import warnings
 from functools import partial
 
 from . import index, lease, storage, tarindex
-from .common import Progress, StageError, StrictFailure, counted_task, digest, ensure_ray, now_iso
+from .common import Progress, StageError, StrictFailure, TaskPool, digest, now_iso, use_ray
 from .config import SPLITS, ShardConfig
 from .sources import read_item, where
 
@@ -278,15 +278,16 @@ def _plan(cfg: ShardConfig, split: str, params: dict):
     to make carries a ``rows()`` that builds its task's row list when the task is sent."""
     import numpy as np
 
-    table = index.read_table(cfg.data, split, ["key", "label", "sha256", "etag", "path", "offset", "size", "member",
-                                               "position" if cfg.samples_per_shard is not None else "shard"])
-    if cfg.samples_per_shard is None:
-        ids = table["shard"].to_numpy()
-    else:
-        ids = table["position"].to_numpy() // cfg.samples_per_shard
+    # Two reads of the index file, so its content hashes and its locations are never in memory together.
+    group_by = "position" if cfg.samples_per_shard is not None else "shard"
+    table = index.read_table(cfg.data, split, ["key", "label", "sha256", "etag", group_by])
+    ids = table[group_by].to_numpy()
+    if cfg.samples_per_shard is not None:
+        ids = ids // cfg.samples_per_shard
     order = np.argsort(ids, kind="stable")  # stable: a shard's rows stay in index (position) order
     groups = np.unique(ids[order], return_index=True)
     starts = [*groups[1].tolist(), len(order)]
+    del ids
     old = {s["name"]: s for s in (read_manifest(cfg.data, split) or {}).get("shards", [])}
     keep, make, reindex, names = {}, [], [], []
     for g, i in enumerate(groups[0].tolist()):
@@ -294,7 +295,7 @@ def _plan(cfg: ShardConfig, split: str, params: dict):
         name = shard_name(split, i)
         names.append(name)
         url = storage.join(shard_dir(cfg.data, split), name)
-        cols = table.select(["key", "label", "sha256", "etag"]).take(take).to_pydict()
+        cols = table.take(take).to_pydict()
         # The image content (sha256), not its location, decides whether a shard is still right.
         d = digest([params, [(k, lab, index.content_id(sha, etag))
                              for k, lab, sha, etag in zip(cols["key"], cols["label"], cols["sha256"], cols["etag"])]])
@@ -305,19 +306,66 @@ def _plan(cfg: ShardConfig, split: str, params: dict):
             else:  # a shard from before sample indexes, or its index lost: scan it, keep the tar
                 reindex.append((name, url, entry))
         else:
-            make.append((name, url, _rows_of(table, take), d))
-    return keep, make, reindex, names
+            make.append((name, url, take, d))
+    del table
+    source_bytes = 0
+    if make:  # the second read: only what the tasks read by
+        located = index.read_table(cfg.data, split, ROW_COLUMNS)
+        sizes = located["size"].to_numpy()
+        source_bytes = sum(int(sizes[take].sum()) for _, _, take, _ in make)
+        make = [(name, url, _rows_of(located, take), d) for name, url, take, d in make]
+    return keep, make, reindex, names, source_bytes
 
 
 def _rows_of(table, take):
     def rows() -> list[tuple]:
-        c = table.select(ROW_COLUMNS).take(take).to_pydict()
+        c = table.take(take).to_pydict()
         return list(zip(*(c[k] for k in ROW_COLUMNS)))
     return rows
 
 
 def _args(url, rows, params, d, threads) -> tuple:
     return url, rows(), params, d, threads
+
+
+def _shard_all(cfg, pool, todo, splits, plans, entries, params, index_digests, started):
+    """Run the shard tasks, at most ``pool.window`` in flight (the queue holds each shard's row
+    list only once its task is sent); record each finished shard in the manifest within about a
+    second. Returns (failures, images written, S3 GETs, {node: counts})."""
+    failures, written_images, gets, nodes = [], 0, 0, {}
+    progress = Progress("shard", len(todo))
+    pending, queue, last_save, unsaved = {}, list(todo), 0.0, False
+    while queue or pending:
+        while queue and len(pending) < pool.window:
+            split, name, fn, args, encodes = queue.pop(0)
+            pending[pool.submit(fn, args() if callable(args) else args)] = (split, name, encodes)
+        # Wakes at least once a second, so a finished shard is recorded within about a second
+        # even while the next one takes minutes.
+        for handle in pool.done(pending):
+            split, name, encodes = pending.pop(handle)
+            try:
+                done_task = pool.result(handle)
+            except Exception as e:  # noqa: BLE001 - reported below with the shard's name
+                failures.append(f"{split}/{name}: {type(e).__name__}: {(str(e).splitlines() or [''])[-1][:300]}")
+                progress.update(1, 0)
+                continue
+            entry = entries[split][name] = done_task["result"]
+            gets += done_task["gets"]
+            node = nodes.setdefault(done_task["node"], {"node": done_task["node"], "ip": done_task["ip"],
+                                                        "shards": 0, "images": 0})
+            unsaved = True
+            images = entry["samples"] + len(entry["rejected"]) if encodes else 0
+            written_images += images
+            node["shards"] += 1
+            node["images"] += images
+            progress.update(1, images)
+        # Record finished shards as they come (at most once a second), so a killed driver
+        # loses about a second of work: the rerun redoes only shards not in the manifest.
+        if unsaved and time.monotonic() - last_save >= 1:
+            for split in splits:
+                _save_manifest(cfg, split, params, index_digests[split], entries[split], plans[split][3], started)
+            last_save, unsaved = time.monotonic(), False
+    return failures, written_images, gets, nodes
 
 
 def _indexed(url: str, entry: dict, verify: bool) -> bool:
@@ -365,6 +413,8 @@ def check(cfg: ShardConfig) -> tuple[str, ...]:
         raise StageError(f"--samples-per-shard {cfg.samples_per_shard}: must be at least 1.")
     if cfg.read_threads < 1:
         raise StageError(f"--read-threads {cfg.read_threads}: must be at least 1.")
+    if cfg.parallel not in ("auto", "ray", "local"):
+        raise StageError(f"--parallel {cfg.parallel!r}: expected auto, ray or local.")
     if not storage.exists(index.paths(cfg.data)["record"]):
         raise StageError(f"No index in '{cfg.data}': run the index stage first "
                          f"(python -m pipelines index --source SRC --data {cfg.data}).")
@@ -392,54 +442,19 @@ def _run(cfg: ShardConfig) -> dict:
         storage.remove_stale_temps(shard_dir(cfg.data, split))
         plans[split] = _plan(cfg, split, params)
 
-    # One Ray task each: (split, shard name, the function, its arguments, whether it encodes images)
-    # (the arguments as a function where they are a shard's row list: built when its task is sent)
+    # One task each (Ray, or this machine's process pool): (split, shard name, the function, its
+    # arguments, whether it encodes images); the arguments as a function where they are a
+    # shard's row list: built when its task is sent.
     todo = [(split, name, write_shard, partial(_args, url, rows, params, d, cfg.read_threads), True)
             for split in splits for name, url, rows, d in plans[split][1]]
     todo += [(split, name, add_index, (url, entry), False) for split in splits for name, url, entry in plans[split][2]]
     entries = {split: dict(plans[split][0]) for split in splits}
     failures, written_images, gets, nodes = [], 0, 0, {}
     if todo:
-        ray = ensure_ray()
-        remote = ray.remote(num_cpus=cfg.num_cpus)(counted_task)
-        # Bounded in-flight tasks: progress stays smooth and the object store holds only a few
-        # shards' row lists, however large the dataset.
-        # At least 32 so an autoscaling cluster that starts small sees enough demand to grow.
-        window = max(32, 2 * int(ray.cluster_resources().get("CPU", 1)))
-        progress = Progress("shard", len(todo))
-        pending, queue, last_save, unsaved = {}, list(todo), 0.0, False
-        while queue or pending:
-            while queue and len(pending) < window:
-                split, name, fn, args, encodes = queue.pop(0)
-                pending[remote.remote(fn, args() if callable(args) else args)] = (split, name, encodes)
-            # Wakes at least once a second, so a finished shard is recorded within about a second
-            # even while the next one takes minutes.
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-            for ref in done:
-                split, name, encodes = pending.pop(ref)
-                try:
-                    done_task = ray.get(ref)
-                except Exception as e:  # noqa: BLE001 - reported below with the shard's name
-                    failures.append(f"{split}/{name}: {type(e).__name__}: {str(e).splitlines()[-1][:300]}")
-                    progress.update(1, 0)
-                    continue
-                entry = entries[split][name] = done_task["result"]
-                gets += done_task["gets"]
-                node = nodes.setdefault(done_task["node"], {"node": done_task["node"], "ip": done_task["ip"],
-                                                            "shards": 0, "images": 0})
-                unsaved = True
-                images = entry["samples"] + len(entry["rejected"]) if encodes else 0
-                written_images += images
-                node["shards"] += 1
-                node["images"] += images
-                progress.update(1, images)
-            # Record finished shards as they come (at most once a second), so a killed driver
-            # loses about a second of work: the rerun redoes only shards not in the manifest.
-            if unsaved and time.monotonic() - last_save >= 1:
-                for split in splits:
-                    _save_manifest(cfg, split, params, index_digests[split], entries[split],
-                                   plans[split][3], started)
-                last_save, unsaved = time.monotonic(), False
+        on_ray = use_ray(cfg.parallel, sum(plans[s][4] for s in splits), cfg.ray_min_bytes)
+        with TaskPool(on_ray, cfg.num_cpus, warm=__name__) as pool:
+            failures, written_images, gets, nodes = _shard_all(cfg, pool, todo, splits, plans, entries,
+                                                               params, index_digests, started)
 
     manifests, shard_rejects = {}, []
     for split in splits:

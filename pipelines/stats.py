@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from . import lease, shard, storage
-from .common import Progress, StageError, digest, ensure_ray, now_iso
+from .common import Progress, StageError, TaskPool, digest, now_iso, use_ray
 from .config import StatsConfig
 
 
@@ -70,6 +70,8 @@ def run(cfg: StatsConfig) -> dict:
 
 def check(cfg: StatsConfig) -> dict:
     """The training shards are there and complete, before any work or MLflow run; their manifest."""
+    if cfg.parallel not in ("auto", "ray", "local"):
+        raise StageError(f"--parallel {cfg.parallel!r}: expected auto, ray or local.")
     storage.check_url(cfg.data)
     manifest = shard.read_manifest(cfg.data, "train")
     if manifest is None or not manifest["complete"]:
@@ -89,16 +91,16 @@ def _run(cfg: StatsConfig) -> dict:
             return dict(old["summary"], skipped=True, seconds=round(time.monotonic() - t0, 2))
 
     urls = [storage.join(shard.shard_dir(cfg.data, "train"), s["name"]) for s in manifest["shards"]]
-    ray = ensure_ray()
-    task = ray.remote(num_cpus=cfg.num_cpus)(shard_sums)
-    pending = [task.remote(u) for u in urls]
     progress = Progress("stats", len(urls))
     parts = []
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        part = ray.get(done[0])
-        parts.append(part)
-        progress.update(1, part[0])
+    with TaskPool(use_ray(cfg.parallel, manifest["bytes"], cfg.ray_min_bytes), cfg.num_cpus, warm=__name__) as pool:
+        pending = {pool.submit(shard_sums, (u,)) for u in urls}  # a shard's sums are a few numbers
+        while pending:
+            for handle in pool.done(pending):
+                pending.discard(handle)
+                part = pool.result(handle)["result"]
+                parts.append(part)
+                progress.update(1, part[0])
     result = reduce_sums(parts)
     seconds = time.monotonic() - t0
     summary = {"stage": "stats", "data": cfg.data, "images": result["images"], "shards": len(urls),

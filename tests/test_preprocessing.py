@@ -293,3 +293,26 @@ def test_shard_cli_reports_progress_and_a_json_summary(built, ray_local):
     assert "shard: 1/1 shards" in proc.stderr and "img/s" in proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["written"] == 1 and summary["skipped"] == 1
+
+
+def test_a_small_job_runs_in_local_processes_and_makes_what_ray_makes(built, sample_src, tmp_path):
+    """Below 4 GB of source, the CLI's shard and stats run their tasks in a pool of this machine's
+    processes instead of starting a local Ray: the same shards byte for byte, the same stats."""
+    root = tmp_path / "local"
+    index.run(IndexConfig(source=str(sample_src / "tarballs"), data=str(root), samples_per_shard=SPS))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = {}
+    for stage in ("shard", "stats"):
+        p = subprocess.run([sys.executable, "-m", "pipelines", "-q", stage, "--data", str(root)], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        out[stage] = json.loads(p.stdout.strip().splitlines()[-1])
+    assert [n["node"].startswith("local:") for n in out["shard"]["nodes"]] == [True]  # no Ray node
+    for split in ("train", "val"):
+        local = json.loads((root / "shards" / f"{split}.json").read_text())
+        on_ray = json.loads((built["ilsvrc-tar"] / "shards" / f"{split}.json").read_text())
+        assert [s["checksum"] for s in local["shards"]] == [s["checksum"] for s in on_ray["shards"]]
+    with_ray = stats.run(StatsConfig(data=str(built["ilsvrc-tar"]), parallel="ray", force=True))
+    assert out["stats"]["images"] == with_ray["images"]
+    mine, theirs = (json.loads((r / "stats.json").read_text()) for r in (root, built["ilsvrc-tar"]))
+    assert np.allclose(mine["mean"], theirs["mean"], atol=1e-9) and np.allclose(mine["eigval"], theirs["eigval"], atol=1e-9)

@@ -19,8 +19,10 @@ test: install
 demo: install
 	$(PY) -m pipelines demo
 
-# The CPU benchmarks against their baselines (~8 min on 2 cores): tables + bench-results/*.json
+# The CPU benchmarks against their baselines (~20 min on 2 cores): tables + bench-results/*.json
+# (the 'bench' extra adds LitData, one of the shard stage's peers)
 bench: install
+	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m benchmarks
 
 # index, shard and stats at N, 2N and 4N images of ImageNet's shape (1,000 classes), plus the

@@ -331,6 +331,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--samples-per-shard", type=int, default=250)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--cache", default=os.path.join(common.OUT, "cache"))
+    ap.add_argument("--name", default="shard", help="the JSON's name in bench-results/ (default shard)")
     ap.add_argument("--no-profile", dest="profile", action="store_false",
                     help="skip the cold-start profile (one more traced run of the stage)")
     a = ap.parse_args(argv)
@@ -413,7 +414,7 @@ def main(argv=None) -> dict:
                   [st / cores / fl for st, fl in zip(started_each, floor_rates["floor"])]),
               "floor_vs_floor_pil": rate["floor"] / rate["floor-pil"]}
     record = common.report(
-        "shard", f"shard stage: {n} photo-like JPEGs (~500x375, ~108 KB) -> 256x256 q90 shards of "
+        a.name, f"shard stage: {n} photo-like JPEGs (~500x375, ~108 KB) -> 256x256 q90 shards of "
         f"{a.samples_per_shard}; median of {a.repeats}; wall time from process start (the stage's fixed "
         f"start-up, {startup:.1f} s here, is included except in 'once started')",
         rows, ["contender", "cores", "images/s", "images/s/core", "pipelines x"],

@@ -68,16 +68,19 @@ def split_digest(table) -> str:
 
     if not isinstance(table, pa.Table):
         table = pa.Table.from_pylist(table) if table else None
-    h = hashlib.sha256(b"[")
-    first = True
-    for batch in (table.select(["key", "label", "sha256", "etag", "shard"]).to_batches(BATCH) if table else []):
-        c = batch.to_pydict()
-        for k, lab, sha, etag, sh in zip(c["key"], c["label"], c["sha256"], c["etag"], c["shard"]):
-            h.update((b"" if first else b",") + json.dumps([k, lab, content_id(sha, etag), sh],
-                                                             separators=(",", ":")).encode())
-            first = False
+    h, first = hashlib.sha256(b"["), True
+    for start in range(0, table.num_rows if table is not None else 0, BATCH):
+        first = _hash_rows(h, table.slice(start, BATCH), first)
     h.update(b"]")
     return h.hexdigest()
+
+
+def _hash_rows(h, batch, first: bool) -> bool:
+    c = batch.select(["key", "label", "sha256", "etag", "shard"]).to_pydict()
+    for k, lab, sha, etag, sh in zip(c["key"], c["label"], c["sha256"], c["etag"], c["shard"]):
+        h.update((b"" if first else b",") + json.dumps([k, lab, content_id(sha, etag), sh], separators=(",", ":")).encode())
+        first = False
+    return first
 
 
 def read_table(data: str, split: str, columns: list[str] | None = None):
@@ -98,12 +101,25 @@ def read_rows(data: str, split: str) -> list[dict]:
     return read_table(data, split).to_pylist()
 
 
-def _write_rows(url: str, table) -> None:
+def _write_rows(url: str, table, order, samples_per_shard: int) -> str:
+    """Write ``table``'s rows in ``order`` (row i gets position i) to the split's parquet file, a
+    batch at a time: neither a sorted copy of the table nor the file is ever whole in memory.
+    Returns the split digest, hashed over the same batches."""
+    import numpy as np
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    buf = io.BytesIO()
-    pq.write_table(table.select(COLUMNS).cast(_schema()), buf)
-    storage.write_bytes(url, buf.getvalue())
+    h, first = hashlib.sha256(b"["), True
+    with storage.atomic_write(url) as f, pq.ParquetWriter(f, _schema()) as writer:
+        for start in range(0, max(len(order), 1), BATCH):
+            positions = np.arange(start, min(start + BATCH, len(order)), dtype=np.int64)
+            batch = (table.take(pa.array(order[start:start + BATCH], type=pa.int64()))
+                     .append_column("position", pa.array(positions))
+                     .append_column("shard", pa.array((positions // samples_per_shard).astype(np.int32))))
+            writer.write_table(batch.select(COLUMNS).cast(_schema()))
+            first = _hash_rows(h, batch, first)
+    h.update(b"]")
+    return h.hexdigest()
 
 
 def read_rejects(data: str) -> list[dict]:
@@ -201,7 +217,7 @@ def _seeded_hashes(keys, seed: int):
 def _position_order(table, seed: int, samples_per_shard: int):
     """Give each row its place: runs of neighbouring images in a seeded order, cut into shards,
     each shard's images in a seeded order of their own. Depends only on (seed, keys, locality).
-    Returns the table in position order, with its ``position`` and ``shard`` columns."""
+    Returns the rows' order: ``table``'s row numbers, position 0 first."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -224,10 +240,7 @@ def _position_order(table, seed: int, samples_per_shard: int):
     for start in range(0, n, samples_per_shard):
         part = ordered[start:start + samples_per_shard]
         final[start:start + len(part)] = part[np.argsort(h[part], kind="stable")]
-    positions = np.arange(n, dtype=np.int64)
-    return (table.take(pa.array(final))
-            .append_column("position", pa.array(positions))
-            .append_column("shard", pa.array((positions // samples_per_shard).astype(np.int32))))
+    return final
 
 
 def _collect(items, label: dict[str, int], progress_label: str):
@@ -398,11 +411,10 @@ def _run(cfg: IndexConfig) -> dict:
             r["split"] = split
         if cfg.limit:
             rows = _limit(rows, cfg.limit)
-        rows = _position_order(rows, cfg.seed, cfg.samples_per_shard)
-        _write_rows(out[split], rows)
+        order = _position_order(rows, cfg.seed, cfg.samples_per_shard)
+        digests[split] = _write_rows(out[split], rows, order, cfg.samples_per_shard)
         counts[split] = rows.num_rows
         counts[f"{split}_rejected"] = len(rejects)
-        digests[split] = split_digest(rows)
         all_rejects += rejects
         missing = wanted - set(pc.unique(pc.cast(rows["wnid"], "string")).to_pylist())
         del rows

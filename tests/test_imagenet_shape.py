@@ -129,3 +129,20 @@ def test_the_split_digest_hashed_in_batches_is_the_digest_of_the_whole_list(monk
     monkeypatch.setattr(index, "BATCH", 8)  # 12 batches
     assert index.split_digest(pa.Table.from_pylist(rows)) == want == index.split_digest(rows)
     assert index.split_digest([]) == digest([])
+
+
+def test_the_index_written_in_batches_is_the_index_written_at_once(sample_src, tmp_path, monkeypatch):
+    """The index stage builds, orders, writes and hashes its rows a batch at a time; with batches
+    of 7 rows it must write the same rows, positions, shards and digests as in one batch."""
+    from pipelines import index as index_stage
+
+    whole = tmp_path / "whole"
+    index_stage.run(IndexConfig(source=str(sample_src / "tarballs"), data=str(whole), samples_per_shard=5))
+    monkeypatch.setattr(index_stage, "BATCH", 7)
+    batched = tmp_path / "batched"
+    index_stage.run(IndexConfig(source=str(sample_src / "tarballs"), data=str(batched), samples_per_shard=5))
+    for split in ("train", "val"):
+        assert index_stage.read_rows(str(batched), split) == index_stage.read_rows(str(whole), split)
+    record = [json.loads((r / "index" / "index.json").read_text()) for r in (whole, batched)]
+    assert record[0]["digests"] == record[1]["digests"]
+    assert (whole / "index" / "rejected.jsonl").read_text() == (batched / "index" / "rejected.jsonl").read_text()

@@ -38,7 +38,7 @@ MIN_RUNS_PER_SHARD = 16
 ASSIGNMENT = 2  # bump when the way images are dealt to shards changes: an old index is redone
 
 COLUMNS = ["key", "wnid", "label", "path", "member", "offset", "size", "sha256", "etag", "position", "shard"]
-BATCH = 65_536  # rows turned into Python objects at once, when the index is built or hashed
+BATCH = 8192  # rows turned into Python objects at once when the index is built, written or hashed
 REJECTED = "index/rejected.jsonl"
 
 

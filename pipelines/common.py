@@ -167,6 +167,10 @@ def _warm_worker(module: str) -> None:
 
     torch.set_num_threads(1)
     importlib.import_module(module)
+    # The worker's exit would walk every object torch made (~0.5 s, which the stage waits for).
+    import gc
+
+    gc.freeze()
 
 
 class TaskPool:

@@ -161,6 +161,10 @@ def local_task(fn, args: tuple) -> dict:
 def _warm_worker(module: str) -> None:
     # One thread per worker, as Ray gives a 1-CPU task; the imports happen while the driver plans.
     os.environ["OMP_NUM_THREADS"] = "1"
+    if os.environ.get("PIPELINES_QUIET"):  # --quiet: nothing from the workers (a task's error still
+        devnull = os.open(os.devnull, os.O_WRONLY)  # reaches the driver with its result)
+        os.dup2(devnull, 2)
+        sys.stderr = open(os.devnull, "w")
     import importlib
 
     import torch

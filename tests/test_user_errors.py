@@ -3,6 +3,7 @@ traceback, and nothing left behind (no MLflow run, no mlflow.db, no dataset fold
 Ray a stage uses when RAY_ADDRESS is unset, wrong or dead."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -116,11 +117,14 @@ def test_a_dead_head_left_by_ray_start_is_not_joined(indexed, tmp_path):
         os.killpg(head.pid, signal.SIGKILL)  # the head is gone; its record stays
         head.wait(30)
         assert record.exists()
-        p, _ = _cli(["shard", "--data", str(indexed / "root"), "--resize", "64"], cwd=tmp_path,
+        # --parallel ray: a job this small would otherwise run in local processes, starting no Ray
+        p, _ = _cli(["shard", "--data", str(indexed / "root"), "--resize", "64", "--parallel", "ray"], cwd=tmp_path,
                     env_extra={"RAY_TMPDIR": str(ray_tmp), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
                     timeout=240)
         assert p.returncode == 0, p.stderr[-3000:]
-        assert '"stage": "shard"' in p.stdout.strip().splitlines()[-1]
+        summary = json.loads(p.stdout.strip().splitlines()[-1])
+        assert summary["stage"] == "shard" and summary["nodes"]
+        assert not any(n["node"].startswith("local:") for n in summary["nodes"])  # its tasks ran on a Ray node
     finally:
         try:
             os.killpg(head.pid, signal.SIGKILL)

@@ -138,24 +138,22 @@ def counted_task(fn, args: tuple) -> dict:
     the node it ran on (summaries count GETs per image and say which nodes did the work)."""
     import ray
 
-    from . import storage
-
-    before = storage.request_counts().get("GetObject", 0)
-    result = fn(*args)
-    return {"result": result, "gets": storage.request_counts().get("GetObject", 0) - before,
-            "node": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
+    return _counted(fn, args, ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address())
 
 
 def local_task(fn, args: tuple) -> dict:
     """counted_task in a process of this machine's pool (no Ray): the same result."""
     import socket
 
+    return _counted(fn, args, f"local:{socket.gethostname()}", "127.0.0.1")
+
+
+def _counted(fn, args: tuple, node: str, ip: str) -> dict:
     from . import storage
 
     before = storage.request_counts().get("GetObject", 0)
     result = fn(*args)
-    return {"result": result, "gets": storage.request_counts().get("GetObject", 0) - before,
-            "node": f"local:{socket.gethostname()}", "ip": "127.0.0.1"}
+    return {"result": result, "gets": storage.request_counts().get("GetObject", 0) - before, "node": node, "ip": ip}
 
 
 def _warm_worker(module: str) -> None:
@@ -224,6 +222,12 @@ class TaskPool:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def check_parallel(parallel: str) -> None:
+    """--parallel, before any work or MLflow run."""
+    if parallel not in ("auto", "ray", "local"):
+        raise StageError(f"--parallel {parallel!r}: expected auto, ray or local.")
 
 
 def use_ray(parallel: str, source_bytes: int, ray_min_bytes: int) -> bool:

@@ -27,7 +27,7 @@ import time
 from collections import deque
 
 from . import lease, storage
-from .common import StageError, StrictFailure, counted_task, digest, ensure_ray, now_iso, on_cluster
+from .common import StageError, StrictFailure, check_parallel, counted_task, digest, ensure_ray, now_iso, on_cluster
 from .config import SPLITS, IndexConfig
 from .sources import Item, Unit, expand, open_source, read_unit, where
 
@@ -366,8 +366,7 @@ def check(cfg: IndexConfig):
             raise StageError(f"--{name} {value}: must be at least 1 (or leave it out for all).")
     if cfg.read_threads < 1:
         raise StageError(f"--read-threads {cfg.read_threads}: must be at least 1.")
-    if cfg.parallel not in ("auto", "ray", "local"):
-        raise StageError(f"--parallel {cfg.parallel!r}: expected auto, ray or local.")
+    check_parallel(cfg.parallel)
     storage.check_url(cfg.data)
     return open_source(cfg.source, cfg.layout, cfg.read_threads)
 

@@ -21,7 +21,7 @@ import warnings
 from functools import partial
 
 from . import index, lease, storage, tarindex
-from .common import Progress, StageError, StrictFailure, TaskPool, digest, now_iso, use_ray
+from .common import Progress, StageError, StrictFailure, TaskPool, check_parallel, digest, now_iso, use_ray
 from .config import SPLITS, ShardConfig
 from .sources import read_item, where
 
@@ -413,8 +413,7 @@ def check(cfg: ShardConfig) -> tuple[str, ...]:
         raise StageError(f"--samples-per-shard {cfg.samples_per_shard}: must be at least 1.")
     if cfg.read_threads < 1:
         raise StageError(f"--read-threads {cfg.read_threads}: must be at least 1.")
-    if cfg.parallel not in ("auto", "ray", "local"):
-        raise StageError(f"--parallel {cfg.parallel!r}: expected auto, ray or local.")
+    check_parallel(cfg.parallel)
     if not storage.exists(index.paths(cfg.data)["record"]):
         raise StageError(f"No index in '{cfg.data}': run the index stage first "
                          f"(python -m pipelines index --source SRC --data {cfg.data}).")

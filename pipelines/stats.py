@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from . import lease, shard, storage
-from .common import Progress, StageError, TaskPool, digest, now_iso, use_ray
+from .common import Progress, StageError, TaskPool, check_parallel, digest, now_iso, use_ray
 from .config import StatsConfig
 
 
@@ -72,8 +72,7 @@ def run(cfg: StatsConfig) -> dict:
 
 def check(cfg: StatsConfig) -> dict:
     """The training shards are there and complete, before any work or MLflow run; their manifest."""
-    if cfg.parallel not in ("auto", "ray", "local"):
-        raise StageError(f"--parallel {cfg.parallel!r}: expected auto, ray or local.")
+    check_parallel(cfg.parallel)
     storage.check_url(cfg.data)
     manifest = shard.read_manifest(cfg.data, "train")
     if manifest is None or not manifest["complete"]:

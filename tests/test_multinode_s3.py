@@ -205,6 +205,16 @@ def _shard_tasks(world, job_id: str) -> list[dict]:
     return _state(world, "tasks", "type=NORMAL_TASK", f"job_id={job_id}")
 
 
+def _running_on(world, node_id: str) -> bool:
+    """Whether a task runs on the node now, asked of the dashboard in-process (tens of
+    milliseconds, where ``ray list`` starts a process for each question)."""
+    from ray.util.state import list_tasks
+
+    return bool(list_tasks(address=world["cluster"].dashboard, limit=10, raise_on_missing_output=False,
+                           filters=[("state", "=", "RUNNING"), ("node_id", "=", node_id),
+                                    ("type", "=", "NORMAL_TASK")]))
+
+
 def _node_names(world) -> dict[str, str]:
     """Node id -> "head" or the worker's name ("w0", "w1", ...: each worker node carries a
     resource of that name, as all of them share the address 127.0.0.1)."""
@@ -280,10 +290,15 @@ def test_a_node_lost_mid_shard_on_s3_leaves_the_shards_byte_identical(world, sta
     cluster = world["cluster"]
     victim = next(w for w in cluster.workers if w.alive)
     proc = _submit(world, "shard", "--data", f"s3://{BUCKET}/lost", "--resize", "72")
+    victim_id = next(i for i, name in _node_names(world).items() if name == f"w{victim.index}")
     deadline = time.monotonic() + 300
     while not (_manifest(world, "lost", "train") or {}).get("shards"):
         assert proc.poll() is None and time.monotonic() < deadline, "the shard job ended before a shard was recorded"
         time.sleep(0.1)
+    # A shard task takes a fraction of a second here: kill the node while the state API shows
+    # one running on it, not merely after a shard was recorded (the node may be between tasks).
+    while not _running_on(world, victim_id):
+        assert proc.poll() is None and time.monotonic() < deadline, "no shard task ran on the victim node"
     victim.kill()  # SIGKILL of the node's raylet and every process on it: its running shard tasks go
     recorded = len(_manifest(world, "lost", "train")["shards"])
     assert proc.poll() is None and recorded < TRAIN_SHARDS, f"killed too late: {recorded} train shards recorded"

@@ -218,7 +218,7 @@ def wrap(mod, name):
         finally:
             mark(name + " end")
     setattr(mod, name, g)
-for mod, name in ((tr, "_client"), (tr, "log_params")):
+for mod, name in ((tr, "_client"), (tr, "log_params"), (sh, "prestart_local_pool")):
     wrap(mod, name)
 class TracedPool(sh.TaskPool):  # where the stage's tasks run: a local Ray, or a local process pool
     def __init__(self, *a, **k):
@@ -281,25 +281,27 @@ def startup_profile(data: str, cache: str) -> dict:
         marks = [json.loads(line) for line in f]
     tasks = sorted((m for m in marks if m["what"] == "task"), key=lambda m: m["t"])
 
-    def at(what: str) -> float:
-        return min(m["t"] for m in marks if m["what"] == what)
+    def at(what: str) -> float | None:
+        return min((m["t"] for m in marks if m["what"] == what), default=None)
 
     on_ray = next(m for m in marks if m["what"] == "pool end")["ray"]
     points = [
         ("python start, imports of pipelines.cli and .shard", at("cli imported")),
+        ("CLI: parse flags, check the index and what is made", at("prestart_local_pool begin")),
+        ("local workers started (they import torch meanwhile)", at("prestart_local_pool end")),
         ("CLI: parse flags, check the index", at("_client begin")),
         ("MLflow: import mlflow, open the store", at("_client end")),
         ("MLflow: experiment, run, params", at("log_params end")),
         ("lease, index read, plan", at("pool begin")),
         ("Ray start (ray.init)" if on_ray else "process pool start", at("pool end")),
-        ("first finished shard (workers start, import torch and torchvision, encode)", tasks[0]["t"]),
+        ("first finished shard (workers import torch and torchvision, encode)", tasks[0]["t"]),
         ("the other shards (steady work)", tasks[-1]["t"]),
         ("driver: MLflow summary, end run, manifest", at("main returned")),
         ("Ray shutdown (ray.shutdown)" if on_ray else "process pool shut down (in the stage)", at("ray shutdown")),
         ("interpreter exit (atexit hooks)", end),
     ]
     phases, before = [], t0
-    for name, stamp in points:
+    for name, stamp in [p for p in points if p[1] is not None]:  # prestart: only where local workers are used
         phases.append({"phase": name, "seconds": stamp - before, "at": stamp - t0})
         before = stamp
     return {"phases": phases, "to_first_shard_s": tasks[0]["t"] - t0, "total_s": end - t0, "tasks": len(tasks),

@@ -291,6 +291,8 @@ def main(argv=None) -> int:
             ray_address()
         if hasattr(module, "check"):  # flags and paths, before any MLflow run or store exists
             module.check(cfg)
+        if hasattr(module, "warm_start"):  # the stage's local workers start while MLflow does
+            module.warm_start(cfg)
         if stage in TRACKED:  # each preprocessing run is an MLflow run of its own (experiment 'preprocessing')
             from . import tracking
 

@@ -175,6 +175,47 @@ def _warm_worker(module: str) -> None:
     gc.freeze()
 
 
+def _local_pool(num_cpus: float, warm: str):
+    """(a process pool of this machine, its size): one worker per ``num_cpus`` cores."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = max(1, int((os.cpu_count() or 1) // max(num_cpus, 1e-9)))
+    # spawn, not fork: the driver holds MLflow's and boto3's threads and connections
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_warm_worker, initargs=(warm,)), workers
+
+
+_prestarted: dict = {}  # (num_cpus, warm) -> (pool, workers), started by prestart_local_pool
+
+
+def prestart_local_pool(parallel: str, source_bytes, ray_min_bytes: int, num_cpus: float, warm: str) -> None:
+    """Start the local workers now, when a stage's tasks will run in them (see use_ray), so that
+    their imports (torch: ~2.5 s) overlap the driver's MLflow start-up instead of following it.
+    ``source_bytes`` is called only when the answer depends on it. The TaskPool made later
+    with the same ``num_cpus`` and ``warm`` takes these workers; a pool not taken is shut down."""
+    if parallel == "ray" or (parallel == "auto" and (on_cluster() or _ray_initialized())):
+        return
+    if parallel == "auto" and source_bytes() >= ray_min_bytes:
+        return
+    pool, workers = _local_pool(num_cpus, warm)
+    for _ in range(workers):  # a pool spawns its processes as work arrives: one no-op each
+        pool.submit(os.getpid)
+    _prestarted[(num_cpus, warm)] = (pool, workers)
+    import atexit
+
+    atexit.register(_drop_prestarted)
+
+
+def _drop_prestarted() -> None:
+    while _prestarted:
+        _prestarted.popitem()[1][0].shutdown(wait=False, cancel_futures=True)
+
+
+def _ray_initialized() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
 class TaskPool:
     """Where a stage's tasks run: Ray (a cluster's, or a local one), or a pool of this machine's
     processes, which a small job on one machine gets instead of a local Ray's ~7 s start-up and
@@ -185,17 +226,12 @@ class TaskPool:
     def __init__(self, use_ray: bool, num_cpus: float = 1.0, warm: str = "pipelines.common"):
         self.ray = ensure_ray() if use_ray else None
         if self.ray is not None:
+            _drop_prestarted()
             self._remote = self.ray.remote(num_cpus=num_cpus)(counted_task)
             # At least 32 so an autoscaling cluster that starts small sees enough demand to grow.
             self.window = max(32, 2 * int(self.ray.cluster_resources().get("CPU", 1)))
             return
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        workers = max(1, int((os.cpu_count() or 1) // max(num_cpus, 1e-9)))
-        # spawn, not fork: the driver holds MLflow's and boto3's threads and connections
-        self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_warm_worker, initargs=(warm,))
+        self._pool, workers = _prestarted.pop((num_cpus, warm), None) or _local_pool(num_cpus, warm)
         self.window = 2 * workers
 
     def submit(self, fn, args: tuple):

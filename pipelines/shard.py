@@ -21,7 +21,8 @@ import warnings
 from functools import partial
 
 from . import index, lease, storage, tarindex
-from .common import Progress, StageError, StrictFailure, TaskPool, check_parallel, digest, now_iso, use_ray
+from .common import (Progress, StageError, StrictFailure, TaskPool, check_parallel, digest, now_iso,
+                     prestart_local_pool, use_ray)
 from .config import SPLITS, ShardConfig
 from .sources import read_item, where
 
@@ -420,6 +421,28 @@ def check(cfg: ShardConfig) -> tuple[str, ...]:
     return splits
 
 
+def _params(cfg: ShardConfig) -> dict:
+    """What a shard's bytes depend on besides its images."""
+    return {"resize": cfg.resize, "keep_aspect": cfg.keep_aspect, "quality": cfg.quality,
+            "format": FORMAT_VERSION, "codecs": codec_versions()}
+
+
+def warm_start(cfg: ShardConfig) -> None:
+    """Start the local workers before the MLflow run, when this run will encode images in them."""
+    params, digests = _params(cfg), storage.read_json(index.paths(cfg.data)["record"])["digests"]
+    todo = []
+    for split in (SPLITS if cfg.split == "all" else (cfg.split,)):
+        m = read_manifest(cfg.data, split)
+        if not (m and m["complete"] and m["params"] == params and m["index_digest"] == digests[split]):
+            todo.append(split)  # a split already made as asked (a rerun) needs no workers
+
+    def source_bytes() -> int:
+        return sum(int(index.read_table(cfg.data, s, ["size"])["size"].to_numpy().sum()) for s in todo)
+
+    if todo:
+        prestart_local_pool(cfg.parallel, source_bytes, cfg.ray_min_bytes, cfg.num_cpus, __name__)
+
+
 def run(cfg: ShardConfig) -> dict:
     """The stage, holding ROOT's lease (pipelines/lease.py): one writer per dataset root."""
     with lease.hold(cfg.data, "shard"):
@@ -430,8 +453,7 @@ def _run(cfg: ShardConfig) -> dict:
     t0 = time.monotonic()
     splits = check(cfg)
     started = now_iso()
-    params = {"resize": cfg.resize, "keep_aspect": cfg.keep_aspect, "quality": cfg.quality,
-              "format": FORMAT_VERSION, "codecs": codec_versions()}
+    params = _params(cfg)
     index_digests = storage.read_json(index.paths(cfg.data)["record"])["digests"]
     plans = {}
     # Temp files a killed run left: of the manifests (ROOT/shards) and of the shards. This run

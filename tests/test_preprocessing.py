@@ -316,3 +316,31 @@ def test_a_small_job_runs_in_local_processes_and_makes_what_ray_makes(built, sam
     assert out["stats"]["images"] == with_ray["images"]
     mine, theirs = (json.loads((r / "stats.json").read_text()) for r in (root, built["ilsvrc-tar"]))
     assert np.allclose(mine["mean"], theirs["mean"], atol=1e-9) and np.allclose(mine["eigval"], theirs["eigval"], atol=1e-9)
+
+
+def test_local_workers_start_before_the_mlflow_run_only_when_they_will_work(sample_src, tmp_path):
+    """The CLI calls a stage's warm_start before it opens the MLflow run, so the local workers'
+    imports overlap MLflow's. They start only when the run will use them, and the stage's pool
+    takes them: none is left behind, none starts for a rerun with nothing to make, nor for Ray."""
+    from pipelines import common
+
+    root = tmp_path / "warm"
+    index.run(IndexConfig(source=str(sample_src / "tarballs"), data=str(root), samples_per_shard=SPS))
+    try:
+        for module, cfg in ((shard, ShardConfig(data=str(root), parallel="local")),
+                            (stats, StatsConfig(data=str(root), parallel="local"))):
+            module.warm_start(cfg)
+            assert list(common._prestarted) == [(cfg.num_cpus, module.__name__)], module
+            pool = common._prestarted[(cfg.num_cpus, module.__name__)][0]
+            summary = module.run(cfg)
+            assert not common._prestarted and pool._shutdown_thread, "the stage did not take the started workers"
+            assert not summary.get("skipped")
+            module.warm_start(cfg)  # a rerun: everything is made already
+            assert not common._prestarted, f"{module.__name__}: workers started for a rerun with nothing to do"
+        (root / "shards" / "val.json").unlink()  # a split to make again, but on Ray: no local workers
+        shard.warm_start(ShardConfig(data=str(root), parallel="ray"))
+        assert not common._prestarted
+        shard.warm_start(ShardConfig(data=str(root), parallel="auto", ray_min_bytes=1))  # big enough for Ray
+        assert not common._prestarted
+    finally:
+        common._drop_prestarted()

@@ -9,7 +9,8 @@ normalisation), each batch ending as a normalised float32 N x 3 x 224 x 224 tens
   pipelines    pipelines.data.train_loader over the shard stage's 256x256 shards, following
                the epoch plan (runs of samples read through each shard's sample index,
                decode_jpeg, uint8 crop/flip in the workers; lighting + normalisation batched in
-               the training process, where the project runs them)
+               the training process, where the project runs them, on one thread as each
+               contender's transforms run on one thread in its workers)
   pipelines-s3 the same, with the shards in a local S3 server (SeaweedFS on loopback, started
                by the benchmark): every run of samples is one ranged GET (--no-s3 skips it)
   webdataset   the same shard files read as a webdataset user would, as its docs show:
@@ -64,6 +65,8 @@ def _shards(data: str, cache: str) -> list[tuple[str, int]]:
 
 
 def pipelines_batches(shards, batch: int, workers: int, steps: int, crop: int):
+    import torch
+
     import model
     from pipelines import data, plan
 
@@ -71,6 +74,16 @@ def pipelines_batches(shards, batch: int, workers: int, steps: int, crop: int):
     epochs = itertools.count(1)
 
     def run():
+        # The photometric step on one thread, as every contender's transforms run on one thread in
+        # its workers: with more, its OpenMP threads spin for the cores the loader workers use.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _epoch()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _epoch():
         seg = plan.epoch_plan([n for _, n in shards], seed=0, epoch=next(epochs), batch_size=batch, world=1,
                               loader_workers=workers)
         if seg.steps < steps:

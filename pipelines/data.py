@@ -200,7 +200,12 @@ class PlanStream(IterableDataset):
     def _collate(self, items):
         if self.decode == "worker":
             x, y, keys = zip(*items)
-            return torch.stack(x), torch.tensor(y), list(keys)
+            batch = torch.empty((len(x), *x[0].shape), dtype=x[0].dtype)
+            if get_worker_info() is not None:
+                # Made in shared memory: sending it to the training process is then a handle;
+                # a batch from torch.stack would be copied into shared memory once more.
+                batch.share_memory_()
+            return torch.stack(x, out=batch), torch.tensor(y), list(keys)
         jpgs, params, labels, keys = zip(*items)
         return EncodedBatch(torch.frombuffer(bytearray(b"".join(jpgs)), dtype=torch.uint8),
                             torch.tensor([len(j) for j in jpgs]), list(params), torch.tensor(labels), list(keys))

@@ -4,7 +4,6 @@
     net = build("alexnet2012", num_classes=1000, init="paper")
 """
 import torch
-import torchvision
 from torch import nn
 
 from .alexnet import AlexNet2012, kaiming_init_, paper_init_
@@ -32,6 +31,8 @@ def build(arch: str = "alexnet2012", num_classes: int = 1000, init: str = "paper
     if arch == "alexnet2012":
         net = AlexNet2012(num_classes=num_classes)
     else:
+        import torchvision  # here only: importing it costs ~1 s, which the paper's net does not need
+
         net = torchvision.models.alexnet(weights=None, num_classes=num_classes)
     (paper_init_ if init == "paper" else kaiming_init_)(net)
     return net

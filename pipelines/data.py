@@ -236,7 +236,31 @@ def loader(dataset: PlanStream, num_workers: int, pin_memory: bool = False) -> D
     # (nvjpeg reads them there), so pinning them would be a wasted copy. batch_size=None: the
     # plan makes the batches.
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory and not device,
-                      persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                      persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                      multiprocessing_context=_worker_context(dataset) if num_workers else None)
+
+
+def _worker_context(dataset: PlanStream):
+    """How loader workers start: forked from this process only while it has no other thread;
+    otherwise (a Ray Train worker, a process with MLflow's or Ray's threads) forked from a fork
+    server. A fork taken while another thread holds a lock leaves the new worker waiting on it
+    forever (seen here: a training run stuck as its validation loader started). The server
+    imports once what a worker needs (this module, the decoder, the transform's module: ~2.5 s
+    of imports), so its workers start in milliseconds too."""
+    import importlib
+    import multiprocessing
+    import threading
+
+    needed = [__name__, "torchvision.io", type(dataset.transform).__module__]
+    if threading.active_count() == 1:
+        for module in needed:  # imported here once, not in every worker
+            importlib.import_module(module)
+        return None  # the default, fork: nothing to inherit a held lock from
+    ctx = multiprocessing.get_context("forkserver")
+    # (a server already running keeps the list it started with: the modules are imported by
+    # each worker then, slower but the same)
+    ctx.set_forkserver_preload(["__main__", *needed])
+    return ctx
 
 
 def train_loader(shards: list[tuple[str, int]], transform, *, segment: plan.Segment, rank: int,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import threading
 
 import pytest
 import torch
@@ -75,6 +76,41 @@ def test_a_resumed_segment_yields_the_rest_of_the_epoch_unchanged(uneven):
         assert resumed.start == start
         rest = _keys_by_step(uneven, resumed, 0, True)
         assert [k for *_, k in rest] == [k for *_, k in whole[start:]]
+
+
+_HELD = threading.Lock()  # taken by _LockingTransform in the loader workers
+
+
+class _LockingTransform(model.TrainTransform):
+    def geometric(self, img, generator=None):
+        with _HELD:
+            return super().geometric(img, generator)
+
+
+def test_loader_workers_of_a_threaded_process_inherit_no_held_lock(uneven):
+    """A worker forked while another thread holds a lock gets that lock held by no one, forever
+    (a training run hung this way, in a Ray Train worker). Here a thread holds a lock the
+    workers' transform takes while the loader starts its workers; every batch still comes."""
+    seg = _segment(uneven, 4, 1, 2)
+    tf = _LockingTransform.from_stats(STATS, crop=64)
+    want = [keys for *_, keys in data.train_loader(uneven, tf, segment=seg, rank=0, processes=False)]
+    held, done, got = threading.Event(), threading.Event(), []
+
+    def hold():
+        with _HELD:
+            held.set()
+            done.wait(120)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    held.wait()
+    reader = threading.Thread(target=lambda: got.extend(
+        keys for *_, keys in data.train_loader(uneven, tf, segment=seg, rank=0)), daemon=True)
+    reader.start()
+    reader.join(90)
+    done.set()
+    assert not reader.is_alive(), "the loader's workers hung on a lock held when they started"
+    assert got == want
 
 
 def test_crops_follow_the_sample_not_the_rank_that_reads_it(uneven):

@@ -97,6 +97,22 @@ def read_table(data: str, split: str, columns: list[str] | None = None):
                          read_dictionary=[c for c in ("path", "wnid") if columns is None or c in columns])
 
 
+def parquet_file(data: str, split: str):
+    """The split's index file as a pyarrow ParquetFile, to read in parts (a row group holds BATCH rows)."""
+    import pyarrow.parquet as pq
+
+    url = paths(data)[split]
+    if not storage.exists(url):
+        raise StageError(f"'{url}' is missing: run the index stage first "
+                         f"(python -m pipelines index --source SRC --data {data}).")
+    return pq.ParquetFile(url if not storage.is_s3(url) else io.BytesIO(storage.read_bytes(url)))
+
+
+def iter_batches(data: str, split: str, columns: list[str]):
+    """The split's index, ``columns`` only, a record batch (BATCH rows) at a time, in file order."""
+    yield from parquet_file(data, split).iter_batches(batch_size=BATCH, columns=columns, use_threads=False)
+
+
 def read_rows(data: str, split: str) -> list[dict]:
     return read_table(data, split).to_pylist()
 
@@ -113,13 +129,32 @@ def _write_rows(url: str, table, order, samples_per_shard: int) -> str:
     with storage.atomic_write(url) as f, pq.ParquetWriter(f, _schema()) as writer:
         for start in range(0, max(len(order), 1), BATCH):
             positions = np.arange(start, min(start + BATCH, len(order)), dtype=np.int64)
-            batch = (table.take(pa.array(order[start:start + BATCH], type=pa.int64()))
+            batch = (take_rows(table, order[start:start + BATCH])
                      .append_column("position", pa.array(positions))
                      .append_column("shard", pa.array((positions // samples_per_shard).astype(np.int32))))
             writer.write_table(batch.select(COLUMNS).cast(_schema()))
             first = _hash_rows(h, batch, first)
     h.update(b"]")
     return h.hexdigest()
+
+
+def take_rows(table, rows):
+    """``table.take(rows)`` chunk by chunk: pyarrow's take joins a table's chunks into a copy of
+    the whole table first, on every call."""
+    import numpy as np
+    import pyarrow as pa
+
+    batches = table.to_batches()
+    if len(batches) <= 1:
+        return table.take(pa.array(rows, type=pa.int64()))
+    bounds = np.cumsum([0] + [b.num_rows for b in batches])
+    chunk = np.searchsorted(bounds, rows, side="right") - 1
+    by_chunk = np.argsort(chunk, kind="stable")
+    pieces = [batches[c].take(pa.array(rows[by_chunk][chunk[by_chunk] == c] - bounds[c], type=pa.int64()))
+              for c in np.unique(chunk)]
+    back = np.empty(len(rows), dtype=np.int64)
+    back[by_chunk] = np.arange(len(rows))  # row i of the result is row back[i] of the pieces
+    return pa.Table.from_batches(pieces, schema=table.schema).take(pa.array(back))
 
 
 def read_rejects(data: str) -> list[dict]:
@@ -174,10 +209,12 @@ class _Rows:
             self._cols = {f: [] for f in self.FIELDS}
 
     def table(self):
+        """The rows, a chunk per batch (joining them would copy every row once more)."""
         import pyarrow as pa
 
         self._flush()
-        return pa.concat_tables(self.batches) if self.batches else _memory_schema().empty_table()
+        batches, self.batches = self.batches, []
+        return pa.concat_tables(batches) if batches else _memory_schema().empty_table()
 
 
 @functools.cache
@@ -225,12 +262,19 @@ def _position_order(table, seed: int, samples_per_shard: int):
     n = table.num_rows
     # Where an image sits in the source: tar members by their offset, loose files by key (each
     # is its own object, so any order reads the same; key order matches the tars' member order).
-    path = pc.cast(table["path"], pa.string())
-    is_tar = pc.ends_with(path, ".tar")
-    located = pc.sort_indices(pa.table({"p": pc.if_else(is_tar, path, ""), "o": pc.if_else(is_tar, table["offset"], 0),
+    # Paths as their rank among the distinct paths (-1: not a tar), not as a string per row.
+    path = table["path"].combine_chunks()
+    if not pa.types.is_dictionary(path.type):
+        path = path.dictionary_encode()
+    names = path.dictionary.cast(pa.string())
+    rank = np.empty(len(names), dtype=np.int64)
+    rank[pc.sort_indices(names).to_numpy()] = np.arange(len(names))
+    rank[~pc.ends_with(names, ".tar").to_numpy(zero_copy_only=False)] = -1
+    p = rank[path.indices.to_numpy(zero_copy_only=False)] if n else np.empty(0, dtype=np.int64)
+    located = pc.sort_indices(pa.table({"p": p, "o": np.where(p >= 0, table["offset"].to_numpy(), 0),
                                         "k": table["key"]}),
                               sort_keys=[("p", "ascending"), ("o", "ascending"), ("k", "ascending")]).to_numpy()
-    del path, is_tar
+    del path, p
     h = _seeded_hashes(table["key"], seed)
     run = run_length(samples_per_shard)
     firsts = located[0::run]
@@ -372,6 +416,7 @@ def check(cfg: IndexConfig):
 
 
 def _run(cfg: IndexConfig) -> dict:
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     t0 = time.monotonic()
@@ -411,12 +456,16 @@ def _run(cfg: IndexConfig) -> dict:
         if cfg.limit:
             rows = _limit(rows, cfg.limit)
         order = _position_order(rows, cfg.seed, cfg.samples_per_shard)
+        pa.default_memory_pool().release_unused()  # the sort's temporaries, before the write's
         digests[split] = _write_rows(out[split], rows, order, cfg.samples_per_shard)
         counts[split] = rows.num_rows
         counts[f"{split}_rejected"] = len(rejects)
         all_rejects += rejects
         missing = wanted - set(pc.unique(pc.cast(rows["wnid"], "string")).to_pylist())
-        del rows
+        del rows, order
+        # pyarrow's allocator keeps freed memory for reuse; the next split's Python objects
+        # cannot use it, so give it back before reading that split.
+        pa.default_memory_pool().release_unused()
         if counts[split] and missing:
             print(f"index {split}: warning: {len(missing)} classes have no images "
                   f"(e.g. {sorted(missing)[:3]})", file=sys.stderr)

@@ -274,55 +274,89 @@ ROW_COLUMNS = ["key", "label", "path", "offset", "size", "member"]  # what a sha
 def _plan(cfg: ShardConfig, split: str, params: dict):
     """Group the index rows into shards; sort them into those to keep and those to make.
 
-    The index stays a columnar table and each shard's rows become Python objects one shard
-    at a time: the driver's memory is ~100 bytes an image, not a dict (~1 KB) per image. A shard
-    to make carries a ``rows()`` that builds its task's row list when the task is sent."""
+    The index file holds its rows in position order, so a shard is a run of consecutive rows.
+    The first pass streams the file a batch at a time (the content hashes are never all in
+    memory); the second holds only what the tasks read by, as columns (~60 bytes an image). A
+    shard to make carries a ``rows()`` that builds its task's row list when the task is sent."""
     import numpy as np
+    import pyarrow as pa
 
-    # Two reads of the index file, so its content hashes and its locations are never in memory together.
-    group_by = "position" if cfg.samples_per_shard is not None else "shard"
-    table = index.read_table(cfg.data, split, ["key", "label", "sha256", "etag", group_by])
-    ids = table[group_by].to_numpy()
-    if cfg.samples_per_shard is not None:
-        ids = ids // cfg.samples_per_shard
-    order = np.argsort(ids, kind="stable")  # stable: a shard's rows stay in index (position) order
-    groups = np.unique(ids[order], return_index=True)
-    starts = [*groups[1].tolist(), len(order)]
-    del ids
     old = {s["name"]: s for s in (read_manifest(cfg.data, split) or {}).get("shards", [])}
     keep, make, reindex, names = {}, [], [], []
-    for g, i in enumerate(groups[0].tolist()):
-        take = order[starts[g]:starts[g + 1]]
+    for i, first, end, d in _shard_digests(cfg, split, params):
         name = shard_name(split, i)
         names.append(name)
         url = storage.join(shard_dir(cfg.data, split), name)
-        cols = table.take(take).to_pydict()
-        # The image content (sha256), not its location, decides whether a shard is still right.
-        d = digest([params, [(k, lab, index.content_id(sha, etag))
-                             for k, lab, sha, etag in zip(cols["key"], cols["label"], cols["sha256"], cols["etag"])]])
         entry = old.get(name)
+        # The image content (sha256), not its location, decides whether a shard is still right.
         if entry and entry["input_digest"] == d and _intact(url, entry, cfg.verify):
             if _indexed(url, entry, cfg.verify):
                 keep[name] = entry
             else:  # a shard from before sample indexes, or its index lost: scan it, keep the tar
                 reindex.append((name, url, entry))
         else:
-            make.append((name, url, take, d))
-    del table
+            make.append((name, url, (first, end), d))
+    pa.default_memory_pool().release_unused()  # the first pass's buffers, before the second read
     source_bytes = 0
-    if make:  # the second read: only what the tasks read by
-        located = index.read_table(cfg.data, split, ROW_COLUMNS)
-        sizes = located["size"].to_numpy()
-        source_bytes = sum(int(sizes[take].sum()) for _, _, take, _ in make)
-        make = [(name, url, _rows_of(located, take), d) for name, url, take, d in make]
+    if make:  # what the tasks read by, read as their tasks are sent
+        located = _Located(cfg.data, split)
+        ends = np.concatenate([[0], np.cumsum(located.sizes())])
+        source_bytes = sum(int(ends[e] - ends[f]) for _, _, (f, e), _ in make)
+        make = [(name, url, partial(located.rows, f, e), d) for name, url, (f, e), d in make]
     return keep, make, reindex, names, source_bytes
 
 
-def _rows_of(table, take):
-    def rows() -> list[tuple]:
-        c = table.take(take).to_pydict()
-        return list(zip(*(c[k] for k in ROW_COLUMNS)))
-    return rows
+def _shard_digests(cfg: ShardConfig, split: str, params: dict):
+    """(shard number, its first row, its end row, its input digest) for each shard, in order,
+    reading the index file a batch at a time. Shard numbers are the index's own, or position //
+    --samples-per-shard when that is given."""
+    group_by = "position" if cfg.samples_per_shard is not None else "shard"
+    current, first, row, rows = None, 0, 0, []
+    for batch in index.iter_batches(cfg.data, split, ["key", "label", "sha256", "etag", group_by]):
+        c = batch.to_pydict()
+        groups = c[group_by] if cfg.samples_per_shard is None else [p // cfg.samples_per_shard for p in c[group_by]]
+        for k, lab, sha, etag, g in zip(c["key"], c["label"], c["sha256"], c["etag"], groups):
+            if g != current:
+                if current is not None:
+                    if g < current:
+                        raise StageError(f"The index of '{cfg.data}' ({split}) is not in position order: rerun "
+                                         f"the index stage with --force.")
+                    yield current, first, row, digest([params, rows])
+                current, first, rows = g, row, []
+            rows.append((k, lab, index.content_id(sha, etag)))
+            row += 1
+    if current is not None:
+        yield current, first, row, digest([params, rows])
+
+
+class _Located:
+    """Where each image of a split is (ROW_COLUMNS), read from the index file a row group at a
+    time when a task needs its rows: the driver never holds them all. Tasks are sent in shard
+    order, so the last group read is kept for the next shard, which mostly lies in it too."""
+
+    def __init__(self, data: str, split: str):
+        import numpy as np
+
+        self.file = index.parquet_file(data, split)
+        meta = self.file.metadata
+        self.bounds = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        self._group = (None, None)
+
+    def sizes(self):
+        return self.file.read(columns=["size"], use_threads=False)["size"].to_numpy()
+
+    def rows(self, first: int, end: int) -> list[tuple]:
+        import numpy as np
+
+        out = []
+        for g in range(int(np.searchsorted(self.bounds, first, "right")) - 1,
+                       int(np.searchsorted(self.bounds, end - 1, "right"))):
+            if self._group[0] != g:
+                self._group = (g, self.file.read_row_group(g, columns=ROW_COLUMNS, use_threads=False))
+            lo, hi = max(first, self.bounds[g]) - self.bounds[g], min(end, self.bounds[g + 1]) - self.bounds[g]
+            c = self._group[1].slice(int(lo), int(hi - lo)).to_pydict()
+            out += zip(*(c[k] for k in ROW_COLUMNS))
+        return out
 
 
 def _args(url, rows, params, d, threads) -> tuple:

@@ -275,9 +275,10 @@ def _plan(cfg: ShardConfig, split: str, params: dict):
     """Group the index rows into shards; sort them into those to keep and those to make.
 
     The index file holds its rows in position order, so a shard is a run of consecutive rows.
-    The first pass streams the file a batch at a time (the content hashes are never all in
-    memory); the second holds only what the tasks read by, as columns (~60 bytes an image). A
-    shard to make carries a ``rows()`` that builds its task's row list when the task is sent."""
+    The plan streams the file a batch at a time (the content hashes are never all in memory);
+    a shard to make carries a ``rows()`` that reads its task's rows (what the task reads by)
+    from the file when the task is sent. On S3 the index file itself is held in memory (~100
+    bytes an image), as pyarrow reads it from there."""
     import numpy as np
     import pyarrow as pa
 
@@ -471,7 +472,7 @@ def warm_start(cfg: ShardConfig) -> None:
             todo.append(split)  # a split already made as asked (a rerun) needs no workers
 
     def source_bytes() -> int:
-        return sum(int(index.read_table(cfg.data, s, ["size"])["size"].to_numpy().sum()) for s in todo)
+        return sum(int(_Located(cfg.data, s).sizes().sum()) for s in todo)
 
     if todo:
         prestart_local_pool(cfg.parallel, source_bytes, cfg.ray_min_bytes, cfg.num_cpus, __name__)

@@ -44,8 +44,12 @@ def load(folder: str) -> dict:
         raise StageError(f"'{folder}' holds no {STATE_FILE}: not a checkpoint of this project.")
     import pickle
 
+    # A local file is mapped, not read: a tensor's bytes are read when it is used, so taking the
+    # model's weights (evaluation, logging the model) skips the optimiser's half of the file.
+    # Checkpoints are written once into new folders, never rewritten in place.
+    source, mapped = (url, True) if not storage.is_s3(url) else (io.BytesIO(storage.read_bytes(url)), False)
     try:
-        return torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as e:
         # torch's message suggests weights_only=False, which would run whatever the file holds.
         raise StageError(f"Refused to load '{url}': it holds more than tensors and plain values (a pickled "

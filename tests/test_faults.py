@@ -173,6 +173,15 @@ def test_tracking_server_outage_mid_training_loses_no_metric(dataset, ray_local,
         server.stop()
 
 
+def _registered_epochs(run_dir: Path) -> list[int]:
+    """The epochs of the checkpoints Ray Train has registered (its snapshot file in the run's folder)."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or being written
+        return []
+    return [c["metrics"].get("epoch") for c in snapshot.get("checkpoint_results", [])]
+
+
 def _train_worker_pids() -> list[int]:
     out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
     return [int(line.split(None, 1)[0]) for line in out.splitlines() if "ray::RayTrainWorker" in line]
@@ -190,6 +199,9 @@ def test_a_killed_training_worker_restarts_from_the_checkpoint_in_the_same_run(d
         client = MlflowClient(tracking_uri=store)
 
         run_id = _wait(lambda: _run_with_epoch_one(client, "faults"), "epoch 1 in MLflow")
+        # Epoch 1's metrics reach MLflow before Ray Train has registered its checkpoint: killed
+        # in between, the group would rightly start over from epoch 1.
+        _wait(lambda: _registered_epochs(tmp_path / "runs" / "killed-worker"), "epoch 1's checkpoint registered")
         victims = _wait(_train_worker_pids, "a Ray Train worker process")
         os.kill(victims[-1], signal.SIGKILL)  # mid-epoch 2
         out, _ = proc.communicate(timeout=900)

@@ -194,9 +194,7 @@ def prestart_local_pool(parallel: str, source_bytes, ray_min_bytes: int, num_cpu
     their imports (torch: ~2.5 s) overlap the driver's MLflow start-up instead of following it.
     ``source_bytes`` is called only when the answer depends on it. The TaskPool made later
     with the same ``num_cpus`` and ``warm`` takes these workers; a pool not taken is shut down."""
-    if parallel == "ray" or (parallel == "auto" and (on_cluster() or _ray_initialized())):
-        return
-    if parallel == "auto" and source_bytes() >= ray_min_bytes:
+    if use_ray(parallel, source_bytes, ray_min_bytes):
         return
     pool, workers = _local_pool(num_cpus, warm)
     for _ in range(workers):  # a pool spawns its processes as work arrives: one no-op each
@@ -266,14 +264,15 @@ def check_parallel(parallel: str) -> None:
         raise StageError(f"--parallel {parallel!r}: expected auto, ray or local.")
 
 
-def use_ray(parallel: str, source_bytes: int, ray_min_bytes: int) -> bool:
+def use_ray(parallel: str, source_bytes, ray_min_bytes: int) -> bool:
     """--parallel auto|ray|local: auto is Ray on a cluster (RAY_ADDRESS), in a process already
-    connected to Ray (a job, the demo, tests), or for ``source_bytes`` >= ``ray_min_bytes``."""
+    connected to Ray (a job, the demo, tests), or for ``source_bytes`` >= ``ray_min_bytes``
+    (a number, or a function giving it, called only when the answer depends on it)."""
     if parallel != "auto":
         return parallel == "ray"
-    import ray
-
-    return on_cluster() or ray.is_initialized() or source_bytes >= ray_min_bytes
+    if on_cluster() or _ray_initialized():
+        return True
+    return (source_bytes() if callable(source_bytes) else source_bytes) >= ray_min_bytes
 
 
 def ensure_ray(dashboard: bool = False):

@@ -65,7 +65,7 @@ def make_step(net, opt, device):
     def step(x, y):
         if gpu:
             x = x.contiguous(memory_format=torch.channels_last)
-        train_step(net, opt, x, y, gpu)
+        train_step(net, opt, x, y, torch.bfloat16 if gpu else None)
     return step
 
 

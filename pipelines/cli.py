@@ -144,7 +144,10 @@ def _stage_parsers(sub):
                    help="train on GPUs (default: when the cluster has them)")
     g.add_argument("--no-gpu", dest="gpu", action="store_const", const=False, default=_UNSET, help="train on CPUs")
     _add(p, C, "--epochs", dest="epochs", type=int, help="epochs")
-    _add(p, C, "--batch-size", dest="batch_size", type=int, help="global batch size")
+    g = p.add_mutually_exclusive_group()
+    _add(g, C, "--batch-size", dest="batch_size", type=int, help="global batch size")
+    _add(g, C, "--batch-per-worker", dest="batch_per_worker", type=int,
+         help="batch per worker: sets the global batch to N x workers (x MAX of an elastic MIN-MAX)")
     _add(p, C, "--crop", dest="crop", type=int, help="training crop in px")
     _add(p, C, "--lr", dest="lr", type=float, help="initial learning rate")
     _add(p, C, "--momentum", dest="momentum", type=float, help="SGD momentum")
@@ -172,6 +175,24 @@ def _stage_parsers(sub):
     _add(p, C, "--decode", dest="decode", choices=["auto", "worker", "device"],
          help="where JPEGs are decoded: device = in one batched call on the training device (nvjpeg "
               "on a GPU), worker = in the loader processes, auto = device on a GPU, else worker")
+    r = p.add_argument_group("throughput on many GPUs (the defaults are the paper's recipe)")
+    _add(r, C, "--amp", dest="amp", choices=["auto", "bf16", "fp16", "off"],
+         help="autocast: auto = bf16 on a GPU, off on CPUs; fp16 adds loss scaling (GPU only)")
+    _add(r, C, "--compile", dest="compile", action="store_const", const=True,
+         help="torch.compile the network (compiles for minutes at start, then faster steps)")
+    _add(r, C, "--lr-scaling", dest="lr_scaling", choices=["none", "linear"],
+         help="linear: lr = --lr x global batch / --lr-reference-batch (Goyal et al. 2017)")
+    _add(r, C, "--lr-reference-batch", dest="lr_reference_batch", type=int, help="the batch --lr was set for")
+    _add(r, C, "--warmup-epochs", dest="warmup_epochs", type=int,
+         help="the lr rises linearly, step by step, to its peak over the first N epochs")
+    _add(r, C, "--warmup-start", dest="warmup_start", type=float,
+         help="the first step's fraction of the peak lr (default: --lr / peak when --lr-scaling raised it, "
+              "else 0.1)")
+    _add(r, C, "--grad-compression", dest="grad_compression", choices=["none", "bf16", "fp16"],
+         help="all-reduce the gradients in half precision: half the bytes between workers")
+    _add(r, C, "--cpus-per-worker", dest="cpus_per_worker", type=float,
+         help="CPUs each training worker reserves (default: on GPUs, each GPU node's CPUs per GPU, at most "
+              f"{_default(C, 'max_cpus_per_worker'):g}; on CPUs, the cluster's CPUs shared among the workers)")
     _add(p, C, "--register", dest="register",
          help="register the model (the best epoch's, by val_top1) under this name in the MLflow registry")
     _add(p, C, "--alias", dest="alias", help="with --register: the alias moved to the new version")

@@ -106,7 +106,7 @@ class TrainConfig:
     storage: str | None = None   # checkpoints: default ROOT/runs
     keep_checkpoints: int = 2    # the best by val_top1 (Ray also keeps the latest, for resuming)
     max_failures: int = 3        # worker restarts from the last checkpoint before the run fails
-    loader_workers: int | None = None  # per training worker; None: 8 with a GPU, 1 on CPU
+    loader_workers: int | None = None  # per training worker; None: the worker's CPUs with a GPU, 1 on CPU
     shuffle_buffer: int = 2000   # samples a loader worker shuffles among; ~60 MB of JPEG bytes at 256 px
     checkpoint_every: int | None = None  # steps between mid-epoch checkpoints; None: every ~checkpoint_interval_s
     progress_every: int | None = None  # steps between progress lines inside an epoch; None: a tenth of an epoch
@@ -115,6 +115,20 @@ class TrainConfig:
     checkpoint_interval_s: float = 600.0
     ledger: str | None = None    # debug: a local folder where each rank records the sample keys of each step
     decode: str = "auto"         # JPEG decoding: auto = on the GPU (nvjpeg) when training on one, else worker
+    # --- throughput on many GPUs (the paper's recipe is the defaults above; see README "Recipes") ---
+    amp: str = "auto"            # autocast: auto = bf16 on a GPU (tensor cores, no loss scaling), off on CPUs
+    compile: bool = False        # torch.compile the network: minutes of compilation, then faster steps
+    batch_per_worker: int | None = None  # sets the global batch to N x workers (x MAX of --workers MIN-MAX)
+    lr_scaling: str = "none"     # linear: lr = --lr x batch / lr_reference_batch (Goyal et al. 2017)
+    lr_reference_batch: int = 128  # the batch the paper's lr 0.01 was set for (section 5)
+    warmup_epochs: int = 0       # the lr rises step by step to its peak over the first N epochs
+    warmup_start: float | None = None  # fraction of the peak lr at the first step; None: see train.warmup_from
+    grad_compression: str = "none"  # bf16 / fp16: DDP all-reduces gradients in half the bytes
+    # CPUs reserved per training worker; None: on CPUs, the cluster's CPUs shared among the workers
+    # (at most 8); on GPUs, the fewest CPUs per GPU of any GPU node (at most 8), so that a worker
+    # fits one GPU's share of a 4-vCPU-per-GPU instance. The loader workers default to it on a GPU.
+    cpus_per_worker: float | None = None
+    max_cpus_per_worker: float = 8.0  # the defaults' cap: a GPU worker's loader decodes with up to 8 processes
     register: str | None = None  # register the final model under this name in the registry
     alias: str = "champion"      # with --register: the registry alias moved to this run's model version
 

@@ -31,6 +31,9 @@ from .config import TrainConfig
 # stderr, and every line would reach the driver twice.
 log = logging.getLogger("pipelines.train")
 SCHEDULES = ("plateau", "step", "cosine")
+AMPS = ("auto", "bf16", "fp16", "off")
+LR_SCALINGS = ("none", "linear")
+GRAD_COMPRESSIONS = ("none", "bf16", "fp16")
 METRICS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
            "images_per_second", "data_wait_fraction")
 
@@ -45,6 +48,61 @@ def _scheduler(opt, c: dict):
     if c["schedule"] == "step":
         return torch.optim.lr_scheduler.StepLR(opt, step_size=c["step_size"], gamma=0.1)
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c["epochs"], eta_min=c["min_lr"])
+
+
+# --- the recipe's arithmetic: pure functions, the same on the driver and on every worker ----------
+def peak_lr(lr: float, batch_size: int, scaling: str, reference_batch: int) -> float:
+    """The learning rate after warm-up. linear: ``lr`` was set for ``reference_batch`` samples a
+    step and the rate grows with the batch (Goyal et al. 2017, "Accurate, Large Minibatch SGD"):
+    k times the batch, k times fewer steps of k times the size."""
+    return lr * batch_size / reference_batch if scaling == "linear" else lr
+
+
+def warmup_from(lr: float, peak: float, start: float | None) -> float:
+    """The fraction of the peak rate that warm-up starts at: ``start`` when given; else the rate
+    the reference batch would use (Goyal et al. start at it), or a tenth when the peak is no higher."""
+    if start is not None:
+        return start
+    return lr / peak if peak > lr else 0.1
+
+
+def warmup_factor(epoch: int, step: int, epoch_steps: int, warmup_epochs: int, start: float) -> float:
+    """The multiplier of the scheduled lr at ``step`` (0-based) of ``epoch`` (1-based): rising
+    linearly, step by step, from ``start`` to 1 over the first ``warmup_epochs`` epochs, then 1.
+    A function of the position only, so a run resumed mid-warm-up steps at the same rates."""
+    total = warmup_epochs * epoch_steps
+    done = (epoch - 1) * epoch_steps + step + 1
+    if warmup_epochs <= 0 or done >= total:
+        return 1.0
+    return start + (1.0 - start) * done / total
+
+
+def amp_dtype(amp: str, gpu: bool):
+    """The autocast dtype of --amp (None: float32 throughout)."""
+    import torch
+
+    amp = ("bf16" if gpu else "off") if amp == "auto" else amp
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def prepare_network(net, *, grad_compression: str = "none", compile: bool = False):
+    """What train_loop does to the network after Ray Train's prepare_model: DDP's gradient
+    all-reduce in half precision (``grad_compression``), then torch.compile. Compiling the DDP
+    wrapper (not its module) lets Dynamo split the graph at DDP's buckets, so the all-reduce of
+    one bucket overlaps the backward of the next. Returns the network to train; its weights are
+    the module's own, so checkpoints keep reading ``net.module``."""
+    import torch
+
+    if grad_compression != "none" and isinstance(net, torch.nn.parallel.DistributedDataParallel):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        # Each bucket is cast to the half type, divided by the world size, all-reduced and cast
+        # back: half the bytes on the wire; the optimizer still sees float32 gradients.
+        hook = default_hooks.bf16_compress_hook if grad_compression == "bf16" else default_hooks.fp16_compress_hook
+        net.register_comm_hook(None, hook)
+    if compile:
+        net = torch.compile(net)
+    return net
 
 
 class Sums:
@@ -77,31 +135,37 @@ class Sums:
 
 
 # --- one worker -------------------------------------------------------------------------------
-def train_step(net, opt, x, y, gpu: bool, loss_scale: float | None = None):
-    """One SGD step on a normalised float batch (bf16 autocast on a GPU); returns (logits, loss).
-    benchmarks/gpu.py times this same function.
+def train_step(net, opt, x, y, amp=None, loss_scale: float | None = None, scaler=None):
+    """One SGD step on a normalised float batch, under autocast to ``amp`` (a torch dtype, or
+    None for float32); returns (logits, loss). benchmarks/gpu.py times this same function.
 
     ``loss_scale``: the gradient is of sum(losses) * loss_scale instead of their mean. With
     loss_scale = world / global batch, DDP's average over ranks makes it the mean over the
     global batch, so every sample weighs the same when ranks hold different batch sizes (a
-    global batch that does not divide by the world size)."""
+    global batch that does not divide by the world size).
+    ``scaler``: a torch.amp.GradScaler, which fp16 needs (its gradients underflow without one)."""
     import torch
     import torch.nn.functional as F
 
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=gpu):
+    with torch.autocast(x.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
         out = net(x)
         if loss_scale is None:
             loss = F.cross_entropy(out, y)
         else:
             loss = F.cross_entropy(out.float(), y, reduction="sum") * loss_scale
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:  # skips the step (and lowers the scale) when a gradient overflowed
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
     return out, loss
 
 
 def validate(net, shards, transform, *, device, rank: int, world: int, batch_size: int, loader_workers: int,
-             gpu: bool, decode: str) -> Sums:
+             gpu: bool, decode: str, amp=None) -> Sums:
     """This rank's share of the val samples (every sample once across ranks), centre crop:
     loss sum, top-1 and top-5 hits, images. The caller all-reduces."""
     import torch
@@ -119,7 +183,7 @@ def validate(net, shards, transform, *, device, rank: int, world: int, batch_siz
             x = transform.photometric(x)
             if gpu:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+            with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
                 out = net(x).float()
             top1, top5 = model.topk_hits(out, y)
             sums.add(loss=F.cross_entropy(out, y, reduction="sum").double(), top1=top1, top5=top5, images=len(y))
@@ -127,9 +191,11 @@ def validate(net, shards, transform, *, device, rank: int, world: int, batch_siz
 
 
 def train_one_epoch(net, opt, batches, steps: range, transform, sums: Sums, *, gpu: bool, loss_scale: float,
-                    seed: int, epoch: int, rank: int, after_step) -> float:
+                    seed: int, epoch: int, rank: int, after_step, before_step=None, amp=None,
+                    scaler=None) -> float:
     """The steps ``steps`` (epoch step numbers) of one epoch; returns the seconds spent waiting
-    for data. ``after_step(step, keys)`` runs after each step (sample ledger, checkpoints)."""
+    for data. ``before_step(step)`` runs before each step (the warm-up's lr),
+    ``after_step(step, keys)`` after it (sample ledger, checkpoints)."""
     import torch
 
     import model
@@ -150,7 +216,9 @@ def train_one_epoch(net, opt, batches, steps: range, transform, sums: Sums, *, g
         x = transform.photometric(x, out=x_float)  # float, PCA lighting, normalise: batched, on the device
         if not gpu:  # (CUDA's caching allocator reuses memory by itself)
             x_float = x
-        out, loss = train_step(net, opt, x, y, gpu, loss_scale)
+        if before_step is not None:
+            before_step(step)
+        out, loss = train_step(net, opt, x, y, amp, loss_scale, scaler)
         top1, _ = model.topk_hits(out.detach(), y, k=1)
         sums.add(loss=loss.detach().double() / loss_scale, top1=top1, images=len(y))
         after_step(step, keys)
@@ -211,8 +279,15 @@ def train_loop(c: dict) -> None:
     if gpu:
         net = net.to(memory_format=torch.channels_last)
     net = prepare_model(net)
-    raw = net.module if hasattr(net, "module") else net
-    opt = torch.optim.SGD(net.parameters(), lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"])
+    raw = net.module if hasattr(net, "module") else net  # the weights, whatever wraps them
+    net = prepare_network(net, grad_compression=c["grad_compression"], compile=c["compile"])
+    amp = amp_dtype(c["amp"], gpu)
+    # fp16's narrow range needs loss scaling; bf16 has float32's range and needs none
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+    batch = c["batch_size"]
+    peak = peak_lr(c["lr"], batch, c["lr_scaling"], c["lr_reference_batch"])
+    warm_start = warmup_from(c["lr"], peak, c["warmup_start"])
+    opt = torch.optim.SGD(net.parameters(), lr=peak, momentum=c["momentum"], weight_decay=c["weight_decay"])
     sched = _scheduler(opt, c)
     history, position = [], {"epoch": 1, "segments": [], "sums": None}
     ckpt = ray.train.get_checkpoint()
@@ -222,6 +297,8 @@ def train_loop(c: dict) -> None:
         raw.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         history, position = state["history"], state["position"]
         done = sum(s[2] for s in position["segments"])
         log.info("rank %d resumed after epoch %d%s, on %d workers", rank, state["epoch"],
@@ -247,12 +324,16 @@ def train_loop(c: dict) -> None:
 
     train_tf = model.TrainTransform.from_stats(c["stats"], crop=c["crop"], alphastd=c["lighting"])
     eval_tf = model.EvalTransform.from_stats(c["stats"], crop=c["crop"])
-    batch = c["batch_size"]
     per_rank = plan.rank_batches(batch, world)[rank]
     loss_scale = world / batch  # every sample the same weight, even with uneven per-rank batches
-    loader_workers = c["loader_workers"] if c["loader_workers"] is not None else (8 if gpu else 1)
+    loader_workers = c["loader_workers"]
+    if loader_workers is None:  # a GPU worker's CPUs decode and crop for it; on CPUs they train
+        loader_workers = max(1, int(c["cpus_per_worker"] or 1)) if gpu else 1
     if rank == 0:  # CPU speed depends on it; Ray sets OMP_NUM_THREADS to the worker's CPUs
-        log.info("rank 0 on %s, %d torch threads, %d loader workers", device, torch.get_num_threads(), loader_workers)
+        log.info("rank 0 on %s, %d torch threads, %d loader workers, autocast %s%s%s", device,
+                 torch.get_num_threads(), loader_workers, amp or "off", ", compiled" if c["compile"] else "",
+                 f", gradients all-reduced in {c['grad_compression']}" if world > 1 and
+                 c["grad_compression"] != "none" else "")
     decode = data.choose_decode(c["decode"], device)  # nvjpeg on a GPU
     counts = [n for _, n in c["train_shards"]]
     every = c["checkpoint_every"]  # None: measured below, about every checkpoint_interval_s
@@ -272,6 +353,7 @@ def train_loop(c: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             checkpoint.save({"model": raw.state_dict(), "optimizer": opt.state_dict(),
                              "scheduler": sched.state_dict(), "epoch": finished,
+                             "scaler": scaler.state_dict() if scaler is not None else None,
                              "history": history, "position": position,
                              "config": {k: c[k] for k in ("arch", "num_classes", "crop", "init", "seed")},
                              "stats": c["stats"], "workers": placement, "saved_at": now_iso()}, d)
@@ -298,7 +380,15 @@ def train_loop(c: dict) -> None:
             batches, steps = data.on_device(loader, device), range(seg.first_step + seg.start, seg.epoch_steps)
         resumed = position["sums"] if (earlier and rank == 0) else None
         sums = Sums(("loss", "top1", "images"), device, resumed)
-        lr = opt.param_groups[0]["lr"]
+        scheduled = sched.get_last_lr()  # the epoch's rate, which the warm-up scales step by step
+        lr = [opt.param_groups[0]["lr"]]  # the rate of the epoch's last step, for its metrics
+        epoch_steps = seg.epoch_steps if seg is not None else len(steps)
+
+        def before_step(step: int) -> None:
+            f = warmup_factor(epoch, step, epoch_steps, c["warmup_epochs"], warm_start)
+            for group, rate in zip(opt.param_groups, scheduled):
+                group["lr"] = rate * f
+            lr[0] = opt.param_groups[0]["lr"]
         trained, probe = [0], None  # a measurement spans no epoch end (validation is not a step)
 
         # Progress inside an epoch (ImageNet's are ~10,000 steps): rank 0, a tenth of an epoch apart.
@@ -328,15 +418,20 @@ def train_loop(c: dict) -> None:
                 done = [*[list(s) for s in earlier[:seg.index]], [world, loader_workers, step + 1 - seg.first_step]]
                 save(epoch, done, sums.all_reduce(), {"epoch": epoch, "step": step + 1, "checkpoint_score": -1.0})
 
+        warming = epoch <= c["warmup_epochs"]
         waited = train_one_epoch(net, opt, batches, steps, train_tf, sums, gpu=gpu, loss_scale=loss_scale,
-                                 seed=c["seed"], epoch=epoch, rank=rank, after_step=after_step)
+                                 seed=c["seed"], epoch=epoch, rank=rank, after_step=after_step,
+                                 before_step=before_step if warming else None, amp=amp, scaler=scaler)
         del batches
+        if warming:  # the schedulers step from the epoch's scheduled rate, not the warmed one
+            for group, rate in zip(opt.param_groups, scheduled):
+                group["lr"] = rate
         seconds = _agree(time.perf_counter() - t0, device)
         wait_s = _agree(waited, device)
         fresh = _agree(trained[0] * per_rank, device, op="sum")  # images trained in this attempt's part
         total = sums.all_reduce().values()
         val = validate(raw, c["val_shards"], eval_tf, device=device, rank=rank, world=world, batch_size=per_rank,
-                       loader_workers=loader_workers, gpu=gpu, decode=decode).all_reduce().values()
+                       loader_workers=loader_workers, gpu=gpu, decode=decode, amp=amp).all_reduce().values()
         n = val["images"]
         val_error = 1 - val["top1"] / n if n else 1.0
         if c["schedule"] == "plateau":
@@ -346,7 +441,7 @@ def train_loop(c: dict) -> None:
         metrics = {
             "epoch": epoch, "train_loss": total["loss"] / total["images"], "train_top1": total["top1"] / total["images"],
             "val_loss": val["loss"] / n if n else float("nan"), "val_top1": val["top1"] / n if n else 0.0,
-            "val_top5": val["top5"] / n if n else 0.0, "lr": lr, "images_per_second": fresh / max(seconds, 1e-9),
+            "val_top5": val["top5"] / n if n else 0.0, "lr": lr[0], "images_per_second": fresh / max(seconds, 1e-9),
             "data_wait_fraction": wait_s / max(seconds, 1e-9), "samples": int(total["images"]),
             "left_out": seg.remainder if seg is not None else 0,
         }
@@ -472,19 +567,45 @@ def _check_plan(cfg: TrainConfig, inputs: dict) -> None:
             raise StageError(str(e)) from e
 
 
-def _check_capacity(cfg: TrainConfig, resources: dict, gpu: bool) -> None:
+def cpus_per_worker(cfg: TrainConfig, nodes: list[dict], gpu: bool) -> float:
+    """The CPUs each training worker reserves (--cpus-per-worker, or the default that
+    config.TrainConfig.cpus_per_worker describes), from ``nodes`` as ray.nodes() lists them."""
+    if cfg.cpus_per_worker is not None:
+        return cfg.cpus_per_worker
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
+    if gpu:
+        shares = [r.get("CPU", 0) // r["GPU"] for r in alive if r.get("GPU", 0) >= 1]
+        # No GPU node yet (an autoscaling cluster): the cap, as before there was a choice.
+        share = min(shares) if shares else cfg.max_cpus_per_worker
+    else:
+        share = sum(r.get("CPU", 0) for r in alive) // cfg.workers
+    return float(min(max(share, 1.0), cfg.max_cpus_per_worker))
+
+
+def _check_capacity(cfg: TrainConfig, resources: dict, gpu: bool, cpus: float) -> None:
     """On a Ray started for this run (no RAY_ADDRESS) nothing can add nodes: more workers than it
     has CPUs (or GPUs) would have Ray Train wait for them forever. A cluster may autoscale, so
     it is trusted to grow."""
     if on_cluster():
         return
     need = cfg.min_workers or cfg.workers  # an elastic run starts with what it can get, at least MIN
+    flag = f"--workers {cfg.min_workers}-{cfg.workers}" if cfg.min_workers else f"--workers {cfg.workers}"
     kind = "GPU" if gpu else "CPU"
     have = int(resources.get(kind, 0))
     if need > have:
-        flag = f"--workers {cfg.min_workers}-{cfg.workers}" if cfg.min_workers else f"--workers {cfg.workers}"
         raise StageError(f"{flag} needs {need} {kind}s (one a worker) and this machine's Ray has {have}: use "
                          f"--workers {max(have, 1)} or fewer, or a cluster (RAY_ADDRESS).")
+    have_cpus = float(resources.get("CPU", 0))
+    if need * cpus > have_cpus:
+        raise StageError(f"{flag} with --cpus-per-worker {cpus:g} needs {need * cpus:g} CPUs and this machine's "
+                         f"Ray has {have_cpus:g}: use --cpus-per-worker {max(have_cpus // need, 1):g} or fewer.")
+
+
+def _check_amp(cfg: TrainConfig, gpu: bool | None) -> None:
+    """(gpu None: not known yet, so nothing to say.)"""
+    if cfg.amp == "fp16" and gpu is False:
+        raise StageError("--amp fp16 needs a GPU: on CPUs use --amp bf16 (where the CPU has bfloat16 "
+                         "instructions) or --amp off.")
 
 
 def _validate(cfg: TrainConfig) -> None:
@@ -520,6 +641,23 @@ def _validate(cfg: TrainConfig) -> None:
         raise StageError(f"--ledger {cfg.ledger}: the sample ledger is a local folder (a debugging aid).")
     if cfg.crop < 64:
         raise StageError(f"--crop {cfg.crop}: AlexNet needs at least 64 px.")
+    for flag, value, allowed in (("--amp", cfg.amp, AMPS), ("--lr-scaling", cfg.lr_scaling, LR_SCALINGS),
+                                 ("--grad-compression", cfg.grad_compression, GRAD_COMPRESSIONS)):
+        if value not in allowed:
+            raise StageError(f"Unknown {flag} '{value}'. Expected one of: {', '.join(allowed)}.")
+    if cfg.warmup_epochs < 0 or cfg.warmup_epochs > cfg.epochs:
+        raise StageError(f"--warmup-epochs {cfg.warmup_epochs}: must be from 0 to --epochs ({cfg.epochs}).")
+    if cfg.warmup_start is not None and not 0 < cfg.warmup_start <= 1:
+        raise StageError(f"--warmup-start {cfg.warmup_start}: the first step's fraction of the peak lr, "
+                         "above 0 and at most 1.")
+    if cfg.lr_reference_batch < 1:
+        raise StageError(f"--lr-reference-batch {cfg.lr_reference_batch}: must be at least 1 "
+                         "(the paper's lr 0.01 was for batches of 128).")
+    if cfg.cpus_per_worker is not None and not cfg.cpus_per_worker > 0:
+        raise StageError(f"--cpus-per-worker {cfg.cpus_per_worker}: must be above 0.")
+    if cfg.batch_per_worker is not None and cfg.batch_per_worker < 1:
+        raise StageError(f"--batch-per-worker {cfg.batch_per_worker}: must be at least 1.")
+    _check_amp(cfg, cfg.gpu)
     if cfg.decode not in data.DECODES:
         raise StageError(f"Unknown decode '{cfg.decode}'. Expected one of: {', '.join(data.DECODES)} "
                          "(auto: on the GPU when training on one, else in the loader workers).")
@@ -533,6 +671,8 @@ def run(cfg: TrainConfig, parent_run_id: str | None = None) -> dict:
     from . import data
 
     t0 = time.monotonic()
+    if cfg.batch_per_worker is not None:  # the global batch of the largest world; smaller ones share it
+        cfg = dataclasses.replace(cfg, batch_size=cfg.batch_per_worker * cfg.workers)
     _validate(cfg)
     tracking.check_reachable()
     inputs = _inputs(cfg)
@@ -544,7 +684,9 @@ def run(cfg: TrainConfig, parent_run_id: str | None = None) -> dict:
 
     ray = ensure_ray(dashboard=True)
     gpu = cfg.gpu if cfg.gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
-    _check_capacity(cfg, ray.cluster_resources(), gpu)  # before the MLflow run: a typo leaves no run
+    _check_amp(cfg, gpu)
+    cpus = cpus_per_worker(cfg, ray.nodes(), gpu)
+    _check_capacity(cfg, ray.cluster_resources(), gpu, cpus)  # before the MLflow run: a typo leaves no run
     run_id = tracking.start_or_resume_run(cfg.experiment, name, tags={"pipelines.stage": "train"})
     if parent_run_id and "mlflow.parentRunId" not in tracking.get_tags(run_id):
         tracking.set_tags(run_id, {"mlflow.parentRunId": parent_run_id})  # a resumed run keeps its place
@@ -555,7 +697,8 @@ def run(cfg: TrainConfig, parent_run_id: str | None = None) -> dict:
     # Workers train on CUDA exactly when gpu is set, so "auto" resolves here and the run
     # records the decode path it used.
     decode = data.choose_decode(cfg.decode, "cuda" if gpu else "cpu")
-    resolved = dataclasses.replace(cfg, name=name, storage=runs, gpu=gpu, decode=decode)
+    resolved = dataclasses.replace(cfg, name=name, storage=runs, gpu=gpu, decode=decode, cpus_per_worker=cpus,
+                                   amp=cfg.amp if cfg.amp != "auto" else ("bf16" if gpu else "off"))
     conflicts = tracking.log_params(run_id, {**dataclasses.asdict(resolved), **tracking.environment(),
                                              "num_classes": inputs["num_classes"],
                                              "train_samples": inputs["train_manifest"]["samples"]})
@@ -581,14 +724,13 @@ def run(cfg: TrainConfig, parent_run_id: str | None = None) -> dict:
     loop_config = {**dataclasses.asdict(resolved), **{k: inputs[k] for k in
                    ("train_shards", "val_shards", "stats", "num_classes")},
                    "run_id": run_id, "tracking_uri": tracking.tracking_uri()}
-    cpus = max(1.0, float(ray.cluster_resources().get("CPU", 1)) // cfg.workers) if not gpu else 8.0
     # --workers MIN-MAX: Ray Train starts with as many as it can get (at least MIN) and, when a
     # node is lost, restarts the group on the workers left; the plan re-deals the epoch's rest.
     workers = (cfg.min_workers, cfg.workers) if cfg.min_workers is not None else cfg.workers
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
-                                     resources_per_worker={"CPU": min(cpus, 8.0)}),
+                                     resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(
             name=name, storage_path=runs_path, storage_filesystem=runs_fs,
             # Epoch-end checkpoints score their val_top1, mid-epoch ones -1: the best epochs are

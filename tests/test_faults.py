@@ -277,8 +277,13 @@ def test_s3_outage_during_shard_upload_then_rerun_completes(big_index, ray_local
 
 
 # --- the epoch plan under faults: one train shard, mid-epoch checkpoints, the sample ledger ------
+# With the throughput recipe's step-wise parts on: the lr scaled to twice --lr (batch 16 over a
+# reference of 8) and warmed up over 2 epochs, so the kill in epoch 2 lands mid-warm-up, and the
+# gradients all-reduced in bf16. The resumed run must still match the uninterrupted one bit for bit.
 ONE_SHARD = ["--workers", "2", "--no-gpu", "--loader-workers", "2", "--epochs", "3", "--crop", "64",
-             "--batch-size", "16", "--init", "kaiming", "--checkpoint-every", "2", "--experiment", "plan"]
+             "--batch-size", "16", "--init", "kaiming", "--checkpoint-every", "2", "--experiment", "plan",
+             "--lr-scaling", "linear", "--lr-reference-batch", "8", "--warmup-epochs", "2",
+             "--grad-compression", "bf16"]
 
 
 @pytest.fixture(scope="module")
@@ -308,6 +313,14 @@ def test_one_shard_over_two_workers_reads_every_sample_once_per_epoch(uninterrup
         keys = epoch_keys(ledger, epoch)
         assert len(keys) == len(set(keys)) == 112
     assert len({k for e in (1, 2, 3) for k in epoch_keys(ledger, e)}) > 112  # a different 8 each epoch
+
+
+def test_the_warmup_raises_the_lr_step_by_step_to_the_scaled_peak(uninterrupted):
+    """lr (the rate of each epoch's last step) from 0.01 (the reference batch's) toward 0.02
+    (--lr x 16 / 8) over 2 epochs of 7 steps: 0.01 + 0.01 x 7/14 after epoch 1, the peak after
+    epoch 2, and the peak from then on. An epoch-wise warm-up would log 0.01 or 0.015 for epoch 1."""
+    history = MlflowClient().get_metric_history(uninterrupted["run_id"], "lr")
+    assert [(m.step, round(m.value, 9)) for m in history] == [(1, 0.015), (2, 0.02), (3, 0.02)]
 
 
 def test_driver_killed_mid_epoch_resumes_at_the_step_bitwise(one_shard, uninterrupted, tmp_path):
@@ -344,6 +357,7 @@ def test_driver_killed_mid_epoch_resumes_at_the_step_bitwise(one_shard, uninterr
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     resumed = [line for line in (rerun.stderr + rerun.stdout).splitlines() if "resumed after epoch" in line]
     assert resumed and all("after epoch 1, at step" in line and "of epoch 2" in line for line in resumed), resumed
+    assert "gradients all-reduced in bf16" in rerun.stderr + rerun.stdout  # the recipe was on
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
 
     got, want = checkpoint.load(summary["checkpoint"]), checkpoint.load(uninterrupted["checkpoint"])

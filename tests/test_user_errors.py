@@ -66,6 +66,8 @@ CASES = [
     (["train", "--data", "{root}", "--no-gpu", "--workers", "2-x"], "'2-x'"),
     (["train", "--data", "{root}", "--no-gpu", "--lr", "-1"], "--lr -1.0"),
     (["train", "--data", "{root}", "--no-gpu", "--epochs", "0"], "--epochs 0"),
+    (["train", "--data", "{root}", "--no-gpu", "--amp", "fp16"], "--amp fp16 needs a GPU"),
+    (["train", "--data", "{root}", "--no-gpu", "--epochs", "2", "--warmup-epochs", "5"], "--warmup-epochs 5"),
 ]
 
 

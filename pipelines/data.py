@@ -93,12 +93,13 @@ def decode_batch(batch: EncodedBatch, transform, device) -> torch.Tensor:
     return torch.stack([transform.apply(img, p) for img, p in zip(imgs, batch.params)])
 
 
-def on_device(loader: DataLoader, device):
+def on_device(loader: DataLoader, device, started=None):
     """(uint8 images, labels, keys) on ``device`` from a train_loader / eval_loader, whichever
-    decode path its stream uses: the transfer (decode="worker") or the decode (decode="device")."""
+    decode path its stream uses: the transfer (decode="worker") or the decode (decode="device").
+    ``started``: the loader's iterator, when it was started ahead (its workers already reading)."""
     device = torch.device(device)
     decode, transform = loader.dataset.decode, loader.dataset.transform
-    for batch in loader:
+    for batch in (started if started is not None else loader):
         if decode == "worker":
             x, y, keys = batch
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True), keys

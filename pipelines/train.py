@@ -14,6 +14,7 @@ MLflow run.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -311,6 +312,7 @@ def train_loop(c: dict) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         _log_history(c["run_id"], history)  # epochs a crash left unlogged
         monitor = _system_metrics(c["run_id"], c["tracking_uri"])
+        mlflow_thread, logging_now = concurrent.futures.ThreadPoolExecutor(1, "mlflow-log"), None
 
     # Which node each rank of this worker group runs on: the checkpoint keeps it, the driver's
     # summary names the nodes that did the work.
@@ -350,17 +352,31 @@ def train_loop(c: dict) -> None:
             ray.train.report(metrics)
             return
         t = time.perf_counter()
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint.save({"model": raw.state_dict(), "optimizer": opt.state_dict(),
-                             "scheduler": sched.state_dict(), "epoch": finished,
-                             "scaler": scaler.state_dict() if scaler is not None else None,
-                             "history": history, "position": position,
-                             "config": {k: c[k] for k in ("arch", "num_classes", "crop", "init", "seed")},
-                             "stats": c["stats"], "workers": placement, "saved_at": now_iso()}, d)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        d = tempfile.mkdtemp(prefix="checkpoint-")
+        checkpoint.save({"model": raw.state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "epoch": finished,
+                         "scaler": scaler.state_dict() if scaler is not None else None,
+                         "history": history, "position": position,
+                         "config": {k: c[k] for k in ("arch", "num_classes", "crop", "init", "seed")},
+                         "stats": c["stats"], "workers": placement, "saved_at": now_iso()}, d)
+        # Ray Train copies the folder into the run's storage (disk or S3) on a thread of its own
+        # while training goes on, registers the checkpoint once it is whole, then deletes d.
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                         delete_local_checkpoint_after_upload=True)
         log.info("checkpoint at epoch %d%s saved in %.1f s", epoch,
                  f" step {sum(s[2] for s in segments)}" if segments else " end", time.perf_counter() - t)
 
+    def epoch_loader(epoch: int, earlier) -> tuple:
+        """(segment, loader, its started iterator) of this rank's batches in ``epoch``. iter()
+        starts the loader workers, which begin filling their prefetch queues at once."""
+        seg = plan.epoch_plan(counts, seed=c["seed"], epoch=epoch, batch_size=batch, world=world,
+                              loader_workers=loader_workers, buffer=c["shuffle_buffer"], segments=earlier)
+        loader = data.train_loader(c["train_shards"], train_tf, segment=seg, rank=rank, pin_memory=gpu,
+                                   decode=decode)
+        return seg, loader, iter(loader)
+
+    upcoming = None  # the next epoch's loader, started while this one validates and checkpoints
     for epoch in range(position["epoch"], c["epochs"] + 1):
         earlier = position["segments"] if epoch == position["epoch"] else []
         t0 = time.perf_counter()
@@ -370,14 +386,13 @@ def train_loop(c: dict) -> None:
             batches = ((x, y, ()) for x, y in fixed)
             seg, steps = None, range(c["synthetic_steps"])
         else:
-            seg = plan.epoch_plan(counts, seed=c["seed"], epoch=epoch, batch_size=batch, world=world,
-                                  loader_workers=loader_workers, buffer=c["shuffle_buffer"], segments=earlier)
+            seg, loader, started = upcoming if upcoming is not None else epoch_loader(epoch, earlier)
+            upcoming = None
             if seg.start == 0 and seg.index > 0 and rank == 0:
                 log.info("epoch %d: %d steps done on another world size; the %d samples not yet read are dealt "
                          "over %d workers (%d steps left)", epoch, seg.first_step, len(seg.order), world, seg.steps)
-            loader = data.train_loader(c["train_shards"], train_tf, segment=seg, rank=rank, pin_memory=gpu,
-                                       decode=decode)
-            batches, steps = data.on_device(loader, device), range(seg.first_step + seg.start, seg.epoch_steps)
+            batches = data.on_device(loader, device, started)
+            steps = range(seg.first_step + seg.start, seg.epoch_steps)
         resumed = position["sums"] if (earlier and rank == 0) else None
         sums = Sums(("loss", "top1", "images"), device, resumed)
         scheduled = sched.get_last_lr()  # the epoch's rate, which the warm-up scales step by step
@@ -423,6 +438,11 @@ def train_loop(c: dict) -> None:
                                  seed=c["seed"], epoch=epoch, rank=rank, after_step=after_step,
                                  before_step=before_step if warming else None, amp=amp, scaler=scaler)
         del batches
+        if seg is not None and epoch < c["epochs"]:
+            # Starting workers and reading their first batches takes ~1 s an epoch (more with
+            # many workers and large shuffle buffers); done now, it overlaps validation and the
+            # checkpoint. The next epoch starts at its beginning, whatever this one was.
+            upcoming = epoch_loader(epoch + 1, [])
         if warming:  # the schedulers step from the epoch's scheduled rate, not the warmed one
             for group, rate in zip(opt.param_groups, scheduled):
                 group["lr"] = rate
@@ -453,10 +473,17 @@ def train_loop(c: dict) -> None:
         save(epoch, None, sums, {**metrics, "checkpoint_score": metrics["val_top1"]})
         if rank == 0:
             # After the checkpoint: a crash in between leaves the step unlogged, and the resumed
-            # worker logs it from the checkpoint's history; never twice.
-            _log_history(c["run_id"], history)
-    if rank == 0 and monitor is not None:
-        monitor.finish()
+            # worker logs it from the checkpoint's history; never twice. On a thread of its
+            # own (one, so epochs arrive in order): the other ranks do not wait for MLflow.
+            if logging_now is not None:
+                logging_now.result()  # an error that is not an outage stops the run here
+            logging_now = mlflow_thread.submit(_log_history, c["run_id"], list(history))
+    if rank == 0:
+        if logging_now is not None:
+            logging_now.result()
+        mlflow_thread.shutdown()
+        if monitor is not None:
+            monitor.finish()
 
 
 def _system_metrics(run_id: str, uri: str):

@@ -3,6 +3,8 @@
     from model import build
     net = build("alexnet2012", num_classes=1000, init="paper")
 """
+import contextlib
+
 import torch
 from torch import nn
 
@@ -20,21 +22,28 @@ ARCHS = ("alexnet2012", "alexnet-torchvision")
 INITS = ("paper", "kaiming")
 
 
-def build(arch: str = "alexnet2012", num_classes: int = 1000, init: str = "paper") -> nn.Module:
-    """Return an untrained network that maps N x 3 x H x W (H, W >= 64) to N x num_classes logits."""
+def build(arch: str = "alexnet2012", num_classes: int = 1000, init: str | None = "paper",
+          device: str | None = None) -> nn.Module:
+    """Return an untrained network that maps N x 3 x H x W (H, W >= 64) to N x num_classes logits.
+    ``device``: where its parameters are made; "meta" gives shapes without memory or values, for
+    weights loaded next with ``load_state_dict(..., assign=True)``. ``init=None`` leaves
+    PyTorch's default initialisation (on the meta device ours cost ~1 s the first time)."""
     if arch not in ARCHS:
         raise ValueError(f"Unknown arch {arch!r}. Expected one of: {', '.join(ARCHS)}.")
-    if init not in INITS:
+    if init is not None and init not in INITS:
         raise ValueError(f"Unknown init {init!r}. Expected one of: {', '.join(INITS)}.")
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}.")
-    if arch == "alexnet2012":
-        net = AlexNet2012(num_classes=num_classes)
-    else:
+    if arch == "alexnet-torchvision":
         import torchvision  # here only: importing it costs ~1 s, which the paper's net does not need
-
-        net = torchvision.models.alexnet(weights=None, num_classes=num_classes)
-    (paper_init_ if init == "paper" else kaiming_init_)(net)
+    # (imported before the device context: tensors made at import time belong on the CPU)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        if arch == "alexnet2012":
+            net = AlexNet2012(num_classes=num_classes)
+        else:
+            net = torchvision.models.alexnet(weights=None, num_classes=num_classes)
+        if init is not None:
+            (paper_init_ if init == "paper" else kaiming_init_)(net)
     return net
 
 

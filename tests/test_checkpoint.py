@@ -41,3 +41,39 @@ def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path)
 def test_a_folder_without_a_checkpoint_is_named(tmp_path):
     with pytest.raises(StageError, match="holds no state.pt"):
         checkpoint.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("arch", ["alexnet2012", "alexnet-torchvision"])
+def test_the_model_from_a_saved_checkpoint_is_the_trained_one(arch, tmp_path):
+    """Built on the meta device and given the file's tensors: every parameter the saved one,
+    on the CPU, the same logits; a state missing a weight is refused, not left uninitialised."""
+    import model
+
+    torch.manual_seed(0)
+    net = model.build(arch, 10, "kaiming").eval()
+    checkpoint.save({"model": net.state_dict(), "config": {"arch": arch, "num_classes": 10}}, str(tmp_path))
+    back = checkpoint.model_from_state(checkpoint.load(str(tmp_path))).eval()
+    for (name, a), (_, b) in zip(net.state_dict().items(), back.state_dict().items()):
+        assert b.device.type == "cpu" and torch.equal(a, b), name
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(net(x), back(x))
+    partial = {k: v for k, v in net.state_dict().items() if not k.endswith("bias")}
+    with pytest.raises(RuntimeError, match="Missing key"):
+        checkpoint.model_from_state({"model": partial, "config": {"arch": arch, "num_classes": 10}})
+
+
+def test_a_model_logged_with_an_older_model_package_still_loads(tmp_path, monkeypatch):
+    """An MLflow model carries the model/ code it was logged with: its build() may predate the
+    device argument. Loading must still give the saved weights."""
+    import model
+
+    torch.manual_seed(0)
+    net = model.build("alexnet2012", 10, "kaiming").eval()
+    state = {"model": net.state_dict(), "config": {"arch": "alexnet2012", "num_classes": 10}}
+    newer = model.build
+    monkeypatch.setattr(model, "build", lambda arch, num_classes, init="paper": newer(arch, num_classes, init))
+    back = checkpoint.model_from_state(state).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(net(x), back(x))

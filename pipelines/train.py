@@ -352,18 +352,18 @@ def train_loop(c: dict) -> None:
             ray.train.report(metrics)
             return
         t = time.perf_counter()
-        d = tempfile.mkdtemp(prefix="checkpoint-")
-        checkpoint.save({"model": raw.state_dict(), "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "epoch": finished,
-                         "scaler": scaler.state_dict() if scaler is not None else None,
-                         "history": history, "position": position,
-                         "config": {k: c[k] for k in ("arch", "num_classes", "crop", "init", "seed")},
-                         "stats": c["stats"], "workers": placement, "saved_at": now_iso()}, d)
-        # Ray Train copies the folder into the run's storage (disk or S3) on a thread of its own
-        # while training goes on, registers the checkpoint once it is whole, then deletes d.
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-                         delete_local_checkpoint_after_upload=True)
+        # The upload is synchronous: every rank waits until the checkpoint is registered, so a
+        # checkpoint is never behind the training it describes. (Ray's ASYNC mode cut the demo's
+        # checkpoints from 1.2-2.0 s to 0.2-1.2 s, but lets training run on while a 0.5 GB upload
+        # goes to S3: a node lost then resumes from further back.)
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint.save({"model": raw.state_dict(), "optimizer": opt.state_dict(),
+                             "scheduler": sched.state_dict(), "epoch": finished,
+                             "scaler": scaler.state_dict() if scaler is not None else None,
+                             "history": history, "position": position,
+                             "config": {k: c[k] for k in ("arch", "num_classes", "crop", "init", "seed")},
+                             "stats": c["stats"], "workers": placement, "saved_at": now_iso()}, d)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         log.info("checkpoint at epoch %d%s saved in %.1f s", epoch,
                  f" step {sum(s[2] for s in segments)}" if segments else " end", time.perf_counter() - t)
 

@@ -78,12 +78,16 @@ def warmup_factor(epoch: int, step: int, epoch_steps: int, warmup_epochs: int, s
     return start + (1.0 - start) * done / total
 
 
+def resolve_amp(amp: str, gpu: bool) -> str:
+    """--amp with auto made concrete: bf16 on a GPU, off on CPUs."""
+    return ("bf16" if gpu else "off") if amp == "auto" else amp
+
+
 def amp_dtype(amp: str, gpu: bool):
     """The autocast dtype of --amp (None: float32 throughout)."""
     import torch
 
-    amp = ("bf16" if gpu else "off") if amp == "auto" else amp
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[resolve_amp(amp, gpu)]
 
 
 def prepare_network(net, *, grad_compression: str = "none", compile: bool = False):
@@ -395,15 +399,13 @@ def train_loop(c: dict) -> None:
             steps = range(seg.first_step + seg.start, seg.epoch_steps)
         resumed = position["sums"] if (earlier and rank == 0) else None
         sums = Sums(("loss", "top1", "images"), device, resumed)
-        scheduled = sched.get_last_lr()  # the epoch's rate, which the warm-up scales step by step
-        lr = [opt.param_groups[0]["lr"]]  # the rate of the epoch's last step, for its metrics
+        scheduled = list(sched.get_last_lr())  # the epoch's rate, which the warm-up scales step by step
         epoch_steps = seg.epoch_steps if seg is not None else len(steps)
 
         def before_step(step: int) -> None:
             f = warmup_factor(epoch, step, epoch_steps, c["warmup_epochs"], warm_start)
             for group, rate in zip(opt.param_groups, scheduled):
                 group["lr"] = rate * f
-            lr[0] = opt.param_groups[0]["lr"]
         trained, probe = [0], None  # a measurement spans no epoch end (validation is not a step)
 
         # Progress inside an epoch (ImageNet's are ~10,000 steps): rank 0, a tenth of an epoch apart.
@@ -458,10 +460,11 @@ def train_loop(c: dict) -> None:
             sched.step(val_error)
         else:
             sched.step()
+        last_lr = scheduled[0] * warmup_factor(epoch, epoch_steps - 1, epoch_steps, c["warmup_epochs"], warm_start)
         metrics = {
             "epoch": epoch, "train_loss": total["loss"] / total["images"], "train_top1": total["top1"] / total["images"],
             "val_loss": val["loss"] / n if n else float("nan"), "val_top1": val["top1"] / n if n else 0.0,
-            "val_top5": val["top5"] / n if n else 0.0, "lr": lr[0], "images_per_second": fresh / max(seconds, 1e-9),
+            "val_top5": val["top5"] / n if n else 0.0, "lr": last_lr, "images_per_second": fresh / max(seconds, 1e-9),
             "data_wait_fraction": wait_s / max(seconds, 1e-9), "samples": int(total["images"]),
             "left_out": seg.remainder if seg is not None else 0,
         }
@@ -725,7 +728,7 @@ def run(cfg: TrainConfig, parent_run_id: str | None = None) -> dict:
     # records the decode path it used.
     decode = data.choose_decode(cfg.decode, "cuda" if gpu else "cpu")
     resolved = dataclasses.replace(cfg, name=name, storage=runs, gpu=gpu, decode=decode, cpus_per_worker=cpus,
-                                   amp=cfg.amp if cfg.amp != "auto" else ("bf16" if gpu else "off"))
+                                   amp=resolve_amp(cfg.amp, gpu))
     conflicts = tracking.log_params(run_id, {**dataclasses.asdict(resolved), **tracking.environment(),
                                              "num_classes": inputs["num_classes"],
                                              "train_samples": inputs["train_manifest"]["samples"]})

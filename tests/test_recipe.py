@@ -180,3 +180,16 @@ def test_gradient_compression_halves_the_all_reduce_and_keeps_the_gradients(comp
             # bf16 keeps 8 bits of mantissa (relative 2^-8 per rounding), fp16 11, float32 24
             assert got["worst"] < {"bf16": 2 ** -6, "fp16": 2 ** -9, "none": 1e-5}[compression], (compression, got)
             assert got["compiled"] == ("OptimizedModule" if compile else "DistributedDataParallel")
+
+
+def test_more_cpus_per_worker_than_the_local_ray_has_is_refused(monkeypatch):
+    """On a Ray started for the run nothing can add CPUs: 2 workers x 4 CPUs on 2 is refused,
+    naming the flag and what fits; 2 x 1 passes."""
+    from pipelines.common import StageError
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = TrainConfig(data="x", workers=2, cpus_per_worker=4.0)
+    with pytest.raises(StageError, match=r"--workers 2 with --cpus-per-worker 4 needs 8 CPUs .* has 2: "
+                                         r"use --cpus-per-worker 1 or fewer"):
+        train._check_capacity(cfg, {"CPU": 2.0}, gpu=False, cpus=4.0)
+    train._check_capacity(cfg, {"CPU": 2.0}, gpu=False, cpus=1.0)

@@ -56,9 +56,61 @@ def choose_decode(decode: str, device) -> str:
 
 def decode_rgb(jpg: bytes) -> torch.Tensor:
     """JPEG bytes -> RGB 3 x H x W uint8 (libjpeg-turbo; CMYK and greyscale become RGB as PIL's convert)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    return jpeg_codec()[0](torch.frombuffer(bytearray(jpg), dtype=torch.uint8))
 
-    return decode_jpeg(torch.frombuffer(bytearray(jpg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+def encode_jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
+    """RGB 3 x H x W uint8 -> baseline JPEG bytes as a uint8 tensor (libjpeg-turbo)."""
+    return jpeg_codec()[1](x, quality)
+
+
+_codec: tuple | None = None
+
+
+def jpeg_codec() -> tuple:
+    """(decode(uint8 bytes) -> RGB tensor, encode(tensor, quality) -> uint8 bytes): torchvision's
+    libjpeg-turbo ops, loaded without importing the torchvision package where that works.
+
+    ``import torchvision`` also imports its models and ops, and through them torch._dynamo and
+    triton: ~1.1 s of CPU (2 s from a cold disk) in every shard worker, on a stage whose start-up
+    is what users wait for. Loading the image extension alone takes milliseconds. The ops are
+    torchvision's own, so the pixels are the same; a round trip checks that this torchvision's
+    ops take these arguments, and anything unexpected falls back to the public torchvision.io."""
+    global _codec
+    if _codec is None:
+        _codec = _load_image_ops() or _public_codec()
+    return _codec
+
+
+def _public_codec() -> tuple:
+    from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+    return (lambda data: decode_jpeg(data, mode=ImageReadMode.RGB),
+            lambda x, quality: encode_jpeg(x, quality=quality))
+
+
+def _load_image_ops() -> tuple | None:
+    import importlib.machinery
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("torchvision")
+        folder = list(spec.submodule_search_locations)[0]
+        finder = importlib.machinery.FileFinder(
+            folder, (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES))
+        lib = finder.find_spec("image_stable") or finder.find_spec("image")  # (the name since 0.25, before)
+        torch.ops.load_library(lib.origin)
+        ops = torch.ops.image
+        rgb = 3  # torchvision.io.ImageReadMode.RGB
+        codec = (lambda data: ops.decode_jpeg(data, rgb, False),  # False: no EXIF rotation, as the public call
+                 lambda x, quality: ops.encode_jpeg(x, quality))
+        x = torch.tensor([200, 100, 50], dtype=torch.uint8)[:, None, None].expand(3, 16, 24).contiguous()
+        y = codec[0](codec[1](x, 95))  # a flat colour survives JPEG within a level or two, in RGB order
+        if y.shape != x.shape or y.dtype != torch.uint8 or (y.int() - x.int()).abs().max() > 4:
+            return None
+        return codec
+    except Exception:  # any other layout or signature: the public API
+        return None
 
 
 def _jpeg_size(jpg: bytes) -> tuple[int, int]:

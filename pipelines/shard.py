@@ -71,9 +71,9 @@ def prepare_image(data: bytes, resize: int = 256, keep_aspect: bool = False, qua
     1/2-1/8 scaled decoding applies; torch's uint8 antialiased bilinear resize is about twice
     PIL's speed on one core. Geometry as the plain PIL path: resize, then crop the centre.
     """
-    from torchvision.io import encode_jpeg
+    from .data import encode_jpeg
 
-    return encode_jpeg(resized_rgb(data, resize, keep_aspect), quality=quality).numpy().tobytes()
+    return encode_jpeg(resized_rgb(data, resize, keep_aspect), quality).numpy().tobytes()
 
 
 def resized_rgb(data: bytes, resize: int = 256, keep_aspect: bool = False):

@@ -92,3 +92,21 @@ def test_loader_batches_match_torchvision_transforms_on_the_same_images(tmp_path
     assert ours.shape == ref.shape == (6, 3, 224, 224)
     # Both decoders are libjpeg-turbo; allow one grey level of IDCT difference, normalised.
     assert (ours - ref).abs().amax() <= 1 / 255 / min(stats["std"]) + 1e-5
+
+
+def test_the_codec_loaded_without_the_torchvision_package_gives_torchvision_ios_bytes_and_pixels():
+    """Shard workers load torchvision's JPEG ops directly (no models, no torch._dynamo import); the
+    bytes and pixels must be exactly the public torchvision.io calls', for every colour layout."""
+    from pipelines import data
+
+    direct, public = data._load_image_ops(), data._public_codec()
+    assert direct is not None, "this torchvision's image extension could not be loaded directly"
+    rgb = np.asarray(Image.open(io.BytesIO(photo_jpegs(1, size=(120, 90))[0])).convert("RGB"))
+    for mode in ("RGB", "L", "CMYK"):
+        buf = io.BytesIO()
+        Image.fromarray(rgb).convert(mode).save(buf, "JPEG", quality=85)
+        jpg = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+        pixels = direct[0](jpg)
+        assert pixels.shape == (3, 90, 120), mode
+        assert torch.equal(pixels, public[0](jpg)), mode
+        assert torch.equal(direct[1](pixels, 90), public[1](pixels, 90)), mode

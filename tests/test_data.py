@@ -280,3 +280,31 @@ def test_nvjpeg_batches_match_the_cpu_path_within_jpeg_tolerance(photos):
         diff = (xg.cpu().int() - xw.int()).abs()
         # nvjpeg and libjpeg-turbo differ in IDCT and chroma upsampling rounding, not in content.
         assert diff.float().mean() < 1.0 and diff.max() <= 16, (diff.float().mean(), diff.max())
+
+
+def test_the_fast_tar_header_reader_agrees_with_tarfile_and_leaves_damage_to_it():
+    """parse_run reads the shard stage's plain ustar headers itself; any other header (a long name
+    split into ustar's prefix field, a damaged checksum) goes to tarfile, which parses or rejects it."""
+    import tarfile
+
+    from pipelines import tarindex
+    from pipelines.shard import add_member
+
+    names = ["n01440764_10026", "ILSVRC2012_val_00000001", "photo-ß-日本", "dir/sub/x_y", "d" * 80 + "/" + "k" * 90]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:  # as the shard stage
+        for i, key in enumerate(names):
+            add_member(tar, f"{key}.jpg", bytes([i]) * (700 + i))
+            add_member(tar, f"{key}.cls", str(i).encode())
+    raw = buf.getvalue()
+    headers = [raw[m.offset:m.offset + tarfile.BLOCKSIZE] for m in tarfile.open(fileobj=io.BytesIO(raw))]
+    for h in headers:
+        info = tarfile.TarInfo.frombuf(h, "utf-8", "surrogateescape")
+        assert tarindex._plain_member(h) == (None if len(info.name) > 100 else (info.name, info.size))
+    assert tarindex.parse_run(raw) == [(k, bytes([i]) * (700 + i), i) for i, k in enumerate(names)]
+
+    damaged = bytearray(raw)
+    damaged[5] ^= 0x20  # a name byte of the first header: its checksum no longer matches
+    assert tarindex._plain_member(bytes(damaged[:tarfile.BLOCKSIZE])) is None
+    with pytest.raises(tarfile.HeaderError, match="checksum"):
+        tarindex.parse_run(bytes(damaged))

@@ -241,8 +241,10 @@ def main(argv=None) -> dict:
         net = net.to(memory_format=torch.channels_last)
     net.train()
     # train.py's optimiser (TrainConfig's lr, momentum, weight decay: the same update work).
-    opt = torch.optim.SGD(net.parameters(), lr=TrainConfig.lr, momentum=TrainConfig.momentum,
-                          weight_decay=TrainConfig.weight_decay)
+    from pipelines.train import sgd
+
+    opt = sgd(net.parameters(), lr=TrainConfig.lr, momentum=TrainConfig.momentum,
+              weight_decay=TrainConfig.weight_decay)
     model_rows, model_extra = bench_model(net, opt, device, a)
     e2e_rows, e2e_extra = bench_end_to_end(net, opt, device, shards, a)
     log(f"done in {time.perf_counter() - t0:.0f} s")

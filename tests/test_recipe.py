@@ -59,6 +59,35 @@ def test_a_gpu_worker_reserves_its_nodes_cpus_per_gpu_and_at_most_the_cap():
 
 
 # --- the training step -------------------------------------------------------------------------
+def test_the_fused_sgd_moves_the_weights_as_the_plain_loop_and_survives_a_resume():
+    """train.sgd takes the fused kernel where torch has it (here, CPU): the same weights and
+    momentum after several steps as torch's plain SGD, to float rounding (a rate and decay large
+    enough that each term shows); a checkpoint saved by either loads into the other, and the
+    loaded optimiser keeps its own kernel."""
+    torch.manual_seed(0)
+    plain_net = model.build("alexnet2012", 10, "kaiming")
+    fused_net = copy.deepcopy(plain_net)
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=0.05)
+    plain = torch.optim.SGD(plain_net.parameters(), **hyper)
+    fused = train.sgd(fused_net.parameters(), **hyper)
+    assert fused.param_groups[0]["fused"] is True and plain.param_groups[0]["fused"] is not True
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for a, b in zip(plain_net.parameters(), fused_net.parameters()):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        plain.step()
+        fused.step()
+    for a, b in zip(plain_net.parameters(), fused_net.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused.state[b]["momentum_buffer"], plain.state[a]["momentum_buffer"],
+                                   rtol=1e-5, atol=1e-6)
+    train.load_optimizer(fused, plain.state_dict())  # a checkpoint of the plain loop
+    assert fused.param_groups[0]["fused"] is True
+    train.load_optimizer(plain, fused.state_dict())
+    assert plain.param_groups[0]["fused"] is not True
+
+
 def _one_step(net, amp=None, scaler=None):
     net = copy.deepcopy(net)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)

@@ -1,6 +1,7 @@
 """Small pieces every stage shares: digests, timestamps, progress lines, Ray start-up, errors."""
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -35,6 +36,26 @@ def fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+_watched: list = []  # futures whose failure stops the stage at its next progress report
+
+
+@contextlib.contextmanager
+def stop_on_failure(future):
+    """While inside, a failure of ``future`` (work on another thread that the stage needs, such
+    as opening its MLflow run) is raised by the stage's next Progress.update."""
+    _watched.append(future)
+    try:
+        yield
+    finally:
+        _watched.remove(future)
+
+
+def raise_if_background_failed() -> None:
+    for f in _watched:
+        if f.done() and f.exception() is not None:
+            raise f.exception()
+
+
 class Progress:
     """Prints 'label: done/total unit, N images, R img/s, ETA' to stderr, at most every ``every`` s."""
 
@@ -45,6 +66,7 @@ class Progress:
         self.start = self._last = time.monotonic()
 
     def update(self, items: int = 1, images: int = 0) -> None:
+        raise_if_background_failed()
         self.done += items
         self.images += images
         now = time.monotonic()

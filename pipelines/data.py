@@ -8,7 +8,7 @@
 so a loader worker reads the runs of consecutive samples the plan gives it with one seek or one
 ranged GET each, never a whole shard it does not need. pipelines/plan.py decides which samples
 each rank and loader worker reads at each step; this module only reads, decodes and batches them.
-Loader workers decode JPEGs with torchvision.io.decode_jpeg (libjpeg-turbo, no PIL) and do the
+Loader workers decode JPEGs with torchvision's decode_jpeg (libjpeg-turbo, no PIL) and do the
 uint8 crop/flip; each sample's crop and flip come from a generator seeded by (seed, epoch,
 sample), so they do not depend on which rank or worker reads it (a resume or a new world size
 crops the same sample the same way). Batches leave as uint8: the float conversion, PCA
@@ -298,13 +298,14 @@ def _worker_context(dataset: PlanStream):
     otherwise (a Ray Train worker, a process with MLflow's or Ray's threads) forked from a fork
     server. A fork taken while another thread holds a lock leaves the new worker waiting on it
     forever (seen here: a training run stuck as its validation loader started). The server
-    imports once what a worker needs (this module, the decoder, the transform's module: ~2.5 s
-    of imports), so its workers start in milliseconds too."""
+    imports once what a worker needs (this module and the transform's: torch, ~1.5 s of
+    imports; the decoder is torchvision's extension alone, see jpeg_codec), so its workers
+    start in milliseconds too."""
     import importlib
     import multiprocessing
     import threading
 
-    needed = [__name__, "torchvision.io", type(dataset.transform).__module__]
+    needed = [__name__, type(dataset.transform).__module__]
     if threading.active_count() == 1:
         for module in needed:  # imported here once, not in every worker
             importlib.import_module(module)

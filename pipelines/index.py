@@ -27,7 +27,8 @@ import time
 from collections import deque
 
 from . import lease, storage
-from .common import StageError, StrictFailure, check_parallel, counted_task, digest, ensure_ray, now_iso, on_cluster
+from .common import (StageError, StrictFailure, check_parallel, counted_task, digest, ensure_ray, now_iso,
+                     on_cluster, raise_if_background_failed)
 from .config import SPLITS, IndexConfig
 from .sources import Item, Unit, expand, open_source, read_unit, where
 
@@ -310,6 +311,7 @@ def _collect(items, label: dict[str, int], progress_label: str):
         now = time.monotonic()
         if now - last > 2:
             last = now
+            raise_if_background_failed()  # (the stage's MLflow run could not be opened)
             print(f"{progress_label}: {rows.n} images, {nbytes / 1e6 / (now - started):.0f} MB/s, "
                   f"{len(rejects)} rejected", file=sys.stderr, flush=True)
     table = rows.table()

@@ -558,7 +558,17 @@ def track_stage(stage: str, cfg, fn: Callable, experiment: str = "preprocessing"
     input/output digests, the dataset ROOT. The run ends FAILED (re-raising) when ``fn`` raises;
     a StrictFailure's summary is recorded first, since its work is complete. With
     ``parent_run_id`` the run is nested under it (the UI nests runs of the same experiment only).
+
+    The run is opened on a thread while ``fn`` works: importing MLflow and opening its store take
+    ~2 s of one core (on SQLite, half of it SQLAlchemy's mappers), which a stage run from the
+    command line would otherwise spend before its first image. If the run cannot be opened, the
+    stage stops at its next progress report (common.Progress), not hours later at its end; what
+    it wrote is kept, and a rerun skips it.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from . import common
+
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
         config = dataclasses.asdict(cfg)
     else:
@@ -568,19 +578,30 @@ def track_stage(stage: str, cfg, fn: Callable, experiment: str = "preprocessing"
         tags["pipelines.data"] = config["data"]
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    client = _client()
-    run_id = client.create_run(experiment_id(experiment), run_name=stage,
-                               tags={**standard_tags(stage), **_clean_strings(tags)}).info.run_id
-    log_params(run_id, {**config, **environment()})
-    try:
-        summary = fn(cfg)
-    except StrictFailure as e:
-        _record_summary(run_id, e.summary)
-        _fail(run_id, e, "FAILED")
-        raise
-    except BaseException as e:  # KeyboardInterrupt too: the run must not stay RUNNING forever
-        _fail(run_id, e, "FAILED" if isinstance(e, Exception) else "KILLED")
-        raise
+    # Resolved now, in this thread: a local Ray the stage starts meanwhile inherits the same store
+    # (configure() exports it too, once MLflow is imported).
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()
+    import numpy  # noqa: F401 - imported by this thread before MLflow's thread imports its users:
+    import pyarrow  # noqa: F401 - two threads importing one package's circular modules can deadlock
+
+    def open_run() -> str:
+        run_id = _client().create_run(experiment_id(experiment), run_name=stage,
+                                      tags={**standard_tags(stage), **_clean_strings(tags)}).info.run_id
+        log_params(run_id, {**config, **environment()})
+        return run_id
+
+    with ThreadPoolExecutor(1, thread_name_prefix="mlflow-open") as pool:
+        opening = pool.submit(open_run)
+        try:
+            with common.stop_on_failure(opening):
+                summary = fn(cfg)
+        except BaseException as e:  # KeyboardInterrupt too: the run must not stay RUNNING forever
+            if opening.exception() is None:  # (waits for it)
+                if isinstance(e, StrictFailure):
+                    _record_summary(opening.result(), e.summary)
+                _fail(opening.result(), e, "FAILED" if isinstance(e, Exception) else "KILLED")
+            raise
+    run_id = opening.result()  # the stage's work is done and kept; without its run, this raises
     _record_summary(run_id, summary)
     end_run(run_id, "FINISHED")
     return {**summary, "mlflow_run_id": run_id}

@@ -210,6 +210,32 @@ def test_track_stage_marks_failures(client, exp, tmp_path):
     assert run.data.tags["mlflow.parentRunId"] == parent
 
 
+def test_a_run_that_cannot_be_opened_stops_the_stage_at_its_next_progress_report(client, exp, tmp_path):
+    """The stage's run opens on a thread while the stage works; when it cannot (here the
+    experiment is deleted), the stage stops at its next progress report with the fix, and work
+    it finished stays. A stage that finishes first gets the same error at its end."""
+    from pipelines.common import Progress
+
+    client.delete_experiment(tracking.experiment_id(exp))
+    reports = []
+
+    def long_stage(c):
+        progress = Progress("shard", 600, every=0.0)
+        for _ in range(600):  # a minute of work, reporting every 0.1 s
+            time.sleep(0.1)
+            progress.update(1, images=250)
+            reports.append(time.monotonic())
+        return {"stage": "shard"}
+
+    started = time.monotonic()
+    with pytest.raises(StageError, match=f"MLflow experiment '{exp}' is deleted. Restore it"):
+        tracking.track_stage("shard", FakeConfig(data=str(tmp_path)), long_stage, experiment=exp)
+    assert len(reports) < 100 and time.monotonic() - started < 20, len(reports)  # not the minute
+
+    with pytest.raises(StageError, match="is deleted"):
+        tracking.track_stage("shard", FakeConfig(data=str(tmp_path)), lambda c: {"stage": "shard"}, experiment=exp)
+
+
 def test_secrets_never_reach_params_or_tags(client, exp, tmp_path):
     secret, password = "wJalrXUtnFEMI-s3cr3t", "hunter2pw"
     cfg = FakeConfig(data=str(tmp_path), aws_secret_access_key=secret,

@@ -23,11 +23,12 @@ STATE_FILE = "state.pt"
 
 
 def save(state: dict, folder: str) -> str:
-    """Write ``state`` into a local folder (Ray Train uploads it from there); returns the file."""
+    """Write ``state`` into a local folder (the run's own, or one Ray Train uploads from); returns the file."""
     import torch
 
     path = os.path.join(folder, STATE_FILE)
-    torch.save(state, path)
+    torch.save(state, path + ".partial")
+    os.replace(path + ".partial", path)  # a process killed mid-write leaves no file by the name loaders look for
     return path
 
 

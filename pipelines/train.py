@@ -813,11 +813,20 @@ def run(cfg: TrainConfig, parent_run_id: str | None = None) -> dict:
             # Ray Train's own INFO lines (every report, every checkpoint, 500 characters each)
             # drown the run's; its warnings and errors still show.
             logging_config=LoggingConfig(log_level="WARNING")))
+    # A Ray of this machine alone, started for this process: no cloud drains its node, and Ray
+    # Train's preemption watcher would be one more actor process, whose start Ray reports with an
+    # error-level line. A cluster's runs keep it. (Read from the environment as fit() starts.)
+    watcher = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+    off = {} if on_cluster() or watcher in os.environ else {watcher: "0"}
+    os.environ.update(off)
     try:
         result = trainer.fit()
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise
+    finally:
+        for k in off:
+            os.environ.pop(k, None)
     if result.checkpoint is None:
         tracking.end_run(run_id, "FAILED")
         raise StageError(f"Training '{name}' ended without a checkpoint; see the worker logs above.")

@@ -39,7 +39,9 @@ def plain_loop(arch: str, batch: int, crop: int, steps: int, warmup: int = 2) ->
 
     torch.manual_seed(0)
     net = model.build(arch, 1000, "kaiming").train()
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    from pipelines.train import sgd
+
+    opt = sgd(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)  # the project's (fused where torch has it)
     x = torch.randn(batch, 3, crop, crop)
     y = torch.randint(0, 1000, (batch,))
     for i in range(warmup + steps):
@@ -64,7 +66,8 @@ def ray_train_loop(arch: str, batch: int, crop: int, steps: int, epochs: int, st
     ray = ensure_ray(dashboard=True)
     cores = int(ray.cluster_resources().get("CPU", 1))
     cfg = TrainConfig(data=store, workers=1, gpu=False, epochs=epochs, batch_size=batch, crop=crop, arch=arch,
-                      init="kaiming", name=f"train-step-{time.time():.0f}", decode="worker")
+                      init="kaiming", name=f"train-step-{time.time():.0f}", decode="worker",
+                      storage=os.path.join(store, "runs"))
     run_id = tracking.start_or_resume_run("benchmarks", cfg.name, tags={"pipelines.stage": "benchmark"})
     # As train.run() builds it, with no shards: the synthetic batch replaces the loader.
     loop_config = {**dataclasses.asdict(cfg), "train_shards": [], "val_shards": [], "stats": STATS,
@@ -73,7 +76,7 @@ def ray_train_loop(arch: str, batch: int, crop: int, steps: int, epochs: int, st
     trainer = TorchTrainer(train.train_loop, train_loop_config=loop_config,
                            scaling_config=ScalingConfig(num_workers=1, use_gpu=False,
                                                         resources_per_worker={"CPU": cores}),
-                           run_config=RunConfig(name=cfg.name, storage_path=os.path.join(store, "runs")))
+                           run_config=RunConfig(name=cfg.name, storage_path=cfg.storage))
     t = time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - t

@@ -395,7 +395,7 @@ def train_loop(c: dict) -> None:
         # Every rank waits until the checkpoint is registered, so a checkpoint is never behind
         # the training it describes. (Ray's ASYNC upload lets training run on while a 0.5 GB
         # upload goes to S3: a node lost then resumes from further back.)
-        if storage.is_s3(c["storage"]):  # written here, uploaded by Ray Train
+        if not c.get("storage") or storage.is_s3(c["storage"]):  # written here, uploaded by Ray Train
             with tempfile.TemporaryDirectory() as d:
                 checkpoint.save(state, d)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

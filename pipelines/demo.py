@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import evaluate, index, sample, shard, stats, status, storage, tracking, train
@@ -39,15 +38,12 @@ def run(args: dict) -> dict:
     tracking.check_reachable()
     src, data = storage.join(out, "imagenet-sample"), storage.join(out, "data")
     os.makedirs(out, exist_ok=True)
-    import numpy  # noqa: F401 - imported here before the thread below imports MLflow, which uses it
-
     # One run for the whole pipeline, the stage runs and the training run nested under it (and the
     # evaluations under training): the MLflow UI shows the demo as one tree in its experiment.
     # It opens on a thread while the sample is made on one core: a new SQLite store's schema
     # migrations and MLflow's imports take ~3 s of the other.
-    with ThreadPoolExecutor(1, thread_name_prefix="mlflow-open") as opener:
-        opening = opener.submit(tracking.start_pipeline_run, TRAIN["experiment"], "pipeline", "demo",
-                                {"pipelines.data": data})
+    with tracking.on_a_thread(tracking.start_pipeline_run, TRAIN["experiment"], "pipeline", "demo",
+                              {"pipelines.data": data}) as opening:
         if not storage.exists(storage.join(src, "truth.json")):
             _step(f"sample: a small ImageNet-format dataset in {src}")
             sample.run(sample.SampleConfig(out=src, **SAMPLE))

@@ -9,6 +9,7 @@ so any process (a Ray job driver, a restarted rank 0) can log into the same run.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import numbers
@@ -550,6 +551,25 @@ def _record_summary(run_id: str, summary: dict) -> None:
     log_json(run_id, _mask_tree(summary), "summary.json")
 
 
+@contextlib.contextmanager
+def on_a_thread(fn: Callable, *args):
+    """Run ``fn(*args)`` (MLflow work, such as opening a run) on a thread of its own while the
+    caller works; yields its future, and waits for it on leaving.
+
+    MLFLOW_TRACKING_URI is resolved first, in the caller's thread, so that a process started
+    meanwhile (a local Ray) uses the same store (configure() exports it too, once MLflow is
+    imported). numpy and pyarrow are imported first too: two threads importing one package's
+    circular modules at once can deadlock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()
+    import numpy  # noqa: F401
+    import pyarrow  # noqa: F401
+
+    with ThreadPoolExecutor(1, thread_name_prefix="mlflow") as pool:
+        yield pool.submit(fn, *args)
+
+
 def track_stage(stage: str, cfg, fn: Callable, experiment: str = "preprocessing",
                 parent_run_id: str | None = None) -> dict:
     """``summary = fn(cfg)`` inside an MLflow run of its own; returns the summary plus ``mlflow_run_id``.
@@ -565,8 +585,6 @@ def track_stage(stage: str, cfg, fn: Callable, experiment: str = "preprocessing"
     stage stops at its next progress report (common.Progress), not hours later at its end; what
     it wrote is kept, and a rerun skips it.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     from . import common
 
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
@@ -578,20 +596,13 @@ def track_stage(stage: str, cfg, fn: Callable, experiment: str = "preprocessing"
         tags["pipelines.data"] = config["data"]
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    # Resolved now, in this thread: a local Ray the stage starts meanwhile inherits the same store
-    # (configure() exports it too, once MLflow is imported).
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()
-    import numpy  # noqa: F401 - imported by this thread before MLflow's thread imports its users:
-    import pyarrow  # noqa: F401 - two threads importing one package's circular modules can deadlock
-
     def open_run() -> str:
         run_id = _client().create_run(experiment_id(experiment), run_name=stage,
                                       tags={**standard_tags(stage), **_clean_strings(tags)}).info.run_id
         log_params(run_id, {**config, **environment()})
         return run_id
 
-    with ThreadPoolExecutor(1, thread_name_prefix="mlflow-open") as pool:
-        opening = pool.submit(open_run)
+    with on_a_thread(open_run) as opening:
         try:
             with common.stop_on_failure(opening):
                 summary = fn(cfg)

@@ -80,6 +80,8 @@ def _stage_parsers(sub):
               "(50,000 ground-truth lines) unless --val-per-class says otherwise")
     _add(p, SampleConfig, "--layouts", dest="layouts", type=lambda t: tuple(x.strip() for x in t.split(",") if x.strip()),
          metavar="LIST", help="which layouts to write, comma-separated (default: tarballs,kaggle,folders)")
+    _add(p, SampleConfig, "--workers", dest="workers", type=int,
+         help="processes encoding the images (the bytes are the same for any number)")
     p.set_defaults(config=SampleConfig, module="sample")
 
     C = config.IndexConfig

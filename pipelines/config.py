@@ -20,6 +20,9 @@ class SampleConfig:
     # WordNet nodes above them, 1,860 synsets), so scale is measured on the real class count.
     imagenet: bool = False
     layouts: tuple[str, ...] = ("tarballs", "kaggle", "folders")  # which of the three to write
+    # Processes encoding the images: each starts in ~1 s, so one is quickest for the demo's 700
+    # images; the GPU check's tens of thousands of 256 px images want every core.
+    workers: int = 1
 
 
 # Below this much source data a stage run on one machine skips starting a local Ray (~7 s of

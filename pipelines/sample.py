@@ -91,7 +91,7 @@ def run(cfg: SampleConfig) -> dict:
     start = time.perf_counter()
     _check(cfg)
     plan = _plan(cfg)
-    images = {key: _encode(key, plan) for key in [*plan["train"], *plan["val"]]}
+    images = _encode_all([*plan["train"], *plan["val"]], plan, cfg.workers)
 
     _progress(f"{len(images):,} images encoded in {time.perf_counter() - start:.1f} s")
 
@@ -150,6 +150,8 @@ def _check(cfg: SampleConfig) -> None:
     if unknown or not cfg.layouts:
         raise SampleError(f"--layouts {','.join(cfg.layouts)}: expected a comma-separated list of "
                           f"{', '.join(LAYOUTS)}.")
+    if cfg.workers < 1:
+        raise SampleError(f"--workers {cfg.workers}: need at least 1 encoding process.")
     if len(cfg.size) != 2 or min(cfg.size) < 8:
         raise SampleError(f"--size {cfg.size[0]}x{cfg.size[1]} (size={cfg.size!r}): expected (W, H), each >= 8 pixels.")
 
@@ -290,6 +292,33 @@ def _pixels(key: str, plan: dict) -> np.ndarray:
     dark = light * rng.uniform(0.2, 0.4)
     img = dark + (light - dark) * mix + rng.normal(0, 8, (h, w, 3))
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _encode_all(keys: list[str], plan: dict, workers: int) -> dict[str, bytes]:
+    """key -> file bytes; with several workers, processes encode chunks of keys. Each image is a
+    function of (seed, key) alone, so the bytes are the same for any number of workers."""
+    if workers <= 1:
+        return {key: _encode(key, plan) for key in keys}
+    import concurrent.futures
+    import multiprocessing
+
+    chunk = max(1, len(keys) // (workers * 8))  # a few chunks a worker: balance without per-image IPC
+    parts = [keys[i:i + chunk] for i in range(0, len(keys), chunk)]
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_set_plan, initargs=(plan,)) as pool:
+        return dict(zip(keys, (data for part in pool.map(_encode_part, parts) for data in part)))
+
+
+_PLAN: dict | None = None  # an encoding worker's copy of the plan, set once when it starts
+
+
+def _set_plan(plan: dict) -> None:
+    global _PLAN
+    _PLAN = plan
+
+
+def _encode_part(keys: list[str]) -> list[bytes]:
+    return [_encode(key, _PLAN) for key in keys]
 
 
 def _encode(key: str, plan: dict) -> bytes:

@@ -903,6 +903,8 @@ def _summary(cfg, name, run_id, state, ckpt_dir, model_uri, seconds, skipped=Fal
     best_state, best_dir = best or (state, ckpt_dir)
     return {"stage": "train", "data": cfg.data, "name": name, "run_id": run_id, "epochs": last["epoch"],
             **{k: last[k] for k in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5")},
+            # the last epoch's speed: what a GPU check or a sweep compares across machines
+            **{k: last.get(k) for k in ("images_per_second", "data_wait_fraction")},
             "checkpoint": ckpt_dir, "best_checkpoint": best_dir, "best_epoch": best_state["history"][-1]["epoch"],
             "model_uri": model_uri, "gpu": gpu, "workers": cfg.workers,
             # the ranks of the last worker group, by node (a group restarted after a node loss differs)

@@ -267,6 +267,7 @@ def test_auto_decode_is_device_only_on_cuda_and_config_and_cli_take_it():
     assert "decode" not in vars(cli.parser().parse_args(["train", "--data", "x"]))  # config.py's default wins
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nvjpeg needs a CUDA device")
 def test_nvjpeg_batches_match_the_cpu_path_within_jpeg_tolerance(photos):
     tf = model.TrainTransform.from_stats(STATS, crop=64)

@@ -246,6 +246,15 @@ def test_deterministic_and_seed_dependent(tmp_path):
     assert truth["bad"] == {}
 
 
+def test_encoding_processes_write_the_same_bytes_as_one(tmp_path):
+    """--workers spreads the encoding over processes; quirks and damaged files included, every
+    layout is byte for byte what one process writes."""
+    small = dict(classes=3, train_per_class=4, val_per_class=3, size=(40, 32), bad=True)
+    one = run(SampleConfig(out=str(tmp_path / "one"), **small))
+    two = run(SampleConfig(out=str(tmp_path / "two"), workers=2, **small))
+    assert sha256s(Path(one["out"])) == sha256s(Path(two["out"]))
+
+
 def test_archive_metadata_is_pinned(sample):
     """Clock-dependent metadata would break byte-identical reruns, even if two quick runs agree."""
     out = sample[0]
@@ -280,6 +289,7 @@ def test_rerun_replaces_earlier_sample_but_not_foreign_dirs(tmp_path):
     (dict(classes=2, train_per_class=2, bad=True), "train_per_class=2"),
     (dict(classes=2, val_per_class=1, bad=True), "val_per_class=1"),
     (dict(size=(4, 100)), "size="),
+    (dict(workers=0), "--workers 0"),
 ])
 def test_config_errors(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):

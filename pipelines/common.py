@@ -317,6 +317,10 @@ def ensure_ray(dashboard: bool = False):
             # warns about it on every start. A user's own RAY_AUTH_MODE is kept.
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             _name_the_local_gcs(ray)
+        if dashboard and address == "local" and not _dashboard_installed():
+            print("note: Ray's dashboard packages (ray[default]) are not installed: starting Ray without "
+                  "its dashboard (Ray Train then warns that it cannot list its actors).", file=sys.stderr)
+            dashboard = False
         local = {} if address != "local" else {"include_dashboard": dashboard}
         if dashboard and address == "local":
             local["dashboard_host"] = "127.0.0.1"
@@ -330,3 +334,13 @@ def ensure_ray(dashboard: bool = False):
         ray.init(address=address, logging_level="WARNING", log_to_driver=not os.environ.get("PIPELINES_QUIET"),
                  **local)
     return ray
+
+
+def _dashboard_installed() -> bool:
+    """Whether ray[default]'s dashboard packages are here (Ray's own test: this module imports
+    them); a plain `pip install ray` lacks them, and Ray then refuses to start with a dashboard."""
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="folder for the JSON files and run.log (at most 8 files)")
     ap.add_argument("--cpu-rehearsal", action="store_true", help="tiny sizes on the CPU: checks the script itself")
-    ap.add_argument("--work", default=None, help="scratch folder for the data, runs and MLflow store (default: OUT/../work)")
+    ap.add_argument("--work", default=None, help="scratch folder for the data, runs and MLflow store (default: OUT-work beside OUT)")
     ap.add_argument("--only", default=",".join(STEPS), type=lambda t: set(t.split(",")),
                     help=f"comma-separated steps to run (default: all of {','.join(STEPS)}); a rerun on a "
                          "GPU machine repeats only what failed")
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         ap.error(f"--only {','.join(sorted(a.only))}: unknown step(s); expected some of {','.join(STEPS)}")
     s = SIZES["cpu" if a.cpu_rehearsal else "gpu"]
     out = os.path.abspath(a.out)
-    work = os.path.abspath(a.work or os.path.join(out + "-work"))
+    work = os.path.abspath(a.work or out + "-work")
     py, cli = sys.executable, [sys.executable, "-m", "pipelines"]
     check = Check(out)
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db", "BENCH_OUT": os.path.join(work, "bench"),
@@ -123,33 +123,36 @@ def main(argv=None) -> int:
     gpu = [] if a.cpu_rehearsal else ["--gpu"]
 
     want = a.only.__contains__
-    want("env") and check.run("env", [py, "-m", "benchmarks.gpu_check", out, "--env-record"], json_to="env.json", timeout=60)
-    # The files that hold CUDA tests: collecting the others would import what the GPU machine lacks (boto3).
-    tests = want("cuda-tests") and check.run("cuda-tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", *CUDA_TESTS,
-                                     "-o", "addopts=", "--junitxml", os.path.join(work, "cuda-tests.xml")],
-                      timeout=150, env=env)
+    if want("env"):
+        check.run("env", [py, "-m", "benchmarks.gpu_check", out, "--env-record"], json_to="env.json", timeout=60)
     if want("cuda-tests"):
-        check._write("cuda-tests.json", junit_counts(os.path.join(work, "cuda-tests.xml"), ok=tests is not None))
-    if want("bench") and check.run("bench", [py, "-m", "benchmarks.gpu", *s["bench"], "--cache", os.path.join(work, "bench-cache")],
-                 timeout=240, env=env) is not None:
-        with open(os.path.join(work, "bench", "gpu.json")) as f:
-            check._write("gpu.json", json.load(f))
+        xml = os.path.join(work, "cuda-tests.xml")
+        ok = check.run("cuda-tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", *CUDA_TESTS,
+                                      "-o", "addopts=", "--junitxml", xml], timeout=150, env=env)
+        check._write("cuda-tests.json", junit_counts(xml, ok=ok is not None))
+    if want("bench"):
+        bench = [py, "-m", "benchmarks.gpu", *s["bench"], "--cache", os.path.join(work, "bench-cache")]
+        if check.run("bench", bench, timeout=240, env=env) is not None:
+            with open(os.path.join(work, "bench", "gpu.json")) as f:
+                check._write("gpu.json", json.load(f))
 
     src, data = os.path.join(work, "source"), os.path.join(work, "data")
-    made = not want("data") or (check.run("sample", [*cli, "sample", "--out", src, "--classes", str(s["classes"]),
-                                 "--train-per-class", str(s["train_per_class"]), "--val-per-class",
-                                 str(s["val_per_class"]), "--size", s["size"], "--layouts", "tarballs",
-                                 "--workers", str(os.cpu_count())], env=env, timeout=180) is not None
-            and check.run("index", [*cli, "index", "--source", os.path.join(src, "tarballs"), "--data", data],
-                          env=env, timeout=120) is not None
-            and check.run("shard", [*cli, "shard", "--data", data, "--resize", str(s["resize"])],
-                          env=env, timeout=180) is not None
-            and check.run("stats", [*cli, "stats", "--data", data], env=env, timeout=120) is not None)
-    trained = made and want("train") and check.run(
-        "train", [*cli, "train", "--data", data, *gpu, "--workers", "1", "--epochs", "2", "--batch-size",
-                  str(s["batch"]), "--crop", str(s["crop"]), "--amp", "bf16", "--decode", "device", "--compile",
-                  "--name", "gpu-check", "--experiment", "gpu-check", "--storage", os.path.join(work, "runs")],
-        json_to="train.json", env=env, timeout=300)
+    stages = {  # each needs the one before it
+        "sample": [*cli, "sample", "--out", src, "--classes", str(s["classes"]), "--train-per-class",
+                   str(s["train_per_class"]), "--val-per-class", str(s["val_per_class"]), "--size", s["size"],
+                   "--layouts", "tarballs", "--workers", str(os.cpu_count())],
+        "index": [*cli, "index", "--source", os.path.join(src, "tarballs"), "--data", data],
+        "shard": [*cli, "shard", "--data", data, "--resize", str(s["resize"])],
+        "stats": [*cli, "stats", "--data", data]}
+    made = not want("data") or all(check.run(name, cmd, env=env, timeout=180) is not None
+                                   for name, cmd in stages.items())
+    trained = None
+    if made and want("train"):
+        trained = check.run("train", [
+            *cli, "train", "--data", data, *gpu, "--workers", "1", "--epochs", "2", "--batch-size", str(s["batch"]),
+            "--crop", str(s["crop"]), "--amp", "bf16", "--decode", "device", "--compile", "--name", "gpu-check",
+            "--experiment", "gpu-check", "--storage", os.path.join(work, "runs")],
+            json_to="train.json", env=env, timeout=300)
     if trained and want("evaluate"):
         check.run("evaluate", [*cli, "evaluate", "--data", data, "--run-id", trained["run_id"], "--ten-crop"],
                   json_to="evaluate.json", env=env, timeout=120)

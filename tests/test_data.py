@@ -278,9 +278,15 @@ def test_nvjpeg_batches_match_the_cpu_path_within_jpeg_tolerance(photos):
     for (xw, yw, _), (xg, yg, _) in zip(want, got):
         assert xg.device.type == "cuda" and xg.dtype == torch.uint8 and xg.shape == xw.shape
         assert torch.equal(yg.cpu(), yw)
-        diff = (xg.cpu().int() - xw.int()).abs()
-        # nvjpeg and libjpeg-turbo differ in IDCT and chroma upsampling rounding, not in content.
-        assert diff.float().mean() < 1.0 and diff.max() <= 16, (diff.float().mean(), diff.max())
+        # Compared in luma: nvjpeg upsamples the half-resolution chroma by plain replication,
+        # libjpeg-turbo by interpolation, which on these noisy test images moves RGB values by 4.5
+        # on average and up to ~90 (seen on an H200; libjpeg-turbo's own fast upsampling gives 4.2
+        # and 90 on the CPU). Luma is stored at full resolution and recomputing it from RGB cancels
+        # chroma (up to clipping): fast against interpolated upsampling gives mean 0.28, 99th
+        # percentile 1.9. On this texture a crop one pixel off moves it by ~15 on average, a flip by ~35.
+        luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        diff = ((xg.cpu().float() - xw.float()) * luma).sum(1).abs()
+        assert diff.mean() < 1.0 and diff.quantile(0.99) <= 4, (diff.mean(), diff.quantile(0.99))
 
 
 def test_the_fast_tar_header_reader_agrees_with_tarfile_and_leaves_damage_to_it():

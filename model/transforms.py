@@ -228,15 +228,17 @@ class EvalTransform:
         return self.photometric(self.geometric(img))
 
 
-def ten_crop_predict(model: nn.Module, crops: torch.Tensor) -> torch.Tensor:
+def ten_crop_predict(model: nn.Module, crops: torch.Tensor,
+                     memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """N x K x C x H x W crops (K = 10 from EvalTransform) -> N x classes mean softmax.
 
     Section 4.1: "averaging the predictions made by the network's softmax layer on the ten
     patches". Call it under torch.no_grad() / inference_mode and model.eval().
+    ``memory_format``: the layout of the N*K batch the model sees (torch.channels_last on GPUs).
     """
     if crops.ndim != 5:
         raise ValueError(f"expected N x K x C x H x W crops, got shape {tuple(crops.shape)}.")
     n, k = crops.shape[:2]
-    logits = model(crops.flatten(0, 1))
+    logits = model(crops.flatten(0, 1).contiguous(memory_format=memory_format))
     # float(): average probabilities in float32 even under bf16 autocast.
     return logits.float().softmax(dim=-1).view(n, k, -1).mean(dim=1)

@@ -182,6 +182,11 @@ def _stage_parsers(sub):
          help="autocast: auto = bf16 on a GPU, off on CPUs; fp16 adds loss scaling (GPU only)")
     _add(r, C, "--compile", dest="compile", action="store_const", const=True,
          help="torch.compile the network (compiles for minutes at start, then faster steps)")
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--channels-last", dest="channels_last", action="store_const", const=True, default=_UNSET,
+                   help="images and weights in NHWC memory order (default: on GPUs)")
+    g.add_argument("--no-channels-last", dest="channels_last", action="store_const", const=False, default=_UNSET,
+                   help="keep PyTorch's NCHW order")
     _add(r, C, "--lr-scaling", dest="lr_scaling", choices=["none", "linear"],
          help="linear: lr = --lr x global batch / --lr-reference-batch (Goyal et al. 2017)")
     _add(r, C, "--lr-reference-batch", dest="lr_reference_batch", type=int, help="the batch --lr was set for")

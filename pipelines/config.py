@@ -121,6 +121,7 @@ class TrainConfig:
     # --- throughput on many GPUs (the paper's recipe is the defaults above; see README "Recipes") ---
     amp: str = "auto"            # autocast: auto = bf16 on a GPU (tensor cores, no loss scaling), off on CPUs
     compile: bool = False        # torch.compile the network: minutes of compilation, then faster steps
+    channels_last: bool | None = None  # None: on GPUs, whose tensor-core convolutions read NHWC
     batch_per_worker: int | None = None  # sets the global batch to N x workers (x MAX of --workers MIN-MAX)
     lr_scaling: str = "none"     # linear: lr = --lr x batch / lr_reference_batch (Goyal et al. 2017)
     lr_reference_batch: int = 128  # the batch the paper's lr 0.01 was set for (section 5)

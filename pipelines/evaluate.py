@@ -18,15 +18,20 @@ from .config import EvaluateConfig
 
 
 def evaluate(state: dict, shards: list[tuple[str, int]], ten_crop: bool, batch_size: int, loader_workers: int,
-             gpu: bool) -> dict:
-    """(top-1 hits, top-5 hits, images) of the checkpoint's model over the val shards."""
+             gpu: bool, amp: bool | None = None, channels_last: bool | None = None) -> dict:
+    """(top-1 hits, top-5 hits, images) of the checkpoint's model over the val shards. ``amp``
+    (bf16 autocast) and ``channels_last`` follow ``gpu`` unless set (a CPU test sets both)."""
     import torch
 
     import model
     from . import data
 
     device = torch.device("cuda" if gpu else "cpu")
+    amp = gpu if amp is None else amp
+    nhwc = gpu if channels_last is None else channels_last
     net = checkpoint.model_from_state(state).to(device).eval()
+    if nhwc:
+        net = net.to(memory_format=torch.channels_last)
     transform = model.EvalTransform.from_stats(state["stats"], crop=state["config"]["crop"], ten_crop=ten_crop)
     hits1 = hits5 = images = 0
     predicted, labels, keys = [], [], []  # per image: the top class, the label, the key
@@ -36,8 +41,10 @@ def evaluate(state: dict, shards: list[tuple[str, int]], ten_crop: bool, batch_s
                                   pin_memory=gpu)
         for x, y, batch_keys in data.on_device(loader, device):
             x = transform.photometric(x)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
-                probs = (model.ten_crop_predict(net, x) if ten_crop else net(x).float().softmax(-1))
+            layout = torch.channels_last if nhwc else torch.contiguous_format
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                probs = (model.ten_crop_predict(net, x, layout) if ten_crop
+                         else net(x.contiguous(memory_format=layout)).float().softmax(-1))
             top1, top5 = model.topk_hits(probs, y)
             hits1, hits5, images = hits1 + int(top1), hits5 + int(top5), images + len(y)
             predicted += probs.argmax(1).tolist()

@@ -200,7 +200,7 @@ def train_step(net, opt, x, y, amp=None, loss_scale: float | None = None, scaler
 
 
 def validate(net, shards, transform, *, device, rank: int, world: int, batch_size: int, loader_workers: int,
-             gpu: bool, decode: str, amp=None) -> Sums:
+             gpu: bool, decode: str, amp=None, channels_last: bool | None = None) -> Sums:
     """This rank's share of the val samples (every sample once across ranks), centre crop:
     loss sum, top-1 and top-5 hits, images. The caller all-reduces."""
     import torch
@@ -216,7 +216,7 @@ def validate(net, shards, transform, *, device, rank: int, world: int, batch_siz
                                   num_workers=loader_workers, pin_memory=gpu, decode=decode)
         for x, y, _keys in data.on_device(loader, device):
             x = transform.photometric(x)
-            if gpu:
+            if gpu if channels_last is None else channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
                 out = net(x).float()
@@ -227,7 +227,7 @@ def validate(net, shards, transform, *, device, rank: int, world: int, batch_siz
 
 def train_one_epoch(net, opt, batches, steps: range, transform, sums: Sums, *, gpu: bool, loss_scale: float,
                     seed: int, epoch: int, rank: int, after_step, before_step=None, amp=None,
-                    scaler=None) -> float:
+                    scaler=None, channels_last: bool | None = None) -> float:
     """The steps ``steps`` (epoch step numbers) of one epoch; returns the seconds spent waiting
     for data. ``before_step(step)`` runs before each step (the warm-up's lr),
     ``after_step(step, keys)`` after it (sample ledger, checkpoints)."""
@@ -246,8 +246,8 @@ def train_one_epoch(net, opt, batches, steps: range, transform, sums: Sums, *, g
         # as each sample's crop comes from (seed, epoch, sample): a run resumed at any step
         # replays the rest of the epoch exactly as an uninterrupted run does.
         torch.manual_seed(plan.seed_for(seed, epoch, step, rank, "torch"))
-        if gpu:  # before the float conversion, which keeps the layout: a quarter of the bytes
-            x = x.contiguous(memory_format=torch.channels_last)
+        if gpu if channels_last is None else channels_last:  # before the float conversion, which
+            x = x.contiguous(memory_format=torch.channels_last)  # keeps the layout: a quarter of the bytes
         x = transform.photometric(x, out=x_float)  # float, PCA lighting, normalise: batched, on the device
         if not gpu:  # (CUDA's caching allocator reuses memory by itself)
             x_float = x
@@ -309,9 +309,10 @@ def train_loop(c: dict) -> None:
             logging.getLogger(logger_name).setLevel(logging.WARNING)
     device = get_device()
     gpu = device.type == "cuda"
+    nhwc = gpu if c["channels_last"] is None else c["channels_last"]
     torch.manual_seed(c["seed"])
     net = model.build(c["arch"], c["num_classes"], c["init"])
-    if gpu:
+    if nhwc:
         net = net.to(memory_format=torch.channels_last)
     net = prepare_model(net)
     raw = net.module if hasattr(net, "module") else net  # the weights, whatever wraps them
@@ -366,8 +367,9 @@ def train_loop(c: dict) -> None:
     if loader_workers is None:  # a GPU worker's CPUs decode and crop for it; on CPUs they train
         loader_workers = max(1, int(c["cpus_per_worker"] or 1)) if gpu else 1
     if rank == 0:  # CPU speed depends on it; Ray sets OMP_NUM_THREADS to the worker's CPUs
-        log.info("rank 0 on %s, %d torch threads, %d loader workers, autocast %s%s%s", device,
-                 torch.get_num_threads(), loader_workers, amp or "off", ", compiled" if c["compile"] else "",
+        log.info("rank 0 on %s, %d torch threads, %d loader workers, autocast %s%s%s%s", device,
+                 torch.get_num_threads(), loader_workers, amp or "off", ", channels_last" if nhwc else "",
+                 ", compiled" if c["compile"] else "",
                  f", gradients all-reduced in {c['grad_compression']}" if world > 1 and
                  c["grad_compression"] != "none" else "")
     decode = data.choose_decode(c["decode"], device)  # nvjpeg on a GPU
@@ -474,12 +476,15 @@ def train_loop(c: dict) -> None:
                         log.info("%.3f s a step: a checkpoint every %d steps (--checkpoint-every)", step_s, every)
             if seg is not None and every and (step + 1) % every == 0 and step + 1 < seg.epoch_steps:
                 done = [*[list(s) for s in earlier[:seg.index]], [world, loader_workers, step + 1 - seg.first_step]]
-                save(epoch, done, sums.all_reduce(), {"epoch": epoch, "step": step + 1, "checkpoint_score": -1.0})
+                so_far = sums.all_reduce()
+                if math.isfinite(so_far.values()["loss"]):  # a diverged epoch is not saved (its end stops the run)
+                    save(epoch, done, so_far, {"epoch": epoch, "step": step + 1, "checkpoint_score": -1.0})
 
         warming = epoch <= c["warmup_epochs"]
         waited = train_one_epoch(net, opt, batches, steps, train_tf, sums, gpu=gpu, loss_scale=loss_scale,
                                  seed=c["seed"], epoch=epoch, rank=rank, after_step=after_step,
-                                 before_step=before_step if warming else None, amp=amp, scaler=scaler)
+                                 before_step=before_step if warming else None, amp=amp, scaler=scaler,
+                                 channels_last=nhwc)
         del batches
         if seg is not None and epoch < c["epochs"]:
             # Starting workers and reading their first batches takes ~1 s an epoch (more with
@@ -493,8 +498,12 @@ def train_loop(c: dict) -> None:
         wait_s = _agree(waited, device)
         fresh = _agree(trained[0] * per_rank, device, op="sum")  # images trained in this attempt's part
         total = sums.all_reduce().values()
+        if not math.isfinite(total["loss"]):
+            _note_divergence(c, epoch, total["loss"] / max(total["images"], 1), rank)
+            break
         val = validate(raw, c["val_shards"], eval_tf, device=device, rank=rank, world=world, batch_size=per_rank,
-                       loader_workers=loader_workers, gpu=gpu, decode=decode, amp=amp).all_reduce().values()
+                       loader_workers=loader_workers, gpu=gpu, decode=decode, amp=amp,
+                       channels_last=nhwc).all_reduce().values()
         n = val["images"]
         val_error = 1 - val["top1"] / n if n else 1.0
         if c["schedule"] == "plateau":
@@ -528,6 +537,31 @@ def train_loop(c: dict) -> None:
         mlflow_thread.shutdown()
         if monitor is not None:
             monitor.finish()
+
+
+DIVERGED = "diverged.json"  # in the run's folder: a worker's note that the loss was not finite
+
+
+def _note_divergence(c: dict, epoch: int, loss: float, rank: int) -> None:
+    """A NaN or infinite training loss: every rank holds the same all-reduced sum, so all stop
+    at this epoch together, without saving it (the checkpoints kept are finite). Rank 0 leaves
+    a note in the run's folder, which the driver turns into the run's error."""
+    if rank == 0:
+        log.error("epoch %d: the training loss is %s; stopping without saving this epoch", epoch, loss)
+        storage.write_json(storage.join(c["storage"], c["name"], DIVERGED),
+                           {"epoch": epoch, "train_loss": str(loss), "lr": c["lr"], "amp": c["amp"]})
+
+
+def _check_divergence(runs: str, name: str, run_id: str) -> None:
+    """The workers' divergence note (_note_divergence) as the run's error; the run is FAILED."""
+    note_url = storage.join(runs, name, DIVERGED)
+    if not storage.exists(note_url):
+        return
+    note = storage.read_json(note_url)
+    tracking.end_run(run_id, "FAILED")
+    raise StageError(f"Training '{name}' diverged: its training loss was {note['train_loss']} in epoch "
+                     f"{note['epoch']} (lr {note['lr']}, autocast {note['amp']}), so no model was logged. "
+                     f"Train again under a new --name with a lower --lr, or with --init kaiming or --amp off.")
 
 
 def _system_metrics(run_id: str, uri: str):
@@ -819,6 +853,7 @@ def run(cfg: TrainConfig, parent_run_id: str | None = None) -> dict:
     watcher = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
     off = {} if on_cluster() or watcher in os.environ else {watcher: "0"}
     os.environ.update(off)
+    storage.remove(storage.join(runs, name, DIVERGED))  # an earlier attempt's note: this one decides anew
     try:
         result = trainer.fit()
     except BaseException:
@@ -827,6 +862,7 @@ def run(cfg: TrainConfig, parent_run_id: str | None = None) -> dict:
     finally:
         for k in off:
             os.environ.pop(k, None)
+    _check_divergence(runs, name, run_id)
     if result.checkpoint is None:
         tracking.end_run(run_id, "FAILED")
         raise StageError(f"Training '{name}' ended without a checkpoint; see the worker logs above.")

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = {"check.json", "env.json", "cuda-tests.json", "gpu.json", "train.json", "evaluate.json", "run.log"}
+FILES = {"check.json", "env.json", "cuda-tests.json", "gpu.json", "train.json", "evaluate.json", "bisect.json",
+         "run.log"}
 
 
 @pytest.mark.slow
@@ -26,7 +27,7 @@ def test_the_gpu_check_rehearsed_on_the_cpu_runs_every_step_and_writes_every_fil
     assert {f.name for f in out.iterdir()} == FILES  # at most 8 files come back from a GPU machine
     steps = json.loads((out / "check.json").read_text())["steps"]
     assert [s["step"] for s in steps] == ["env", "cuda-tests", "bench", "sample", "index", "shard", "stats",
-                                          "train", "evaluate"]
+                                          "train", "evaluate", "bisect"]
     assert all(s["ok"] for s in steps), steps
     read = lambda name: json.loads((out / name).read_text())  # noqa: E731
     assert read("env.json")["device"] == "CPU"
@@ -36,9 +37,11 @@ def test_the_gpu_check_rehearsed_on_the_cpu_runs_every_step_and_writes_every_fil
     train = read("train.json")
     assert train["epochs"] == 2 and train["gpu"] is False and train["images_per_second"] > 0
     assert 0 <= train["data_wait_fraction"] < 1
-    assert "autocast torch.bfloat16, compiled" in log  # the worker ran the GPU's flags
+    assert "autocast torch.bfloat16, channels_last, compiled" in log  # the worker ran the GPU's flags
     evaluation = read("evaluate.json")
     assert evaluation["crops"] == 10 and evaluation["run_id"] == train["run_id"] and evaluation["images"] == 16
+    [(name, variant)] = read("bisect.json")["variants"].items()
+    assert name == "as-run-eager" and variant["steps"] == 2 and set(variant["loss"]) == {"1", "2"}
 
 
 def test_the_slimmed_ray_wheel_keeps_its_record_true(tmp_path):

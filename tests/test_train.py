@@ -127,3 +127,38 @@ def test_more_workers_than_the_local_ray_has_cpus_is_refused_before_any_run(data
     client = MlflowClient()
     exp = client.get_experiment_by_name("test")
     assert not exp or not client.search_runs([exp.experiment_id], "attributes.run_name = 'too-many'")
+
+
+def test_a_run_whose_loss_is_not_finite_stops_naming_the_epoch_and_the_fix_and_logs_no_model(dataset):
+    """lr 1e6 blows the weights up within the first steps: both workers stop at the epoch's end
+    without saving it, the error names the epoch and the fix, and the MLflow run is FAILED with no
+    model (a NaN model used to be logged and registered as if trained)."""
+    import glob
+    import os
+
+    from pipelines.common import StageError
+
+    with pytest.raises(StageError, match=r"Training 'diverges' diverged: its training loss was (nan|inf|-inf) in "
+                                         r"epoch 1 \(lr 1000000.0, .*a new --name with a lower --lr"):
+        train.run(TrainConfig(data=dataset, epochs=2, name="diverges", **{**FIT, "lr": 1e6}))
+    exp = MlflowClient().get_experiment_by_name("test")
+    [run] = MlflowClient().search_runs([exp.experiment_id], "attributes.run_name = 'diverges'")
+    assert run.info.status == "FAILED"
+    assert "pipelines.model_uri" not in run.data.tags and "train_loss" not in run.data.metrics
+    assert glob.glob(os.path.join(dataset, "runs", "diverges", "checkpoint_*")) == []
+
+
+def test_gpu_style_evaluation_bf16_and_channels_last_scores_as_the_plain_cpu_path(first_run, dataset):
+    """evaluate()'s GPU settings (bf16 autocast, channels_last) on the CPU: the trained model's
+    ten-crop predictions agree with float32's on the val images (a GPU run changes only the device)."""
+    from pipelines import evaluate, shard, storage
+
+    state = checkpoint.load(first_run["best_checkpoint"])
+    m = shard.read_manifest(dataset, "val")
+    urls = [(storage.join(shard.shard_dir(dataset, "val"), s["name"]), s["samples"]) for s in m["shards"]]
+    plain = evaluate.evaluate(state, urls, True, 8, 1, gpu=False)
+    gpu_style = evaluate.evaluate(state, urls, True, 8, 1, gpu=False, amp=True, channels_last=True)
+    assert plain["images"] == gpu_style["images"] == 24 and plain["labels"] == gpu_style["labels"]
+    agree = sum(a == b for a, b in zip(plain["predicted"], gpu_style["predicted"]))
+    assert agree >= 22, (plain["predicted"], gpu_style["predicted"])  # bf16 may flip a near-tie or two
+    assert abs(plain["hits1"] - gpu_style["hits1"]) <= 2

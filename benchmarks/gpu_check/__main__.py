@@ -13,6 +13,8 @@ is this one command, rehearsed on the CPU by a test. Steps, in order of what mat
   train       python -m pipelines train --gpu through the CLI: 2 epochs, bf16, channels_last,
               --decode device, --compile, on Ray Train                              -> train.json
   evaluate    python -m pipelines evaluate --ten-crop on the GPU                   -> evaluate.json
+  bisect      python -m benchmarks.gpu_check.bisect: the training recipe's factors one at a time,
+              the first step with a non-finite loss of each                         -> bisect.json
 check.json has each step's outcome and seconds; run.log every step's output. A step that fails
 is recorded and the steps that do not need it still run; the exit status is 1 if any failed.
 """
@@ -30,12 +32,14 @@ import time
 # (no bf16 arithmetic in these cores): 32 training images are 2 steps of 16 an epoch.
 SIZES = {
     "gpu": dict(classes=100, train_per_class=300, val_per_class=20, size="320x256", resize=256, crop=224,
-                batch=256, bench=["--steps", "30", "--repeats", "2", "--loader-workers", "14"]),
+                batch=256, bench=["--steps", "30", "--repeats", "2", "--loader-workers", "14"], bisect=[]),
     "cpu": dict(classes=4, train_per_class=8, val_per_class=4, size="96x80", resize=72, crop=64,
-                batch=16, bench=["--device", "cpu", "--tiny", "--compile-backend", "eager"]),
+                batch=16, bench=["--device", "cpu", "--tiny", "--compile-backend", "eager"],
+                bisect=["--device", "cpu", "--steps", "2", "--batch", "8", "--loader-workers", "1",
+                        "--variants", "as-run-eager"]),
 }
 CUDA_TESTS = ("tests/test_cuda.py", "tests/test_data.py")
-STEPS = ("env", "cuda-tests", "bench", "data", "train", "evaluate")  # "data": sample, index, shard, stats
+STEPS = ("env", "cuda-tests", "bench", "data", "train", "evaluate", "bisect")  # "data": sample, index, shard, stats
 
 
 class Check:
@@ -150,12 +154,15 @@ def main(argv=None) -> int:
     if made and want("train"):
         trained = check.run("train", [
             *cli, "train", "--data", data, *gpu, "--workers", "1", "--epochs", "2", "--batch-size", str(s["batch"]),
-            "--crop", str(s["crop"]), "--amp", "bf16", "--decode", "device", "--compile", "--name", "gpu-check",
-            "--experiment", "gpu-check", "--storage", os.path.join(work, "runs")],
+            "--crop", str(s["crop"]), "--amp", "bf16", "--decode", "device", "--channels-last", "--compile",
+            "--name", "gpu-check", "--experiment", "gpu-check", "--storage", os.path.join(work, "runs")],
             json_to="train.json", env=env, timeout=300)
     if trained and want("evaluate"):
         check.run("evaluate", [*cli, "evaluate", "--data", data, "--run-id", trained["run_id"], "--ten-crop"],
                   json_to="evaluate.json", env=env, timeout=120)
+    if made and want("bisect"):
+        check.run("bisect", [py, "-m", "benchmarks.gpu_check.bisect", "--data", data, "--crop", str(s["crop"]),
+                             *s["bisect"]], json_to="bisect.json", env=env, timeout=300)
     failed = [st["step"] for st in check.steps if not st["ok"]]
     print(f"[gpu-check] {'all steps ok' if not failed else 'FAILED: ' + ', '.join(failed)}; "
           f"results in {out}", file=sys.stderr)

@@ -29,9 +29,8 @@ def evaluate(state: dict, shards: list[tuple[str, int]], ten_crop: bool, batch_s
     device = torch.device("cuda" if gpu else "cpu")
     amp = gpu if amp is None else amp
     nhwc = gpu if channels_last is None else channels_last
-    net = checkpoint.model_from_state(state).to(device).eval()
-    if nhwc:
-        net = net.to(memory_format=torch.channels_last)
+    layout = torch.channels_last if nhwc else torch.contiguous_format
+    net = checkpoint.model_from_state(state).to(device).eval().to(memory_format=layout)
     transform = model.EvalTransform.from_stats(state["stats"], crop=state["config"]["crop"], ten_crop=ten_crop)
     hits1 = hits5 = images = 0
     predicted, labels, keys = [], [], []  # per image: the top class, the label, the key
@@ -41,7 +40,6 @@ def evaluate(state: dict, shards: list[tuple[str, int]], ten_crop: bool, batch_s
                                   pin_memory=gpu)
         for x, y, batch_keys in data.on_device(loader, device):
             x = transform.photometric(x)
-            layout = torch.channels_last if nhwc else torch.contiguous_format
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 probs = (model.ten_crop_predict(net, x, layout) if ten_crop
                          else net(x.contiguous(memory_format=layout)).float().softmax(-1))

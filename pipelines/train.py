@@ -200,7 +200,7 @@ def train_step(net, opt, x, y, amp=None, loss_scale: float | None = None, scaler
 
 
 def validate(net, shards, transform, *, device, rank: int, world: int, batch_size: int, loader_workers: int,
-             gpu: bool, decode: str, amp=None, channels_last: bool | None = None) -> Sums:
+             gpu: bool, channels_last: bool, decode: str, amp=None) -> Sums:
     """This rank's share of the val samples (every sample once across ranks), centre crop:
     loss sum, top-1 and top-5 hits, images. The caller all-reduces."""
     import torch
@@ -216,7 +216,7 @@ def validate(net, shards, transform, *, device, rank: int, world: int, batch_siz
                                   num_workers=loader_workers, pin_memory=gpu, decode=decode)
         for x, y, _keys in data.on_device(loader, device):
             x = transform.photometric(x)
-            if gpu if channels_last is None else channels_last:
+            if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
                 out = net(x).float()
@@ -225,9 +225,9 @@ def validate(net, shards, transform, *, device, rank: int, world: int, batch_siz
     return sums
 
 
-def train_one_epoch(net, opt, batches, steps: range, transform, sums: Sums, *, gpu: bool, loss_scale: float,
-                    seed: int, epoch: int, rank: int, after_step, before_step=None, amp=None,
-                    scaler=None, channels_last: bool | None = None) -> float:
+def train_one_epoch(net, opt, batches, steps: range, transform, sums: Sums, *, gpu: bool, channels_last: bool,
+                    loss_scale: float, seed: int, epoch: int, rank: int, after_step, before_step=None, amp=None,
+                    scaler=None) -> float:
     """The steps ``steps`` (epoch step numbers) of one epoch; returns the seconds spent waiting
     for data. ``before_step(step)`` runs before each step (the warm-up's lr),
     ``after_step(step, keys)`` after it (sample ledger, checkpoints)."""
@@ -246,8 +246,8 @@ def train_one_epoch(net, opt, batches, steps: range, transform, sums: Sums, *, g
         # as each sample's crop comes from (seed, epoch, sample): a run resumed at any step
         # replays the rest of the epoch exactly as an uninterrupted run does.
         torch.manual_seed(plan.seed_for(seed, epoch, step, rank, "torch"))
-        if gpu if channels_last is None else channels_last:  # before the float conversion, which
-            x = x.contiguous(memory_format=torch.channels_last)  # keeps the layout: a quarter of the bytes
+        if channels_last:  # before the float conversion, which keeps the layout: a quarter of the bytes
+            x = x.contiguous(memory_format=torch.channels_last)
         x = transform.photometric(x, out=x_float)  # float, PCA lighting, normalise: batched, on the device
         if not gpu:  # (CUDA's caching allocator reuses memory by itself)
             x_float = x
@@ -481,10 +481,9 @@ def train_loop(c: dict) -> None:
                     save(epoch, done, so_far, {"epoch": epoch, "step": step + 1, "checkpoint_score": -1.0})
 
         warming = epoch <= c["warmup_epochs"]
-        waited = train_one_epoch(net, opt, batches, steps, train_tf, sums, gpu=gpu, loss_scale=loss_scale,
-                                 seed=c["seed"], epoch=epoch, rank=rank, after_step=after_step,
-                                 before_step=before_step if warming else None, amp=amp, scaler=scaler,
-                                 channels_last=nhwc)
+        waited = train_one_epoch(net, opt, batches, steps, train_tf, sums, gpu=gpu, channels_last=nhwc,
+                                 loss_scale=loss_scale, seed=c["seed"], epoch=epoch, rank=rank, after_step=after_step,
+                                 before_step=before_step if warming else None, amp=amp, scaler=scaler)
         del batches
         if seg is not None and epoch < c["epochs"]:
             # Starting workers and reading their first batches takes ~1 s an epoch (more with
@@ -502,8 +501,8 @@ def train_loop(c: dict) -> None:
             _note_divergence(c, epoch, total["loss"] / max(total["images"], 1), rank)
             break
         val = validate(raw, c["val_shards"], eval_tf, device=device, rank=rank, world=world, batch_size=per_rank,
-                       loader_workers=loader_workers, gpu=gpu, decode=decode, amp=amp,
-                       channels_last=nhwc).all_reduce().values()
+                       loader_workers=loader_workers, gpu=gpu, channels_last=nhwc, decode=decode,
+                       amp=amp).all_reduce().values()
         n = val["images"]
         val_error = 1 - val["top1"] / n if n else 1.0
         if c["schedule"] == "plateau":

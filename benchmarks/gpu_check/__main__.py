@@ -66,7 +66,7 @@ class Check:
             lines = p.stdout.strip().splitlines()
             if rc == 0 and json_to:
                 result = json.loads(lines[-1])
-                self._write(json_to, result)
+                self.write(json_to, result)
             elif rc == 0:
                 result = {}
         except subprocess.TimeoutExpired:
@@ -75,12 +75,12 @@ class Check:
             self.log.write(f"\n(no JSON line on stdout: {e})\n")
         seconds = round(time.monotonic() - t0, 1)
         self.steps.append({"step": name, "ok": result is not None, "rc": rc, "seconds": seconds})
-        self._write("check.json", {"steps": self.steps})
+        self.write("check.json", {"steps": self.steps})
         print(f"[gpu-check] {name}: {'ok' if result is not None else 'FAILED'} in {seconds} s", file=sys.stderr,
               flush=True)
         return result
 
-    def _write(self, name: str, record: dict) -> None:
+    def write(self, name: str, record: dict) -> None:
         with open(os.path.join(self.out, name), "w") as f:
             json.dump(record, f, indent=2)
 
@@ -105,7 +105,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="folder for the JSON files and run.log (at most 8 files)")
     ap.add_argument("--cpu-rehearsal", action="store_true", help="tiny sizes on the CPU: checks the script itself")
-    ap.add_argument("--work", default=None, help="scratch folder for the data, runs and MLflow store (default: OUT-work beside OUT)")
+    ap.add_argument("--work", default=None,
+                    help="scratch folder for the data, runs and MLflow store (default: OUT-work beside OUT)")
     ap.add_argument("--only", default=",".join(STEPS), type=lambda t: set(t.split(",")),
                     help=f"comma-separated steps to run (default: all of {','.join(STEPS)}); a rerun on a "
                          "GPU machine repeats only what failed")
@@ -133,12 +134,12 @@ def main(argv=None) -> int:
         xml = os.path.join(work, "cuda-tests.xml")
         ok = check.run("cuda-tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", *CUDA_TESTS,
                                       "-o", "addopts=", "--junitxml", xml], timeout=150, env=env)
-        check._write("cuda-tests.json", junit_counts(xml, ok=ok is not None))
+        check.write("cuda-tests.json", junit_counts(xml, ok=ok is not None))
     if want("bench"):
         bench = [py, "-m", "benchmarks.gpu", *s["bench"], "--cache", os.path.join(work, "bench-cache")]
         if check.run("bench", bench, timeout=240, env=env) is not None:
             with open(os.path.join(work, "bench", "gpu.json")) as f:
-                check._write("gpu.json", json.load(f))
+                check.write("gpu.json", json.load(f))
 
     src, data = os.path.join(work, "source"), os.path.join(work, "data")
     stages = {  # each needs the one before it

@@ -299,22 +299,26 @@ def _encode_all(keys: list[str], plan: dict, workers: int) -> dict[str, bytes]:
     function of (seed, key) alone, so the bytes are the same for any number of workers."""
     if workers <= 1:
         return {key: _encode(key, plan) for key in keys}
-    import concurrent.futures
     import multiprocessing
 
     chunk = max(1, len(keys) // (workers * 8))  # a few chunks a worker: balance without per-image IPC
     parts = [keys[i:i + chunk] for i in range(0, len(keys), chunk)]
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_set_plan, initargs=(plan,)) as pool:
+    # A multiprocessing pool, not concurrent.futures': leaving its block (Ctrl-C, an error)
+    # terminates the workers at once instead of waiting for the chunks already sent to them.
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker, initargs=(plan,)) as pool:
         return dict(zip(keys, (data for part in pool.map(_encode_part, parts) for data in part)))
 
 
 _PLAN: dict | None = None  # an encoding worker's copy of the plan, set once when it starts
 
 
-def _set_plan(plan: dict) -> None:
+def _start_worker(plan: dict) -> None:
+    """Keep the plan; leave Ctrl-C to the parent, which stops the pool (no traceback per worker)."""
+    import signal
+
     global _PLAN
     _PLAN = plan
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _encode_part(keys: list[str]) -> list[bytes]:

@@ -303,3 +303,36 @@ def test_parse_size():
     for bad in ["160", "160x", "x120", "axb", "0x10", "160x-1", "160*120", ""]:
         with pytest.raises(ValueError, match=r"Bad --size '.*': expected WxH, e.g. 160x120"):
             parse_size(bad)
+
+
+def test_ctrl_c_stops_the_encoding_processes_at_once_and_leaves_no_sample(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while --workers 2
+    encode: the pool's processes are gone at once, not after the chunks already sent to them,
+    and no half-written sample is left under --out."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    out = tmp_path / "s"
+    p = subprocess.Popen([sys.executable, "-m", "pipelines", "sample", "--out", str(out), "--classes", "50",
+                          "--train-per-class", "200", "--size", "320x256", "--workers", "2"],
+                         stderr=subprocess.PIPE, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    def encoders():
+        return [c for c in psutil.Process(p.pid).children(recursive=True) if "spawn_main" in " ".join(c.cmdline())]
+
+    deadline = time.monotonic() + 60
+    while len(encoders()) < 2:
+        assert p.poll() is None and time.monotonic() < deadline, "the encoding processes never started"
+        time.sleep(0.1)
+    workers = psutil.Process(p.pid).children(recursive=True)
+    os.killpg(p.pid, signal.SIGINT)
+    p.communicate(timeout=10)  # 10,000 images take ~40 s on 2 cores: this is not the work finishing
+    assert p.returncode != 0
+    gone, alive = psutil.wait_procs(workers, timeout=5)
+    assert not alive, alive
+    assert not out.exists() and not [f for f in tmp_path.iterdir() if f.name != "s"]

@@ -36,16 +36,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .services import VENV_BIN, _kill, _port_open, free_port, wait_for
+from .services import VENV_BIN, _kill, _port_open, free_ports, wait_for
 
 # What a test cluster needs in the environment of its nodes and of a driver connecting to it:
 # loopback only (without this, Ray swaps 127.0.0.1 for the machine's IP and binds everywhere)
 # and no token authentication (an open cluster: a token only matters to test_cluster.py).
 CLUSTER_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
-# GCS marks a node dead after `period * threshold` of failed health checks (defaults 3 s x 5);
-# a test that kills nodes wants to hear of it sooner.
+# GCS marks a node dead after `threshold` failed health checks in a row, one every `period`
+# (defaults 3 s x 5); a test that kills nodes wants to hear of it sooner. A killed raylet fails
+# its checks at once (its port is closed), so the timeout can stay long enough for a live one
+# on a loaded 2-core machine never to be taken for dead.
 FAST_HEALTH_CHECK = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
-                     "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+                     "RAY_health_check_timeout_ms": "5000", "RAY_health_check_failure_threshold": "3"}
 
 
 # For the driver of an elastic fit (Ray Train passes it on to its controller). After a node loss
@@ -76,6 +78,43 @@ def _session_pids(sid: int) -> list[int]:
     return pids
 
 
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_stopped(pids: list[int], timeout: float = 10) -> None:
+    """Until every thread of every process in ``pids`` is stopped (or gone): SIGSTOP is
+    delivered asynchronously, and a title read before would be of a process still running."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while not all(state in "Tt" for state in _thread_states(pid)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"process {pid} did not stop within {timeout} s of SIGSTOP")
+            time.sleep(0.001)
+
+
+def _thread_states(pid: int) -> list[str]:
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # a thread that ended
+            continue
+        states.append(text[text.rindex(")") + 2])
+    return [s for s in states if s not in "XZ"]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _kill_session(sid: int, timeout: float = 10) -> None:
     """SIGKILL every process of a session until none is left (a dying raylet may still fork)."""
     deadline = time.monotonic() + timeout
@@ -83,11 +122,7 @@ def _kill_session(sid: int, timeout: float = 10) -> None:
         pids = _session_pids(sid)
         if not pids:
             return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _signal_all(pids, signal.SIGKILL)
         if time.monotonic() > deadline:
             raise RuntimeError(f"processes {pids} of Ray session {sid} survive SIGKILL")
         time.sleep(0.1)
@@ -109,6 +144,26 @@ class Node:
         """A lost machine: SIGKILL everything the node runs, at once, no goodbye to the GCS."""
         _kill_session(self.proc.pid)
         self.proc.wait(10)
+
+    def kill_mid_task(self, task: str, running, timeout: float = 300) -> None:
+        """Kill the node while one of its workers runs the Ray task function ``task``, known for
+        certain: the node is frozen (SIGSTOP, a few milliseconds) and its processes' titles read.
+        Ray titles a worker "ray::<function>" while it runs a task and "ray::IDLE" again before
+        the task's result leaves the worker, so a node frozen with that title holds a task whose
+        result its caller never got; otherwise it is thawed and asked again. ``running()`` says
+        whether the work the kill is meant for still runs (fails loudly when it ended first)."""
+        deadline = time.monotonic() + timeout
+        want = f"ray::{task}".encode()
+        while True:
+            assert running() and time.monotonic() < deadline, f"no '{task}' task ran on node {self.index}"
+            pids = _session_pids(self.proc.pid)
+            _signal_all(pids, signal.SIGSTOP)
+            _wait_stopped(pids)
+            if any(_cmdline(pid).split(b"\0")[0] == want for pid in pids):
+                self.kill()
+                return
+            _signal_all(pids, signal.SIGCONT)
+            time.sleep(0.02)
 
 
 @dataclass
@@ -160,18 +215,10 @@ _JOIN = ("import sys; import ray._private.ray_constants as c; import ray._privat
          "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; sys.exit(main())")
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct free ports (free_port() one after another may hand out the same port twice)."""
-    ports: set[int] = set()
-    while len(ports) < n:
-        ports.add(free_port())
-    return sorted(ports)
-
-
 def _ray_start(args: list[str], temp_dir: Path, log: Path, env: dict, join: bool = False,
                ports: list[int] | None = None) -> subprocess.Popen:
     ray = [str(VENV_BIN / "python"), "-c", _JOIN] if join else [str(VENV_BIN / "ray")]
-    p = ports or _free_ports(6)
+    p = ports or free_ports(6)
     cmd = [*ray, "start", "--block", "--node-ip-address=127.0.0.1", "--num-gpus=0",
            f"--temp-dir={temp_dir}", "--disable-usage-stats",
            f"--node-manager-port={p[0]}", f"--object-manager-port={p[1]}", f"--metrics-export-port={p[2]}",
@@ -237,7 +284,7 @@ def ray_cluster(tmp: Path, workers: list[dict], head: dict | None = None, fast_h
             env.pop(k, None)
         else:
             env[k] = v
-    gcs_port, dash_port, client_port, *node_ports = _free_ports(9)
+    gcs_port, dash_port, client_port, *node_ports = free_ports(9)
     head_args = ["--head", f"--port={gcs_port}", f"--num-cpus={head['num_cpus']}",
                  "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
                  f"--ray-client-server-port={client_port}",

@@ -21,7 +21,7 @@ import secrets
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 import boto3
@@ -35,7 +35,7 @@ from . import services as sv
 from .helpers import epoch_keys, read_ledger
 from .multinode import CLUSTER_ENV, FAST_TRAIN_RESTART, ray_cluster
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
 BUCKET = sv.BUCKET
 ROOT = f"s3://{BUCKET}/root"
@@ -45,11 +45,12 @@ SESSION_TOKEN = "session-token-that-must-never-leak"
 # The nodes' keys live this long after each read: short, so every process must re-read them
 # within the test (botocore refreshes keys that expire within 10 minutes before each request;
 # the AWS C++ SDK under pyarrow, which writes Ray Train's checkpoints, refreshes expiring ones).
-KEY_LIFETIME_S = 10
+KEY_LIFETIME_S = 5
 # 80 samples make 5 global batches of 16 an epoch. Each checkpoint (weights and momentum,
 # ~0.5 GB) takes seconds to reach S3 on 2 cores, so the tests ask only for those they need.
 TRAIN_ARGS = ["--no-gpu", "--epochs", "2", "--crop", "64", "--batch-size", "16", "--init", "kaiming",
               "--experiment", "multinode-s3"]
+ROTATION_EPOCHS = 3
 
 
 class NodeKeys:
@@ -176,6 +177,19 @@ def _finish(world, proc: subprocess.Popen, timeout: float = 600) -> tuple[str, d
     return text, stage, done
 
 
+def _wait_while_running(proc: subprocess.Popen, check, what: str, timeout: float = 400, every: float = 0.2):
+    """check()'s first true value, polled while the submitted job runs; fails loudly, with the
+    job's output, if the job ends first or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if proc.poll() is not None:
+            proc.log.seek(0)
+            raise AssertionError(f"the job ended before {what}:\n{proc.log.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
+        time.sleep(every)
+    return value
+
+
 def _run(world, *stage_args, timeout: float = 600):
     return _finish(world, _submit(world, *stage_args), timeout)
 
@@ -203,16 +217,6 @@ def _shard_tasks(world, job_id: str) -> list[dict]:
     """Every attempt of the shard job's Ray tasks (by job, not by function name: the stage may
     wrap its shard functions in one task function)."""
     return _state(world, "tasks", "type=NORMAL_TASK", f"job_id={job_id}")
-
-
-def _running_on(world, node_id: str) -> bool:
-    """Whether a task runs on the node now, asked of the dashboard in-process (tens of
-    milliseconds, where ``ray list`` starts a process for each question)."""
-    from ray.util.state import list_tasks
-
-    return bool(list_tasks(address=world["cluster"].dashboard, limit=10, raise_on_missing_output=False,
-                           filters=[("state", "=", "RUNNING"), ("node_id", "=", node_id),
-                                    ("type", "=", "NORMAL_TASK")]))
 
 
 def _node_names(world) -> dict[str, str]:
@@ -290,20 +294,12 @@ def test_a_node_lost_mid_shard_on_s3_leaves_the_shards_byte_identical(world, sta
     cluster = world["cluster"]
     victim = next(w for w in cluster.workers if w.alive)
     proc = _submit(world, "shard", "--data", f"s3://{BUCKET}/lost", "--resize", "72")
-    victim_id = next(i for i, name in _node_names(world).items() if name == f"w{victim.index}")
-    deadline = time.monotonic() + 300
-    while not (_manifest(world, "lost", "train") or {}).get("shards"):
-        assert proc.poll() is None and time.monotonic() < deadline, "the shard job ended before a shard was recorded"
-        time.sleep(0.1)
-    # A shard task takes a fraction of a second here: kill the node while the state API shows
-    # one running on it, not merely after a shard was recorded (the node may be between tasks).
-    while not _running_on(world, victim_id):
-        assert proc.poll() is None and time.monotonic() < deadline, "no shard task ran on the victim node"
-    victim.kill()  # SIGKILL of the node's raylet and every process on it: its running shard tasks go
-    # Shards still to make when it died (train or val: the stage makes both in one run); that a
-    # task was cut off and run again is checked below from the state API.
-    recorded = sum(len((_manifest(world, "lost", s) or {}).get("shards", [])) for s in ("train", "val"))
-    assert proc.poll() is None and recorded < TRAIN_SHARDS + VAL_SHARDS, f"killed too late: {recorded} shards recorded"
+    _wait_while_running(proc, lambda: (_manifest(world, "lost", "train") or {}).get("shards"), "a recorded shard",
+                        timeout=300, every=0.1)
+    # A shard task takes a fraction of a second here, and the state API hears of task states up
+    # to a second late: the node is killed when its own processes show a shard task running.
+    victim.kill_mid_task("counted_task", running=lambda: proc.poll() is None)
+    # That the task cut off was run again elsewhere is checked below from the state API.
     _, summary, done = _finish(world, proc)
     assert summary["failed"] == 0 and summary["written"] == TRAIN_SHARDS + VAL_SHARDS
 
@@ -335,7 +331,7 @@ def _latest_checkpoint(world, prefix: str) -> dict:
         return {}
 
 
-def _one_finished_run(world, summary: dict, name: str) -> None:
+def _one_finished_run(world, summary: dict, name: str, epochs: int = 2) -> None:
     """The run is FINISHED on the server, with each epoch's metrics logged once, no second run
     of that name was started, and its model is in the bucket (logged through the server)."""
     from mlflow import MlflowClient
@@ -345,52 +341,70 @@ def _one_finished_run(world, summary: dict, name: str) -> None:
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     for key in METRICS:
-        assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2], key
+        assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(1, epochs + 1)), key
     same_name = client.search_runs([run.info.experiment_id], f"attributes.run_name = '{name}'")
     assert [r.info.run_id for r in same_name] == [run_id]
     model_id = summary["model_uri"].rsplit("/", 1)[-1]  # models:/m-...
     assert any(model_id in k and k.endswith("/MLmodel") for k in _keys(world, "mlartifacts/")), model_id
 
 
+def _stamp(world, key: str) -> datetime:
+    """Write a small object with the tests' own key and return its LastModified: a moment on the
+    store's own clock, at its resolution (whole seconds), to compare other objects' times with."""
+    s3 = _client(world)
+    s3.put_object(Bucket=BUCKET, Key=key, Body=b"")
+    return s3.head_object(Bucket=BUCKET, Key=key)["LastModified"]
+
+
 def test_training_on_s3_goes_on_through_a_rotation_of_the_nodes_key(world, stages):
     """Two Ray Train workers on two nodes, checkpoints to S3 through the nodes' AWS chain.
-    Once a checkpoint is registered: a new key is issued on the server and handed out by the
-    nodes' credential_process; when the last credentials given out with the old key have
-    expired, the old key is revoked on the server. Checkpoints keep landing with the new key
-    and the run finishes with its model."""
+    Once a checkpoint written with the old key is registered: a new key is issued on the server
+    and handed out by the nodes' credential_process; when the last credentials given out with
+    the old key have expired, the old key is revoked on the server. Checkpoints keep landing
+    with the new key (their objects are newer than a stamp the store took after the
+    revocation) and the run finishes with its model."""
     _live_workers(world)
     keys = world["keys"]
     prefix = "root/runs/rotation"
+    # 3 epochs: after the first registered checkpoint, ~7 checkpoints of ~5 s each are still to
+    # write on 2 cores, several times the ~8 s the rotation takes.
     proc = _submit(world, "train", "--data", ROOT, "--workers", "2", "--name", "rotation",
-                   "--checkpoint-every", "3", *TRAIN_ARGS)
-    deadline = time.monotonic() + 400
-    while not _latest_checkpoint(world, prefix):
-        assert proc.poll() is None and time.monotonic() < deadline, "training ended before a checkpoint"
-        time.sleep(0.2)
+                   "--checkpoint-every", "3", *TRAIN_ARGS, "--epochs", str(ROTATION_EPOCHS))
+    _wait_while_running(proc, lambda: _latest_checkpoint(world, prefix), "a registered checkpoint")
     old, new = keys.keys[-1], keys.make()
     server = world["s3"]["server"]
     server.identities([keys.identity([old, new])])  # issued: the server knows both keys
     _wait_key(world, new, accepted=True)
     keys.hand_out(new)
-    time.sleep(KEY_LIFETIME_S + 3)  # every credential handed out with the old key has expired
+    # Each key credential_process printed carries an Expiration at most KEY_LIFETIME_S ahead, and
+    # the last old one was printed before hand_out: this is when the last of them expires.
+    time.sleep(KEY_LIFETIME_S + 2)  # + the second `date` rounds down, and a margin for the read
     server.identities([keys.identity([new])])
     _wait_key(world, old, accepted=False)  # the old key is really gone
-    revoked_at = datetime.now(timezone.utc)
-    assert proc.poll() is None, "training ended before the old key was revoked: nothing tested"
+    revoked = _stamp(world, "stamps/revoked")
+    registered = _latest_checkpoint(world, prefix)
+    assert proc.poll() is None and registered.get("epoch", 0) < ROTATION_EPOCHS, \
+        f"training was at its last epoch's checkpoints when the old key was revoked ({registered}): nothing tested"
+    # The event itself: a checkpoint object completed in a later second of the store's clock.
+    _wait_while_running(proc, lambda: _state_files_after(world, prefix, revoked), "a checkpoint after the revocation")
     _, summary, done = _finish(world, proc)
 
     assert summary["checkpoint"].startswith(f"s3://{BUCKET}/{prefix}/checkpoint_")
-    objects = _keys(world, prefix + "/")
-    after = [k for k, o in objects.items() if k.endswith("/state.pt") and o["LastModified"] > revoked_at]
-    assert after, "no checkpoint was written after the old key was revoked"
-    assert summary["checkpoint"][len(f"s3://{BUCKET}/"):] + "/state.pt" in objects
-    _one_finished_run(world, summary, "rotation")
+    final = summary["checkpoint"][len(f"s3://{BUCKET}/"):] + "/state.pt"
+    after = _state_files_after(world, prefix, revoked)
+    assert final in after, f"the run's last checkpoint {final} is not newer than the revocation: {after}"
+    _one_finished_run(world, summary, "rotation", ROTATION_EPOCHS)
     # Which nodes trained: one worker on each worker node, none on the head.
     names = _node_names(world)
     workers = _state(world, "actors", "class_name=RayTrainWorker", f"job_id={_job(world, done['job_id'])}")
     assert sorted(names[a["node_id"]] for a in workers) == sorted(f"w{w.index}" for w in world["cluster"].workers
                                                                      if w.alive), workers
     assert sorted(names[n["node"]] for n in summary["nodes"]) == sorted(names[a["node_id"]] for a in workers)
+
+
+def _state_files_after(world, prefix: str, moment: datetime) -> list[str]:
+    """The checkpoints' state.pt objects under ``prefix`` whose LastModified is after ``moment``."""
+    return [k for k, o in _keys(world, prefix + "/").items() if k.endswith("/state.pt") and o["LastModified"] > moment]
 
 
 def test_a_node_lost_mid_epoch_on_s3_leaves_training_on_one_worker_in_the_same_run(world, stages, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,10 +26,42 @@ ACCESS_KEY, SECRET_KEY = "alexnet-test", "s3cr3t-Value-that-must-never-leak"
 BUCKET = "alexnet"
 
 
+def _listen_range() -> range:
+    """Where the tests' servers listen: below the kernel's ephemeral range (where an outgoing
+    connection could take a server's port while it is down for a restart) and above Ray's
+    default worker ports (10002-19999)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(20000, low) if low > 21000 else range(0)
+
+
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1 now that this process has not handed out before (two servers
+    started one after the other never get the same one)."""
+    ports = _listen_range()
+    for _ in range(1000):
+        port = random.choice(ports) if ports else 0
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError(f"no free port on 127.0.0.1 in {ports}")
+
+
+def free_ports(n: int) -> list[int]:
+    return [free_port() for _ in range(n)]
 
 
 def wait_for(check, what: str, timeout: float = 60, log: Path | None = None):
@@ -88,7 +121,11 @@ class SeaweedFS:
         (tmp / "s3.json").write_text(json.dumps({"identities": [{
             "name": "tester", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-        self.ports = {name: free_port() for name in ("s3", "master", "filer", "volume", "admin", "debug", "webdav")}
+        # Every port it listens on, so that two servers (or one restarted) never meet on a default:
+        # its gRPC ports default to each HTTP port + 10000, its Iceberg and Lance ports to fixed ones.
+        self.ports = {name: free_port() for name in (
+            "s3", "master", "filer", "volume", "admin", "debug", "webdav", "s3.port.grpc", "master.port.grpc",
+            "filer.port.grpc", "volume.port.grpc", "admin.port.grpc", "s3.port.iceberg", "s3.port.lance")}
         self.port = self.ports["s3"]
         self.env = s3_env(self.port)
         self.log = tmp / "weed.log"
@@ -99,7 +136,8 @@ class SeaweedFS:
         cmd = [str(VENV_BIN / "weed"), "mini", f"-dir={self.tmp / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-bucket={BUCKET}", f"-s3.config={self.tmp / 's3.json'}", f"-s3.port={p['s3']}",
                f"-master.port={p['master']}", f"-filer.port={p['filer']}", f"-volume.port={p['volume']}",
-               f"-admin.port={p['admin']}", f"-debug.port={p['debug']}", f"-webdav.port={p['webdav']}"]
+               f"-admin.port={p['admin']}", f"-debug.port={p['debug']}", f"-webdav.port={p['webdav']}",
+               *[f"-{name}={port}" for name, port in p.items() if "." in name]]
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
 
         def bucket_ready():
@@ -199,7 +237,9 @@ def ray_head(tmp: Path, num_cpus: int = 2, node_env: dict | None = None):
            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={ray_tmp}", "--disable-usage-stats",
            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+           # 0: workers bind ports the OS picks, never a range shared with the tests' own Ray
+           "--min-worker-port=0", "--max-worker-port=0"]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:

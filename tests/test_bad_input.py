@@ -3,7 +3,6 @@ stops the stage with a clear error; the job never crashes and never writes outsi
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import tarfile

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import boto3
 import pytest
@@ -16,7 +15,7 @@ from pipelines.sample import SampleConfig, run as make_sample
 
 from . import services as sv
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
 ROOT = f"s3://{sv.BUCKET}/root"
 
 

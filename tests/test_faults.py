@@ -21,7 +21,7 @@ from pipelines.train import METRICS
 
 from . import services as sv
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
 
 @pytest.fixture(scope="module")
@@ -151,18 +151,17 @@ def test_tracking_server_outage_mid_training_loses_no_metric(dataset, ray_local,
         [sys.executable, "-m", "pipelines", "train", "--data", dataset, "--workers", "2", "--no-gpu",
          "--epochs", "4", "--crop", "64", "--batch-size", "16", "--init", "kaiming", "--name", "outage",
          "--experiment", "outage", "--storage", str(runs)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env=env, stdout=(tmp_path / "train.log").open("w"), stderr=subprocess.STDOUT, text=True)
+    output = lambda: (tmp_path / "train.log").read_text()  # noqa: E731
     try:
         client = MlflowClient(tracking_uri=server.uri)
 
         run_id = _wait(lambda: _run_with_epoch_one(client, "outage"), "epoch 1 in MLflow")
         server.stop()  # the tracking server goes away mid-training...
-        seen = set((runs / "outage").glob("checkpoint_2*"))
-        _wait(lambda: set((runs / "outage").glob("checkpoint_2*")) - seen, "an epoch finished during the outage")
+        # ...until the worker has failed to log an epoch's metrics to it, and gone on training
+        _wait(lambda: "MLflow not reachable" in output(), "the worker's word that MLflow is not reachable")
         server.start()  # ...and comes back on the same port and store
-        out, _ = proc.communicate(timeout=900)
-        assert proc.returncode == 0, out[-4000:]
-        assert "MLflow not reachable" in out  # the worker noticed, and went on training
+        assert proc.wait(900) == 0, output()[-4000:]
         run = client.get_run(run_id)
         for key in METRICS:
             assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3, 4], key
@@ -182,9 +181,12 @@ def _registered_epochs(run_dir: Path) -> list[int]:
     return [c["metrics"].get("epoch") for c in snapshot.get("checkpoint_results", [])]
 
 
-def _train_worker_pids() -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split(None, 1)[0]) for line in out.splitlines() if "ray::RayTrainWorker" in line]
+def _ledger_pid(ledger: Path, rank: int) -> int | None:
+    """The process of ``rank`` in the run's latest worker group, from the sample ledger (never a
+    machine-wide search, which could find another run's worker)."""
+    entries = [e for p in sorted(ledger.glob("rank*-attempt*.jsonl")) for line in p.read_text().splitlines()
+               if (e := json.loads(line))["rank"] == rank]
+    return max(entries, key=lambda e: (e["attempt"], e["epoch"], e["step"]))["pid"] if entries else None
 
 
 def test_a_killed_training_worker_restarts_from_the_checkpoint_in_the_same_run(dataset, ray_local, tmp_path):
@@ -193,8 +195,9 @@ def test_a_killed_training_worker_restarts_from_the_checkpoint_in_the_same_run(d
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipelines", "train", "--data", dataset, "--workers", "2", "--no-gpu",
          "--epochs", "3", "--crop", "64", "--batch-size", "16", "--init", "kaiming", "--name", "killed-worker",
-         "--experiment", "faults", "--storage", str(tmp_path / "runs"), "--max-failures", "2"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+         "--experiment", "faults", "--storage", str(tmp_path / "runs"), "--max-failures", "2",
+         "--ledger", str(tmp_path / "ledger")],
+        env=env, stdout=(tmp_path / "train.log").open("w"), stderr=subprocess.STDOUT, text=True)
     try:
         client = MlflowClient(tracking_uri=store)
 
@@ -202,10 +205,10 @@ def test_a_killed_training_worker_restarts_from_the_checkpoint_in_the_same_run(d
         # Epoch 1's metrics reach MLflow before Ray Train has registered its checkpoint: killed
         # in between, the group would rightly start over from epoch 1.
         _wait(lambda: _registered_epochs(tmp_path / "runs" / "killed-worker"), "epoch 1's checkpoint registered")
-        victims = _wait(_train_worker_pids, "a Ray Train worker process")
-        os.kill(victims[-1], signal.SIGKILL)  # mid-epoch 2
-        out, _ = proc.communicate(timeout=900)
-        assert proc.returncode == 0, out[-4000:]
+        victim = _wait(lambda: _ledger_pid(tmp_path / "ledger", 1), "rank 1's process in the ledger")
+        os.kill(victim, signal.SIGKILL)  # mid-epoch 2
+        assert proc.wait(900) == 0, (tmp_path / "train.log").read_text()[-4000:]
+        out = (tmp_path / "train.log").read_text()
         assert "resumed after epoch" in out, out[-4000:]  # the new worker group started from a checkpoint
         run = client.get_run(run_id)
         for key in METRICS:

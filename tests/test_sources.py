@@ -94,9 +94,8 @@ def test_classes_and_limit_take_a_subset(sample_src, tmp_path, truth):
 
 def test_shard_assignment_is_seeded_and_independent_of_listing_order(sample_src, tmp_path):
     def assignment(root, **kw):
-        index.run(IndexConfig(source=str(root), data=str(tmp_path / str(len(list(tmp_path.iterdir())))),
-                              samples_per_shard=7, **kw))
-        data = sorted(tmp_path.iterdir(), key=lambda p: p.stat().st_mtime_ns)[-1]
+        data = tmp_path / str(len(list(tmp_path.iterdir())))
+        index.run(IndexConfig(source=str(root), data=str(data), samples_per_shard=7, **kw))
         return {r["key"]: r["shard"] for r in index.read_rows(str(data), "train")}
 
     a = assignment(sample_src / "folders")

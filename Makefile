@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-scale clean
+.PHONY: install test demo flakes bench bench-scale clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,14 @@ test: install
 demo: install
 	$(PY) -m pipelines demo
 
+# The fault and cluster tests (marked `fault`) N times over, and each test's failures out of N,
+# so a test that fails by chance shows before CI, which never retries one. (~25 min a round on
+# 2 cores.) Another selection: make flakes N=10 FLAKY='tests/test_multinode_s3.py -k rotation'
+N ?= 3
+FLAKY ?= -m fault
+flakes: install
+	$(PY) -m tests.flakes --rounds $(N) -- $(FLAKY)
+
 # The CPU benchmarks against their baselines (~20 min on 2 cores): tables + bench-results/*.json
 # (the 'bench' extra adds LitData, one of the shard stage's peers)
 bench: install
@@ -31,7 +39,7 @@ bench-scale: install
 	$(PY) -m benchmarks.scale
 
 clean:
-	rm -rf demo .pytest_cache bench-results
+	rm -rf demo .pytest_cache bench-results flakes
 
 # make up | make down: a local S3 (SeaweedFS) + MLflow server + Ray head on 127.0.0.1, state in .stack/
 .PHONY: up down

@@ -305,6 +305,7 @@ def test_parse_size():
             parse_size(bad)
 
 
+@pytest.mark.fault
 def test_ctrl_c_stops_the_encoding_processes_at_once_and_leaves_no_sample(tmp_path):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while --workers 2
     encode: the pool's processes are gone at once, not after the chunks already sent to them,

@@ -86,7 +86,7 @@ def _signal_all(pids: list[int], sig: int) -> None:
             pass
 
 
-def _wait_stopped(pids: list[int], timeout: float = 10) -> None:
+def wait_stopped(pids: list[int], timeout: float = 10) -> None:
     """Until every thread of every process in ``pids`` is stopped (or gone): SIGSTOP is
     delivered asynchronously, and a title read before would be of a process still running."""
     deadline = time.monotonic() + timeout
@@ -158,7 +158,7 @@ class Node:
             assert running() and time.monotonic() < deadline, f"no '{task}' task ran on node {self.index}"
             pids = _session_pids(self.proc.pid)
             _signal_all(pids, signal.SIGSTOP)
-            _wait_stopped(pids)
+            wait_stopped(pids)
             if any(_cmdline(pid).split(b"\0")[0] == want for pid in pids):
                 self.kill()
                 return

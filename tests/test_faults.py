@@ -57,18 +57,19 @@ def _recorded(manifest: Path) -> int:
 
 def _kill_shard_run_midway(root: Path, env: dict, total: int) -> int:
     """Start the shard CLI and SIGKILL it once it has recorded a shard of its own (more than the
-    manifest held when it started) but not all; returns how many are recorded."""
+    manifest held when it started) but not all; returns how many are recorded. The count that
+    decides is read with the process stopped (it alone writes the manifest), so it is the count
+    at the kill."""
     manifest = root / "shards" / "train.json"
     before = _recorded(manifest)
     proc = subprocess.Popen([sys.executable, "-m", "pipelines", "shard", "--data", str(root)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    recorded = before
-    while time.monotonic() < deadline and proc.poll() is None:
-        recorded = _recorded(manifest)
-        if recorded > before:
-            break
+    while time.monotonic() < deadline and proc.poll() is None and _recorded(manifest) == before:
         time.sleep(0.02)
+    proc.send_signal(signal.SIGSTOP)
+    wait_stopped([proc.pid])
+    recorded = _recorded(manifest)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert before < recorded < total, f"not killed after real progress: {before} -> {recorded} of {total} recorded"

@@ -5,14 +5,16 @@ which fails by chance shows here before it reaches CI (where nothing is ever ret
     python -m tests.flakes --rounds 10 -- tests/test_multinode_s3.py -k rotation
 
 Each round is one pytest run over the whole selection, as CI runs it (module fixtures such as a
-cluster are shared within a round, started afresh in the next). Each round's output and
-temporary files stay in ``--out`` (default ``flakes/``) for the failures to be read; the table
+cluster are shared within a round, started afresh in the next). Each round's output stays
+in ``--out`` (default ``flakes/``), with a failed round's temporary files (logs included, data
+files over 16 MiB left out) for the failure to be read; the table
 goes to stdout and, with every test's outcome per round, to ``OUT/flakes.json``. Exit status 1
 when any test failed in any round."""
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -21,6 +23,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 DEFAULT_SELECTION = ["-m", "fault"]
+BIG = 16 * 1024**2  # what a failed round's temporary files keep: everything smaller (logs, manifests)
 
 
 def run_round(k: int, out: Path, selection: list[str]) -> dict[str, dict]:
@@ -34,7 +37,24 @@ def run_round(k: int, out: Path, selection: list[str]) -> dict[str, dict]:
         subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
     if not junit.exists():
         raise SystemExit(f"round {k}: pytest wrote no report; its output is in {folder / 'pytest.log'}")
-    return _outcomes(junit)
+    results = _outcomes(junit)
+    _prune(folder / "tmp", clean=not any(r["outcome"] in ("failed", "error") for r in results.values()))
+    return results
+
+
+def _prune(tmp: Path, clean: bool) -> None:
+    """A round's temporary files hold gigabytes (checkpoints, shards, S3 volumes): ten rounds of
+    the rotation test filled a disk. A clean round keeps none; a failed one keeps its logs and
+    every file under BIG bytes."""
+    if clean:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    for path in tmp.rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink() and path.stat().st_size > BIG:
+                path.unlink()
+        except OSError:
+            pass
 
 
 def _outcomes(junit: Path) -> dict[str, dict]:

@@ -1,5 +1,6 @@
 """The flake finder (`make flakes`): a test that fails in one round of three is counted 1/3,
-a steady one 0/3, and the run's exit status says that something failed."""
+a steady one 0/3, the run's exit status says that something failed, and only a failed round
+keeps temporary files (its small ones)."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,9 @@ def test_steady():
     pass
 
 
-def test_fails_in_the_second_round():
+def test_fails_in_the_second_round(tmp_path):
+    (tmp_path / "big.bin").write_bytes(bytes(17 * 1024**2))  # a checkpoint's worth, say
+    (tmp_path / "small.log").write_text("what happened")
     n = int(ROUNDS.read_text()) + 1 if ROUNDS.exists() else 1
     ROUNDS.write_text(str(n))
     assert n != 2
@@ -37,3 +40,7 @@ def test_a_test_failing_in_one_round_of_three_is_counted_once(tmp_path, capsys):
     assert [r["test_sometimes.py::test_fails_in_the_second_round"]["outcome"] for r in recorded] == \
         ["passed", "failed", "passed"]
     assert (out / "round-2" / "pytest.log").read_text().count("assert 2 != 2") >= 1
+    # Temporary files: none from a clean round; a failed round's logs, not its big files.
+    assert not (out / "round-1" / "tmp").exists() and not (out / "round-3" / "tmp").exists()
+    kept = {p.name for p in (out / "round-2" / "tmp").rglob("*") if p.is_file()}
+    assert "small.log" in kept and "big.bin" not in kept

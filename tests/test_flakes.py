@@ -30,7 +30,10 @@ def test_a_test_failing_in_one_round_of_three_is_counted_once(tmp_path, capsys):
     (tmp_path / "suite").mkdir()
     (tmp_path / "suite" / "test_sometimes.py").write_text(SOMETIMES)
     out = tmp_path / "out"
-    status = flakes.main(["--rounds", "3", "--out", str(out), "--", str(tmp_path / "suite")])
+    # --rootdir: test ids are relative to it, and without an ini file pytest would pick one by
+    # the working directory (the repository here, /tmp in a clone under /tmp)
+    suite = str(tmp_path / "suite")
+    status = flakes.main(["--rounds", "3", "--out", str(out), "--", f"--rootdir={suite}", suite])
     printed = capsys.readouterr().out
     assert status == 1, printed
     rows = {line.split()[-1]: line.split()[0] for line in printed.splitlines() if "::" in line and "failed:" not in line}

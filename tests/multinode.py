@@ -78,7 +78,7 @@ def _session_pids(sid: int) -> list[int]:
     return pids
 
 
-def _signal_all(pids: list[int], sig: int) -> None:
+def signal_all(pids: list[int], sig: int) -> None:
     for pid in pids:
         try:
             os.kill(pid, sig)
@@ -122,7 +122,7 @@ def _kill_session(sid: int, timeout: float = 10) -> None:
         pids = _session_pids(sid)
         if not pids:
             return
-        _signal_all(pids, signal.SIGKILL)
+        signal_all(pids, signal.SIGKILL)
         if time.monotonic() > deadline:
             raise RuntimeError(f"processes {pids} of Ray session {sid} survive SIGKILL")
         time.sleep(0.1)
@@ -157,12 +157,12 @@ class Node:
         while True:
             assert running() and time.monotonic() < deadline, f"no '{task}' task ran on node {self.index}"
             pids = _session_pids(self.proc.pid)
-            _signal_all(pids, signal.SIGSTOP)
+            signal_all(pids, signal.SIGSTOP)
             wait_stopped(pids)
             if any(_cmdline(pid).split(b"\0")[0] == want for pid in pids):
                 self.kill()
                 return
-            _signal_all(pids, signal.SIGCONT)
+            signal_all(pids, signal.SIGCONT)
             time.sleep(0.02)
 
 

@@ -20,7 +20,7 @@ from pipelines.sample import SampleConfig, run as make_sample
 from pipelines.train import METRICS
 
 from . import services as sv
-from .multinode import wait_stopped
+from .multinode import signal_all, wait_stopped
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
@@ -355,17 +355,12 @@ def test_driver_killed_mid_epoch_resumes_at_the_step_bitwise(one_shard, uninterr
         # The run's workers are frozen first: killed with the driver alone, they would train on
         # until Ray reaps them (a second or more on a loaded machine), maybe to the epoch's end.
         workers = [_ledger_pid(tmp_path / "ledger", rank) for rank in (0, 1)]
-        for pid in workers:
-            os.kill(pid, signal.SIGSTOP)
+        signal_all(workers, signal.SIGSTOP)
         wait_stopped(workers)
         assert 6 not in read_ledger(tmp_path / "ledger")[2], "killed too late: epoch 2 had finished"
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        for pid in workers:  # as Ray would once it sees the driver gone
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        signal_all(workers, signal.SIGKILL)  # as Ray would once it sees the driver gone
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -20,7 +20,7 @@ process start to exit (so Ray's start-up is included where Ray is used), interle
                  LitData's own chunk format (skipped, saying why, where litdata is not installed:
                  pip install -e '.[bench]')
 and, in this process, one core, no I/O:
-  floor          the stage's own per-image work (pipelines.shard.prepare_image) in a tight loop
+  floor          the stage's own per-image work (pipelines.images.prepare_image) in a tight loop
   floor-pil      the baseline's per-image work in a tight loop
 
 Every contender writes quality-90 256x256 JPEGs of the same images with the same shard size.
@@ -436,7 +436,7 @@ def _floors(jpgs: list[bytes]) -> dict:
     import torch
     from PIL import Image
 
-    from pipelines.shard import prepare_image
+    from pipelines.images import prepare_image
 
     def one_thread(work):
         def rate() -> float:

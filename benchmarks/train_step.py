@@ -71,8 +71,8 @@ def ray_train_loop(arch: str, batch: int, crop: int, steps: int, epochs: int, st
     run_id = tracking.start_or_resume_run("benchmarks", cfg.name, tags={"pipelines.stage": "benchmark"})
     # As train.run() builds it, with no shards: the synthetic batch replaces the loader.
     loop_config = {**dataclasses.asdict(cfg), "train_shards": [], "val_shards": [], "stats": STATS,
-                   "num_classes": 1000, "run_id": run_id, "tracking_uri": tracking.tracking_uri(),
-                   "synthetic_steps": steps}
+                   "num_classes": 1000, "classes_digest": "", "wnids": [], "resize": 256, "keep_aspect": False,
+                   "run_id": run_id, "tracking_uri": tracking.tracking_uri(), "synthetic_steps": steps}
     trainer = TorchTrainer(train.train_loop, train_loop_config=loop_config,
                            scaling_config=ScalingConfig(num_workers=1, use_gpu=False,
                                                         resources_per_worker={"CPU": cores}),

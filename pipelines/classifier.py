@@ -70,7 +70,7 @@ def _pixels(image, geometry: dict):
     import numpy as np
     import torch
 
-    from pipelines.shard import resize_rgb, resized_rgb
+    from pipelines.images import resize_rgb, resized_rgb
 
     if isinstance(image, (bytes, bytearray, memoryview)):
         return resized_rgb(bytes(image), geometry["resize"], geometry["keep_aspect"])

@@ -117,12 +117,14 @@ def _stage_parsers(sub):
               "cluster (RAY_ADDRESS) or for over 4 GB of source, else local processes (no Ray start-up)")
     _add(p, C, "--strict", dest="strict", action="store_true", help="fail (exit 1) if any input is rejected")
     _add(p, C, "--verify", dest="verify", action="store_true", help="re-checksum existing shards")
+    _add(p, C, "--allow-stale", dest="allow_stale", action="store_true", help="go on when `status` calls an input stale (the run records that it did)")
     p.set_defaults(config=C, module="shard")
 
     C = config.StatsConfig
     p = sub.add_parser("stats", help="training shards -> stats.json (mean, std, RGB eigen-decomposition)")
     p.add_argument("--data", required=True, metavar="ROOT", help="dataset ROOT")
     _add(p, C, "--force", dest="force", action="store_true", help="recompute even if the shards are unchanged")
+    _add(p, C, "--allow-stale", dest="allow_stale", action="store_true", help="go on when `status` calls an input stale (the run records that it did)")
     _add(p, C, "--parallel", dest="parallel", choices=["auto", "ray", "local"],
          help="one task per shard on Ray or in a pool of this machine's processes; auto as for shard")
     p.set_defaults(config=C, module="stats")
@@ -203,6 +205,9 @@ def _stage_parsers(sub):
     _add(p, C, "--register", dest="register",
          help="register the model (the best epoch's, by val_top1) under this name in the MLflow registry")
     _add(p, C, "--alias", dest="alias", help="with --register: the alias moved to the new version")
+    _add(p, C, "--allow-stale", dest="allow_stale", action="store_true",
+         help="train on shards or stats `status` calls stale, or on val shards made unlike the train shards "
+              "(the run records that it did)")
     p.set_defaults(config=C, module="train")
 
     C = config.EvaluateConfig
@@ -214,6 +219,9 @@ def _stage_parsers(sub):
     _add(p, C, "--ten-crop", dest="ten_crop", action="store_true", help="the paper's 10-crop test")
     _add(p, C, "--batch-size", dest="batch_size", type=int, help="images per batch")
     _add(p, C, "--loader-workers", dest="loader_workers", type=int, help="data loader processes")
+    _add(p, C, "--allow-stale", dest="allow_stale", action="store_true",
+         help="evaluate on val shards `status` calls stale, or made unlike the model's training shards "
+              "(the evaluation records that it did)")
     p.set_defaults(config=C, module="evaluate")
 
     C = config.PredictConfig

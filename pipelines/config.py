@@ -57,6 +57,7 @@ class ShardConfig:
     samples_per_shard: int | None = None  # None: the grouping the index stage chose
     strict: bool = False
     verify: bool = False         # re-checksum existing shards instead of trusting size (slow)
+    allow_stale: bool = False    # read inputs `status` calls stale (the run records that it did)
     num_cpus: float = 1.0        # per shard task: decode/resize/encode is one core's work
     read_threads: int = 8        # ranged reads in flight per task: S3 latency overlaps the decoding
     parallel: str = "auto"       # ray: one Ray task per shard; local: a pool of this machine's processes;
@@ -69,6 +70,7 @@ class ShardConfig:
 class StatsConfig:
     data: str
     force: bool = False
+    allow_stale: bool = False    # read inputs `status` calls stale (the run records that it did)
     num_cpus: float = 1.0
     parallel: str = "auto"       # as ShardConfig's: Ray, or this machine's processes for small data
     ray_min_bytes: int = RAY_MIN_BYTES
@@ -133,6 +135,7 @@ class TrainConfig:
     # fits one GPU's share of a 4-vCPU-per-GPU instance. The loader workers default to it on a GPU.
     cpus_per_worker: float | None = None
     max_cpus_per_worker: float = 8.0  # the defaults' cap: a GPU worker's loader decodes with up to 8 processes
+    allow_stale: bool = False    # read inputs `status` calls stale (the run records that it did)
     register: str | None = None  # register the final model under this name in the registry
     alias: str = "champion"      # with --register: the registry alias moved to this run's model version
 
@@ -146,6 +149,7 @@ class EvaluateConfig:
     batch_size: int = 64
     loader_workers: int = 2
     gpu: bool | None = None         # None: a GPU when this process or the cluster has one
+    allow_stale: bool = False       # read inputs `status` calls stale (the run records that it did)
 
 
 @dataclass(frozen=True)

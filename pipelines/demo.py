@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import evaluate, index, sample, shard, stats, status, storage, tracking, train
+from . import contract, evaluate, index, sample, shard, stats, status, storage, tracking, train
 from .common import ensure_ray
 from .config import EvaluateConfig, IndexConfig, ShardConfig, StatsConfig, StatusConfig, TrainConfig
 
@@ -84,7 +84,7 @@ def run(args: dict) -> dict:
 == summary
 val top-1 {e['top1']:.1%}, top-5 {e['top5']:.1%} (centre crop); 10-crop top-1 {e10['top1']:.1%}, top-5 {e10['top5']:.1%}
    on {e['images']} val images of {SAMPLE['classes']} classes (chance: {1 / SAMPLE['classes']:.0%})
-shards:      {storage.join(data, 'shards')}  ({s['shard']['samples']} samples, {s['shard']['rejected']} damaged inputs quarantined in {index.paths(data)['rejected']})
+shards:      {storage.join(data, 'shards')}  ({s['shard']['samples']} samples, {s['shard']['rejected']} damaged inputs quarantined in {contract.index_paths(data)['rejected']})
 checkpoint:  {s['train']['checkpoint']}
 MLflow run:  {s['train']['run_id']} (experiment '{TRAIN['experiment']}', nested with the stage runs under run 'pipeline')
 MLflow UI:   {ui}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from . import checkpoint, shard, storage, tracking
+from . import checkpoint, contract, storage, tracking
 from .common import Progress, StageError, on_cluster
 from .config import EvaluateConfig
 
@@ -70,6 +70,32 @@ def _checkpoint_dir(cfg: EvaluateConfig) -> str:
     return tags.get("pipelines.best_checkpoint", tags["pipelines.checkpoint"])
 
 
+def _val_shards(cfg: EvaluateConfig, state: dict) -> tuple[dict, list[str]]:
+    """The val manifest, once the shards are complete and current, the model's classes are
+    ROOT's, and the shards were made as the model's training shards were (or --allow-stale:
+    then what differs comes back, for the evaluation to record)."""
+    m = contract.read_manifest(cfg.data, "val")
+    if m is None or not m["complete"]:
+        raise StageError(f"The val shards in '{cfg.data}' are missing or incomplete: run "
+                         f"python -m pipelines shard --data {cfg.data} --split val")
+    if any("index" not in s for s in m["shards"]):
+        raise StageError(f"The val shards in '{cfg.data}' have no sample index: run python -m pipelines shard "
+                         f"--data {cfg.data} --split val (it adds them without re-encoding any image).")
+    contract.require_classes(cfg.data, state["config"], state.get("wnids"), "Evaluate")
+    stale = contract.require_current(cfg.data, ["shard val"], "evaluate", cfg.allow_stale)
+    made, here = state["config"].get("resize"), m["params"]["resize"]
+    kept, keeps = state["config"].get("keep_aspect"), m["params"]["keep_aspect"]
+    if made is not None and (made, kept) != (here, keeps):  # models from before it was recorded: unknown
+        differ = (f"the model was trained on shards made with resize {made} (keep_aspect {kept}), the val "
+                  f"shards in '{cfg.data}' were made with resize {here} (keep_aspect {keeps})")
+        if not cfg.allow_stale:
+            raise StageError(f"{differ[0].upper()}{differ[1:]}: rerun python -m pipelines shard --data {cfg.data} "
+                             f"--split val --resize {made}{' --keep-aspect' if kept else ''}, or pass "
+                             "--allow-stale to evaluate on them as they are.")
+        stale.append(differ)
+    return m, stale
+
+
 def run(cfg: EvaluateConfig) -> dict:
     from .common import ensure_ray
 
@@ -80,16 +106,8 @@ def run(cfg: EvaluateConfig) -> dict:
         tracking.check_reachable()
     ckpt_dir = _checkpoint_dir(cfg)
     state = checkpoint.load(ckpt_dir)
-    m = shard.read_manifest(cfg.data, "val")
-    if m is None or not m["complete"]:
-        raise StageError(f"The val shards in '{cfg.data}' are missing or incomplete: run "
-                         f"python -m pipelines shard --data {cfg.data} --split val")
-    if any("index" not in s for s in m["shards"]):
-        raise StageError(f"The val shards in '{cfg.data}' have no sample index: run python -m pipelines shard "
-                         f"--data {cfg.data} --split val (it adds them without re-encoding any image).")
-    urls = [(storage.join(shard.shard_dir(cfg.data, "val"), s["name"]), s["samples"]) for s in m["shards"]]
-    import os
-
+    m, stale = _val_shards(cfg, state)
+    urls = [(storage.join(contract.shard_dir(cfg.data, "val"), s["name"]), s["samples"]) for s in m["shards"]]
     import torch
 
     args = (state, urls, cfg.ten_crop, cfg.batch_size, cfg.loader_workers)
@@ -112,24 +130,25 @@ def run(cfg: EvaluateConfig) -> dict:
     if cfg.run_id:
         tracking.log_metrics_once(cfg.run_id, {f"{prefix}_top1": top1, f"{prefix}_top5": top5},
                                   step=state["epoch"])
-        eval_run = _record(cfg, ckpt_dir, state, counts, top1, top5, time.monotonic() - t0)
+        eval_run = _record(cfg, ckpt_dir, state, counts, top1, top5, time.monotonic() - t0, stale)
     seconds = time.monotonic() - t0
     return {"stage": "evaluate", "data": cfg.data, "run_id": cfg.run_id, "epoch": state["epoch"],
             "top1": top1, "top5": top5, "images": counts["images"], "crops": 10 if cfg.ten_crop else 1,
             "seconds": round(seconds, 2), "images_per_second": round(counts["images"] / max(seconds, 1e-9), 1),
-            "input_digest": m["digest"], "evaluation_run_id": eval_run}
+            "input_digest": m["digest"], "evaluation_run_id": eval_run, **({"allowed_stale": stale} if stale else {})}
 
 
 def _record(cfg: EvaluateConfig, ckpt_dir: str, state: dict, counts: dict, top1: float, top5: float,
-            seconds: float) -> str:
+            seconds: float, stale: list[str]) -> str:
     """This evaluation as a run of its own, nested under the training run: its metrics, the
     per-class accuracy, the confusion matrix and the most confused pairs with example keys."""
     from collections import Counter
 
-    classes = storage.read_json(storage.join(cfg.data, "classes.json"))
+    classes = contract.read_classes(cfg.data)
     name = "evaluate-10crop" if cfg.ten_crop else "evaluate"
     run_id = tracking.start_child_run(cfg.run_id, name, "evaluate", tags={
-        "pipelines.evaluates": cfg.run_id, "pipelines.checkpoint": ckpt_dir, "pipelines.data": cfg.data})
+        "pipelines.evaluates": cfg.run_id, "pipelines.checkpoint": ckpt_dir, "pipelines.data": cfg.data,
+        **tracking.allowed_stale_tag(stale)})
     try:
         tracking.log_params(run_id, {"ten_crop": cfg.ten_crop, "epoch": state["epoch"], "images": counts["images"],
                                      "checkpoint": ckpt_dir, "data": cfg.data})

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
-import os
 import sys
 import time
 from collections import deque
@@ -30,33 +28,15 @@ from . import lease, storage
 from .common import (StageError, StrictFailure, check_parallel, counted_task, digest, ensure_ray, now_iso,
                      on_cluster, raise_if_background_failed)
 from .config import SPLITS, IndexConfig
+from .contract import ASSIGNMENT, BATCH, content_id, index_paths, write_rejects
 from .sources import Item, Unit, expand, open_source, read_unit, where
 
 # A run of 64 ImageNet images is ~7 MB of source: one GET that size costs about what one small
 # GET does in latency, and 64 runs per 4,096-image shard still mix 64 classes in every shard.
 RUN = 64
 MIN_RUNS_PER_SHARD = 16
-ASSIGNMENT = 2  # bump when the way images are dealt to shards changes: an old index is redone
 
 COLUMNS = ["key", "wnid", "label", "path", "member", "offset", "size", "sha256", "etag", "position", "shard"]
-BATCH = 8192  # rows turned into Python objects at once when the index is built, written or hashed
-REJECTED = "index/rejected.jsonl"
-
-
-def paths(data: str) -> dict[str, str]:
-    """Where this stage's outputs live under ROOT (the data contract)."""
-    return {
-        "classes": storage.join(data, "classes.json"),
-        "record": storage.join(data, "index", "index.json"),
-        "rejected": storage.join(data, REJECTED),
-        **{split: storage.join(data, "index", f"{split}.parquet") for split in SPLITS},
-    }
-
-
-def content_id(sha256: str | None, etag: str | None) -> str:
-    """What identifies an image's bytes: their sha256, or for a loose S3 object the ETag its
-    listing gave (S3 derives it from the content, so a changed image gets a new one)."""
-    return sha256 or f"etag:{etag}"
 
 
 def split_digest(table) -> str:
@@ -82,40 +62,6 @@ def _hash_rows(h, batch, first: bool) -> bool:
         h.update((b"" if first else b",") + json.dumps([k, lab, content_id(sha, etag), sh], separators=(",", ":")).encode())
         first = False
     return first
-
-
-def read_table(data: str, split: str, columns: list[str] | None = None):
-    """The split's index as a pyarrow Table (columnar: ~100 bytes an image, where a list of dicts
-    takes ~1 KB). Paths repeat (a class tar holds ~1,300 images) and are dictionary-encoded."""
-    import pyarrow.parquet as pq
-
-    url = paths(data)[split]
-    if not storage.exists(url):
-        raise StageError(f"'{url}' is missing: run the index stage first "
-                         f"(python -m pipelines index --source SRC --data {data}).")
-    source = url if not storage.is_s3(url) else io.BytesIO(storage.read_bytes(url))  # a local file: no copy
-    return pq.read_table(source, columns=columns,
-                         read_dictionary=[c for c in ("path", "wnid") if columns is None or c in columns])
-
-
-def parquet_file(data: str, split: str):
-    """The split's index file as a pyarrow ParquetFile, to read in parts (a row group holds BATCH rows)."""
-    import pyarrow.parquet as pq
-
-    url = paths(data)[split]
-    if not storage.exists(url):
-        raise StageError(f"'{url}' is missing: run the index stage first "
-                         f"(python -m pipelines index --source SRC --data {data}).")
-    return pq.ParquetFile(url if not storage.is_s3(url) else io.BytesIO(storage.read_bytes(url)))
-
-
-def iter_batches(data: str, split: str, columns: list[str]):
-    """The split's index, ``columns`` only, a record batch (BATCH rows) at a time, in file order."""
-    yield from parquet_file(data, split).iter_batches(batch_size=BATCH, columns=columns, use_threads=False)
-
-
-def read_rows(data: str, split: str) -> list[dict]:
-    return read_table(data, split).to_pylist()
 
 
 def _write_rows(url: str, table, order, samples_per_shard: int) -> str:
@@ -156,21 +102,6 @@ def take_rows(table, rows):
     back = np.empty(len(rows), dtype=np.int64)
     back[by_chunk] = np.arange(len(rows))  # row i of the result is row back[i] of the pieces
     return pa.Table.from_batches(pieces, schema=table.schema).take(pa.array(back))
-
-
-def read_rejects(data: str) -> list[dict]:
-    url = paths(data)["rejected"]
-    if not storage.exists(url):
-        return []
-    return [json.loads(line) for line in storage.read_bytes(url).decode().splitlines() if line.strip()]
-
-
-def write_rejects(data: str, stage: str, entries: list[dict], splits=SPLITS) -> None:
-    """Replace ``stage``'s lines for ``splits`` in rejected.jsonl, keeping every other line."""
-    kept = [r for r in read_rejects(data) if not (r["stage"] == stage and r["split"] in splits)]
-    lines = kept + [dict(e, stage=stage) for e in entries]
-    storage.write_if_changed(paths(data)["rejected"],
-                        "".join(json.dumps(r, sort_keys=True) + "\n" for r in lines).encode())
 
 
 def run_length(samples_per_shard: int) -> int:
@@ -423,7 +354,7 @@ def _run(cfg: IndexConfig) -> dict:
 
     t0 = time.monotonic()
     src = check(cfg)
-    out = paths(cfg.data)
+    out = index_paths(cfg.data)
     params = {"source": cfg.source, "layout": src.layout, "classes": cfg.classes, "limit": cfg.limit,
               "seed": cfg.seed, "samples_per_shard": cfg.samples_per_shard, "assignment": ASSIGNMENT}
     fingerprint = src.fingerprint()
@@ -497,4 +428,4 @@ def _maybe_strict(strict: bool, summary: dict) -> None:
     if strict and summary["rejected"]:
         raise StrictFailure(
             f"--strict: {summary['rejected']} inputs were rejected; their reasons are in "
-            f"{paths(summary['data'])['rejected']}. The index itself was written.", summary)
+            f"{index_paths(summary['data'])['rejected']}. The index itself was written.", summary)

@@ -17,135 +17,19 @@ import io
 import re
 import tarfile
 import time
-import warnings
 from functools import partial
 
-from . import index, lease, storage, tarindex
+from . import contract, lease, storage, tarindex
 from .common import (Progress, StageError, StrictFailure, TaskPool, check_parallel, digest, now_iso,
                      prestart_local_pool, use_ray)
 from .config import SPLITS, ShardConfig
+from .contract import (content_id, file_checksum, index_paths, iter_index, manifest_digest,
+                     manifest_url, parquet_file, read_index_record, read_manifest, read_rejects, require_current,
+                     shard_dir, shard_name, write_rejects)
+from .images import decode_problem, prepare_image
 from .sources import read_item, where
 
 FORMAT_VERSION = 2  # bump when the bytes a shard holds change for the same parameters
-MIN_SIDE = 8        # smaller sources are icons or damage, not photos: upscaling them to 256 is noise
-
-
-def codec_versions() -> dict:
-    """The libraries that make a shard's bytes (decode, resize, JPEG encode). An upgrade may
-    change those bytes, so the versions are part of every shard's digest: a rerun after one
-    remakes the shards instead of mixing two encoders' output in one dataset."""
-    from importlib.metadata import version
-
-    return {lib: version(lib) for lib in ("torch", "torchvision", "pillow")}
-
-
-def shard_dir(data: str, split: str) -> str:
-    return storage.join(data, "shards", split)
-
-
-def manifest_url(data: str, split: str) -> str:
-    return storage.join(data, "shards", f"{split}.json")
-
-
-def shard_name(split: str, i: int) -> str:
-    return f"{split}-{i:06d}.tar"
-
-
-def read_manifest(data: str, split: str) -> dict | None:
-    url = manifest_url(data, split)
-    return storage.read_json(url) if storage.exists(url) else None
-
-
-def manifest_digest(params: dict, shards: list[dict]) -> str:
-    """Identifies the shards' content (not when they were made): later stages key on it."""
-    return digest([params, [(s["name"], s["samples"], s["checksum"]) for s in shards]])
-
-
-# --- one image --------------------------------------------------------------------------------
-def prepare_image(data: bytes, resize: int = 256, keep_aspect: bool = False, quality: int = 90) -> bytes:
-    """Source bytes -> an RGB baseline JPEG, resized as the paper does (section 2).
-
-    Raises on anything that is not a decodable image; the caller quarantines it.
-    Speed (benchmarks/shard.py, its two floor rows): JPEGs decode through torchvision
-    (libjpeg-turbo, straight to a tensor: no PIL image object, no array copy) unless PIL's
-    1/2-1/8 scaled decoding applies; torch's uint8 antialiased bilinear resize is about twice
-    PIL's speed on one core. Geometry as the plain PIL path: resize, then crop the centre.
-    """
-    from .data import encode_jpeg
-
-    return encode_jpeg(resized_rgb(data, resize, keep_aspect), quality).numpy().tobytes()
-
-
-def resized_rgb(data: bytes, resize: int = 256, keep_aspect: bool = False):
-    """Image bytes -> RGB 3 x H x W uint8, shorter side ``resize``, the central square unless
-    ``keep_aspect``: the pixels a shard holds (before JPEG), and what the logged model does first."""
-    from PIL import Image
-
-    with warnings.catch_warnings():
-        # A header claiming a huge size is a decompression bomb: refuse it rather than allocate.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        im = Image.open(io.BytesIO(data))  # reads the header only
-        w, h = im.size
-        if min(w, h) < MIN_SIDE:
-            raise ValueError(f"image is {w}x{h}; sides under {MIN_SIDE} px are not usable photos")
-        x = _decode_rgb(im, data, _target(w, h, resize))  # 3 x H x W uint8
-    return resize_rgb(x, resize, keep_aspect)
-
-
-def _target(w: int, h: int, resize: int) -> tuple[int, int]:
-    scale = resize / min(w, h)
-    return max(resize, round(w * scale)), max(resize, round(h * scale))
-
-
-def resize_rgb(x, resize: int = 256, keep_aspect: bool = False):
-    """RGB 3 x H x W uint8 -> shorter side ``resize`` (antialiased bilinear), then the central
-    ``resize`` square unless ``keep_aspect``. An image already that size comes back unchanged."""
-    import torch
-
-    size = _target(x.shape[2], x.shape[1], resize)
-    if (x.shape[2], x.shape[1]) != size:
-        x = x.unsqueeze(0).contiguous(memory_format=torch.channels_last)  # torch's fast uint8 path
-        x = torch.nn.functional.interpolate(x, size=(size[1], size[0]), mode="bilinear", antialias=True,
-                                            align_corners=False)[0]
-    if not keep_aspect:
-        left, top = (size[0] - resize) // 2, (size[1] - resize) // 2
-        x = x[:, top:top + resize, left:left + resize]
-    return x.contiguous()
-
-
-def _decode_rgb(im, data: bytes, size: tuple[int, int]):
-    """Decode to RGB as a 3 x H x W uint8 tensor.
-
-    EXIF orientation is ignored on purpose: ImageNet's labels and every reference pipeline
-    (torchvision's PIL loader) use the pixels as stored.
-    """
-    import numpy as np
-    import torch
-
-    if im.format == "JPEG" and (im.size[0] < 2 * size[0] or im.size[1] < 2 * size[1]):
-        from .data import decode_rgb
-        try:  # CMYK and greyscale come out as the same RGB as PIL's convert (tested)
-            return decode_rgb(data)
-        except RuntimeError:
-            pass  # damaged or unusual (12-bit, arithmetic coding): PIL decodes it or says why not
-    # JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below the target size.
-    # That skips most of the IDCT work for large photos.
-    im.draft("RGB", size)
-    rgb = np.array(im.convert("RGB"))  # CMYK, greyscale, palette, PNG: all become 3-channel RGB
-    return torch.from_numpy(rgb).permute(2, 0, 1)
-
-
-def decode_problem(e: Exception) -> str:
-    """A reject reason for people, stable across runs (no object addresses)."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(e, UnidentifiedImageError):
-        return "not an image: no known image format in the bytes"
-    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return f"refused as a decompression bomb: {e}"
-    if "truncat" in str(e).lower():  # PIL says 'image file is truncated' or 'Truncated File Read'
-        return f"truncated image: the file ends before its image data does ({e})"
-    return f"cannot decode: {type(e).__name__}: {e}"
 
 
 # --- one shard --------------------------------------------------------------------------------
@@ -259,14 +143,6 @@ def add_index(url: str, entry: dict) -> dict:
     return {**entry, "index": storage.basename(tarindex.index_url(url))}
 
 
-def file_checksum(url: str) -> str:
-    sha = hashlib.sha256()
-    with storage.open_read(url) as f:
-        while chunk := f.read(1 << 22):
-            sha.update(chunk)
-    return f"sha256:{sha.hexdigest()}"
-
-
 # --- the stage --------------------------------------------------------------------------------
 ROW_COLUMNS = ["key", "label", "path", "offset", "size", "member"]  # what a shard task reads by
 
@@ -313,7 +189,7 @@ def _shard_digests(cfg: ShardConfig, split: str, params: dict):
     --samples-per-shard when that is given."""
     group_by = "position" if cfg.samples_per_shard is not None else "shard"
     current, first, row, rows = None, 0, 0, []
-    for batch in index.iter_batches(cfg.data, split, ["key", "label", "sha256", "etag", group_by]):
+    for batch in iter_index(cfg.data, split, ["key", "label", "sha256", "etag", group_by]):
         c = batch.to_pydict()
         groups = c[group_by] if cfg.samples_per_shard is None else [p // cfg.samples_per_shard for p in c[group_by]]
         for k, lab, sha, etag, g in zip(c["key"], c["label"], c["sha256"], c["etag"], groups):
@@ -324,7 +200,7 @@ def _shard_digests(cfg: ShardConfig, split: str, params: dict):
                                          f"the index stage with --force.")
                     yield current, first, row, digest([params, rows])
                 current, first, rows = g, row, []
-            rows.append((k, lab, index.content_id(sha, etag)))
+            rows.append((k, lab, content_id(sha, etag)))
             row += 1
     if current is not None:
         yield current, first, row, digest([params, rows])
@@ -338,7 +214,7 @@ class _Located:
     def __init__(self, data: str, split: str):
         import numpy as np
 
-        self.file = index.parquet_file(data, split)
+        self.file = parquet_file(data, split)
         meta = self.file.metadata
         self.bounds = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
         self._group = (None, None)
@@ -450,21 +326,22 @@ def check(cfg: ShardConfig) -> tuple[str, ...]:
     if cfg.read_threads < 1:
         raise StageError(f"--read-threads {cfg.read_threads}: must be at least 1.")
     check_parallel(cfg.parallel)
-    if not storage.exists(index.paths(cfg.data)["record"]):
+    if read_index_record(cfg.data) is None:
         raise StageError(f"No index in '{cfg.data}': run the index stage first "
                          f"(python -m pipelines index --source SRC --data {cfg.data}).")
+    require_current(cfg.data, ["index"], "shard", cfg.allow_stale)
     return splits
 
 
 def _params(cfg: ShardConfig) -> dict:
     """What a shard's bytes depend on besides its images."""
     return {"resize": cfg.resize, "keep_aspect": cfg.keep_aspect, "quality": cfg.quality,
-            "format": FORMAT_VERSION, "codecs": codec_versions()}
+            "format": FORMAT_VERSION, "codecs": contract.codec_versions()}
 
 
 def warm_start(cfg: ShardConfig) -> None:
     """Start the local workers before the MLflow run, when this run will encode images in them."""
-    params, digests = _params(cfg), storage.read_json(index.paths(cfg.data)["record"])["digests"]
+    params, digests = _params(cfg), read_index_record(cfg.data)["digests"]
     todo = []
     for split in (SPLITS if cfg.split == "all" else (cfg.split,)):
         m = read_manifest(cfg.data, split)
@@ -489,7 +366,7 @@ def _run(cfg: ShardConfig) -> dict:
     splits = check(cfg)
     started = now_iso()
     params = _params(cfg)
-    index_digests = storage.read_json(index.paths(cfg.data)["record"])["digests"]
+    index_digests = read_index_record(cfg.data)["digests"]
     plans = {}
     # Temp files a killed run left: of the manifests (ROOT/shards) and of the shards. This run
     # holds the root's lease, so no other writer's files are among them.
@@ -526,8 +403,8 @@ def _run(cfg: ShardConfig) -> dict:
                 if m_ and f"{m_.group(1)}.tar" not in names:
                     storage.remove(storage.join(shard_dir(cfg.data, split), name))
         shard_rejects += [dict(r, split=split) for s in m["shards"] for r in s["rejected"]]
-    index.write_rejects(cfg.data, "shard", shard_rejects, splits)
-    index_rejects = [r for r in index.read_rejects(cfg.data) if r["stage"] == "index" and r["split"] in splits]
+    write_rejects(cfg.data, "shard", shard_rejects, splits)
+    index_rejects = [r for r in read_rejects(cfg.data) if r["stage"] == "index" and r["split"] in splits]
 
     seconds = time.monotonic() - t0
     summary = {
@@ -547,10 +424,12 @@ def _run(cfg: ShardConfig) -> dict:
         "input_digest": {s: index_digests[s] for s in splits},
         "output_digest": {s: manifests[s]["digest"] for s in splits},
     }
+    if cfg.allow_stale:  # check() let a stale index through: the run says which
+        summary["allowed_stale"] = require_current(cfg.data, ["index"], "shard", True)
     if failures:
         raise StageError(f"{len(failures)} shard(s) failed; the {summary['written']} finished are kept "
                          f"and a rerun redoes only the rest. First: {failures[0]}")
     if cfg.strict and summary["rejected"]:
         raise StrictFailure(f"--strict: {summary['rejected']} inputs were rejected; reasons in "
-                            f"{index.paths(cfg.data)['rejected']}. The shards were written.", summary)
+                            f"{index_paths(cfg.data)['rejected']}. The shards were written.", summary)
     return summary

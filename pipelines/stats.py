@@ -15,14 +15,11 @@ import time
 
 import numpy as np
 
-from . import lease, shard, storage
+from . import lease, storage
 from .common import (Progress, StageError, TaskPool, check_parallel, digest, now_iso, prestart_local_pool,
                      use_ray)
 from .config import StatsConfig
-
-
-def stats_url(data: str) -> str:
-    return storage.join(data, "stats.json")
+from .contract import read_manifest, require_current, shard_dir, stats_url
 
 
 def shard_sums(url: str) -> tuple[int, int, list, list]:
@@ -75,11 +72,12 @@ def check(cfg: StatsConfig) -> dict:
     """The training shards are there and complete, before any work or MLflow run; their manifest."""
     check_parallel(cfg.parallel)
     storage.check_url(cfg.data)
-    manifest = shard.read_manifest(cfg.data, "train")
+    manifest = read_manifest(cfg.data, "train")
     if manifest is None or not manifest["complete"]:
         state = "missing" if manifest is None else "incomplete"
         raise StageError(f"The training shards in '{cfg.data}' are {state}: run the shard stage first "
                          f"(python -m pipelines shard --data {cfg.data} --split train).")
+    require_current(cfg.data, ["shard train"], "stats", cfg.allow_stale)
     return manifest
 
 
@@ -107,7 +105,7 @@ def _run(cfg: StatsConfig) -> dict:
     if old is not None:
         return dict(old["summary"], skipped=True, seconds=round(time.monotonic() - t0, 2))
 
-    urls = [storage.join(shard.shard_dir(cfg.data, "train"), s["name"]) for s in manifest["shards"]]
+    urls = [storage.join(shard_dir(cfg.data, "train"), s["name"]) for s in manifest["shards"]]
     progress = Progress("stats", len(urls))
     parts = []
     with TaskPool(use_ray(cfg.parallel, manifest["bytes"], cfg.ray_min_bytes), cfg.num_cpus, warm=__name__) as pool:
@@ -124,6 +122,8 @@ def _run(cfg: StatsConfig) -> dict:
                "skipped": False, "seconds": round(seconds, 2),
                "images_per_second": round(result["images"] / max(seconds, 1e-9), 1),
                "input_digest": manifest["digest"], "output_digest": digest(result)}
+    if cfg.allow_stale:  # check() let them through: the run says which
+        summary["allowed_stale"] = require_current(cfg.data, ["shard train"], "stats", True)
     storage.write_json(out, {**result, "input_digest": manifest["digest"], "ran_at": now_iso(),
                              "summary": summary})
     return summary

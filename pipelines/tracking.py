@@ -547,8 +547,14 @@ def _record_summary(run_id: str, summary: dict) -> None:
         tags[OUTPUT_DIGESTS_TAG] = " ".join(sorted(output.values()))
     if summary.get("data") is not None:
         tags["pipelines.data"] = summary["data"]
+    tags.update(allowed_stale_tag(summary.get("allowed_stale")))
     set_tags(run_id, tags)
     log_json(run_id, _mask_tree(summary), "summary.json")
+
+
+def allowed_stale_tag(reasons: list[str] | None) -> dict:
+    """--allow-stale let a run read stale inputs: a tag says which, for whoever reads its results."""
+    return {"pipelines.allowed_stale": "; ".join(reasons)[:4000]} if reasons else {}
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-from . import checkpoint, shard, stats, storage, tracking
+from . import checkpoint, contract, storage, tracking
 from .common import StageError, ensure_ray, fmt_seconds, now_iso, on_cluster
 from .config import TrainConfig
 
@@ -392,8 +392,9 @@ def train_loop(c: dict) -> None:
                  "scheduler": sched.state_dict(), "epoch": finished,
                  "scaler": scaler.state_dict() if scaler is not None else None,
                  "history": history, "position": position,
-                 "config": {k: c[k] for k in ("arch", "num_classes", "crop", "init", "seed")},
-                 "stats": c["stats"], "workers": placement, "saved_at": now_iso()}
+                 "config": {k: c[k] for k in ("arch", "num_classes", "crop", "init", "seed", "classes_digest",
+                                              "resize", "keep_aspect")},
+                 "wnids": c["wnids"], "stats": c["stats"], "workers": placement, "saved_at": now_iso()}
         # Every rank waits until the checkpoint is registered, so a checkpoint is never behind
         # the training it describes. (Ray's ASYNC upload lets training run on while a 0.5 GB
         # upload goes to S3: a node lost then resumes from further back.)
@@ -628,34 +629,55 @@ def _log_epochs(run_id: str, history: list[dict]) -> None:
 # --- the driver -------------------------------------------------------------------------------
 def _inputs(cfg: TrainConfig) -> dict:
     """Everything the workers need from ROOT, checked before any worker starts."""
-    for split in ("train", "val"):
-        m = shard.read_manifest(cfg.data, split)
+    train_m, val_m = contract.read_manifest(cfg.data, "train"), contract.read_manifest(cfg.data, "val")
+    for split, m in (("train", train_m), ("val", val_m)):
         if m is None or not m["complete"]:
             raise StageError(f"The {split} shards in '{cfg.data}' are missing or incomplete: run "
                              f"python -m pipelines shard --data {cfg.data}")
-    st_url = stats.stats_url(cfg.data)
-    if not storage.exists(st_url):
-        raise StageError(f"'{st_url}' is missing: run python -m pipelines stats --data {cfg.data}")
-    train_m, val_m = shard.read_manifest(cfg.data, "train"), shard.read_manifest(cfg.data, "val")
-    classes = storage.read_json(storage.join(cfg.data, "classes.json"))
-    resize = train_m["params"]["resize"]
-    if not train_m["params"]["keep_aspect"] and cfg.crop > resize:
-        raise StageError(f"--crop {cfg.crop} is larger than the {resize} px shards: use --crop <= {resize}.")
+    st = contract.read_stats(cfg.data)
+    if st is None:
+        raise StageError(f"'{contract.stats_url(cfg.data)}' is missing: run python -m pipelines stats --data {cfg.data}")
+    stale = contract.require_current(cfg.data, ["shard train", "shard val", "stats"], "train", cfg.allow_stale)
+    stale += _check_geometry(cfg, train_m, val_m)
     for split, m in (("train", train_m), ("val", val_m)):
         unindexed = [s["name"] for s in m["shards"] if "index" not in s]
         if unindexed:  # shards from before sample indexes: the loader reads samples through them
             raise StageError(f"{len(unindexed)} {split} shard(s) in '{cfg.data}' have no sample index (first: "
                              f"{unindexed[0]}): run python -m pipelines shard --data {cfg.data}, which adds "
                              "the indexes without re-encoding any image.")
-    absolute = os.path.abspath if not storage.is_s3(cfg.data) else (lambda p: p)
-    tdir, vdir = shard.shard_dir(cfg.data, "train"), shard.shard_dir(cfg.data, "val")
+    classes = contract.read_classes(cfg.data)
+
+    def located(split: str, m: dict) -> list[tuple[str, int]]:
+        folder = contract.shard_dir(cfg.data, split)
+        absolute = os.path.abspath if not storage.is_s3(cfg.data) else (lambda p: p)
+        return [(absolute(storage.join(folder, s["name"])), s["samples"]) for s in m["shards"]]
+
     return {
-        "train_shards": [(absolute(storage.join(tdir, s["name"])), s["samples"]) for s in train_m["shards"]],
-        "val_shards": [(absolute(storage.join(vdir, s["name"])), s["samples"]) for s in val_m["shards"]],
-        "stats": {k: v for k, v in storage.read_json(st_url).items() if k in ("mean", "std", "eigval", "eigvec")},
-        "num_classes": len(classes), "train_manifest": train_m, "val_manifest": val_m, "classes_url": storage.join(cfg.data, "classes.json"),
-        "stats_url": st_url,
+        "train_shards": located("train", train_m), "val_shards": located("val", val_m),
+        "stats": {k: st[k] for k in ("mean", "std", "eigval", "eigvec")},
+        "num_classes": len(classes), "classes_digest": contract.classes_digest(classes),
+        "wnids": [c["wnid"] for c in classes], "resize": train_m["params"]["resize"],
+        "keep_aspect": train_m["params"]["keep_aspect"],
+        "train_manifest": train_m, "val_manifest": val_m, "allowed_stale": stale,
+        "classes_url": contract.classes_url(cfg.data), "stats_url": contract.stats_url(cfg.data),
     }
+
+
+def _check_geometry(cfg: TrainConfig, train_m: dict, val_m: dict) -> list[str]:
+    """The crop fits the shards, and validation sees images made the way the training ones were
+    (unless --allow-stale: then the difference comes back, for the run to record)."""
+    t, v = train_m["params"], val_m["params"]
+    if not t["keep_aspect"] and cfg.crop > t["resize"]:
+        raise StageError(f"--crop {cfg.crop} is larger than the {t['resize']} px shards: use --crop <= {t['resize']}.")
+    if (t["resize"], t["keep_aspect"]) == (v["resize"], v["keep_aspect"]):
+        return []
+    differ = (f"the train shards were made with resize {t['resize']} (keep_aspect {t['keep_aspect']}), the val "
+              f"shards with resize {v['resize']} (keep_aspect {v['keep_aspect']})")
+    if cfg.allow_stale:
+        return [differ]
+    flags = f"--resize {t['resize']}" + (" --keep-aspect" if t["keep_aspect"] else "")
+    raise StageError(f"In '{cfg.data}' {differ}: rerun python -m pipelines shard --data {cfg.data} --split val "
+                     f"{flags}, or pass --allow-stale to validate on them as they are.")
 
 
 def _check_plan(cfg: TrainConfig, inputs: dict) -> None:
@@ -811,11 +833,11 @@ def run(cfg: TrainConfig, parent_run_id: str | None = None) -> dict:
               f"{', '.join(conflicts)}", file=sys.stderr)
     manifest = inputs["train_manifest"]
     tracking.log_dataset(run_id, name="imagenet-train-shards", digest=manifest["digest"],
-                         source=shard.manifest_url(cfg.data, "train"),
+                         source=contract.manifest_url(cfg.data, "train"),
                          profile={"samples": manifest["samples"], "shards": len(manifest["shards"])})
     val_m = inputs["val_manifest"]  # what val_top1 (and the best checkpoint's choice) was measured on
     tracking.log_dataset(run_id, name="imagenet-val-shards", digest=val_m["digest"],
-                         source=shard.manifest_url(cfg.data, "val"), context="validation",
+                         source=contract.manifest_url(cfg.data, "val"), context="validation",
                          profile={"samples": val_m["samples"], "shards": len(val_m["shards"])})
     tracking.log_yaml(run_id, dataclasses.asdict(resolved), "config.yaml")
     tracking.log_json(run_id, storage.read_json(inputs["classes_url"]), "classes.json")
@@ -824,9 +846,10 @@ def run(cfg: TrainConfig, parent_run_id: str | None = None) -> dict:
     if makers:
         tracking.set_tags(run_id, {"pipelines.shard_runs": ",".join(r["run_id"] for r in makers)})
     tracking.link_lineage(run_id, tracking.lineage(manifest["digest"]), f"`{cfg.data}`")
+    tracking.set_tags(run_id, tracking.allowed_stale_tag(inputs["allowed_stale"]))
 
     loop_config = {**dataclasses.asdict(resolved), **{k: inputs[k] for k in
-                   ("train_shards", "val_shards", "stats", "num_classes")},
+                   ("train_shards", "val_shards", "stats", "num_classes", "classes_digest", "wnids", "resize", "keep_aspect")},
                    "run_id": run_id, "tracking_uri": tracking.tracking_uri()}
     # --workers MIN-MAX: Ray Train starts with as many as it can get (at least MIN) and, when a
     # node is lost, restarts the group on the workers left; the plan re-deals the epoch's rest.
@@ -946,4 +969,4 @@ def _summary(cfg, name, run_id, state, ckpt_dir, model_uri, seconds, skipped=Fal
             "nodes": _by_node(state.get("workers") or []),
             "left_out_per_epoch": last.get("left_out", 0),
             "skipped": skipped, "seconds": round(seconds, 2),
-            "input_digest": shard.read_manifest(cfg.data, "train")["digest"]}
+            "input_digest": contract.read_manifest(cfg.data, "train")["digest"]}

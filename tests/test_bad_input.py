@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipelines import index, shard, sources
+from pipelines import contract, index, shard, sources
 from pipelines.common import StageError
 from pipelines.config import IndexConfig, ShardConfig
 
@@ -135,7 +135,7 @@ def test_hostile_tar_entries_in_the_train_tar(sample_src, tmp_path):
     assert "hard link" in got[f"{wnid}_hard"]
     assert "symlink to '/etc/passwd'" in got[f"{wnid}_sym"]
     assert "not among the devkit's" in got["n99999999"]
-    rows = {r["key"] for r in index.read_rows(str(root), "train")}
+    rows = {r["key"] for r in contract.read_index(str(root), "train").to_pylist()}
     assert f"{wnid}_good" in rows
 
 

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from pipelines import index, shard
+from pipelines import contract, index, shard
 from pipelines.config import IndexConfig
 from pipelines.sample import SampleConfig, run as make_sample
 
@@ -59,9 +59,9 @@ def test_shards_are_made_of_runs_of_neighbours_and_still_mix_classes(src, tmp_pa
     assignments = {}
     for layout in ("tarballs", "folders"):
         index.run(IndexConfig(source=str(src / layout), data=str(tmp_path / layout), samples_per_shard=1024))
-        assignments[layout] = {r["key"]: (r["shard"], r["position"]) for r in index.read_rows(str(tmp_path / layout), "train")}
+        assignments[layout] = {r["key"]: (r["shard"], r["position"]) for r in contract.read_index(str(tmp_path / layout), "train").to_pylist()}
     assert assignments["tarballs"] == assignments["folders"]  # members in key order: same shards
-    rows = index.read_rows(str(tmp_path / "tarballs"), "train")
+    rows = contract.read_index(str(tmp_path / "tarballs"), "train").to_pylist()
     assert index.run_length(1024) == 64
     stored = _members(src / "tarballs")
     by_shard: dict[int, list] = {}
@@ -89,7 +89,7 @@ def test_the_index_read_as_ray_tasks_equals_the_index_read_in_this_process(src, 
             summary = index.run(IndexConfig(source=str(src / layout), data=root, samples_per_shard=1024,
                                             parallel=parallel))
             assert summary["ray_tasks"] == (units if parallel == "ray" else 0)
-            got[parallel] = ({split: index.read_rows(root, split) for split in ("train", "val")},
+            got[parallel] = ({split: contract.read_index(root, split).to_pylist() for split in ("train", "val")},
                              json.loads((tmp_path / layout / parallel / "index" / "index.json").read_text())["digests"])
         assert got["ray"] == got["local"]
         assert len(got["ray"][0]["train"]) == 8 * 160

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from benchmarks.common import photo_jpegs
-from pipelines.shard import prepare_image
+from pipelines.images import prepare_image
 
 from .helpers import write_shard_tar
 

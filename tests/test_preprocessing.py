@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines import index, shard, stats, status
+from pipelines import contract, index, shard, stats, status
 from pipelines.common import StrictFailure
 from pipelines.config import IndexConfig, ShardConfig, StatsConfig, StatusConfig
 
@@ -83,7 +83,7 @@ def test_shards_mix_classes_and_follow_the_manifest(built):
         labels = {label for label, _, name in samples.values() if name == entry["name"]}
         assert entry["samples"] == sum(1 for *_, name in samples.values() if name == entry["name"])
         assert entry["bytes"] == (root / "shards" / "train" / entry["name"]).stat().st_size
-        assert entry["checksum"] == shard.file_checksum(str(root / "shards" / "train" / entry["name"]))
+        assert entry["checksum"] == contract.file_checksum(str(root / "shards" / "train" / entry["name"]))
         if entry["samples"] >= 5:
             assert len(labels) > 1, f"{entry['name']} holds a single class"
 
@@ -146,7 +146,7 @@ def test_rerun_delete_resize_and_status(sample_src, ray_local, tmp_path):
 
     # One shard deleted: status sees it, the rerun rewrites that shard only, byte for byte.
     victim = root / "shards" / "train" / "train-000002.tar"
-    checksum = shard.file_checksum(str(victim))
+    checksum = contract.file_checksum(str(victim))
     victim.unlink()
     st = _states(root)
     assert st["shard train"] == "stale" and st["shard val"] == "done" and st["stats"] == "done"
@@ -155,7 +155,7 @@ def test_rerun_delete_resize_and_status(sample_src, ray_local, tmp_path):
     after = mtimes(root)
     changed = {p for p in after if after[p] != before.get(p)}
     assert changed == {"shards/train/train-000002.tar", "shards/train/train-000002.idx.json"}
-    assert shard.file_checksum(str(victim)) == checksum
+    assert contract.file_checksum(str(victim)) == checksum
     assert set(_states(root).values()) == {"done"}
 
     # A shard damaged in place, its size unchanged: only the checksum sees it. `status --verify`
@@ -220,11 +220,11 @@ def test_a_codec_upgrade_makes_the_shards_stale_and_a_rerun_remakes_them(sample_
                                                                          monkeypatch):
     root = tmp_path / "root"
     _build(sample_src / "folders", root, split="val", resize=64)
-    real = shard.codec_versions()
+    real = contract.codec_versions()
     assert json.loads((root / "shards" / "val.json").read_text())["params"]["codecs"] == real
     assert _states(root)["shard val"] == "done"
     newer = {**real, "torchvision": real["torchvision"] + ".post1"}
-    monkeypatch.setattr(shard, "codec_versions", lambda: newer)  # as if torchvision were upgraded
+    monkeypatch.setattr(contract, "codec_versions", lambda: newer)  # as if torchvision were upgraded
     st = status.run(StatusConfig(data=str(root)))
     [row] = [r for r in st["stages"] if r["stage"] == "shard val"]
     assert row["state"] == "stale" and f"torchvision {real['torchvision']} (here {newer['torchvision']})" in row["reason"]
@@ -257,7 +257,7 @@ def _assert_indexes_locate_every_sample(root: Path) -> None:
 def test_keep_aspect_keeps_the_whole_image(sample_src, ray_local, tmp_path):
     root = tmp_path / "root"
     _build(sample_src / "folders", root, split="val", keep_aspect=True, resize=64)
-    rows = {r["key"]: r for r in index.read_rows(str(root), "val")}
+    rows = {r["key"]: r for r in contract.read_index(str(root), "val").to_pylist()}
     for key, (_, jpg, _) in read_shards(root, "val").items():
         src_size = image(Path(rows[key]["path"]).read_bytes()).size
         got = image(jpg).size

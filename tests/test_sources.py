@@ -9,10 +9,10 @@ import tarfile
 import pytest
 from PIL import Image
 
-from pipelines import index, sources
+from pipelines import contract, index, sources
 from pipelines.common import StageError
 from pipelines.config import IndexConfig
-from pipelines.shard import decode_problem, prepare_image
+from pipelines.images import decode_problem, prepare_image
 
 from .conftest import LAYOUTS
 
@@ -85,7 +85,7 @@ def test_hostile_tar_entries_are_rejected_not_followed(sample_src, tmp_path):
 
 def test_classes_and_limit_take_a_subset(sample_src, tmp_path, truth):
     s = index.run(IndexConfig(source=str(sample_src / "folders"), data=str(tmp_path), classes=2, limit=3))
-    rows = index.read_rows(str(tmp_path), "train")
+    rows = contract.read_index(str(tmp_path), "train").to_pylist()
     wnids = sorted(c["wnid"] for c in truth["classes"])[:2]
     assert {r["wnid"] for r in rows} == set(wnids)
     assert all(sum(r["wnid"] == w for r in rows) == 3 for w in wnids)
@@ -96,7 +96,7 @@ def test_shard_assignment_is_seeded_and_independent_of_listing_order(sample_src,
     def assignment(root, **kw):
         data = tmp_path / str(len(list(tmp_path.iterdir())))
         index.run(IndexConfig(source=str(root), data=str(data), samples_per_shard=7, **kw))
-        return {r["key"]: r["shard"] for r in index.read_rows(str(data), "train")}
+        return {r["key"]: r["shard"] for r in contract.read_index(str(data), "train").to_pylist()}
 
     a = assignment(sample_src / "folders")
     assert a == assignment(sample_src / "tarballs")  # same seed, other layout, same shards

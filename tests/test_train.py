@@ -5,6 +5,7 @@ One dataset, two fits (a first run and its resume): each Ray Train start costs ~
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipelines import checkpoint, train
+from pipelines import checkpoint, contract, train
 from pipelines.config import TrainConfig
 
 from .helpers import epoch_keys, read_ledger
@@ -151,14 +152,57 @@ def test_a_run_whose_loss_is_not_finite_stops_naming_the_epoch_and_the_fix_and_l
 def test_gpu_style_evaluation_bf16_and_channels_last_scores_as_the_plain_cpu_path(first_run, dataset):
     """evaluate()'s GPU settings (bf16 autocast, channels_last) on the CPU: the trained model's
     ten-crop predictions agree with float32's on the val images (a GPU run changes only the device)."""
-    from pipelines import evaluate, shard, storage
+    from pipelines import evaluate, storage
 
     state = checkpoint.load(first_run["best_checkpoint"])
-    m = shard.read_manifest(dataset, "val")
-    urls = [(storage.join(shard.shard_dir(dataset, "val"), s["name"]), s["samples"]) for s in m["shards"]]
+    m = contract.read_manifest(dataset, "val")
+    urls = [(storage.join(contract.shard_dir(dataset, "val"), s["name"]), s["samples"]) for s in m["shards"]]
     plain = evaluate.evaluate(state, urls, True, 8, 1, gpu=False)
     gpu_style = evaluate.evaluate(state, urls, True, 8, 1, gpu=False, amp=True, channels_last=True)
     assert plain["images"] == gpu_style["images"] == 24 and plain["labels"] == gpu_style["labels"]
     agree = sum(a == b for a, b in zip(plain["predicted"], gpu_style["predicted"]))
     assert agree >= 22, (plain["predicted"], gpu_style["predicted"])  # bf16 may flip a near-tie or two
     assert abs(plain["hits1"] - gpu_style["hits1"]) <= 2
+
+
+def _evaluate_cli(data, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines", "evaluate", "--data", str(data), *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_evaluate_refuses_a_model_of_other_classes_and_val_shards_made_unlike_its_own(first_run, dataset, tmp_path):
+    """The run's model (4 classes) against ROOTs of 3 classes and of 4 other WNIDs: exit 2 naming
+    both digests, no evaluation run. Then its own ROOT with val resharded at another size: exit 2
+    naming the size to reshard at; --allow-stale evaluates and says what it read."""
+    from pipelines import index, shard
+    from pipelines.config import IndexConfig, ShardConfig
+    from pipelines.sample import SampleConfig, run as make_sample
+
+    model_digest = checkpoint.load(first_run["best_checkpoint"])["config"]["classes_digest"]
+    assert model_digest == contract.classes_digest(contract.read_classes(dataset))
+    client = MlflowClient()
+    children = f"tags.`mlflow.parentRunId` = '{first_run['run_id']}'"
+    before = len(client.search_runs([client.get_run(first_run["run_id"]).info.experiment_id], children))
+    for name, classes, seed in (("three", 3, 0), ("other-wnids", 4, 1)):
+        make_sample(SampleConfig(out=str(tmp_path / name / "src"), classes=classes, train_per_class=2,
+                                 val_per_class=2, seed=seed, layouts=("folders",)))
+        root = tmp_path / name / "root"
+        index.run(IndexConfig(source=str(tmp_path / name / "src" / "folders"), data=str(root)))
+        shard.run(ShardConfig(data=str(root), split="val", resize=72, parallel="local"))
+        p = _evaluate_cli(root, "--run-id", first_run["run_id"])
+        here = contract.classes_digest(contract.read_classes(str(root)))
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        assert f"the model has 4 classes (digest {model_digest[:12]})" in p.stderr, p.stderr
+        assert f"has {classes} (digest {here[:12]})" in p.stderr, p.stderr
+    assert len(client.search_runs([client.get_run(first_run["run_id"]).info.experiment_id], children)) == before
+
+    copy = tmp_path / "resharded"
+    shutil.copytree(dataset, copy, ignore=shutil.ignore_patterns("runs"))
+    shard.run(ShardConfig(data=str(copy), split="val", resize=64, parallel="local"))
+    p = _evaluate_cli(copy, "--checkpoint", first_run["best_checkpoint"])
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "trained on shards made with resize 72" in p.stderr and "--split val --resize 72" in p.stderr, p.stderr
+    p = _evaluate_cli(copy, "--checkpoint", first_run["best_checkpoint"], "--allow-stale")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["images"] == 24 and "were made with resize 64" in out["allowed_stale"][0]

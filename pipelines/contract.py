@@ -1,0 +1,268 @@
+"""The data contract between the stages: where each document lives under a dataset ROOT, how it
+reads, and whether it is current for the inputs it was made from.
+
+    ROOT/classes.json                        index   [{index, wnid, name}, ...] in label order
+    ROOT/index/index.json                    index   its record: params, a digest per split, counts
+    ROOT/index/{train,val}.parquet           index   one row per image (where its bytes are, its shard)
+    ROOT/index/rejected.jsonl                index, shard   quarantined inputs, each with its reason
+    ROOT/shards/{split}/{split}-NNNNNN.tar   shard   webdataset shards (+ .idx.json sample indexes)
+    ROOT/shards/{split}.json                 shard   the manifest: params, shards, digest, index_digest
+    ROOT/stats.json                          stats   mean, std, RGB eigen-decomposition, input_digest
+
+Each document names the digest of what it was made from, so "is it current?" is a comparison:
+shards against the index record, stats against the train manifest. Every stage imports this
+module, never another stage, and the consumers ask ``require_current`` before any work, the
+same question ``status`` answers for people.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+
+from . import storage
+from .common import StageError, digest
+from .config import SPLITS
+
+ASSIGNMENT = 2  # bump when the way images are dealt to shards changes: an old index is redone
+BATCH = 8192  # index rows turned into Python objects at once when read, written or hashed
+REJECTED = "index/rejected.jsonl"
+
+
+# --- where things are ---------------------------------------------------------------------------
+def index_paths(data: str) -> dict[str, str]:
+    """The index stage's outputs under ROOT."""
+    return {
+        "classes": classes_url(data),
+        "record": storage.join(data, "index", "index.json"),
+        "rejected": storage.join(data, REJECTED),
+        **{split: storage.join(data, "index", f"{split}.parquet") for split in SPLITS},
+    }
+
+
+def classes_url(data: str) -> str:
+    return storage.join(data, "classes.json")
+
+
+def shard_dir(data: str, split: str) -> str:
+    return storage.join(data, "shards", split)
+
+
+def shard_name(split: str, i: int) -> str:
+    return f"{split}-{i:06d}.tar"
+
+
+def manifest_url(data: str, split: str) -> str:
+    return storage.join(data, "shards", f"{split}.json")
+
+
+def stats_url(data: str) -> str:
+    return storage.join(data, "stats.json")
+
+
+# --- reading and writing the documents ----------------------------------------------------------
+def _json_or_none(url: str):
+    return storage.read_json(url) if storage.exists(url) else None
+
+
+def read_index_record(data: str) -> dict | None:
+    return _json_or_none(index_paths(data)["record"])
+
+
+def read_manifest(data: str, split: str) -> dict | None:
+    return _json_or_none(manifest_url(data, split))
+
+
+def read_stats(data: str) -> dict | None:
+    return _json_or_none(stats_url(data))
+
+
+def read_classes(data: str) -> list[dict]:
+    url = classes_url(data)
+    if not storage.exists(url):
+        raise StageError(f"'{url}' is missing: run the index stage first "
+                         f"(python -m pipelines index --source SRC --data {data}).")
+    return storage.read_json(url)
+
+
+def classes_digest(classes: list) -> str:
+    """What a model's outputs mean: its classes' WNIDs in label order (names may be reworded)."""
+    return digest([c["wnid"] if isinstance(c, dict) else c for c in classes])
+
+
+def content_id(sha256: str | None, etag: str | None) -> str:
+    """What identifies an image's bytes: their sha256, or for a loose S3 object the ETag its
+    listing gave (S3 derives it from the content, so a changed image gets a new one)."""
+    return sha256 or f"etag:{etag}"
+
+
+def manifest_digest(params: dict, shards: list[dict]) -> str:
+    """Identifies the shards' content (not when they were made): later stages key on it."""
+    return digest([params, [(s["name"], s["samples"], s["checksum"]) for s in shards]])
+
+
+def file_checksum(url: str) -> str:
+    sha = hashlib.sha256()
+    with storage.open_read(url) as f:
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+    return f"sha256:{sha.hexdigest()}"
+
+
+def codec_versions() -> dict:
+    """The libraries that make a shard's bytes (decode, resize, JPEG encode). An upgrade may
+    change those bytes, so the versions are part of every shard's digest: a rerun after one
+    remakes the shards instead of mixing two encoders' output in one dataset."""
+    from importlib.metadata import version
+
+    return {lib: version(lib) for lib in ("torch", "torchvision", "pillow")}
+
+
+def parquet_file(data: str, split: str):
+    """The split's index file as a pyarrow ParquetFile, to read in parts (a row group holds BATCH rows)."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(_index_source(data, split))
+
+
+def _index_source(data: str, split: str):
+    url = index_paths(data)[split]
+    if not storage.exists(url):
+        raise StageError(f"'{url}' is missing: run the index stage first "
+                         f"(python -m pipelines index --source SRC --data {data}).")
+    return url if not storage.is_s3(url) else io.BytesIO(storage.read_bytes(url))  # a local file: no copy
+
+
+def read_index(data: str, split: str, columns: list[str] | None = None):
+    """The split's index as a pyarrow Table (columnar: ~100 bytes an image, where a list of dicts
+    takes ~1 KB). Paths repeat (a class tar holds ~1,300 images) and are dictionary-encoded."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(_index_source(data, split), columns=columns,
+                         read_dictionary=[c for c in ("path", "wnid") if columns is None or c in columns])
+
+
+def iter_index(data: str, split: str, columns: list[str]):
+    """The split's index, ``columns`` only, a record batch (BATCH rows) at a time, in file order."""
+    yield from parquet_file(data, split).iter_batches(batch_size=BATCH, columns=columns, use_threads=False)
+
+
+def read_rejects(data: str) -> list[dict]:
+    url = index_paths(data)["rejected"]
+    if not storage.exists(url):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(url).decode().splitlines() if line.strip()]
+
+
+def write_rejects(data: str, stage: str, entries: list[dict], splits=SPLITS) -> None:
+    """Replace ``stage``'s lines for ``splits`` in rejected.jsonl, keeping every other line."""
+    kept = [r for r in read_rejects(data) if not (r["stage"] == stage and r["split"] in splits)]
+    lines = kept + [dict(e, stage=stage) for e in entries]
+    storage.write_if_changed(index_paths(data)["rejected"],
+                             "".join(json.dumps(r, sort_keys=True) + "\n" for r in lines).encode())
+
+
+# --- is it current? -----------------------------------------------------------------------------
+# Each answer: {"stage", "state": done | stale | missing, "reason", "doc": the document read}.
+# `status` prints them; the stages that read a document refuse a stale one (require_current).
+def _state(stage: str, doc, state: str = "done", reason: str = "") -> dict:
+    return {"stage": stage, "state": state if doc is not None else "missing",
+            "reason": reason if doc is not None else "never ran", "doc": doc}
+
+
+def index_state(data: str) -> dict:
+    rec = read_index_record(data)
+    if rec is None:
+        return _state("index", None)
+    lost = [s for s in (*SPLITS, "classes") if not storage.exists(index_paths(data)[s])]
+    if lost:
+        return _state("index", rec, "stale", f"output missing: {', '.join(lost)}")
+    if rec["params"].get("assignment") != ASSIGNMENT:
+        return _state("index", rec, "stale", "made by an older version that dealt images to shards one by "
+                                             "one: rerun the index stage (then shard) to read the source in runs")
+    return _state("index", rec)
+
+
+def shard_state(data: str, split: str, index_record: dict | None, verify: bool = False) -> dict:
+    """The split's shards against the index record they were made from, and against the files:
+    sizes from one listing (a missing or truncated shard); with ``verify`` each sha256 too,
+    which also finds bytes changed in place."""
+    name, m = f"shard {split}", read_manifest(data, split)
+    if m is None:
+        return _state(name, None)
+    if index_record is None or index_record["digests"].get(split) != m["index_digest"]:
+        return _state(name, m, "stale", "the index changed since the shards were made")
+    if not m["complete"]:
+        return _state(name, m, "stale", f"incomplete: {len(m['shards'])} of {m['shards_expected']} shards")
+    folder = shard_dir(data, split)
+    sizes = {path: size for path, size, _ in storage.walk_files(folder)}
+    damaged = [s["name"] for s in m["shards"] if sizes.get(s["name"]) != s["bytes"]
+               or (verify and file_checksum(storage.join(folder, s["name"])) != s["checksum"])]
+    if damaged:
+        return _state(name, m, "stale", f"{len(damaged)} of {len(m['shards'])} shards missing or changed "
+                                        f"on disk (e.g. {damaged[0]})")
+    made, here = m["params"].get("codecs") or {}, codec_versions()
+    if made != here:
+        diff = ", ".join(f"{k} {made.get(k, '?')} (here {v})" for k, v in here.items() if made.get(k) != v)
+        return _state(name, m, "stale", f"made with {diff}: a shard rerun remakes them with this machine's")
+    return _state(name, m)
+
+
+def stats_state(data: str) -> dict:
+    st, m = read_stats(data), read_manifest(data, "train")
+    if st is not None and (m is None or m["digest"] != st["input_digest"]):
+        return _state("stats", st, "stale", "the training shards changed since the stats were computed")
+    return _state("stats", st)
+
+
+def states(data: str, verify: bool = False) -> dict[str, dict]:
+    """Every stage's state, by name: index, shard train, shard val, stats."""
+    rec = read_index_record(data)
+    found = [index_state(data), *(shard_state(data, s, rec, verify) for s in SPLITS), stats_state(data)]
+    return {s["stage"]: s for s in found}
+
+
+def state_of(data: str, stage: str, verify: bool = False) -> dict:
+    """One stage's state by its name in ``states``."""
+    if stage in ("index", "stats"):
+        return index_state(data) if stage == "index" else stats_state(data)
+    return shard_state(data, stage.removeprefix("shard "), read_index_record(data), verify)
+
+
+RERUN = {"index": "python -m pipelines index --source SRC --data {data}",
+         **{f"shard {s}": f"python -m pipelines shard --data {{data}} --split {s}" for s in SPLITS},
+         "stats": "python -m pipelines stats --data {data}"}
+
+
+def require_current(data: str, reads: list[str], reader: str, allow_stale: bool) -> list[str]:
+    """Before any work: the documents ``reader`` reads (stage names as ``states`` gives them)
+    are current. A stale one stops it (a StageError, exit 2) naming the stage to rerun; with
+    ``allow_stale`` it goes on, and the reasons come back for the run to record. Missing
+    documents are left to the reader, whose own message says what to run first."""
+    stale = [s for s in map(functools.partial(state_of, data), reads) if s["state"] == "stale"]
+    reasons = [f"{s['stage']}: {s['reason']}" for s in stale]
+    if stale and not allow_stale:
+        first = stale[0]["stage"]
+        raise StageError(f"{reader} reads stale inputs in '{data}' ({'; '.join(reasons)}): rerun {first.split()[0]} "
+                         f"first ({RERUN[first].format(data=data)}), or pass --allow-stale to {reader} on them "
+                         "as they are (the run records that it did).")
+    return reasons
+
+
+def require_classes(data: str, model_config: dict, model_wnids: list[str] | None, reader: str) -> None:
+    """A model's outputs mean ROOT's classes: the same WNIDs in the same label order (a model
+    from before its classes were recorded: the same count). Otherwise a StageError naming both
+    digests and the first labels that differ: an accuracy against other classes means nothing."""
+    classes = read_classes(data)
+    here, made, count = classes_digest(classes), model_config.get("classes_digest"), model_config["num_classes"]
+    if count == len(classes) and made in (None, here):
+        return
+    ours = [c["wnid"] for c in classes]
+    pairs = [f"label {i} is {a} in the model, {b} here"
+             for i, (a, b) in enumerate(zip(model_wnids or [], ours)) if a != b][:3]
+    raise StageError(
+        f"The model was trained on other classes than '{data}' holds: the model has {count} classes (digest "
+        f"{made[:12] if made else 'not recorded'}), {classes_url(data)} has {len(classes)} (digest {here[:12]})"
+        + (f"; {'; '.join(pairs)}" if pairs else "")
+        + f". {reader} it with the dataset ROOT it was trained on.")

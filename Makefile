@@ -13,7 +13,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Lint and format (ruff), the layers and the stages' independence (import-linter, contracts in
+# pyproject.toml), then the tests.
 test: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -rs --durations=20
 
 demo: install

@@ -4,6 +4,7 @@ Absolute times on shared machines drift by tens of percent between minutes, so e
 times its contenders side by side, interleaved (A, B, A, B, ...), and reports the median of
 the repeats and the ratio of medians. The JSON goes to $BENCH_OUT (default bench-results/).
 """
+
 from __future__ import annotations
 
 import io
@@ -19,16 +20,19 @@ import numpy as np
 OUT = os.environ.get("BENCH_OUT", "bench-results")
 # ImageNet's published RGB statistics (pixels in 0..1; the AlexNet-era PCA). Every contender
 # uses the same numbers for the same arithmetic; the values do not change the speed.
-STATS = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-         "eigval": [0.2175, 0.0188, 0.0045],
-         "eigvec": [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]]}
+STATS = {
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+    "eigval": [0.2175, 0.0188, 0.0045],
+    "eigvec": [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]],
+}
 
 
 # --- test images --------------------------------------------------------------------------------
 def _field(rng: np.random.Generator, n: int) -> np.ndarray:
     """An n x n x 3 random field with natural images' 1/f amplitude spectrum, colour-correlated."""
     fy, fx = np.fft.fftfreq(n)[:, None], np.fft.rfftfreq(n)[None, :]
-    f = np.sqrt(fx ** 2 + fy ** 2)
+    f = np.sqrt(fx**2 + fy**2)
     f[0, 0] = 1.0
 
     def noise():
@@ -42,8 +46,9 @@ def _field(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.stack(chans, -1)
 
 
-def photo_jpegs(n: int, size: tuple[int, int] = (500, 375), quality: int = 90, seed: int = 0,
-                vary: float = 0.0) -> list[bytes]:
+def photo_jpegs(
+    n: int, size: tuple[int, int] = (500, 375), quality: int = 90, seed: int = 0, vary: float = 0.0
+) -> list[bytes]:
     """``n`` JPEGs that cost what ImageNet's cost to decode.
 
     Decode time follows the entropy-coded size, so the pixels follow natural images' 1/f
@@ -62,7 +67,7 @@ def photo_jpegs(n: int, size: tuple[int, int] = (500, 375), quality: int = 90, s
         s = 1 + rng.uniform(-vary, vary) if vary else 1.0
         w, h = int(w0 * s), int(h0 * s)
         y, x = rng.integers(0, n_field - h), rng.integers(0, n_field - w)
-        px = field[y:y + h, x:x + w] * rng.uniform(35, 60) + rng.uniform(80, 170, 3)
+        px = field[y : y + h, x : x + w] * rng.uniform(35, 60) + rng.uniform(80, 170, 3)
         px += rng.standard_normal(px.shape) * 3
         b = io.BytesIO()
         Image.fromarray(np.clip(px, 0, 255).astype(np.uint8)).save(b, "JPEG", quality=quality)
@@ -117,11 +122,18 @@ def machine() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "pillow": PIL.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
     try:
         import ray
+
         info["ray"] = ray.__version__
     except ImportError:
         pass
@@ -136,8 +148,14 @@ def report(name: str, title: str, rows: list[dict], columns: list[str], extra: d
     print("  ".join("-" * w for w in widths))
     for r in rows:
         print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
-    record = {"benchmark": name, "title": title, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "machine": machine(), "rows": rows, **(extra or {})}
+    record = {
+        "benchmark": name,
+        "title": title,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        "rows": rows,
+        **(extra or {}),
+    }
     os.makedirs(OUT, exist_ok=True)
     path = os.path.join(OUT, f"{name}.json")
     with open(path, "w") as f:

@@ -20,6 +20,7 @@ next(batches) / total. With decode=device the batch's decode runs inside that ca
 counts as waiting. Warm-up steps (loader start-up, cudnn, compilation) are not timed.
 Each contender runs --steps steps per repeat, interleaved; the table shows medians.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,8 @@ import sys
 import tarfile
 import time
 
-from pipelines.config import TrainConfig
 from pipelines import tarindex
+from pipelines.config import TrainConfig
 from pipelines.shard import add_member
 
 from . import common
@@ -37,8 +38,7 @@ from .common import STATS
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, matched in order
 # against torch.cuda.get_device_name(); an H100 name without PCIe/NVL is the SXM part ("HBM3").
-PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", None), ("H100", 989e12), ("H200", 989e12),
-             ("A100", 312e12))
+PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", None), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
 CLASSES = 1000
 
 
@@ -66,6 +66,7 @@ def make_step(net, opt, device):
         if gpu:
             x = x.contiguous(memory_format=torch.channels_last)
         train_step(net, opt, x, y, torch.bfloat16 if gpu else None)
+
     return step
 
 
@@ -110,6 +111,7 @@ def bench_model(net, opt, device, a) -> tuple[list[dict], dict]:
                 step(x, y)
             sync(device)
             return a.steps * a.batch
+
         return go
 
     rates = common.interleaved({k: timed(v) for k, v in steps.items()}, a.repeats)
@@ -117,8 +119,15 @@ def bench_model(net, opt, device, a) -> tuple[list[dict], dict]:
     rows = []
     for name, r in rates.items():
         ips = common.median(r)
-        rows.append({"part": "model", "contender": name, "images/s": ips, "TFLOP/s": ips * fpi / 1e12,
-                     "MFU": ips * fpi / peak if peak else None})
+        rows.append(
+            {
+                "part": "model",
+                "contender": name,
+                "images/s": ips,
+                "TFLOP/s": ips * fpi / 1e12,
+                "MFU": ips * fpi / peak if peak else None,
+            }
+        )
     return rows, {"flops_per_image": fpi, "peak_flops": peak, "model_rates": rates}
 
 
@@ -159,10 +168,16 @@ def bench_end_to_end(net, opt, device, shards, a) -> tuple[list[dict], dict]:
         # plan sees distinct samples, the reads go to the same files.
         need = (a.warmup + a.steps) * a.batch
         listed = shards * -(-need // sum(n for _, n in shards))
-        seg = plan.epoch_plan([n for _, n in listed], seed=0, epoch=epoch, batch_size=a.batch, world=1,
-                              loader_workers=workers, buffer=a.shuffle_buffer)
-        loader = data.train_loader(listed, tf, segment=seg, rank=0, pin_memory=device.type == "cuda",
-                                   decode=decode)
+        seg = plan.epoch_plan(
+            [n for _, n in listed],
+            seed=0,
+            epoch=epoch,
+            batch_size=a.batch,
+            world=1,
+            loader_workers=workers,
+            buffer=a.shuffle_buffer,
+        )
+        loader = data.train_loader(listed, tf, segment=seg, rank=0, pin_memory=device.type == "cuda", decode=decode)
         batches = data.on_device(loader, device)
         for _ in range(a.warmup):  # loader start-up and the first window's reads are not timed
             x, y, _ = next(batches)
@@ -182,8 +197,10 @@ def bench_end_to_end(net, opt, device, shards, a) -> tuple[list[dict], dict]:
     contenders = {"decode=worker": ("worker", a.loader_workers), "decode=device": ("device", a.loader_workers)}
     if a.few_workers < a.loader_workers:
         contenders[f"decode=device, {a.few_workers} workers"] = ("device", a.few_workers)
-    log(f"end to end: {', '.join(contenders)}; {a.warmup} warm-up + {a.steps} timed steps each, "
-        f"{a.repeats} repeat(s), interleaved")
+    log(
+        f"end to end: {', '.join(contenders)}; {a.warmup} warm-up + {a.steps} timed steps each, "
+        f"{a.repeats} repeat(s), interleaved"
+    )
     rates = {k: [] for k in contenders}
     waits = {k: [] for k in contenders}
     for r in range(a.repeats):
@@ -192,8 +209,16 @@ def bench_end_to_end(net, opt, device, shards, a) -> tuple[list[dict], dict]:
             rates[name].append(rate)
             waits[name].append(wait)
             log(f"  repeat {r + 1}/{a.repeats} {name}: {rate:,.1f} images/s, data wait {wait:.0%}")
-    rows = [{"part": "end-to-end", "contender": k, "loader workers": contenders[k][1],
-             "images/s": common.median(rates[k]), "data wait": common.median(waits[k])} for k in contenders]
+    rows = [
+        {
+            "part": "end-to-end",
+            "contender": k,
+            "loader workers": contenders[k][1],
+            "images/s": common.median(rates[k]),
+            "data wait": common.median(waits[k]),
+        }
+        for k in contenders
+    ]
     return rows, {"end_to_end_rates": rates, "data_wait": waits}
 
 
@@ -209,12 +234,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--few-workers", type=int, default=2, help="loader processes of the extra decode=device row")
     ap.add_argument("--images", type=int, default=2048, help="JPEGs in the synthetic shards (listed again as needed)")
     ap.add_argument("--shards", type=int, default=24, help="tar shards")
-    ap.add_argument("--shuffle-buffer", type=int, default=None,
-                    help="samples per loader worker (default: TrainConfig's)")
-    ap.add_argument("--compile-backend", default="inductor",
-                    help="torch.compile backend; 'eager' traces without compiling (the CPU test)")
-    ap.add_argument("--tiny", action="store_true",
-                    help="seconds, not minutes: crop 64, batch 8, 2 steps, 1 repeat, 32 images")
+    ap.add_argument(
+        "--shuffle-buffer", type=int, default=None, help="samples per loader worker (default: TrainConfig's)"
+    )
+    ap.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend; 'eager' traces without compiling (the CPU test)",
+    )
+    ap.add_argument(
+        "--tiny", action="store_true", help="seconds, not minutes: crop 64, batch 8, 2 steps, 1 repeat, 32 images"
+    )
     ap.add_argument("--cache", default=os.path.join(common.OUT, "cache"))
     a = ap.parse_args(argv)
     if a.tiny:
@@ -229,9 +259,11 @@ def main(argv=None) -> dict:
 
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: no CUDA device here. This benchmark measures GPU training; to check its wiring "
-              "on a CPU run: python -m benchmarks.gpu --device cpu --tiny --compile-backend eager",
-              file=sys.stderr)
+        print(
+            "error: no CUDA device here. This benchmark measures GPU training; to check its wiring "
+            "on a CPU run: python -m benchmarks.gpu --device cpu --tiny --compile-backend eager",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     t0 = time.perf_counter()
     shards = write_shards(a.cache, a.images, a.shards)
@@ -243,20 +275,33 @@ def main(argv=None) -> dict:
     # train.py's optimiser (TrainConfig's lr, momentum, weight decay: the same update work).
     from pipelines.train import sgd
 
-    opt = sgd(net.parameters(), lr=TrainConfig.lr, momentum=TrainConfig.momentum,
-              weight_decay=TrainConfig.weight_decay)
+    opt = sgd(net.parameters(), lr=TrainConfig.lr, momentum=TrainConfig.momentum, weight_decay=TrainConfig.weight_decay)
     model_rows, model_extra = bench_model(net, opt, device, a)
     e2e_rows, e2e_extra = bench_end_to_end(net, opt, device, shards, a)
     log(f"done in {time.perf_counter() - t0:.0f} s")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     return common.report(
-        "gpu", f"AlexNet (alexnet2012) training on {name}: batch {a.batch}, crop {a.crop}, "
+        "gpu",
+        f"AlexNet (alexnet2012) training on {name}: batch {a.batch}, crop {a.crop}, "
         f"{'bf16 autocast + channels_last' if device.type == 'cuda' else 'float32'}; median of {a.repeats} "
-        f"x {a.steps} steps", model_rows + e2e_rows,
+        f"x {a.steps} steps",
+        model_rows + e2e_rows,
         ["part", "contender", "loader workers", "images/s", "TFLOP/s", "MFU", "data wait"],
-        {"device": str(device), "batch": a.batch, "crop": a.crop, "steps": a.steps, "warmup": a.warmup,
-         "repeats": a.repeats, "compile_backend": a.compile_backend, "images": a.images, "shards": a.shards,
-         **model_extra, **e2e_extra, "command": "python -m benchmarks.gpu " + " ".join(argv or sys.argv[1:])})
+        {
+            "device": str(device),
+            "batch": a.batch,
+            "crop": a.crop,
+            "steps": a.steps,
+            "warmup": a.warmup,
+            "repeats": a.repeats,
+            "compile_backend": a.compile_backend,
+            "images": a.images,
+            "shards": a.shards,
+            **model_extra,
+            **e2e_extra,
+            "command": "python -m benchmarks.gpu " + " ".join(argv or sys.argv[1:]),
+        },
+    )
 
 
 if __name__ == "__main__":

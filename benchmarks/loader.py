@@ -37,6 +37,7 @@ loader's start-up, is reported apart, and so is the rate with it. Per core = ima
 by the cores the contender uses: the machine's cores for the loaders, which use them fully,
 one for the floor. "pipelines x" is pipelines' images/s per core over the row's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,14 +53,19 @@ from . import common
 from .common import STATS
 from .shard import _dataset, _env
 
+
 def _shards(data: str, cache: str) -> list[tuple[str, int]]:
     import json
 
     manifest = os.path.join(data, "shards", "train.json")
     m = json.load(open(manifest)) if os.path.exists(manifest) else {}
     if not m.get("complete") or any("index" not in s for s in m["shards"]):  # (a rerun adds indexes)
-        subprocess.run([sys.executable, "-m", "pipelines", "shard", "--data", data, "--split", "train"],
-                       check=True, env=_env(cache), stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "pipelines", "shard", "--data", data, "--split", "train"],
+            check=True,
+            env=_env(cache),
+            stdout=subprocess.DEVNULL,
+        )
     m = json.load(open(manifest))
     return [(os.path.join(data, "shards", "train", s["name"]), s["samples"]) for s in m["shards"]]
 
@@ -84,14 +90,16 @@ def pipelines_batches(shards, batch: int, workers: int, steps: int, crop: int):
             torch.set_num_threads(threads)
 
     def _epoch():
-        seg = plan.epoch_plan([n for _, n in shards], seed=0, epoch=next(epochs), batch_size=batch, world=1,
-                              loader_workers=workers)
+        seg = plan.epoch_plan(
+            [n for _, n in shards], seed=0, epoch=next(epochs), batch_size=batch, world=1, loader_workers=workers
+        )
         if seg.steps < steps:
             raise SystemExit(f"--take {steps * batch} is more than one epoch of {seg.steps * batch}: lower it")
         loader = data.train_loader(shards, tf, segment=seg, rank=0)
         x_float = None
         for x, _, _ in _timed(itertools.islice(loader, steps)):
             x_float = tf.photometric(x, out=x_float)  # as train_loop does on a CPU
+
     return run
 
 
@@ -120,8 +128,10 @@ def _augment(crop: int):
 
     from model.transforms import Lighting
 
-    return ([T.RandomCrop(crop), T.RandomHorizontalFlip()],
-            [Lighting(STATS["eigval"], STATS["eigvec"], 0.1), T.Normalize(STATS["mean"], STATS["std"])])
+    return (
+        [T.RandomCrop(crop), T.RandomHorizontalFlip()],
+        [Lighting(STATS["eigval"], STATS["eigvec"], 0.1), T.Normalize(STATS["mean"], STATS["std"])],
+    )
 
 
 def torchvision_batches(folder: str, batch: int, workers: int, steps: int, crop: int):
@@ -134,10 +144,10 @@ def torchvision_batches(folder: str, batch: int, workers: int, steps: int, crop:
     ds = ImageFolder(folder, transform=tf)
 
     def run():
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
-                                             drop_last=True)
-        for x, y in _timed(itertools.islice(loader, steps)):
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True)
+        for _batch in _timed(itertools.islice(loader, steps)):
             pass
+
     return run
 
 
@@ -152,8 +162,14 @@ def webdataset_dataset(urls: list[str], crop: int):
 
     geometric, photometric = _augment(crop)
     tf = T.Compose([*geometric, *photometric])  # "torchrgb" already gives float 3 x H x W in 0..1
-    return (wds.WebDataset(urls, shardshuffle=len(urls), empty_check=False).shuffle(1000).decode("torchrgb")
-            .to_tuple("jpg", "cls").map_tuple(tf, None).repeat())
+    return (
+        wds.WebDataset(urls, shardshuffle=len(urls), empty_check=False)
+        .shuffle(1000)
+        .decode("torchrgb")
+        .to_tuple("jpg", "cls")
+        .map_tuple(tf, None)
+        .repeat()
+    )
 
 
 def webdataset_batches(urls: list[str], batch: int, workers: int, steps: int, crop: int):
@@ -163,8 +179,9 @@ def webdataset_batches(urls: list[str], batch: int, workers: int, steps: int, cr
 
     def run():
         loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers)
-        for x, y in _timed(itertools.islice(loader, steps)):
+        for _batch in _timed(itertools.islice(loader, steps)):
             pass
+
     return run
 
 
@@ -209,16 +226,19 @@ def floor_decodes(jpgs: list[bytes], n: int):
             torch.set_num_threads(threads)
         best = max(decoders, key=lambda k: _Floor.rates[k][-1])  # this repeat's; the report picks by median
         _Clock.images, _Clock.first, _Clock.rest = n, None, n / _Floor.rates[best][-1]
+
     return run
 
 
 class _Floor:
     """Images/s of each floor decoder, one per repeat."""
+
     rates: dict[str, list[float]] = {}
 
 
 class _Clock:
     """Images, and seconds to the first batch and after it, of the last _timed() loop."""
+
     images, first, rest = 0, 0.0, 0.0
 
 
@@ -251,9 +271,11 @@ def main(argv=None) -> dict:
     src, data, _ = _dataset(a.images, 10, a.samples_per_shard, a.cache)
     shards = _shards(data, a.cache)
     steps = a.take // a.batch
-    contenders = {"pipelines": pipelines_batches(shards, a.batch, a.workers, steps, a.crop),
-                  "webdataset": webdataset_batches([u for u, _ in shards], a.batch, a.workers, steps, a.crop),
-                  "torchvision": torchvision_batches(os.path.join(src, "train"), a.batch, a.workers, steps, a.crop)}
+    contenders = {
+        "pipelines": pipelines_batches(shards, a.batch, a.workers, steps, a.crop),
+        "webdataset": webdataset_batches([u for u, _ in shards], a.batch, a.workers, steps, a.crop),
+        "torchvision": torchvision_batches(os.path.join(src, "train"), a.batch, a.workers, steps, a.crop),
+    }
     server = None
     if a.s3:
         s3_shards, server = in_s3(shards, tempfile.mkdtemp(prefix="bench-s3-"))
@@ -274,14 +296,21 @@ def _measure(a, contenders, steps, argv) -> dict:
             run()
             steady[name].append(_Clock.images / _Clock.rest)
             if _Clock.first is None:  # the floor: no loader, no first batch
-                print(f"  repeat {r + 1}/{a.repeats} {name}: {steady[name][-1]:,.0f} images/s on one core "
-                      f"({', '.join(f'{k} {v[-1]:,.0f}' for k, v in _Floor.rates.items())})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  repeat {r + 1}/{a.repeats} {name}: {steady[name][-1]:,.0f} images/s on one core "
+                    f"({', '.join(f'{k} {v[-1]:,.0f}' for k, v in _Floor.rates.items())})",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 continue
             first[name].append(_Clock.first)
             overall[name].append((_Clock.images + a.batch) / (_Clock.first + _Clock.rest))
-            print(f"  repeat {r + 1}/{a.repeats} {name}: {steady[name][-1]:,.0f} images/s after a first batch "
-                  f"in {first[name][-1]:.2f} s", file=sys.stderr, flush=True)
+            print(
+                f"  repeat {r + 1}/{a.repeats} {name}: {steady[name][-1]:,.0f} images/s after a first batch "
+                f"in {first[name][-1]:.2f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     floor = {}
     if "floor" in contenders:  # one decoder throughout: the faster by its median
         decoders = {k: common.median(v) for k, v in _Floor.rates.items()}
@@ -292,29 +321,60 @@ def _measure(a, contenders, steps, argv) -> dict:
     med = {k: common.median(v) for k, v in steady.items()}
     per_core = {k: v / used[k] for k, v in med.items()}
     loaders = [k for k in contenders if k != "floor"]
-    rows = [{"contender": k, "images/s": v, "cores": used[k], "images/s/core": per_core[k],
-             "batches/s": v / a.batch if k in loaders else None,
-             "batches/s/core": v / a.batch / cores if k in loaders else None,
-             "first batch s": common.median(first[k]) if first[k] else None,
-             "with first batch": common.median(overall[k]) if overall[k] else None,
-             "pipelines x": per_core["pipelines"] / per_core[k]} for k, v in med.items()]
+    rows = [
+        {
+            "contender": k,
+            "images/s": v,
+            "cores": used[k],
+            "images/s/core": per_core[k],
+            "batches/s": v / a.batch if k in loaders else None,
+            "batches/s/core": v / a.batch / cores if k in loaders else None,
+            "first batch s": common.median(first[k]) if first[k] else None,
+            "with first batch": common.median(overall[k]) if overall[k] else None,
+            "pipelines x": per_core["pipelines"] / per_core[k],
+        }
+        for k, v in med.items()
+    ]
     return common.report(
-        "loader", f"loader: {steps} batches of {a.batch} at {a.crop} px, {a.workers} loader workers on {cores} "
+        "loader",
+        f"loader: {steps} batches of {a.batch} at {a.crop} px, {a.workers} loader workers on {cores} "
         f"cores, median of {a.repeats}; rates after the first batch (its latency, a fresh loader's start, "
-        "apart)" + (f"; floor: {floor['decoder']} on one core, no augmentation" if floor else ""), rows,
-        ["contender", "images/s", "cores", "images/s/core", "batches/s", "batches/s/core", "first batch s",
-         "with first batch", "pipelines x"],
-        {"steady": steady, "first_batch_seconds": first, "overall": overall,
-         **({"floor": floor} if floor else {}),
-         "ratios": {"vs_torchvision": med["pipelines"] / med["torchvision"],
-                    "vs_torchvision_with_first_batch":
-                        common.median(overall["pipelines"]) / common.median(overall["torchvision"]),
-                    **({"vs_webdataset": med["pipelines"] / med["webdataset"]} if "webdataset" in med else {}),
-                    **({"per_core_vs_decode_floor": per_core["pipelines"] / per_core["floor"]}
-                       if "floor" in med else {}),
-                    **({"s3_vs_torchvision": med["pipelines-s3"] / med["torchvision"],
-                        "s3_vs_local": med["pipelines-s3"] / med["pipelines"]} if "pipelines-s3" in med else {})},
-         "command": "python -m benchmarks.loader " + " ".join(argv or sys.argv[1:])})
+        "apart)" + (f"; floor: {floor['decoder']} on one core, no augmentation" if floor else ""),
+        rows,
+        [
+            "contender",
+            "images/s",
+            "cores",
+            "images/s/core",
+            "batches/s",
+            "batches/s/core",
+            "first batch s",
+            "with first batch",
+            "pipelines x",
+        ],
+        {
+            "steady": steady,
+            "first_batch_seconds": first,
+            "overall": overall,
+            **({"floor": floor} if floor else {}),
+            "ratios": {
+                "vs_torchvision": med["pipelines"] / med["torchvision"],
+                "vs_torchvision_with_first_batch": common.median(overall["pipelines"])
+                / common.median(overall["torchvision"]),
+                **({"vs_webdataset": med["pipelines"] / med["webdataset"]} if "webdataset" in med else {}),
+                **({"per_core_vs_decode_floor": per_core["pipelines"] / per_core["floor"]} if "floor" in med else {}),
+                **(
+                    {
+                        "s3_vs_torchvision": med["pipelines-s3"] / med["torchvision"],
+                        "s3_vs_local": med["pipelines-s3"] / med["pipelines"],
+                    }
+                    if "pipelines-s3" in med
+                    else {}
+                ),
+            },
+            "command": "python -m benchmarks.loader " + " ".join(argv or sys.argv[1:]),
+        },
+    )
 
 
 if __name__ == "__main__":

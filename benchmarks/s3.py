@@ -17,6 +17,7 @@ Reported: each one's images/s over the stage's own time (its summary's ``seconds
 process start, the ratio s3 / local, and the S3 GET requests per image the shard tasks sent
 (the stage's own count, from boto3's event hooks).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,8 +81,12 @@ def main(argv=None) -> dict:
             if name != "ready":
                 storage.write_bytes(f"s3://{BUCKET}/src/{name}", Path(src, name).read_bytes())
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-               "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "PYTHONPATH": os.getcwd()}
+        env = {
+            **os.environ,
+            "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
+            "PYTHONPATH": os.getcwd(),
+        }
         roots = {"local": (src, os.path.join(tmp, "root")), "s3": (f"s3://{BUCKET}/src", f"s3://{BUCKET}/root")}
         for source, root in roots.values():
             _stage(["index", "--source", source, "--data", root, "--samples-per-shard", str(PER_SHARD)], env)
@@ -101,14 +106,20 @@ def main(argv=None) -> dict:
                 if summary["samples"] != images or summary["written"] != images // PER_SHARD + bool(images % PER_SHARD):
                     raise RuntimeError(f"{name}: unexpected summary {summary}")
                 if r < 0:
-                    print(f"  warm-up {name}: {summary['images_per_second']:,.0f} images/s", file=sys.stderr, flush=True)
+                    print(
+                        f"  warm-up {name}: {summary['images_per_second']:,.0f} images/s", file=sys.stderr, flush=True
+                    )
                     continue
                 wall[name].append(images / seconds)
                 own[name].append(summary["images_per_second"])
                 if name == "s3":
                     gets.append(summary["source_gets"])
-                print(f"  repeat {r + 1}/{a.repeats} {name}: {own[name][-1]:,.0f} images/s (stage), "
-                      f"{wall[name][-1]:,.0f} from process start", file=sys.stderr, flush=True)
+                print(
+                    f"  repeat {r + 1}/{a.repeats} {name}: {own[name][-1]:,.0f} images/s (stage), "
+                    f"{wall[name][-1]:,.0f} from process start",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         ray.shutdown()
         server.stop()
@@ -116,17 +127,33 @@ def main(argv=None) -> dict:
 
     med = {k: common.median(v) for k, v in own.items()}
     med_wall = {k: common.median(v) for k, v in wall.items()}
-    rows = [{"contender": k, "images/s": med[k], "images/s from start": med_wall[k],
-             "source GETs": common.median(gets) if k == "s3" else 0,
-             "images per GET": images / common.median(gets) if k == "s3" else None} for k in roots]
+    rows = [
+        {
+            "contender": k,
+            "images/s": med[k],
+            "images/s from start": med_wall[k],
+            "source GETs": common.median(gets) if k == "s3" else 0,
+            "images per GET": images / common.median(gets) if k == "s3" else None,
+        }
+        for k in roots
+    ]
     ratios = {"s3_vs_local": med["s3"] / med["local"], "s3_vs_local_from_start": med_wall["s3"] / med_wall["local"]}
     return common.report(
-        "s3", f"shard stage, {images} photo-like JPEGs in the ILSVRC tarball layout -> 256x256 q90 shards of "
+        "s3",
+        f"shard stage, {images} photo-like JPEGs in the ILSVRC tarball layout -> 256x256 q90 shards of "
         f"{PER_SHARD}, from S3 (SeaweedFS on loopback) against local disk; median of {a.repeats}",
-        rows, ["contender", "images/s", "images/s from start", "source GETs", "images per GET"],
-        {"images": images, "stage_rates": own, "wall_rates": wall, "source_gets": gets,
-         "gets_per_image": common.median(gets) / images, "ratios": ratios,
-         "command": "python -m benchmarks.s3 " + " ".join(argv or sys.argv[1:])})
+        rows,
+        ["contender", "images/s", "images/s from start", "source GETs", "images per GET"],
+        {
+            "images": images,
+            "stage_rates": own,
+            "wall_rates": wall,
+            "source_gets": gets,
+            "gets_per_image": common.median(gets) / images,
+            "ratios": ratios,
+            "command": "python -m benchmarks.s3 " + " ".join(argv or sys.argv[1:]),
+        },
+    )
 
 
 if __name__ == "__main__":

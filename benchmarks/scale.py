@@ -20,6 +20,7 @@ ImageNet's full size (1,281,167 samples in shards of 1,024, 64 ranks x 8 loader 
 batch 64 x 128) is made as the pure function it is, in a fresh process: the plan, and every
 rank's and loader worker's stream of it, timed, with the process's peak memory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,9 @@ IMAGENET_TRAIN = 1_281_167
 # $PEAK_RSS_FILE at exit, SystemExit included: the driver's memory, not Ray's worker processes'.
 _PEAK = """
 import atexit, os, resource, runpy, sys
-atexit.register(lambda: open(os.environ["PEAK_RSS_FILE"], "w").write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))
+atexit.register(
+    lambda: open(os.environ["PEAK_RSS_FILE"], "w").write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+)
 sys.argv = ["pipelines", *sys.argv[1:]]
 runpy.run_module("pipelines", run_name="__main__", alter_sys=True)
 """
@@ -86,11 +89,34 @@ def _source(cache: str, images: int, size: str) -> tuple[str, dict]:
     out = os.path.join(cache, tag)
     if not os.path.exists(os.path.join(out, "truth.json")):
         shutil.rmtree(out, ignore_errors=True)
-        print(f"making an ImageNet-shaped source of {1000 * (train_pc + val_pc):,} {size} images in {out} ...",
-              file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, "-m", "pipelines", "--quiet", "sample", "--out", out, "--imagenet", "--layouts",
-                        "tarballs", "--train-per-class", str(train_pc), "--val-per-class", str(val_pc), "--size", size],
-                       check=True, env=_env(cache), stdout=subprocess.DEVNULL)
+        print(
+            f"making an ImageNet-shaped source of {1000 * (train_pc + val_pc):,} {size} images in {out} ...",
+            file=sys.stderr,
+            flush=True,
+        )
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipelines",
+                "--quiet",
+                "sample",
+                "--out",
+                out,
+                "--imagenet",
+                "--layouts",
+                "tarballs",
+                "--train-per-class",
+                str(train_pc),
+                "--val-per-class",
+                str(val_pc),
+                "--size",
+                size,
+            ],
+            check=True,
+            env=_env(cache),
+            stdout=subprocess.DEVNULL,
+        )
     return os.path.join(out, "tarballs"), {"train": 1000 * train_pc, "val": 1000 * val_pc}
 
 
@@ -98,8 +124,12 @@ def _stage(argv: list[str], cache: str) -> dict:
     """One stage command in a fresh process: its summary, wall time and peak RSS."""
     peak = os.path.join(cache, "peak-rss")
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", _PEAK, "--quiet", *argv], env={**_env(cache), "PEAK_RSS_FILE": peak},
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-c", _PEAK, "--quiet", *argv],
+        env={**_env(cache), "PEAK_RSS_FILE": peak},
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
@@ -112,8 +142,13 @@ def _bytes(pattern: str) -> int:
 
 
 def _epoch_plan(samples: int, per_shard: int, world: int, workers: int, batch: int) -> dict:
-    p = subprocess.run([sys.executable, "-c", _PLAN, str(samples), str(per_shard), str(world), str(workers), str(batch)],
-                       env={**os.environ, "PYTHONPATH": os.getcwd()}, capture_output=True, text=True, check=True)
+    p = subprocess.run(
+        [sys.executable, "-c", _PLAN, str(samples), str(per_shard), str(world), str(workers), str(batch)],
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -127,8 +162,11 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     t_start = time.monotonic()
     os.makedirs(a.cache, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pipelines", "--quiet", "status", "--data", os.path.join(a.cache, "none")],
-                   env=_env(a.cache), capture_output=True)  # imports warm in the page cache, nothing timed
+    subprocess.run(
+        [sys.executable, "-m", "pipelines", "--quiet", "status", "--data", os.path.join(a.cache, "none")],
+        env=_env(a.cache),
+        capture_output=True,
+    )  # imports warm in the page cache, nothing timed
 
     rows, results = [], {}
     for k in SCALES:
@@ -137,50 +175,86 @@ def main(argv=None) -> dict:
         data = os.path.join(a.cache, f"data-{k}")
         shutil.rmtree(data, ignore_errors=True)
         r = {
-            "index": _stage(["index", "--source", src, "--data", data, "--samples-per-shard",
-                             str(a.samples_per_shard)], a.cache),
+            "index": _stage(
+                ["index", "--source", src, "--data", data, "--samples-per-shard", str(a.samples_per_shard)], a.cache
+            ),
             "shard": _stage(["shard", "--data", data, "--resize", str(a.resize)], a.cache),
             "stats": _stage(["stats", "--data", data], a.cache),
         }
         r["index"]["bytes_per_image"] = _bytes(os.path.join(data, "index", "*.parquet")) / images
-        r["shard"]["bytes_per_image"] = (_bytes(os.path.join(data, "shards", "*.json"))
-                                         + _bytes(os.path.join(data, "shards", "*", "*.idx.json"))) / images
+        r["shard"]["bytes_per_image"] = (
+            _bytes(os.path.join(data, "shards", "*.json")) + _bytes(os.path.join(data, "shards", "*", "*.idx.json"))
+        ) / images
         r["images"] = images
         results[k] = r
         for stage in STAGES:
             done = r[stage]
             n = counts["train"] if stage == "stats" else images  # stats reads the train shards only
-            print(f"  {k}N ({images:,} images) {stage}: {done['wall']:.1f} s wall, {done['summary']['seconds']:.1f} s "
-                  f"stage, driver {done['peak_mb']:.0f} MB", file=sys.stderr, flush=True)
+            print(
+                f"  {k}N ({images:,} images) {stage}: {done['wall']:.1f} s wall, {done['summary']['seconds']:.1f} s "
+                f"stage, driver {done['peak_mb']:.0f} MB",
+                file=sys.stderr,
+                flush=True,
+            )
             done["n"] = n
     for stage in STAGES:
         base = results[1][stage]["summary"]["seconds"] / results[1][stage]["n"]
         for k in SCALES:
             d = results[k][stage]
             per = d["summary"]["seconds"] / d["n"]
-            rows.append({"stage": stage, "scale": f"{k}N", "images": d["n"], "wall s": d["wall"],
-                         "stage s": d["summary"]["seconds"], "us/image": per * 1e6, "vs N": per / base,
-                         "driver MB": d["peak_mb"], "B/img": d.get("bytes_per_image")})
-    growth = {stage: (results[4][stage]["peak_mb"] - results[1][stage]["peak_mb"]) * 2 ** 20
-              / (results[4][stage]["n"] - results[1][stage]["n"]) for stage in STAGES}
-    worst = {stage: max(results[k][stage]["summary"]["seconds"] / results[k][stage]["n"] for k in SCALES)
-             / (results[1][stage]["summary"]["seconds"] / results[1][stage]["n"]) for stage in STAGES}
+            rows.append(
+                {
+                    "stage": stage,
+                    "scale": f"{k}N",
+                    "images": d["n"],
+                    "wall s": d["wall"],
+                    "stage s": d["summary"]["seconds"],
+                    "us/image": per * 1e6,
+                    "vs N": per / base,
+                    "driver MB": d["peak_mb"],
+                    "B/img": d.get("bytes_per_image"),
+                }
+            )
+    growth = {
+        stage: (results[4][stage]["peak_mb"] - results[1][stage]["peak_mb"])
+        * 2**20
+        / (results[4][stage]["n"] - results[1][stage]["n"])
+        for stage in STAGES
+    }
+    worst = {
+        stage: max(results[k][stage]["summary"]["seconds"] / results[k][stage]["n"] for k in SCALES)
+        / (results[1][stage]["summary"]["seconds"] / results[1][stage]["n"])
+        for stage in STAGES
+    }
 
     ep = _epoch_plan(IMAGENET_TRAIN, 1024, 64, 8, 64 * 128)
-    print(f"\nepoch plan at ImageNet's size ({IMAGENET_TRAIN:,} samples, {ep['shards']} shards, 64 ranks x 8 loader "
-          f"workers, global batch {64 * 128}): plan {ep['plan_s']:.2f} s, one worker's stream "
-          f"{ep['one_worker_s']:.3f} s, all 512 streams {ep['all_workers_s']:.2f} s; peak {ep['peak_mb']:.0f} MB "
-          f"(of which imports {ep['imports_mb']:.0f} MB)")
-    print("driver memory growth from N to 4N, bytes per added image: "
-          + ", ".join(f"{s} {g:,.0f}" for s, g in growth.items()))
+    print(
+        f"\nepoch plan at ImageNet's size ({IMAGENET_TRAIN:,} samples, {ep['shards']} shards, 64 ranks x 8 loader "
+        f"workers, global batch {64 * 128}): plan {ep['plan_s']:.2f} s, one worker's stream "
+        f"{ep['one_worker_s']:.3f} s, all 512 streams {ep['all_workers_s']:.2f} s; peak {ep['peak_mb']:.0f} MB "
+        f"(of which imports {ep['imports_mb']:.0f} MB)"
+    )
+    print(
+        "driver memory growth from N to 4N, bytes per added image: "
+        + ", ".join(f"{s} {g:,.0f}" for s, g in growth.items())
+    )
     print("largest time per image against N's: " + ", ".join(f"{s} {w:.2f}x" for s, w in worst.items()))
     return common.report(
-        "scale", f"preprocessing at N, 2N, 4N images of ImageNet's shape (1,000 classes, {a.size} sources, "
+        "scale",
+        f"preprocessing at N, 2N, 4N images of ImageNet's shape (1,000 classes, {a.size} sources, "
         f"{a.resize} px shards of {a.samples_per_shard}); each stage a fresh process; stats reads the train split",
-        rows, ["stage", "scale", "images", "wall s", "stage s", "us/image", "vs N", "driver MB", "B/img"],
-        {"n": a.n, "results": {f"{k}N": v for k, v in results.items()}, "memory_growth_bytes_per_image": growth,
-         "time_per_image_worst_vs_n": worst, "epoch_plan": ep, "seconds": time.monotonic() - t_start,
-         "command": "python -m benchmarks.scale " + " ".join(argv if argv is not None else sys.argv[1:])})
+        rows,
+        ["stage", "scale", "images", "wall s", "stage s", "us/image", "vs N", "driver MB", "B/img"],
+        {
+            "n": a.n,
+            "results": {f"{k}N": v for k, v in results.items()},
+            "memory_growth_bytes_per_image": growth,
+            "time_per_image_worst_vs_n": worst,
+            "epoch_plan": ep,
+            "seconds": time.monotonic() - t_start,
+            "command": "python -m benchmarks.scale " + " ".join(argv if argv is not None else sys.argv[1:]),
+        },
+    )
 
 
 if __name__ == "__main__":

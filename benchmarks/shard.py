@@ -31,6 +31,7 @@ the start of its task pool, each finished task) wrapped in place, so the seconds
 process start to the first finished shard and on to exit are split into phases; beside it, the
 import times of the driver's and a worker's libraries, each measured in a fresh interpreter.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,16 +91,18 @@ def run_ray_data(src: str, out: str, per_shard: int) -> int:
     import ray
     from PIL import Image
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     wnids = sorted(os.listdir(os.path.join(src, "train")))
 
     def to_sample(row: dict) -> dict:
         path = row["path"]
         jpg = _pil_resize_crop_encode(Image.fromarray(np.asarray(row["image"])))
-        return {"__key__": os.path.splitext(os.path.basename(path))[0], "jpg": jpg,
-                "cls": str(wnids.index(os.path.basename(os.path.dirname(path))))}
+        return {
+            "__key__": os.path.splitext(os.path.basename(path))[0],
+            "jpg": jpg,
+            "cls": str(wnids.index(os.path.basename(os.path.dirname(path)))),
+        }
 
     ds = ray.data.read_images(os.path.join(src, "train"), mode="RGB", include_paths=True)
     # encoder=None: the bytes are already a q90 JPEG (the default encoder would re-encode at q75)
@@ -126,8 +129,7 @@ def run_litdata(src: str, out: str, per_shard: int) -> int:
 
     items = _labelled_files(os.path.join(src, "train"))
     # chunk_size: items per chunk, as the others' shard size; bytes in, bytes out (no re-encode)
-    litdata.optimize(fn=_litdata_sample, inputs=items, output_dir=out, num_workers=os.cpu_count(),
-                     chunk_size=per_shard)
+    litdata.optimize(fn=_litdata_sample, inputs=items, output_dir=out, num_workers=os.cpu_count(), chunk_size=per_shard)
     return len(items)
 
 
@@ -158,9 +160,23 @@ def _dataset(images: int, classes: int, per_shard: int, cache: str) -> tuple[str
         # +-20% in each side, like ImageNet's spread around its ~400x350 mean
         jpgs = common.photo_jpegs(images + classes, size=(500, 375), vary=0.2, seed=1)
         common.write_folders(src, jpgs, classes=classes, val_per_class=1)
-        subprocess.run([sys.executable, "-m", "pipelines", "index", "--source", src, "--data", data,
-                        "--samples-per-shard", str(per_shard)], check=True, env=_env(cache),
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipelines",
+                "index",
+                "--source",
+                src,
+                "--data",
+                data,
+                "--samples-per-shard",
+                str(per_shard),
+            ],
+            check=True,
+            env=_env(cache),
+            stdout=subprocess.DEVNULL,
+        )
         open(os.path.join(cache, tag, "ready"), "w").close()
     jpgs = [open(p, "rb").read() for p, _ in _labelled_files(os.path.join(src, "train"))]
     return src, data, jpgs
@@ -168,13 +184,17 @@ def _dataset(images: int, classes: int, per_shard: int, cache: str) -> tuple[str
 
 def _env(cache: str) -> dict:
     # The stage is tracked like any run; a local store keeps the benchmark's runs out of yours.
-    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{os.path.abspath(cache)}/mlflow.db",
-            "PYTHONPATH": os.getcwd()}
+    return {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{os.path.abspath(cache)}/mlflow.db",
+        "PYTHONPATH": os.getcwd(),
+    }
 
 
 def _process(argv: list[str], cache: str, clean: list[str], marks: list | None = None):
     """Run ``argv`` to completion; ``marks`` collects (time, images done) from the stage's progress
     lines ('shard: 3/12 shards, 750 images, ...'), stamped here as they arrive."""
+
     def go() -> int:
         for p in clean:
             shutil.rmtree(p, ignore_errors=True)
@@ -189,13 +209,17 @@ def _process(argv: list[str], cache: str, clean: list[str], marks: list | None =
         if p.wait() != 0:
             raise RuntimeError(f"{' '.join(argv)} failed ({p.returncode}):\n{''.join(tail)}")
         return 1
+
     return go
 
 
 def _count_tar_members(folder: str) -> int:
     import tarfile
-    return sum(len([m for m in tarfile.open(t).getnames() if m.endswith(".jpg")])
-               for t in glob.glob(os.path.join(folder, "**", "*.tar"), recursive=True))
+
+    return sum(
+        len([m for m in tarfile.open(t).getnames() if m.endswith(".jpg")])
+        for t in glob.glob(os.path.join(folder, "**", "*.tar"), recursive=True)
+    )
 
 
 # --- the cold-start profile ---------------------------------------------------------------------
@@ -256,8 +280,9 @@ WORKER_IMPORTS = ["torch", "PIL.Image,pipelines.data"]  # (+ torchvision's image
 
 
 def _import_seconds(groups: list[str], cache: str) -> dict:
-    r = subprocess.run([sys.executable, "-c", _IMPORTS, *groups], env=_env(cache), capture_output=True,
-                       text=True, check=True)
+    r = subprocess.run(
+        [sys.executable, "-c", _IMPORTS, *groups], env=_env(cache), capture_output=True, text=True, check=True
+    )
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -272,8 +297,13 @@ def startup_profile(data: str, cache: str) -> dict:
     bare = time.perf_counter() - t
     env = {**_env(cache), "SHARDBENCH_TRACE": trace}
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-c", _TRACED, "shard", "--split", "train", "--data", data], env=env,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", _TRACED, "shard", "--split", "train", "--data", data],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     end = time.time()
     if r.returncode != 0:
         raise RuntimeError(f"the traced stage failed ({r.returncode}):\n{r.stderr[-3000:]}")
@@ -302,20 +332,36 @@ def startup_profile(data: str, cache: str) -> dict:
         phases.append({"phase": name, "seconds": stamp - before, "at": stamp - t0})
         before = stamp
     # The stage's MLflow run opens on a thread of its own, beside the phases above.
-    beside = [{"phase": name, "from": a - t0, "to": b - t0} for name, a, b in (
-        ("MLflow: import mlflow, open the store", at("_client begin"), at("_client end")),
-        ("MLflow: experiment, run, params", at("_client end"), at("log_params end"))) if a and b]
-    return {"phases": phases, "beside": beside, "to_first_shard_s": tasks[0]["t"] - t0, "total_s": end - t0,
-            "tasks": len(tasks), "on_ray": on_ray,
-            "imports_s": {"python -c pass (wall)": bare, "driver": _import_seconds(DRIVER_IMPORTS, cache),
-                          "worker": _import_seconds(WORKER_IMPORTS, cache)},
-            "note": "one traced run, stamps from the CLI's own calls wrapped in place; the workers' imports "
-                    "are measured apart, in a fresh interpreter (imports_s.worker)"}
+    beside = [
+        {"phase": name, "from": a - t0, "to": b - t0}
+        for name, a, b in (
+            ("MLflow: import mlflow, open the store", at("_client begin"), at("_client end")),
+            ("MLflow: experiment, run, params", at("_client end"), at("log_params end")),
+        )
+        if a and b
+    ]
+    return {
+        "phases": phases,
+        "beside": beside,
+        "to_first_shard_s": tasks[0]["t"] - t0,
+        "total_s": end - t0,
+        "tasks": len(tasks),
+        "on_ray": on_ray,
+        "imports_s": {
+            "python -c pass (wall)": bare,
+            "driver": _import_seconds(DRIVER_IMPORTS, cache),
+            "worker": _import_seconds(WORKER_IMPORTS, cache),
+        },
+        "note": "one traced run, stamps from the CLI's own calls wrapped in place; the workers' imports "
+        "are measured apart, in a fresh interpreter (imports_s.worker)",
+    }
 
 
 def print_profile(p: dict) -> None:
-    print(f"\ncold start of the stage, traced once: {p['to_first_shard_s']:.1f} s to the first finished shard, "
-          f"{p['total_s']:.1f} s in all")
+    print(
+        f"\ncold start of the stage, traced once: {p['to_first_shard_s']:.1f} s to the first finished shard, "
+        f"{p['total_s']:.1f} s in all"
+    )
     w = max(len(x["phase"]) for x in p["phases"])
     print(f"{'phase'.ljust(w)}  seconds  at (s)")
     print(f"{'-' * w}  -------  ------")
@@ -324,9 +370,11 @@ def print_profile(p: dict) -> None:
     for x in p.get("beside", []):
         print(f"{x['phase'].ljust(w)}  {x['to'] - x['from']:7.2f}  {x['from']:6.2f}-{x['to']:.2f}, on its own thread")
     imp = p["imports_s"]
-    print("imports, fresh interpreter, each after those before it: "
-          + ", ".join(f"{k} {v:.2f} s" for k, v in [*imp["driver"].items(), *imp["worker"].items()])
-          + f"; python -c pass {imp['python -c pass (wall)']:.2f} s")
+    print(
+        "imports, fresh interpreter, each after those before it: "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in [*imp["driver"].items(), *imp["worker"].items()])
+        + f"; python -c pass {imp['python -c pass (wall)']:.2f} s"
+    )
 
 
 def main(argv=None) -> dict:
@@ -337,8 +385,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--cache", default=os.path.join(common.OUT, "cache"))
     ap.add_argument("--name", default="shard", help="the JSON's name in bench-results/ (default shard)")
-    ap.add_argument("--no-profile", dest="profile", action="store_false",
-                    help="skip the cold-start profile (one more traced run of the stage)")
+    ap.add_argument(
+        "--no-profile",
+        dest="profile",
+        action="store_false",
+        help="skip the cold-start profile (one more traced run of the stage)",
+    )
     a = ap.parse_args(argv)
 
     src, data, jpgs = _dataset(a.images, a.classes, a.samples_per_shard, a.cache)
@@ -347,24 +399,42 @@ def main(argv=None) -> dict:
     me = [sys.executable, "-m", "benchmarks.shard", "--cache", a.cache]
     marks: list[list] = []
     contenders = {
-        "pipelines": lambda: (marks.append([]), _process(
-            [sys.executable, "-m", "pipelines", "shard", "--split", "train", "--data", data], a.cache,
-            [os.path.join(data, "shards")], marks[-1])())[1],
+        "pipelines": lambda: (
+            marks.append([]),
+            _process(
+                [sys.executable, "-m", "pipelines", "shard", "--split", "train", "--data", data],
+                a.cache,
+                [os.path.join(data, "shards")],
+                marks[-1],
+            )(),
+        )[1],
         # The same stage made to start a local Ray, as it does for over 4 GB of source: Ray's start-up cost.
-        "pipelines-ray": _process([sys.executable, "-m", "pipelines", "shard", "--split", "train", "--data", data,
-                                   "--parallel", "ray"], a.cache, [os.path.join(data, "shards")]),
-        "baseline": _process(me + ["_run", "baseline", src, os.path.join(work, "baseline"), str(a.samples_per_shard)],
-                             a.cache, [os.path.join(work, "baseline")]),
-        "ray-data": _process(me + ["_run", "ray-data", src, os.path.join(work, "ray-data"), str(a.samples_per_shard)],
-                             a.cache, [os.path.join(work, "ray-data")]),
+        "pipelines-ray": _process(
+            [sys.executable, "-m", "pipelines", "shard", "--split", "train", "--data", data, "--parallel", "ray"],
+            a.cache,
+            [os.path.join(data, "shards")],
+        ),
+        "baseline": _process(
+            me + ["_run", "baseline", src, os.path.join(work, "baseline"), str(a.samples_per_shard)],
+            a.cache,
+            [os.path.join(work, "baseline")],
+        ),
+        "ray-data": _process(
+            me + ["_run", "ray-data", src, os.path.join(work, "ray-data"), str(a.samples_per_shard)],
+            a.cache,
+            [os.path.join(work, "ray-data")],
+        ),
     }
     skipped = litdata_missing()
     skipped_rows = {"litdata": skipped} if skipped else {}
     if skipped:
         print(f"litdata: skipped: {skipped}", file=sys.stderr, flush=True)
     else:
-        contenders["litdata"] = _process(me + ["_run", "litdata", src, os.path.join(work, "litdata"),
-                                               str(a.samples_per_shard)], a.cache, [os.path.join(work, "litdata")])
+        contenders["litdata"] = _process(
+            me + ["_run", "litdata", src, os.path.join(work, "litdata"), str(a.samples_per_shard)],
+            a.cache,
+            [os.path.join(work, "litdata")],
+        )
     # The floors run in every repeat, beside the stage, so the per-core ratio compares the two
     # in the same minutes (this machine's speed drifts by 20% and more between minutes).
     floors = _floors(jpgs[: min(n, 400)])
@@ -372,8 +442,11 @@ def main(argv=None) -> dict:
     for r in range(a.repeats):
         for name, rate in floors.items():
             floor_rates[name].append(rate())
-            print(f"  repeat {r + 1}/{a.repeats} {name}: {floor_rates[name][-1]:,.0f} images/s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  repeat {r + 1}/{a.repeats} {name}: {floor_rates[name][-1]:,.0f} images/s",
+                file=sys.stderr,
+                flush=True,
+            )
         for name, go in contenders.items():
             t = time.perf_counter()
             go()
@@ -381,10 +454,12 @@ def main(argv=None) -> dict:
             print(f"  repeat {r + 1}/{a.repeats} {name}: {seconds[name][-1]:.1f} s", file=sys.stderr, flush=True)
     # Same work done: every contender wrote every image (the half run, half of them).
     count = _count_tar_members
-    written = {"pipelines": count(os.path.join(data, "shards", "train")),
-               "pipelines-ray": count(os.path.join(data, "shards", "train")),  # ran after pipelines, same place
-               "baseline": count(os.path.join(work, "baseline")),
-               "ray-data": count(os.path.join(work, "ray-data"))}
+    written = {
+        "pipelines": count(os.path.join(data, "shards", "train")),
+        "pipelines-ray": count(os.path.join(data, "shards", "train")),  # ran after pipelines, same place
+        "baseline": count(os.path.join(work, "baseline")),
+        "ray-data": count(os.path.join(work, "ray-data")),
+    }
     if "litdata" in contenders:
         written["litdata"] = _count_litdata(os.path.join(work, "litdata"))
     for name in contenders:
@@ -399,33 +474,57 @@ def main(argv=None) -> dict:
     started_each = [(m[-1][1] - m[0][1]) / (m[-1][0] - m[0][0]) for m in marks]
     started = common.median(started_each)
     startup = t["pipelines"] - n / started
-    rate = {"pipelines": n / t["pipelines"], "pipelines, once started": started,
-            "pipelines-ray": n / t["pipelines-ray"],
-            "baseline": n / t["baseline"], "ray-data": n / t["ray-data"],
-            **({"litdata": n / t["litdata"]} if "litdata" in t else {}),
-            **{k: common.median(v) for k, v in floor_rates.items()}}
+    rate = {
+        "pipelines": n / t["pipelines"],
+        "pipelines, once started": started,
+        "pipelines-ray": n / t["pipelines-ray"],
+        "baseline": n / t["baseline"],
+        "ray-data": n / t["ray-data"],
+        **({"litdata": n / t["litdata"]} if "litdata" in t else {}),
+        **{k: common.median(v) for k, v in floor_rates.items()},
+    }
     single = {"baseline", "floor", "floor-pil"}
-    rows = [{"contender": k, "cores": 1 if k in single else cores, "images/s": v,
-             "images/s/core": v if k in single else v / cores,
-             "pipelines x": rate["pipelines"] / v if k != "pipelines, once started" else None}
-            for k, v in rate.items()]
-    ratios = {"vs_baseline": rate["pipelines"] / rate["baseline"],
-              "vs_baseline_once_started": started / rate["baseline"],
-              "vs_ray_data": rate["pipelines"] / rate["ray-data"],
-              "on_ray_vs_baseline": rate["pipelines-ray"] / rate["baseline"],
-              "vs_litdata": rate["pipelines"] / rate["litdata"] if "litdata" in rate else None,
-              # per repeat, stage and floor of the same minutes; then the median
-              "per_core_vs_floor_once_started": common.median(
-                  [st / cores / fl for st, fl in zip(started_each, floor_rates["floor"])]),
-              "floor_vs_floor_pil": rate["floor"] / rate["floor-pil"]}
+    rows = [
+        {
+            "contender": k,
+            "cores": 1 if k in single else cores,
+            "images/s": v,
+            "images/s/core": v if k in single else v / cores,
+            "pipelines x": rate["pipelines"] / v if k != "pipelines, once started" else None,
+        }
+        for k, v in rate.items()
+    ]
+    ratios = {
+        "vs_baseline": rate["pipelines"] / rate["baseline"],
+        "vs_baseline_once_started": started / rate["baseline"],
+        "vs_ray_data": rate["pipelines"] / rate["ray-data"],
+        "on_ray_vs_baseline": rate["pipelines-ray"] / rate["baseline"],
+        "vs_litdata": rate["pipelines"] / rate["litdata"] if "litdata" in rate else None,
+        # per repeat, stage and floor of the same minutes; then the median
+        "per_core_vs_floor_once_started": common.median(
+            [st / cores / fl for st, fl in zip(started_each, floor_rates["floor"])]
+        ),
+        "floor_vs_floor_pil": rate["floor"] / rate["floor-pil"],
+    }
     record = common.report(
-        a.name, f"shard stage: {n} photo-like JPEGs (~500x375, ~108 KB) -> 256x256 q90 shards of "
+        a.name,
+        f"shard stage: {n} photo-like JPEGs (~500x375, ~108 KB) -> 256x256 q90 shards of "
         f"{a.samples_per_shard}; median of {a.repeats}; wall time from process start (the stage's fixed "
         f"start-up, {startup:.1f} s here, is included except in 'once started')",
-        rows, ["contender", "cores", "images/s", "images/s/core", "pipelines x"],
-        {"images": n, "seconds": seconds, "floor_rates": floor_rates, "once_started": started_each,
-         "startup_seconds": startup, "ratios": ratios, "startup_profile": profile, "skipped": skipped_rows,
-         "command": "python -m benchmarks.shard " + " ".join(argv or sys.argv[1:])})
+        rows,
+        ["contender", "cores", "images/s", "images/s/core", "pipelines x"],
+        {
+            "images": n,
+            "seconds": seconds,
+            "floor_rates": floor_rates,
+            "once_started": started_each,
+            "startup_seconds": startup,
+            "ratios": ratios,
+            "startup_profile": profile,
+            "skipped": skipped_rows,
+            "command": "python -m benchmarks.shard " + " ".join(argv or sys.argv[1:]),
+        },
+    )
     if profile:
         print_profile(profile)
     return record
@@ -449,6 +548,7 @@ def _floors(jpgs: list[bytes]) -> dict:
                 return len(jpgs) / (time.perf_counter() - t)
             finally:
                 torch.set_num_threads(threads)
+
         return rate
 
     def pil(b: bytes) -> None:
@@ -463,7 +563,7 @@ def _floors(jpgs: list[bytes]) -> dict:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and "_run" in sys.argv:
         i = sys.argv.index("_run")
-        kind, src, out, per_shard = sys.argv[i + 1:i + 5]
+        kind, src, out, per_shard = sys.argv[i + 1 : i + 5]
         {"baseline": run_baseline, "ray-data": run_ray_data, "litdata": run_litdata}[kind](src, out, int(per_shard))
     else:
         main()

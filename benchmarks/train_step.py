@@ -18,6 +18,7 @@ on the CPU with every core:
 Reported apart, as they do not scale with the epoch's length: Ray Train's start-up (from fit()
 to the first step) and each epoch's fixed cost (evaluation, checkpoint, MLflow).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,32 +60,59 @@ def ray_train_loop(arch: str, batch: int, crop: int, steps: int, epochs: int, st
     from ray.train.torch import TorchTrainer
 
     from pipelines import checkpoint, tracking, train
-    from pipelines.common import ensure_ray
+    from pipelines.cluster import ensure_ray
     from pipelines.config import TrainConfig
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}/mlflow.db"
     ray = ensure_ray(dashboard=True)
     cores = int(ray.cluster_resources().get("CPU", 1))
-    cfg = TrainConfig(data=store, workers=1, gpu=False, epochs=epochs, batch_size=batch, crop=crop, arch=arch,
-                      init="kaiming", name=f"train-step-{time.time():.0f}", decode="worker",
-                      storage=os.path.join(store, "runs"))
+    cfg = TrainConfig(
+        data=store,
+        workers=1,
+        gpu=False,
+        epochs=epochs,
+        batch_size=batch,
+        crop=crop,
+        arch=arch,
+        init="kaiming",
+        name=f"train-step-{time.time():.0f}",
+        decode="worker",
+        storage=os.path.join(store, "runs"),
+    )
     run_id = tracking.start_or_resume_run("benchmarks", cfg.name, tags={"pipelines.stage": "benchmark"})
     # As train.run() builds it, with no shards: the synthetic batch replaces the loader.
-    loop_config = {**dataclasses.asdict(cfg), "train_shards": [], "val_shards": [], "stats": STATS,
-                   "num_classes": 1000, "classes_digest": "", "wnids": [], "resize": 256, "keep_aspect": False,
-                   "run_id": run_id, "tracking_uri": tracking.tracking_uri(), "synthetic_steps": steps}
-    trainer = TorchTrainer(train.train_loop, train_loop_config=loop_config,
-                           scaling_config=ScalingConfig(num_workers=1, use_gpu=False,
-                                                        resources_per_worker={"CPU": cores}),
-                           run_config=RunConfig(name=cfg.name, storage_path=cfg.storage))
+    loop_config = {
+        **dataclasses.asdict(cfg),
+        "train_shards": [],
+        "val_shards": [],
+        "stats": STATS,
+        "num_classes": 1000,
+        "classes_digest": "",
+        "wnids": [],
+        "resize": 256,
+        "keep_aspect": False,
+        "run_id": run_id,
+        "tracking_uri": tracking.tracking_uri(),
+        "synthetic_steps": steps,
+    }
+    trainer = TorchTrainer(
+        train.train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": cores}),
+        run_config=RunConfig(name=cfg.name, storage_path=cfg.storage),
+    )
     t = time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - t
     tracking.end_run(run_id, "FINISHED")
     history = checkpoint.load(result.checkpoint.path)["history"]
     step_seconds = [h["samples"] / h["images_per_second"] for h in history]
-    return {"rates": [h["images_per_second"] for h in history[1:]], "wall": wall,
-            "step_seconds": step_seconds, "epochs": len(history)}
+    return {
+        "rates": [h["images_per_second"] for h in history[1:]],
+        "wall": wall,
+        "step_seconds": step_seconds,
+        "epochs": len(history),
+    }
 
 
 def main(argv=None) -> dict:
@@ -98,6 +126,7 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
 
     import torch
+
     torch.set_num_threads(os.cpu_count())  # the worker gets every core; so does the plain loop
     plain = []
     for r in range(a.repeats):
@@ -105,23 +134,36 @@ def main(argv=None) -> dict:
         print(f"  plain loop (before) {r + 1}/{a.repeats}: {plain[-1]:,.1f} images/s", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as store:
         rt = ray_train_loop(a.arch, a.batch, a.crop, a.steps, a.epochs, store)
-    print(f"  Ray Train epochs 2..{rt['epochs']}: {', '.join(f'{r:,.1f}' for r in rt['rates'])} images/s",
-          file=sys.stderr, flush=True)
+    print(
+        f"  Ray Train epochs 2..{rt['epochs']}: {', '.join(f'{r:,.1f}' for r in rt['rates'])} images/s",
+        file=sys.stderr,
+        flush=True,
+    )
     for r in range(a.repeats):
         plain.append(plain_loop(a.arch, a.batch, a.crop, a.steps))
         print(f"  plain loop (after) {r + 1}/{a.repeats}: {plain[-1]:,.1f} images/s", file=sys.stderr, flush=True)
 
     ours, base = common.median(rt["rates"]), common.median(plain)
     fixed = rt["wall"] - sum(rt["step_seconds"])  # start-up + per-epoch evaluation/checkpoint/logging
-    rows = [{"contender": "pipelines (Ray Train)", "images/s": ours, "vs plain": ours / base},
-            {"contender": "plain PyTorch", "images/s": base, "vs plain": 1.0}]
-    return common.report("train_step", f"train step: {a.arch}, batch {a.batch}, {a.crop} px, CPU, "
-                         f"{a.steps} steps/epoch; median of epochs 2..{a.epochs} against {2 * a.repeats} "
-                         "plain-loop repeats", rows, ["contender", "images/s", "vs plain"],
-                         {"ratios": {"ray_train_vs_plain": ours / base, "overhead": 1 - ours / base},
-                          "ray_train": rt, "plain": plain,
-                          "fixed_seconds": {"fit_wall_minus_steps": fixed, "epochs": rt["epochs"]},
-                          "command": "python -m benchmarks.train_step " + " ".join(argv or sys.argv[1:])})
+    rows = [
+        {"contender": "pipelines (Ray Train)", "images/s": ours, "vs plain": ours / base},
+        {"contender": "plain PyTorch", "images/s": base, "vs plain": 1.0},
+    ]
+    return common.report(
+        "train_step",
+        f"train step: {a.arch}, batch {a.batch}, {a.crop} px, CPU, "
+        f"{a.steps} steps/epoch; median of epochs 2..{a.epochs} against {2 * a.repeats} "
+        "plain-loop repeats",
+        rows,
+        ["contender", "images/s", "vs plain"],
+        {
+            "ratios": {"ray_train_vs_plain": ours / base, "overhead": 1 - ours / base},
+            "ray_train": rt,
+            "plain": plain,
+            "fixed_seconds": {"fit_wall_minus_steps": fixed, "epochs": rt["epochs"]},
+            "command": "python -m benchmarks.train_step " + " ".join(argv or sys.argv[1:]),
+        },
+    )
 
 
 if __name__ == "__main__":

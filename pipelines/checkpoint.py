@@ -11,13 +11,14 @@ A checkpoint is a folder (local or s3://) holding ``state.pt``:
 Loaded with ``weights_only=True``: tensors and plain Python values only, so a checkpoint from a
 bucket cannot run code in the process that loads it.
 """
+
 from __future__ import annotations
 
 import io
 import os
 
 from . import storage
-from .common import StageError
+from .errors import StageError
 
 STATE_FILE = "state.pt"
 
@@ -53,9 +54,11 @@ def load(folder: str) -> dict:
         return torch.load(source, map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as e:
         # torch's message suggests weights_only=False, which would run whatever the file holds.
-        raise StageError(f"Refused to load '{url}': it holds more than tensors and plain values (a pickled "
-                         f"object or code: {str(e).splitlines()[-1][:200]}). Checkpoints of this project never "
-                         "do; if the file came from a bucket others can write, treat it as hostile.") from e
+        raise StageError(
+            f"Refused to load '{url}': it holds more than tensors and plain values (a pickled "
+            f"object or code: {str(e).splitlines()[-1][:200]}). Checkpoints of this project never "
+            "do; if the file came from a bucket others can write, treat it as hostile."
+        ) from e
 
 
 def model_from_state(state: dict):

@@ -12,6 +12,7 @@ gives the same top-1 as ``python -m pipelines evaluate`` (centre crop) on those 
 project's ``pipelines`` and ``model`` code travel with the model (``code_paths``), so it loads
 wherever torch, torchvision and Pillow are installed. ``python -m pipelines predict`` wraps it.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,7 +45,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
 
 def classify(net, images: list, geometry: dict, classes: list[dict], stats: dict, batch: int = 64) -> list[dict]:
-    """Images (bytes or H x W x 3 uint8 arrays) -> one row each: class_id, wnid, name, probability, top5 ids and probabilities."""
+    """Images (bytes or H x W x 3 uint8 arrays) -> one row each: class_id, wnid, name, probability,
+    top5 ids and probabilities."""
     import torch
 
     import model
@@ -52,15 +54,24 @@ def classify(net, images: list, geometry: dict, classes: list[dict], stats: dict
     transform = model.EvalTransform.from_stats(stats, crop=geometry["crop"])
     rows = []
     for start in range(0, len(images), batch):
-        crops = torch.stack([transform.geometric(_pixels(b, geometry)) for b in images[start:start + batch]])
+        crops = torch.stack([transform.geometric(_pixels(b, geometry)) for b in images[start : start + batch]])
         with torch.inference_mode():
             probs = net(transform.photometric(crops)).float().softmax(-1)
         top_p, top_i = probs.topk(min(TOP, probs.shape[1]), dim=1)
         for p, i in zip(top_p.tolist(), top_i.tolist()):
             c = classes[i[0]]
-            rows.append({"class_id": i[0], "wnid": c["wnid"], "name": c["name"], "probability": p[0],
-                         "top5_class_ids": i, "top5_wnids": [classes[k]["wnid"] for k in i],
-                         "top5_names": [classes[k]["name"] for k in i], "top5_probabilities": p})
+            rows.append(
+                {
+                    "class_id": i[0],
+                    "wnid": c["wnid"],
+                    "name": c["name"],
+                    "probability": p[0],
+                    "top5_class_ids": i,
+                    "top5_wnids": [classes[k]["wnid"] for k in i],
+                    "top5_names": [classes[k]["name"] for k in i],
+                    "top5_probabilities": p,
+                }
+            )
     return rows
 
 
@@ -76,8 +87,10 @@ def _pixels(image, geometry: dict):
         return resized_rgb(bytes(image), geometry["resize"], geometry["keep_aspect"])
     a = np.asarray(image)
     if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
-        raise ValueError(f"an image must be encoded bytes or an RGB uint8 array of shape H x W x 3; "
-                         f"got {type(image).__name__} {a.dtype} {a.shape}")
+        raise ValueError(
+            f"an image must be encoded bytes or an RGB uint8 array of shape H x W x 3; "
+            f"got {type(image).__name__} {a.dtype} {a.shape}"
+        )
     x = torch.from_numpy(a.copy()).permute(2, 0, 1)  # a copy: the caller's array may be read-only
     return resize_rgb(x, geometry["resize"], geometry["keep_aspect"])
 
@@ -88,10 +101,19 @@ def artifacts(state: dict, geometry: dict, classes_json: bytes, stats_json: byte
     import torch
 
     os.makedirs(folder, exist_ok=True)
-    paths = {"weights": os.path.join(folder, "weights.pt"), "classes": os.path.join(folder, "classes.json"),
-             "stats": os.path.join(folder, "stats.json")}
-    torch.save({"model": state["model"], "config": {k: state["config"][k] for k in ("arch", "num_classes", "crop")},
-                "geometry": geometry}, paths["weights"])
+    paths = {
+        "weights": os.path.join(folder, "weights.pt"),
+        "classes": os.path.join(folder, "classes.json"),
+        "stats": os.path.join(folder, "stats.json"),
+    }
+    torch.save(
+        {
+            "model": state["model"],
+            "config": {k: state["config"][k] for k in ("arch", "num_classes", "crop")},
+            "geometry": geometry,
+        },
+        paths["weights"],
+    )
     Path(paths["classes"]).write_bytes(classes_json)
     Path(paths["stats"]).write_bytes(stats_json)
     return paths

@@ -14,6 +14,7 @@ shards against the index record, stats against the train manifest. Every stage i
 module, never another stage, and the consumers ask ``require_current`` before any work, the
 same question ``status`` answers for people.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,8 +23,9 @@ import io
 import json
 
 from . import storage
-from .common import StageError, digest
+from .common import digest
 from .config import SPLITS
+from .errors import StageError
 
 ASSIGNMENT = 2  # bump when the way images are dealt to shards changes: an old index is redone
 BATCH = 8192  # index rows turned into Python objects at once when read, written or hashed
@@ -81,8 +83,9 @@ def read_stats(data: str) -> dict | None:
 def read_classes(data: str) -> list[dict]:
     url = classes_url(data)
     if not storage.exists(url):
-        raise StageError(f"'{url}' is missing: run the index stage first "
-                         f"(python -m pipelines index --source SRC --data {data}).")
+        raise StageError(
+            f"'{url}' is missing: run the index stage first (python -m pipelines index --source SRC --data {data})."
+        )
     return storage.read_json(url)
 
 
@@ -129,8 +132,9 @@ def parquet_file(data: str, split: str):
 def _index_source(data: str, split: str):
     url = index_paths(data)[split]
     if not storage.exists(url):
-        raise StageError(f"'{url}' is missing: run the index stage first "
-                         f"(python -m pipelines index --source SRC --data {data}).")
+        raise StageError(
+            f"'{url}' is missing: run the index stage first (python -m pipelines index --source SRC --data {data})."
+        )
     return url if not storage.is_s3(url) else io.BytesIO(storage.read_bytes(url))  # a local file: no copy
 
 
@@ -139,8 +143,11 @@ def read_index(data: str, split: str, columns: list[str] | None = None):
     takes ~1 KB). Paths repeat (a class tar holds ~1,300 images) and are dictionary-encoded."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(_index_source(data, split), columns=columns,
-                         read_dictionary=[c for c in ("path", "wnid") if columns is None or c in columns])
+    return pq.read_table(
+        _index_source(data, split),
+        columns=columns,
+        read_dictionary=[c for c in ("path", "wnid") if columns is None or c in columns],
+    )
 
 
 def iter_index(data: str, split: str, columns: list[str]):
@@ -159,16 +166,21 @@ def write_rejects(data: str, stage: str, entries: list[dict], splits=SPLITS) -> 
     """Replace ``stage``'s lines for ``splits`` in rejected.jsonl, keeping every other line."""
     kept = [r for r in read_rejects(data) if not (r["stage"] == stage and r["split"] in splits)]
     lines = kept + [dict(e, stage=stage) for e in entries]
-    storage.write_if_changed(index_paths(data)["rejected"],
-                             "".join(json.dumps(r, sort_keys=True) + "\n" for r in lines).encode())
+    storage.write_if_changed(
+        index_paths(data)["rejected"], "".join(json.dumps(r, sort_keys=True) + "\n" for r in lines).encode()
+    )
 
 
 # --- is it current? -----------------------------------------------------------------------------
 # Each answer: {"stage", "state": done | stale | missing, "reason", "doc": the document read}.
 # `status` prints them; the stages that read a document refuse a stale one (require_current).
 def _state(stage: str, doc, state: str = "done", reason: str = "") -> dict:
-    return {"stage": stage, "state": state if doc is not None else "missing",
-            "reason": reason if doc is not None else "never ran", "doc": doc}
+    return {
+        "stage": stage,
+        "state": state if doc is not None else "missing",
+        "reason": reason if doc is not None else "never ran",
+        "doc": doc,
+    }
 
 
 def index_state(data: str) -> dict:
@@ -179,8 +191,13 @@ def index_state(data: str) -> dict:
     if lost:
         return _state("index", rec, "stale", f"output missing: {', '.join(lost)}")
     if rec["params"].get("assignment") != ASSIGNMENT:
-        return _state("index", rec, "stale", "made by an older version that dealt images to shards one by "
-                                             "one: rerun the index stage (then shard) to read the source in runs")
+        return _state(
+            "index",
+            rec,
+            "stale",
+            "made by an older version that dealt images to shards one by "
+            "one: rerun the index stage (then shard) to read the source in runs",
+        )
     return _state("index", rec)
 
 
@@ -197,11 +214,19 @@ def shard_state(data: str, split: str, index_record: dict | None, verify: bool =
         return _state(name, m, "stale", f"incomplete: {len(m['shards'])} of {m['shards_expected']} shards")
     folder = shard_dir(data, split)
     sizes = {path: size for path, size, _ in storage.walk_files(folder)}
-    damaged = [s["name"] for s in m["shards"] if sizes.get(s["name"]) != s["bytes"]
-               or (verify and file_checksum(storage.join(folder, s["name"])) != s["checksum"])]
+    damaged = [
+        s["name"]
+        for s in m["shards"]
+        if sizes.get(s["name"]) != s["bytes"]
+        or (verify and file_checksum(storage.join(folder, s["name"])) != s["checksum"])
+    ]
     if damaged:
-        return _state(name, m, "stale", f"{len(damaged)} of {len(m['shards'])} shards missing or changed "
-                                        f"on disk (e.g. {damaged[0]})")
+        return _state(
+            name,
+            m,
+            "stale",
+            f"{len(damaged)} of {len(m['shards'])} shards missing or changed on disk (e.g. {damaged[0]})",
+        )
     made, here = m["params"].get("codecs") or {}, codec_versions()
     if made != here:
         diff = ", ".join(f"{k} {made.get(k, '?')} (here {v})" for k, v in here.items() if made.get(k) != v)
@@ -230,9 +255,11 @@ def state_of(data: str, stage: str, verify: bool = False) -> dict:
     return shard_state(data, stage.removeprefix("shard "), read_index_record(data), verify)
 
 
-RERUN = {"index": "python -m pipelines index --source SRC --data {data}",
-         **{f"shard {s}": f"python -m pipelines shard --data {{data}} --split {s}" for s in SPLITS},
-         "stats": "python -m pipelines stats --data {data}"}
+RERUN = {
+    "index": "python -m pipelines index --source SRC --data {data}",
+    **{f"shard {s}": f"python -m pipelines shard --data {{data}} --split {s}" for s in SPLITS},
+    "stats": "python -m pipelines stats --data {data}",
+}
 
 
 def require_current(data: str, reads: list[str], reader: str, allow_stale: bool) -> list[str]:
@@ -244,9 +271,11 @@ def require_current(data: str, reads: list[str], reader: str, allow_stale: bool)
     reasons = [f"{s['stage']}: {s['reason']}" for s in stale]
     if stale and not allow_stale:
         first = stale[0]["stage"]
-        raise StageError(f"{reader} reads stale inputs in '{data}' ({'; '.join(reasons)}): rerun {first.split()[0]} "
-                         f"first ({RERUN[first].format(data=data)}), or pass --allow-stale to {reader} on them "
-                         "as they are (the run records that it did).")
+        raise StageError(
+            f"{reader} reads stale inputs in '{data}' ({'; '.join(reasons)}): rerun {first.split()[0]} "
+            f"first ({RERUN[first].format(data=data)}), or pass --allow-stale to {reader} on them "
+            "as they are (the run records that it did)."
+        )
     return reasons
 
 
@@ -259,10 +288,12 @@ def require_classes(data: str, model_config: dict, model_wnids: list[str] | None
     if count == len(classes) and made in (None, here):
         return
     ours = [c["wnid"] for c in classes]
-    pairs = [f"label {i} is {a} in the model, {b} here"
-             for i, (a, b) in enumerate(zip(model_wnids or [], ours)) if a != b][:3]
+    pairs = [
+        f"label {i} is {a} in the model, {b} here" for i, (a, b) in enumerate(zip(model_wnids or [], ours)) if a != b
+    ][:3]
     raise StageError(
         f"The model was trained on other classes than '{data}' holds: the model has {count} classes (digest "
         f"{made[:12] if made else 'not recorded'}), {classes_url(data)} has {len(classes)} (digest {here[:12]})"
         + (f"; {'; '.join(pairs)}" if pairs else "")
-        + f". {reader} it with the dataset ROOT it was trained on.")
+        + f". {reader} it with the dataset ROOT it was trained on."
+    )

@@ -25,6 +25,7 @@ Two decode paths, the same batches either way:
 ``on_device(loader, device)`` yields (uint8 images, labels, keys) on the device for either path;
 ``choose_decode`` picks "device" for a CUDA device and "worker" otherwise.
 """
+
 from __future__ import annotations
 
 import io
@@ -35,15 +36,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import plan, storage, tarindex
-from .common import StageError
+from .errors import StageError
 from .plan import seed_for
-
 
 DECODES = ("auto", "worker", "device")
 
 
 def choose_decode(decode: str, device) -> str:
-    """"auto" -> "device" on a CUDA device (nvjpeg), "worker" otherwise; others pass through.
+    """ "auto" -> "device" on a CUDA device (nvjpeg), "worker" otherwise; others pass through.
 
     On a CPU device, decoding in the training process would only take the work off the loader
     workers' parallel cores onto one, so "auto" keeps it there."""
@@ -85,8 +85,7 @@ def jpeg_codec() -> tuple:
 def _public_codec() -> tuple:
     from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
-    return (lambda data: decode_jpeg(data, mode=ImageReadMode.RGB),
-            lambda x, quality: encode_jpeg(x, quality=quality))
+    return (lambda data: decode_jpeg(data, mode=ImageReadMode.RGB), lambda x, quality: encode_jpeg(x, quality=quality))
 
 
 def _load_image_ops() -> tuple | None:
@@ -97,13 +96,16 @@ def _load_image_ops() -> tuple | None:
         spec = importlib.util.find_spec("torchvision")
         folder = list(spec.submodule_search_locations)[0]
         finder = importlib.machinery.FileFinder(
-            folder, (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES))
+            folder, (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES)
+        )
         lib = finder.find_spec("image_stable") or finder.find_spec("image")  # (the name since 0.25, before)
         torch.ops.load_library(lib.origin)
         ops = torch.ops.image
         rgb = 3  # torchvision.io.ImageReadMode.RGB
-        codec = (lambda data: ops.decode_jpeg(data, rgb, False),  # False: no EXIF rotation, as the public call
-                 lambda x, quality: ops.encode_jpeg(x, quality))
+        codec = (
+            lambda data: ops.decode_jpeg(data, rgb, False),  # False: no EXIF rotation, as the public call
+            lambda x, quality: ops.encode_jpeg(x, quality),
+        )
         x = torch.tensor([200, 100, 50], dtype=torch.uint8)[:, None, None].expand(3, 16, 24).contiguous()
         y = codec[0](codec[1](x, 95))  # a flat colour survives JPEG within a level or two, in RGB order
         if y.shape != x.shape or y.dtype != torch.uint8 or (y.int() - x.int()).abs().max() > 4:
@@ -128,11 +130,12 @@ class EncodedBatch(NamedTuple):
     One tensor rather than a list of them: each tensor a worker sends costs a shared-memory
     handle (a file descriptor), and 256 per batch times the prefetched batches of a dozen
     workers runs into the open-files limit."""
-    data: torch.Tensor              # uint8, the JPEGs back to back
-    lengths: torch.Tensor           # int64, bytes of each JPEG
-    params: list                    # transform.params() of each sample, drawn in the worker
-    labels: torch.Tensor            # int64
-    keys: list                      # each sample's __key__ (for the sample ledger)
+
+    data: torch.Tensor  # uint8, the JPEGs back to back
+    lengths: torch.Tensor  # int64, bytes of each JPEG
+    params: list  # transform.params() of each sample, drawn in the worker
+    labels: torch.Tensor  # int64
+    keys: list  # each sample's __key__ (for the sample ledger)
 
 
 def decode_batch(batch: EncodedBatch, transform, device) -> torch.Tensor:
@@ -151,13 +154,12 @@ def on_device(loader: DataLoader, device, started=None):
     ``started``: the loader's iterator, when it was started ahead (its workers already reading)."""
     device = torch.device(device)
     decode, transform = loader.dataset.decode, loader.dataset.transform
-    for batch in (started if started is not None else loader):
+    for batch in started if started is not None else loader:
         if decode == "worker":
             x, y, keys = batch
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True), keys
         else:
-            yield (decode_batch(batch, transform, device), batch.labels.to(device, non_blocking=True),
-                   batch.keys)
+            yield (decode_batch(batch, transform, device), batch.labels.to(device, non_blocking=True), batch.keys)
 
 
 def synthetic_batches(batch_size: int, crop: int, num_classes: int, steps: int, device):
@@ -168,8 +170,6 @@ def synthetic_batches(batch_size: int, crop: int, num_classes: int, steps: int, 
     y = torch.randint(0, num_classes, (batch_size,), generator=g).to(device)
     for _ in range(steps):
         yield x, y
-
-
 
 
 # --- reading the plan's samples -----------------------------------------------------------------
@@ -188,9 +188,11 @@ class _Reader:
             doc = tarindex.read(self.urls[shard])
             if doc is None or doc["samples"] != self.counts[shard]:
                 found = "none" if doc is None else f"one of {doc['samples']} samples"
-                raise StageError(f"{self.urls[shard]}: its sample index ({tarindex.index_url(self.urls[shard])}) "
-                                 f"should list {self.counts[shard]} samples, found {found}: rerun the shard "
-                                 "stage, which adds missing indexes without re-encoding any image.")
+                raise StageError(
+                    f"{self.urls[shard]}: its sample index ({tarindex.index_url(self.urls[shard])}) "
+                    f"should list {self.counts[shard]} samples, found {found}: rerun the shard "
+                    "stage, which adds missing indexes without re-encoding any image."
+                )
             self._index[shard] = (np.asarray(doc["offsets"], np.int64), np.asarray(doc["sizes"], np.int64))
         return self._index[shard]
 
@@ -210,8 +212,10 @@ class _Reader:
             buf = storage.read_range(self.urls[s], start, int(offsets[p1] + sizes[p1]) - start)
             samples = tarindex.parse_run(buf, self.urls[s])
             if len(samples) != len(run):
-                raise StageError(f"{self.urls[s]}: samples {p0}..{p1} hold {len(samples)} samples, not "
-                                 f"{len(run)}: the shard and its sample index disagree; rerun the shard stage.")
+                raise StageError(
+                    f"{self.urls[s]}: samples {p0}..{p1} hold {len(samples)} samples, not "
+                    f"{len(run)}: the shard and its sample index disagree; rerun the shard stage."
+                )
             out.update(zip(ids[run].tolist(), samples))
         return out
 
@@ -225,11 +229,22 @@ class PlanStream(IterableDataset):
     Without DataLoader workers (num_workers=0) it yields every worker's batches in step order,
     as a DataLoader with workers would."""
 
-    def __init__(self, shards: list[tuple[str, int]], windows: list[list], transform, *, seed: int = 0,
-                 epoch: int = 0, decode: str = "worker", random_crops: bool = True):
+    def __init__(
+        self,
+        shards: list[tuple[str, int]],
+        windows: list[list],
+        transform,
+        *,
+        seed: int = 0,
+        epoch: int = 0,
+        decode: str = "worker",
+        random_crops: bool = True,
+    ):
         if decode not in ("worker", "device"):
-            raise ValueError(f"PlanStream decode must be 'worker' or 'device', got '{decode}' "
-                             "(resolve 'auto' with choose_decode first).")
+            raise ValueError(
+                f"PlanStream decode must be 'worker' or 'device', got '{decode}' "
+                "(resolve 'auto' with choose_decode first)."
+            )
         self.shards, self.windows, self.transform = list(shards), windows, transform
         self.seed, self.epoch, self.decode, self.random_crops = seed, epoch, decode, random_crops
 
@@ -260,8 +275,13 @@ class PlanStream(IterableDataset):
                 batch.share_memory_()
             return torch.stack(x, out=batch), torch.tensor(y), list(keys)
         jpgs, params, labels, keys = zip(*items)
-        return EncodedBatch(torch.frombuffer(bytearray(b"".join(jpgs)), dtype=torch.uint8),
-                            torch.tensor([len(j) for j in jpgs]), list(params), torch.tensor(labels), list(keys))
+        return EncodedBatch(
+            torch.frombuffer(bytearray(b"".join(jpgs)), dtype=torch.uint8),
+            torch.tensor([len(j) for j in jpgs]),
+            list(params),
+            torch.tensor(labels),
+            list(keys),
+        )
 
     def __iter__(self):
         info = get_worker_info()
@@ -288,9 +308,15 @@ def loader(dataset: PlanStream, num_workers: int, pin_memory: bool = False) -> D
     # Pinning helps only the host-to-device copy of decoded crops; JPEG bytes stay on the host
     # (nvjpeg reads them there), so pinning them would be a wasted copy. batch_size=None: the
     # plan makes the batches.
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory and not device,
-                      persistent_workers=False, prefetch_factor=4 if num_workers else None,
-                      multiprocessing_context=_worker_context(dataset) if num_workers else None)
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory and not device,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+        multiprocessing_context=_worker_context(dataset) if num_workers else None,
+    )
 
 
 def _worker_context(dataset: PlanStream):
@@ -317,8 +343,16 @@ def _worker_context(dataset: PlanStream):
     return ctx
 
 
-def train_loader(shards: list[tuple[str, int]], transform, *, segment: plan.Segment, rank: int,
-                 processes: bool = True, pin_memory: bool = False, decode: str = "worker") -> DataLoader:
+def train_loader(
+    shards: list[tuple[str, int]],
+    transform,
+    *,
+    segment: plan.Segment,
+    rank: int,
+    processes: bool = True,
+    pin_memory: bool = False,
+    decode: str = "worker",
+) -> DataLoader:
     """The batches of ``rank`` for the rest of ``segment`` (from its step ``start``), in step
     order: one DataLoader worker per plan loader worker (in this process if not ``processes``)."""
     windows = [segment.worker_windows(rank, w) for w in range(segment.loader_workers)]
@@ -326,12 +360,20 @@ def train_loader(shards: list[tuple[str, int]], transform, *, segment: plan.Segm
     return loader(ds, segment.loader_workers if processes else 0, pin_memory)
 
 
-def eval_loader(shards: list[tuple[str, int]], transform, *, batch_size: int, rank: int = 0, world: int = 1,
-                num_workers: int = 2, pin_memory: bool = False, decode: str = "worker") -> DataLoader:
+def eval_loader(
+    shards: list[tuple[str, int]],
+    transform,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world: int = 1,
+    num_workers: int = 2,
+    pin_memory: bool = False,
+    decode: str = "worker",
+) -> DataLoader:
     """This rank's share of every sample of ``shards``, once over all ranks (no shuffle)."""
     nw = max(1, num_workers)
-    share = plan.eval_share([n for _, n in shards], rank=rank, world=world, loader_workers=nw,
-                            batch_size=batch_size)
+    share = plan.eval_share([n for _, n in shards], rank=rank, world=world, loader_workers=nw, batch_size=batch_size)
     windows = [[[(None, ids)] for ids in batches] for batches in share]  # a window per batch: contiguous ids
     ds = PlanStream(shards, windows, transform, decode=decode, random_crops=False)
     return loader(ds, num_workers, pin_memory)

@@ -6,6 +6,7 @@ runs index -> shard -> stats -> train (2 CPU workers) -> evaluate, every stage t
 accuracy, where the shards and checkpoints are, and the command that opens the MLflow UI.
 A second run finds the preprocessing done and resumes the finished training run: no work redone.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 
 from . import contract, evaluate, index, sample, shard, stats, status, storage, tracking, train
-from .common import ensure_ray
+from .cluster import ensure_ray
 from .config import EvaluateConfig, IndexConfig, ShardConfig, StatsConfig, StatusConfig, TrainConfig
 
 SAMPLE = dict(classes=10, train_per_class=60, val_per_class=10, bad=True)  # ~3 s to generate
@@ -23,8 +24,17 @@ SAMPLES_PER_SHARD = 100  # 6 train shards: enough to spread over 2 CPU workers
 RESIZE, CROP = 72, 64
 # He init learns on small data at once (model/alexnet.py); the paper's batch of 128 keeps the
 # per-step cost (optimiser and all-reduce over 61M parameters) to few steps per epoch on CPU.
-TRAIN = dict(workers=2, epochs=8, batch_size=128, lr=0.01, init="kaiming", name="demo", patience=3,
-             experiment="demo", register="alexnet-demo")  # alias "champion": the model to use
+TRAIN = dict(
+    workers=2,
+    epochs=8,
+    batch_size=128,
+    lr=0.01,
+    init="kaiming",
+    name="demo",
+    patience=3,
+    experiment="demo",
+    register="alexnet-demo",
+)  # alias "champion": the model to use
 
 
 def _step(name: str) -> None:
@@ -42,8 +52,9 @@ def run(args: dict) -> dict:
     # evaluations under training): the MLflow UI shows the demo as one tree in its experiment.
     # It opens on a thread while the sample is made on one core: a new SQLite store's schema
     # migrations and MLflow's imports take ~3 s of the other.
-    with tracking.on_a_thread(tracking.start_pipeline_run, TRAIN["experiment"], "pipeline", "demo",
-                              {"pipelines.data": data}) as opening:
+    with tracking.on_a_thread(
+        tracking.start_pipeline_run, TRAIN["experiment"], "pipeline", "demo", {"pipelines.data": data}
+    ) as opening:
         if not storage.exists(storage.join(src, "truth.json")):
             _step(f"sample: a small ImageNet-format dataset in {src}")
             sample.run(sample.SampleConfig(out=src, **SAMPLE))
@@ -53,15 +64,18 @@ def run(args: dict) -> dict:
     stage = dict(experiment=TRAIN["experiment"], parent_run_id=pipeline)
     try:
         _step(f"index: {source} -> {data}")
-        s["index"] = tracking.track_stage("index", IndexConfig(source=source, data=data,
-                                                               samples_per_shard=SAMPLES_PER_SHARD), index.run, **stage)
+        s["index"] = tracking.track_stage(
+            "index", IndexConfig(source=source, data=data, samples_per_shard=SAMPLES_PER_SHARD), index.run, **stage
+        )
         ensure_ray(dashboard=True)  # one local Ray for shard, stats and train; train wants the dashboard
         _step("shard: one Ray task per shard")
         s["shard"] = tracking.track_stage("shard", ShardConfig(data=data, resize=RESIZE), shard.run, **stage)
         _step("stats: mean, std and RGB eigen-decomposition over the training shards")
         s["stats"] = tracking.track_stage("stats", StatsConfig(data=data), stats.run, **stage)
-        _step(f"train: AlexNet (2012) on {TRAIN['workers']} Ray Train CPU workers, {TRAIN['epochs']} epochs, "
-              f"{CROP} px crops")
+        _step(
+            f"train: AlexNet (2012) on {TRAIN['workers']} Ray Train CPU workers, {TRAIN['epochs']} epochs, "
+            f"{CROP} px crops"
+        )
         s["train"] = train.run(TrainConfig(data=data, crop=CROP, gpu=False, **TRAIN), parent_run_id=pipeline)
         _step("evaluate: centre crop and the paper's 10 crops on the val shards")
         s["evaluate"] = evaluate.run(EvaluateConfig(data=data, run_id=s["train"]["run_id"], gpu=False))
@@ -75,21 +89,43 @@ def run(args: dict) -> dict:
     uri = tracking.tracking_uri()
     # Commands that work from any folder: absolute paths, the store named in them.
     bin_dir = Path(sys.executable).parent
-    cli = str(bin_dir / "alexnet-pipelines") if (bin_dir / "alexnet-pipelines").exists() else f"{sys.executable} -m pipelines"
-    ui = (f"{bin_dir / 'mlflow'} ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"
-          if uri.startswith("sqlite") else f"open {uri}")
+    cli = (
+        str(bin_dir / "alexnet-pipelines")
+        if (bin_dir / "alexnet-pipelines").exists()
+        else f"{sys.executable} -m pipelines"
+    )
+    ui = (
+        f"{bin_dir / 'mlflow'} ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"
+        if uri.startswith("sqlite")
+        else f"open {uri}"
+    )
     again = f"MLFLOW_TRACKING_URI={uri} {cli} evaluate --data {data} --run-id {s['train']['run_id']} --ten-crop"
     e, e10 = s["evaluate"], s["evaluate10"]
-    print(f"""
+    quarantined = f"{s['shard']['rejected']} damaged inputs quarantined in {contract.index_paths(data)['rejected']}"
+    print(
+        f"""
 == summary
-val top-1 {e['top1']:.1%}, top-5 {e['top5']:.1%} (centre crop); 10-crop top-1 {e10['top1']:.1%}, top-5 {e10['top5']:.1%}
-   on {e['images']} val images of {SAMPLE['classes']} classes (chance: {1 / SAMPLE['classes']:.0%})
-shards:      {storage.join(data, 'shards')}  ({s['shard']['samples']} samples, {s['shard']['rejected']} damaged inputs quarantined in {contract.index_paths(data)['rejected']})
-checkpoint:  {s['train']['checkpoint']}
-MLflow run:  {s['train']['run_id']} (experiment '{TRAIN['experiment']}', nested with the stage runs under run 'pipeline')
+val top-1 {e["top1"]:.1%}, top-5 {e["top5"]:.1%} (centre crop); \
+10-crop top-1 {e10["top1"]:.1%}, top-5 {e10["top5"]:.1%}
+   on {e["images"]} val images of {SAMPLE["classes"]} classes (chance: {1 / SAMPLE["classes"]:.0%})
+shards:      {storage.join(data, "shards")}  ({s["shard"]["samples"]} samples, {quarantined})
+checkpoint:  {s["train"]["checkpoint"]}
+MLflow run:  {s["train"]["run_id"]} \
+(experiment '{TRAIN["experiment"]}', nested with the stage runs under run 'pipeline')
 MLflow UI:   {ui}
 evaluate:    {again}
-took {time.monotonic() - t0:.0f} s""", file=sys.stderr)
-    return {"stage": "demo", "data": data, "seconds": round(time.monotonic() - t0, 2),
-            "top1": e["top1"], "top5": e["top5"], "top1_10crop": e10["top1"], "top5_10crop": e10["top5"],
-            "run_id": s["train"]["run_id"], "checkpoint": s["train"]["checkpoint"], "tracking_uri": uri}
+took {time.monotonic() - t0:.0f} s""",
+        file=sys.stderr,
+    )
+    return {
+        "stage": "demo",
+        "data": data,
+        "seconds": round(time.monotonic() - t0, 2),
+        "top1": e["top1"],
+        "top5": e["top5"],
+        "top1_10crop": e10["top1"],
+        "top5_10crop": e10["top5"],
+        "run_id": s["train"]["run_id"],
+        "checkpoint": s["train"]["checkpoint"],
+        "tracking_uri": uri,
+    }

@@ -8,22 +8,34 @@ With --run-id it evaluates the run's best checkpoint (the one its model was made
 the metrics back into that training run (eval_top1, eval_top5, or eval_10crop_top1 /
 eval_10crop_top5).
 """
+
 from __future__ import annotations
 
 import time
 
 from . import checkpoint, contract, storage, tracking
-from .common import Progress, StageError, on_cluster
+from .cluster import on_cluster
+from .common import Progress
 from .config import EvaluateConfig
+from .errors import StageError
 
 
-def evaluate(state: dict, shards: list[tuple[str, int]], ten_crop: bool, batch_size: int, loader_workers: int,
-             gpu: bool, amp: bool | None = None, channels_last: bool | None = None) -> dict:
+def evaluate(
+    state: dict,
+    shards: list[tuple[str, int]],
+    ten_crop: bool,
+    batch_size: int,
+    loader_workers: int,
+    gpu: bool,
+    amp: bool | None = None,
+    channels_last: bool | None = None,
+) -> dict:
     """(top-1 hits, top-5 hits, images) of the checkpoint's model over the val shards. ``amp``
     (bf16 autocast) and ``channels_last`` follow ``gpu`` unless set (a CPU test sets both)."""
     import torch
 
     import model
+
     from . import data
 
     device = torch.device("cuda" if gpu else "cpu")
@@ -36,21 +48,22 @@ def evaluate(state: dict, shards: list[tuple[str, int]], ten_crop: bool, batch_s
     predicted, labels, keys = [], [], []  # per image: the top class, the label, the key
     progress = Progress("evaluate", sum(n for _, n in shards), unit="images")  # every 2 s, on stderr
     with torch.inference_mode():
-        loader = data.eval_loader(shards, transform, batch_size=batch_size, num_workers=loader_workers,
-                                  pin_memory=gpu)
+        loader = data.eval_loader(shards, transform, batch_size=batch_size, num_workers=loader_workers, pin_memory=gpu)
         for x, y, batch_keys in data.on_device(loader, device):
             x = transform.photometric(x)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                probs = (model.ten_crop_predict(net, x, layout) if ten_crop
-                         else net(x.contiguous(memory_format=layout)).float().softmax(-1))
+                probs = (
+                    model.ten_crop_predict(net, x, layout)
+                    if ten_crop
+                    else net(x.contiguous(memory_format=layout)).float().softmax(-1)
+                )
             top1, top5 = model.topk_hits(probs, y)
             hits1, hits5, images = hits1 + int(top1), hits5 + int(top5), images + len(y)
             predicted += probs.argmax(1).tolist()
             labels += y.tolist()
             keys += list(batch_keys)
             progress.update(len(y), len(y))
-    return {"hits1": hits1, "hits5": hits5, "images": images, "predicted": predicted, "labels": labels,
-            "keys": keys}
+    return {"hits1": hits1, "hits5": hits5, "images": images, "predicted": predicted, "labels": labels, "keys": keys}
 
 
 def _ray_running() -> bool:
@@ -64,8 +77,10 @@ def _checkpoint_dir(cfg: EvaluateConfig) -> str:
         return cfg.checkpoint
     tags = tracking.get_tags(cfg.run_id)
     if "pipelines.checkpoint" not in tags:
-        raise StageError(f"Run {cfg.run_id} has no checkpoint recorded (tag pipelines.checkpoint): is it "
-                         "a finished training run? Pass --checkpoint PATH instead.")
+        raise StageError(
+            f"Run {cfg.run_id} has no checkpoint recorded (tag pipelines.checkpoint): is it "
+            "a finished training run? Pass --checkpoint PATH instead."
+        )
     # The run's model is its best epoch's: evaluate that one (runs from before it was recorded: the last).
     return tags.get("pipelines.best_checkpoint", tags["pipelines.checkpoint"])
 
@@ -76,28 +91,36 @@ def _val_shards(cfg: EvaluateConfig, state: dict) -> tuple[dict, list[str]]:
     then what differs comes back, for the evaluation to record)."""
     m = contract.read_manifest(cfg.data, "val")
     if m is None or not m["complete"]:
-        raise StageError(f"The val shards in '{cfg.data}' are missing or incomplete: run "
-                         f"python -m pipelines shard --data {cfg.data} --split val")
+        raise StageError(
+            f"The val shards in '{cfg.data}' are missing or incomplete: run "
+            f"python -m pipelines shard --data {cfg.data} --split val"
+        )
     if any("index" not in s for s in m["shards"]):
-        raise StageError(f"The val shards in '{cfg.data}' have no sample index: run python -m pipelines shard "
-                         f"--data {cfg.data} --split val (it adds them without re-encoding any image).")
+        raise StageError(
+            f"The val shards in '{cfg.data}' have no sample index: run python -m pipelines shard "
+            f"--data {cfg.data} --split val (it adds them without re-encoding any image)."
+        )
     contract.require_classes(cfg.data, state["config"], state.get("wnids"), "Evaluate")
     stale = contract.require_current(cfg.data, ["shard val"], "evaluate", cfg.allow_stale)
     made, here = state["config"].get("resize"), m["params"]["resize"]
     kept, keeps = state["config"].get("keep_aspect"), m["params"]["keep_aspect"]
     if made is not None and (made, kept) != (here, keeps):  # models from before it was recorded: unknown
-        differ = (f"the model was trained on shards made with resize {made} (keep_aspect {kept}), the val "
-                  f"shards in '{cfg.data}' were made with resize {here} (keep_aspect {keeps})")
+        differ = (
+            f"the model was trained on shards made with resize {made} (keep_aspect {kept}), the val "
+            f"shards in '{cfg.data}' were made with resize {here} (keep_aspect {keeps})"
+        )
         if not cfg.allow_stale:
-            raise StageError(f"{differ[0].upper()}{differ[1:]}: rerun python -m pipelines shard --data {cfg.data} "
-                             f"--split val --resize {made}{' --keep-aspect' if kept else ''}, or pass "
-                             "--allow-stale to evaluate on them as they are.")
+            raise StageError(
+                f"{differ[0].upper()}{differ[1:]}: rerun python -m pipelines shard --data {cfg.data} "
+                f"--split val --resize {made}{' --keep-aspect' if kept else ''}, or pass "
+                "--allow-stale to evaluate on them as they are."
+            )
         stale.append(differ)
     return m, stale
 
 
 def run(cfg: EvaluateConfig) -> dict:
-    from .common import ensure_ray
+    from .cluster import ensure_ray
 
     t0 = time.monotonic()
     if bool(cfg.run_id) == bool(cfg.checkpoint):
@@ -128,47 +151,107 @@ def run(cfg: EvaluateConfig) -> dict:
     prefix = "eval_10crop" if cfg.ten_crop else "eval"
     eval_run = None
     if cfg.run_id:
-        tracking.log_metrics_once(cfg.run_id, {f"{prefix}_top1": top1, f"{prefix}_top5": top5},
-                                  step=state["epoch"])
+        tracking.log_metrics_once(cfg.run_id, {f"{prefix}_top1": top1, f"{prefix}_top5": top5}, step=state["epoch"])
         eval_run = _record(cfg, ckpt_dir, state, counts, top1, top5, time.monotonic() - t0, stale)
     seconds = time.monotonic() - t0
-    return {"stage": "evaluate", "data": cfg.data, "run_id": cfg.run_id, "epoch": state["epoch"],
-            "top1": top1, "top5": top5, "images": counts["images"], "crops": 10 if cfg.ten_crop else 1,
-            "seconds": round(seconds, 2), "images_per_second": round(counts["images"] / max(seconds, 1e-9), 1),
-            "input_digest": m["digest"], "evaluation_run_id": eval_run, **({"allowed_stale": stale} if stale else {})}
+    return {
+        "stage": "evaluate",
+        "data": cfg.data,
+        "run_id": cfg.run_id,
+        "epoch": state["epoch"],
+        "top1": top1,
+        "top5": top5,
+        "images": counts["images"],
+        "crops": 10 if cfg.ten_crop else 1,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(counts["images"] / max(seconds, 1e-9), 1),
+        "input_digest": m["digest"],
+        "evaluation_run_id": eval_run,
+        **({"allowed_stale": stale} if stale else {}),
+    }
 
 
-def _record(cfg: EvaluateConfig, ckpt_dir: str, state: dict, counts: dict, top1: float, top5: float,
-            seconds: float, stale: list[str]) -> str:
+def _record(
+    cfg: EvaluateConfig,
+    ckpt_dir: str,
+    state: dict,
+    counts: dict,
+    top1: float,
+    top5: float,
+    seconds: float,
+    stale: list[str],
+) -> str:
     """This evaluation as a run of its own, nested under the training run: its metrics, the
     per-class accuracy, the confusion matrix and the most confused pairs with example keys."""
     from collections import Counter
 
     classes = contract.read_classes(cfg.data)
     name = "evaluate-10crop" if cfg.ten_crop else "evaluate"
-    run_id = tracking.start_child_run(cfg.run_id, name, "evaluate", tags={
-        "pipelines.evaluates": cfg.run_id, "pipelines.checkpoint": ckpt_dir, "pipelines.data": cfg.data,
-        **tracking.allowed_stale_tag(stale)})
+    run_id = tracking.start_child_run(
+        cfg.run_id,
+        name,
+        "evaluate",
+        tags={
+            "pipelines.evaluates": cfg.run_id,
+            "pipelines.checkpoint": ckpt_dir,
+            "pipelines.data": cfg.data,
+            **tracking.allowed_stale_tag(stale),
+        },
+    )
     try:
-        tracking.log_params(run_id, {"ten_crop": cfg.ten_crop, "epoch": state["epoch"], "images": counts["images"],
-                                     "checkpoint": ckpt_dir, "data": cfg.data})
+        tracking.log_params(
+            run_id,
+            {
+                "ten_crop": cfg.ten_crop,
+                "epoch": state["epoch"],
+                "images": counts["images"],
+                "checkpoint": ckpt_dir,
+                "data": cfg.data,
+            },
+        )
         tracking.log_metrics_once(run_id, {"top1": top1, "top5": top5, "seconds": seconds}, step=state["epoch"])
         n = len(classes)
-        seen, right = Counter(counts["labels"]), Counter(y for y, p in zip(counts["labels"], counts["predicted"]) if y == p)
-        tracking.log_table(run_id, [{"class_id": c, "wnid": classes[c]["wnid"], "name": classes[c]["name"],
-                                     "images": seen[c], "top1": right[c] / seen[c] if seen[c] else None}
-                                    for c in range(n)], "per_class_accuracy.json")
+        seen, right = (
+            Counter(counts["labels"]),
+            Counter(y for y, p in zip(counts["labels"], counts["predicted"]) if y == p),
+        )
+        tracking.log_table(
+            run_id,
+            [
+                {
+                    "class_id": c,
+                    "wnid": classes[c]["wnid"],
+                    "name": classes[c]["name"],
+                    "images": seen[c],
+                    "top1": right[c] / seen[c] if seen[c] else None,
+                }
+                for c in range(n)
+            ],
+            "per_class_accuracy.json",
+        )
         pairs = Counter((y, p) for y, p in zip(counts["labels"], counts["predicted"]) if y != p)
         examples: dict = {}
         for key, y, p in zip(counts["keys"], counts["labels"], counts["predicted"]):
             if y != p and len(examples.setdefault((y, p), [])) < 5:
                 examples[(y, p)].append(key)
-        tracking.log_table(run_id, [{"true": classes[y]["name"], "true_wnid": classes[y]["wnid"],
-                                     "predicted": classes[p]["name"], "predicted_wnid": classes[p]["wnid"],
-                                     "images": k, "examples": " ".join(examples[(y, p)])}
-                                    for (y, p), k in pairs.most_common(50)], "most_confused.json")
-        tracking.log_figure(run_id, _confusion_figure(counts["labels"], counts["predicted"], classes),
-                            "confusion_matrix.png")
+        tracking.log_table(
+            run_id,
+            [
+                {
+                    "true": classes[y]["name"],
+                    "true_wnid": classes[y]["wnid"],
+                    "predicted": classes[p]["name"],
+                    "predicted_wnid": classes[p]["wnid"],
+                    "images": k,
+                    "examples": " ".join(examples[(y, p)]),
+                }
+                for (y, p), k in pairs.most_common(50)
+            ],
+            "most_confused.json",
+        )
+        tracking.log_figure(
+            run_id, _confusion_figure(counts["labels"], counts["predicted"], classes), "confusion_matrix.png"
+        )
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise

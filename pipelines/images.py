@@ -2,12 +2,13 @@
 a shard holds (decode, shorter side to ``resize``, the central square), and the shards' JPEG.
 Both import this module, so a model sees a photo exactly as training saw its shard.
 """
+
 from __future__ import annotations
 
 import io
 import warnings
 
-MIN_SIDE = 8        # smaller sources are icons or damage, not photos: upscaling them to 256 is noise
+MIN_SIDE = 8  # smaller sources are icons or damage, not photos: upscaling them to 256 is noise
 
 
 def prepare_image(data: bytes, resize: int = 256, keep_aspect: bool = False, quality: int = 90) -> bytes:
@@ -53,11 +54,12 @@ def resize_rgb(x, resize: int = 256, keep_aspect: bool = False):
     size = _target(x.shape[2], x.shape[1], resize)
     if (x.shape[2], x.shape[1]) != size:
         x = x.unsqueeze(0).contiguous(memory_format=torch.channels_last)  # torch's fast uint8 path
-        x = torch.nn.functional.interpolate(x, size=(size[1], size[0]), mode="bilinear", antialias=True,
-                                            align_corners=False)[0]
+        x = torch.nn.functional.interpolate(
+            x, size=(size[1], size[0]), mode="bilinear", antialias=True, align_corners=False
+        )[0]
     if not keep_aspect:
         left, top = (size[0] - resize) // 2, (size[1] - resize) // 2
-        x = x[:, top:top + resize, left:left + resize]
+        x = x[:, top : top + resize, left : left + resize]
     return x.contiguous()
 
 
@@ -72,6 +74,7 @@ def _decode_rgb(im, data: bytes, size: tuple[int, int]):
 
     if im.format == "JPEG" and (im.size[0] < 2 * size[0] or im.size[1] < 2 * size[1]):
         from .data import decode_rgb
+
         try:  # CMYK and greyscale come out as the same RGB as PIL's convert (tested)
             return decode_rgb(data)
         except RuntimeError:

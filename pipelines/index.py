@@ -15,6 +15,7 @@ loader mixes shards. Nothing depends on the order the source lists its files, an
 members are in key order (as ImageNet's are) the three layouts give the same shards.
 Unusable inputs go to ROOT/index/rejected.jsonl with their reason.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,10 +26,11 @@ import time
 from collections import deque
 
 from . import lease, storage
-from .common import (StageError, StrictFailure, check_parallel, counted_task, digest, ensure_ray, now_iso,
-                     on_cluster, raise_if_background_failed)
+from .cluster import check_parallel, counted_task, ensure_ray, on_cluster
+from .common import digest, now_iso, raise_if_background_failed
 from .config import SPLITS, IndexConfig
 from .contract import ASSIGNMENT, BATCH, content_id, index_paths, write_rejects
+from .errors import StageError, StrictFailure
 from .sources import Item, Unit, expand, open_source, read_unit, where
 
 # A run of 64 ImageNet images is ~7 MB of source: one GET that size costs about what one small
@@ -59,7 +61,9 @@ def split_digest(table) -> str:
 def _hash_rows(h, batch, first: bool) -> bool:
     c = batch.select(["key", "label", "sha256", "etag", "shard"]).to_pydict()
     for k, lab, sha, etag, sh in zip(c["key"], c["label"], c["sha256"], c["etag"], c["shard"]):
-        h.update((b"" if first else b",") + json.dumps([k, lab, content_id(sha, etag), sh], separators=(",", ":")).encode())
+        h.update(
+            (b"" if first else b",") + json.dumps([k, lab, content_id(sha, etag), sh], separators=(",", ":")).encode()
+        )
         first = False
     return first
 
@@ -76,9 +80,11 @@ def _write_rows(url: str, table, order, samples_per_shard: int) -> str:
     with storage.atomic_write(url) as f, pq.ParquetWriter(f, _schema()) as writer:
         for start in range(0, max(len(order), 1), BATCH):
             positions = np.arange(start, min(start + BATCH, len(order)), dtype=np.int64)
-            batch = (take_rows(table, order[start:start + BATCH])
-                     .append_column("position", pa.array(positions))
-                     .append_column("shard", pa.array((positions // samples_per_shard).astype(np.int32))))
+            batch = (
+                take_rows(table, order[start : start + BATCH])
+                .append_column("position", pa.array(positions))
+                .append_column("shard", pa.array((positions // samples_per_shard).astype(np.int32)))
+            )
             writer.write_table(batch.select(COLUMNS).cast(_schema()))
             first = _hash_rows(h, batch, first)
     h.update(b"]")
@@ -97,8 +103,10 @@ def take_rows(table, rows):
     bounds = np.cumsum([0] + [b.num_rows for b in batches])
     chunk = np.searchsorted(bounds, rows, side="right") - 1
     by_chunk = np.argsort(chunk, kind="stable")
-    pieces = [batches[c].take(pa.array(rows[by_chunk][chunk[by_chunk] == c] - bounds[c], type=pa.int64()))
-              for c in np.unique(chunk)]
+    pieces = [
+        batches[c].take(pa.array(rows[by_chunk][chunk[by_chunk] == c] - bounds[c], type=pa.int64()))
+        for c in np.unique(chunk)
+    ]
     back = np.empty(len(rows), dtype=np.int64)
     back[by_chunk] = np.arange(len(rows))  # row i of the result is row back[i] of the pieces
     return pa.Table.from_batches(pieces, schema=table.schema).take(pa.array(back))
@@ -122,8 +130,10 @@ class _Rows:
         self._cols = {f: [] for f in self.FIELDS}
 
     def append(self, item: Item, label: int, seq: int) -> None:
-        for f, v in zip(self.FIELDS, (item.key, item.wnid, label, item.path, item.member, item.offset, item.size,
-                                      item.sha256, item.etag, seq)):
+        for f, v in zip(
+            self.FIELDS,
+            (item.key, item.wnid, label, item.path, item.member, item.offset, item.size, item.sha256, item.etag, seq),
+        ):
             self._cols[f].append(v)
         self.n += 1
         if len(self._cols["key"]) >= BATCH:
@@ -154,10 +164,21 @@ def _schema():
     """The index file's columns (the data contract)."""
     import pyarrow as pa
 
-    return pa.schema([
-        ("key", pa.string()), ("wnid", pa.string()), ("label", pa.int32()), ("path", pa.string()),
-        ("member", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
-        ("sha256", pa.string()), ("etag", pa.string()), ("position", pa.int64()), ("shard", pa.int32())])
+    return pa.schema(
+        [
+            ("key", pa.string()),
+            ("wnid", pa.string()),
+            ("label", pa.int32()),
+            ("path", pa.string()),
+            ("member", pa.string()),
+            ("offset", pa.int64()),
+            ("size", pa.int64()),
+            ("sha256", pa.string()),
+            ("etag", pa.string()),
+            ("position", pa.int64()),
+            ("shard", pa.int32()),
+        ]
+    )
 
 
 @functools.cache
@@ -165,9 +186,20 @@ def _memory_schema():
     import pyarrow as pa
 
     d = pa.dictionary(pa.int32(), pa.string())
-    return pa.schema([("key", pa.string()), ("wnid", d), ("label", pa.int32()), ("path", d), ("member", pa.string()),
-                      ("offset", pa.int64()), ("size", pa.int64()), ("sha256", pa.string()), ("etag", pa.string()),
-                      ("seq", pa.int64())])
+    return pa.schema(
+        [
+            ("key", pa.string()),
+            ("wnid", d),
+            ("label", pa.int32()),
+            ("path", d),
+            ("member", pa.string()),
+            ("offset", pa.int64()),
+            ("size", pa.int64()),
+            ("sha256", pa.string()),
+            ("etag", pa.string()),
+            ("seq", pa.int64()),
+        ]
+    )
 
 
 def _seeded_hashes(keys, seed: int):
@@ -203,19 +235,20 @@ def _position_order(table, seed: int, samples_per_shard: int):
     rank[pc.sort_indices(names).to_numpy()] = np.arange(len(names))
     rank[~pc.ends_with(names, ".tar").to_numpy(zero_copy_only=False)] = -1
     p = rank[path.indices.to_numpy(zero_copy_only=False)] if n else np.empty(0, dtype=np.int64)
-    located = pc.sort_indices(pa.table({"p": p, "o": np.where(p >= 0, table["offset"].to_numpy(), 0),
-                                        "k": table["key"]}),
-                              sort_keys=[("p", "ascending"), ("o", "ascending"), ("k", "ascending")]).to_numpy()
+    located = pc.sort_indices(
+        pa.table({"p": p, "o": np.where(p >= 0, table["offset"].to_numpy(), 0), "k": table["key"]}),
+        sort_keys=[("p", "ascending"), ("o", "ascending"), ("k", "ascending")],
+    ).to_numpy()
     del path, p
     h = _seeded_hashes(table["key"], seed)
     run = run_length(samples_per_shard)
     firsts = located[0::run]
     runs = np.argsort(h[firsts], kind="stable")  # stable, as sorted() is: equal hashes keep their order
-    ordered = np.concatenate([located[r * run:(r + 1) * run] for r in runs]) if n else located
+    ordered = np.concatenate([located[r * run : (r + 1) * run] for r in runs]) if n else located
     final = np.empty(n, dtype=np.int64)
     for start in range(0, n, samples_per_shard):
-        part = ordered[start:start + samples_per_shard]
-        final[start:start + len(part)] = part[np.argsort(h[part], kind="stable")]
+        part = ordered[start : start + samples_per_shard]
+        final[start : start + len(part)] = part[np.argsort(h[part], kind="stable")]
     return final
 
 
@@ -243,8 +276,12 @@ def _collect(items, label: dict[str, int], progress_label: str):
         if now - last > 2:
             last = now
             raise_if_background_failed()  # (the stage's MLflow run could not be opened)
-            print(f"{progress_label}: {rows.n} images, {nbytes / 1e6 / (now - started):.0f} MB/s, "
-                  f"{len(rejects)} rejected", file=sys.stderr, flush=True)
+            print(
+                f"{progress_label}: {rows.n} images, {nbytes / 1e6 / (now - started):.0f} MB/s, "
+                f"{len(rejects)} rejected",
+                file=sys.stderr,
+                flush=True,
+            )
     table = rows.table()
     # A key seen before is a duplicate: the first wins, the others are rejected naming it.
     by_key = pc.sort_indices(table, sort_keys=[("key", "ascending"), ("seq", "ascending")]).to_numpy()
@@ -256,9 +293,17 @@ def _collect(items, label: dict[str, int], progress_label: str):
         first = by_key[np.maximum.accumulate(np.where(same, 0, np.arange(len(by_key))))]
         for dup, orig in zip(by_key[same], first[same]):
             d, o = table.slice(int(dup), 1).to_pylist()[0], table.slice(int(orig), 1).to_pylist()[0]
-            rejects.append((d["seq"], {"split": None, "key": d["key"],  # the caller names the split
-                                       "reason": f"duplicate key: also at {o['member']}",
-                                       "source": where(d["path"], d["member"])}))
+            rejects.append(
+                (
+                    d["seq"],
+                    {
+                        "split": None,
+                        "key": d["key"],  # the caller names the split
+                        "reason": f"duplicate key: also at {o['member']}",
+                        "source": where(d["path"], d["member"]),
+                    },
+                )
+            )
         table = table.filter(pa.array(~np.isin(np.arange(table.num_rows), by_key[same])))
     rejects.sort(key=lambda r: r[0])
     return table, [r for _, r in rejects]
@@ -355,14 +400,24 @@ def _run(cfg: IndexConfig) -> dict:
     t0 = time.monotonic()
     src = check(cfg)
     out = index_paths(cfg.data)
-    params = {"source": cfg.source, "layout": src.layout, "classes": cfg.classes, "limit": cfg.limit,
-              "seed": cfg.seed, "samples_per_shard": cfg.samples_per_shard, "assignment": ASSIGNMENT}
+    params = {
+        "source": cfg.source,
+        "layout": src.layout,
+        "classes": cfg.classes,
+        "limit": cfg.limit,
+        "seed": cfg.seed,
+        "samples_per_shard": cfg.samples_per_shard,
+        "assignment": ASSIGNMENT,
+    }
     fingerprint = src.fingerprint()
 
     if not cfg.force and storage.exists(out["record"]):
         record = storage.read_json(out["record"])
-        if (record.get("params") == params and record.get("source_fingerprint") == fingerprint
-                and all(storage.exists(out[s]) for s in SPLITS)):
+        if (
+            record.get("params") == params
+            and record.get("source_fingerprint") == fingerprint
+            and all(storage.exists(out[s]) for s in SPLITS)
+        ):
             summary = dict(record["summary"], skipped=True, seconds=round(time.monotonic() - t0, 2))
             _maybe_strict(cfg.strict, summary)
             return summary
@@ -400,26 +455,44 @@ def _run(cfg: IndexConfig) -> dict:
         # cannot use it, so give it back before reading that split.
         pa.default_memory_pool().release_unused()
         if counts[split] and missing:
-            print(f"index {split}: warning: {len(missing)} classes have no images "
-                  f"(e.g. {sorted(missing)[:3]})", file=sys.stderr)
+            print(
+                f"index {split}: warning: {len(missing)} classes have no images (e.g. {sorted(missing)[:3]})",
+                file=sys.stderr,
+            )
 
     storage.write_json(out["classes"], [{"index": i, **c} for i, c in enumerate(classes)])
     write_rejects(cfg.data, "index", all_rejects)
     seconds = time.monotonic() - t0
     images = counts["train"] + counts["val"]
     summary = {
-        "stage": "index", "data": cfg.data, "layout": src.layout, "classes": len(classes),
-        **counts, "rejected": len(all_rejects), "skipped": False, "seconds": round(seconds, 2),
+        "stage": "index",
+        "data": cfg.data,
+        "layout": src.layout,
+        "classes": len(classes),
+        **counts,
+        "rejected": len(all_rejects),
+        "skipped": False,
+        "seconds": round(seconds, 2),
         "images_per_second": round(images / max(seconds, 1e-9), 1),
         "ray_tasks": tasks,  # class tars / val tar / chunks of files read as Ray tasks (0: in this process)
         "nodes": [{"node": k, "units": v} for k, v in sorted(nodes.items(), key=lambda kv: -kv[1])],
         # S3 GET requests to read the source (this process and the tasks; listings not counted)
         "source_gets": gets[0] + storage.request_counts().get("GetObject", 0) - gets_before,
-        "input_digest": fingerprint, "output_digest": digest(digests),
+        "input_digest": fingerprint,
+        "output_digest": digest(digests),
     }
-    storage.write_json(out["record"], {
-        "stage": "index", "params": params, "source_fingerprint": fingerprint,
-        "digests": digests, "classes_digest": digest(classes), "ran_at": now_iso(), "summary": summary})
+    storage.write_json(
+        out["record"],
+        {
+            "stage": "index",
+            "params": params,
+            "source_fingerprint": fingerprint,
+            "digests": digests,
+            "classes_digest": digest(classes),
+            "ran_at": now_iso(),
+            "summary": summary,
+        },
+    )
     _maybe_strict(cfg.strict, summary)
     return summary
 
@@ -428,4 +501,6 @@ def _maybe_strict(strict: bool, summary: dict) -> None:
     if strict and summary["rejected"]:
         raise StrictFailure(
             f"--strict: {summary['rejected']} inputs were rejected; their reasons are in "
-            f"{index_paths(summary['data'])['rejected']}. The index itself was written.", summary)
+            f"{index_paths(summary['data'])['rejected']}. The index itself was written.",
+            summary,
+        )

@@ -13,6 +13,7 @@ released when the stage ends, by an error or Ctrl-C too. A holder that died with
 Two runs on one root would otherwise corrupt each other: the shard stage's clean-up of a killed
 run's temporary files would delete the files the other run is writing.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import storage
-from .common import StageError, now_iso
+from .common import now_iso
+from .errors import StageError
 
 HEARTBEAT_S = 30.0
 STALE_S = 150.0  # five missed heartbeats: a holder that stopped beating is gone, not slow
@@ -43,7 +45,7 @@ def _proc_start(pid: int) -> str | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat[stat.rindex(")") + 2:].split()[19]
+    return stat[stat.rindex(")") + 2 :].split()[19]
 
 
 def _create(url: str, data: bytes) -> bool:
@@ -75,8 +77,14 @@ def _why_stale(held: dict) -> str | None:
 def hold(root: str, stage: str):
     """Hold ROOT's lease for the block, or raise StageError naming the run that holds it."""
     url = storage.join(root, NAME)
-    me = {"holder": uuid.uuid4().hex, "stage": stage, "host": socket.gethostname(), "pid": os.getpid(),
-          "pid_started": _proc_start(os.getpid()), "started": now_iso()}
+    me = {
+        "holder": uuid.uuid4().hex,
+        "stage": stage,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_started": _proc_start(os.getpid()),
+        "started": now_iso(),
+    }
 
     def doc() -> bytes:
         return storage.json_bytes({**me, "heartbeat": now_iso(), "heartbeat_s": time.time()})
@@ -93,9 +101,13 @@ def hold(root: str, stage: str):
                 f"Another '{held.get('stage')}' run holds '{root}' (started {held.get('started')} on "
                 f"{held.get('host')}, process {held.get('pid')}, last heartbeat {held.get('heartbeat')}). Two "
                 "runs on one dataset root would overwrite each other's files: wait for it to finish. If it was "
-                f"killed, its lease is taken over {_stale_after():.0f} s after its last heartbeat, or delete {url}.")
-        print(f"{stage}: taking over the lease of a '{held.get('stage')}' run on {root}: {why}", flush=True,
-              file=sys.stderr)
+                f"killed, its lease is taken over {_stale_after():.0f} s after its last heartbeat, or delete {url}."
+            )
+        print(
+            f"{stage}: taking over the lease of a '{held.get('stage')}' run on {root}: {why}",
+            flush=True,
+            file=sys.stderr,
+        )
         storage.remove(url)
     else:
         raise StageError(f"Could not take the lease {url}: other runs keep taking it. Is a run starting now?")

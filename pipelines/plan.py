@@ -33,6 +33,7 @@ resume with another world (a node lost, or regained) ends the segment: its unrea
 the epoch's remainder) are dealt anew over the new world, in their epoch order, so within the
 epoch no sample is read twice and none is skipped beyond the remainder.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,8 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BLOCK = 64       # ~2 MB of 256 px q90 JPEGs: one sequential read, large enough for S3's per-request cost
-BUFFER = 2000    # samples a loader worker shuffles among (~60 MB of JPEG bytes at 256 px)
+BLOCK = 64  # ~2 MB of 256 px q90 JPEGs: one sequential read, large enough for S3's per-request cost
+BUFFER = 2000  # samples a loader worker shuffles among (~60 MB of JPEG bytes at 256 px)
 
 
 def seed_for(*parts) -> int:
@@ -79,15 +80,15 @@ def epoch_order(counts: list[int], *, seed: int, epoch: int, block: int = BLOCK)
 class Segment:
     """The part of an epoch run at one (world, loader_workers): its samples, in epoch order."""
 
-    order: np.ndarray       # the sample ids this segment deals (used, then the remainder)
-    batch_size: int         # global batch
+    order: np.ndarray  # the sample ids this segment deals (used, then the remainder)
+    batch_size: int  # global batch
     world: int
     loader_workers: int
     seed: int
     epoch: int
-    index: int = 0          # which segment of the epoch (0 unless the world changed mid-epoch)
-    first_step: int = 0     # the epoch's step number of this segment's step 0
-    start: int = 0          # steps of this segment already done (a resume continues after them)
+    index: int = 0  # which segment of the epoch (0 unless the world changed mid-epoch)
+    first_step: int = 0  # the epoch's step number of this segment's step 0
+    start: int = 0  # steps of this segment already done (a resume continues after them)
     buffer: int = BUFFER
 
     @property
@@ -108,7 +109,7 @@ class Segment:
     def _slice(self, step: int, rank: int) -> np.ndarray:
         sizes = rank_batches(self.batch_size, self.world)
         at = step * self.batch_size + sum(sizes[:rank])
-        return self.order[at:at + sizes[rank]]
+        return self.order[at : at + sizes[rank]]
 
     def stream(self, rank: int, worker: int) -> list[tuple[list[int], np.ndarray]]:
         """Loader worker ``worker`` of ``rank``: windows of (segment steps, their samples shuffled).
@@ -120,7 +121,7 @@ class Segment:
         per_window = max(1, self.buffer // max(b, 1))
         out = []
         for w0 in range(0, len(steps), per_window):
-            ws = steps[w0:w0 + per_window]
+            ws = steps[w0 : w0 + per_window]
             ids = np.concatenate([self._slice(s, rank) for s in ws]) if ws else np.zeros(0, np.int64)
             rng = np.random.default_rng(seed_for(self.seed, self.epoch, self.index, rank, worker, w0))
             out.append((ws, ids[rng.permutation(len(ids))]))
@@ -137,7 +138,7 @@ class Segment:
         b = rank_batches(self.batch_size, self.world)[rank]
         out = []
         for ws, ids in self.stream(rank, stream):
-            window = [(self.first_step + s, ids[k * b:(k + 1) * b]) for k, s in enumerate(ws) if s >= self.start]
+            window = [(self.first_step + s, ids[k * b : (k + 1) * b]) for k, s in enumerate(ws) if s >= self.start]
             if window:
                 out.append(window)
         return out
@@ -150,7 +151,7 @@ class Segment:
                 b = rank_batches(self.batch_size, self.world)[rank]
                 for ws, ids in self.stream(rank, worker):
                     done = sum(1 for s in ws if s < steps_done)
-                    parts.append(ids[:done * b])
+                    parts.append(ids[: done * b])
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def rest(self, steps_done: int) -> np.ndarray:
@@ -158,20 +159,32 @@ class Segment:
         return self.order[~np.isin(self.order, self.consumed(steps_done))]
 
 
-def epoch_plan(counts: list[int], *, seed: int, epoch: int, batch_size: int, world: int,
-               loader_workers: int, block: int = BLOCK, buffer: int = BUFFER,
-               segments: list | tuple = ()) -> Segment:
+def epoch_plan(
+    counts: list[int],
+    *,
+    seed: int,
+    epoch: int,
+    batch_size: int,
+    world: int,
+    loader_workers: int,
+    block: int = BLOCK,
+    buffer: int = BUFFER,
+    segments: list | tuple = (),
+) -> Segment:
     """The segment this (world, loader_workers) runs now, given the ``segments`` already run in
     this epoch as (world, loader_workers, steps done) triples (empty at the epoch's start)."""
     if batch_size < world:
-        raise ValueError(f"A global batch of {batch_size} cannot give each of {world} workers a sample: "
-                         f"use --batch-size >= {world}.")
+        raise ValueError(
+            f"A global batch of {batch_size} cannot give each of {world} workers a sample: use --batch-size >= {world}."
+        )
     if world < 1 or loader_workers < 1:
         raise ValueError(f"world {world} and loader workers {loader_workers} must both be at least 1.")
     total = sum(counts)
     if total < batch_size:
-        raise ValueError(f"{total} training samples cannot fill one global batch of {batch_size}: "
-                         f"lower --batch-size to at most {total}.")
+        raise ValueError(
+            f"{total} training samples cannot fill one global batch of {batch_size}: "
+            f"lower --batch-size to at most {total}."
+        )
     order = epoch_order(counts, seed=seed, epoch=epoch, block=block)
     left_out = total % batch_size
     if left_out:  # a seeded random choice, moved to the end: any sample may be the one left out
@@ -188,8 +201,9 @@ def epoch_plan(counts: list[int], *, seed: int, epoch: int, batch_size: int, wor
     return Segment(order, batch_size, world, loader_workers, seed, epoch, len(segments), first, 0, buffer)
 
 
-def eval_share(counts: list[int], *, rank: int, world: int, loader_workers: int,
-               batch_size: int) -> list[list[np.ndarray]]:
+def eval_share(
+    counts: list[int], *, rank: int, world: int, loader_workers: int, batch_size: int
+) -> list[list[np.ndarray]]:
     """Validation: every sample exactly once over all ranks. Rank r takes a contiguous share
     (sizes differ by at most one), split into contiguous parts per loader worker, in batches."""
     total = sum(counts)

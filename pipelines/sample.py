@@ -26,6 +26,7 @@ keep the images distinct. The real files' quirks are reproduced (CMYK JPEGs, a P
 .JPEG, greyscale images) and, with `bad=True`, damaged files (truncated, empty, not an image).
 Everything is a function of `seed`: two runs give byte-identical tarballs.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -43,8 +44,8 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-from .common import StageError
 from .config import SampleConfig  # noqa: F401 - re-exported: callers build it from here too
+from .errors import StageError
 
 
 class SampleError(StageError, ValueError):
@@ -70,8 +71,20 @@ TAR_MTIME = 1341360000
 JPEG_QUALITY = 90  # close to the real files; high enough that stripes survive compression
 NOT_AN_IMAGE = b"this is not an image\n" * 20
 
-HUE_NAMES = ("red", "orange", "yellow", "lime", "green", "spring green",
-             "cyan", "azure", "blue", "violet", "magenta", "rose")  # 30 degrees apart
+HUE_NAMES = (
+    "red",
+    "orange",
+    "yellow",
+    "lime",
+    "green",
+    "spring green",
+    "cyan",
+    "azure",
+    "blue",
+    "violet",
+    "magenta",
+    "rose",
+)  # 30 degrees apart
 # (angle in degrees, name): stripes 45 degrees apart are easy to tell apart at 64 px.
 ORIENTATIONS = ((0, "vertical"), (45, "diagonal"), (90, "horizontal"), (135, "anti-diagonal"))
 # Stripe periods, as a fraction of the image's short side, so they survive rescaling.
@@ -133,23 +146,32 @@ def _check(cfg: SampleConfig) -> None:
     # Quirks and bad files each take a distinct image, so small configs need enough images.
     need_train, need_val = (6, 3) if cfg.bad else (3, 2)
     if cfg.classes < 2:
-        raise SampleError(f"--classes {cfg.classes} (classes={cfg.classes}): need at least 2, so that "
-                         "ILSVRC2012_ID order can differ from sorted-WNID order.")
+        raise SampleError(
+            f"--classes {cfg.classes} (classes={cfg.classes}): need at least 2, so that "
+            "ILSVRC2012_ID order can differ from sorted-WNID order."
+        )
     if cfg.train_per_class < 1 or cfg.classes * cfg.train_per_class < need_train:
-        raise SampleError(f"--train-per-class {cfg.train_per_class} (train_per_class={cfg.train_per_class}): need >= 1 and at least "
-                         f"{need_train} train images in all for the quirks"
-                         f"{' and bad files' if cfg.bad else ''}.")
+        raise SampleError(
+            f"--train-per-class {cfg.train_per_class} (train_per_class={cfg.train_per_class}): need >= 1 and at least "
+            f"{need_train} train images in all for the quirks"
+            f"{' and bad files' if cfg.bad else ''}."
+        )
     if cfg.val_per_class < 1 or cfg.classes * cfg.val_per_class < need_val:
-        raise SampleError(f"--val-per-class {cfg.val_per_class} (val_per_class={cfg.val_per_class}): need >= 1 and at least "
-                         f"{need_val} val images in all for the quirks"
-                         f"{' and bad files' if cfg.bad else ''}.")
+        raise SampleError(
+            f"--val-per-class {cfg.val_per_class} (val_per_class={cfg.val_per_class}): need >= 1 and at least "
+            f"{need_val} val images in all for the quirks"
+            f"{' and bad files' if cfg.bad else ''}."
+        )
     if cfg.imagenet and cfg.classes != IMAGENET_CLASSES:
-        raise SampleError(f"--imagenet with --classes {cfg.classes}: ILSVRC-2012 has {IMAGENET_CLASSES} "
-                          "classes; drop --classes (or drop --imagenet for a smaller sample).")
+        raise SampleError(
+            f"--imagenet with --classes {cfg.classes}: ILSVRC-2012 has {IMAGENET_CLASSES} "
+            "classes; drop --classes (or drop --imagenet for a smaller sample)."
+        )
     unknown = [l for l in cfg.layouts if l not in LAYOUTS]
     if unknown or not cfg.layouts:
-        raise SampleError(f"--layouts {','.join(cfg.layouts)}: expected a comma-separated list of "
-                          f"{', '.join(LAYOUTS)}.")
+        raise SampleError(
+            f"--layouts {','.join(cfg.layouts)}: expected a comma-separated list of {', '.join(LAYOUTS)}."
+        )
     if cfg.workers < 1:
         raise SampleError(f"--workers {cfg.workers}: need at least 1 encoding process.")
     if len(cfg.size) != 2 or min(cfg.size) < 8:
@@ -157,6 +179,7 @@ def _check(cfg: SampleConfig) -> None:
 
 
 # --- the plan: every random choice, made up front from the seed ----------------------------
+
 
 def _rng(cfg: SampleConfig, *stream: int) -> np.random.Generator:
     # One independent stream per purpose, so adding a choice doesn't shift the others.
@@ -191,9 +214,17 @@ def _plan(cfg: SampleConfig) -> dict:
             w, h = min(w, h), max(w, h)
         sizes[key] = (int(w), int(h))
 
-    return {"cfg": cfg, "classes": classes, "by_wnid": {c["wnid"]: c for c in classes},
-            "nodes": _wordnet_nodes(cfg, classes), "train": train, "val": val,
-            "quirks": quirks, "bad": bad, "sizes": sizes}
+    return {
+        "cfg": cfg,
+        "classes": classes,
+        "by_wnid": {c["wnid"]: c for c in classes},
+        "nodes": _wordnet_nodes(cfg, classes),
+        "train": train,
+        "val": val,
+        "quirks": quirks,
+        "bad": bad,
+        "sizes": sizes,
+    }
 
 
 def _make_classes(cfg: SampleConfig) -> list[dict]:
@@ -214,12 +245,16 @@ def _make_classes(cfg: SampleConfig) -> list[dict]:
         angle, angle_name = ORIENTATIONS[index % len(ORIENTATIONS)]
         period, period_name = PERIODS[(index // len(ORIENTATIONS)) % len(PERIODS)]
         colour = HUE_NAMES[round(hue * len(HUE_NAMES)) % len(HUE_NAMES)]
-        classes.append({
-            "wnid": wnid,
-            "name": f"class {index}: {colour} {period_name} {angle_name} stripes",
-            "ilsvrc2012_id": int(ids[index]),
-            "hue": hue, "angle": angle, "period": period,
-        })
+        classes.append(
+            {
+                "wnid": wnid,
+                "name": f"class {index}: {colour} {period_name} {angle_name} stripes",
+                "ilsvrc2012_id": int(ids[index]),
+                "hue": hue,
+                "angle": angle,
+                "period": period,
+            }
+        )
     return classes
 
 
@@ -231,14 +266,31 @@ def _wordnet_nodes(cfg: SampleConfig, classes: list[dict]) -> list[dict]:
     if not cfg.imagenet:
         # Real WordNet WNIDs, below every leaf's n01000000+.
         half, rest = list(range(1, n // 2 + 1)), list(range(n // 2 + 1, n + 1))
-        return [{"id": n + 1, "wnid": "n00021939", "words": "artifact, artefact", "gloss": "a man-made object",
-                 "children": half, "height": 1},
-                {"id": n + 2, "wnid": "n00001740", "words": "entity", "gloss": "the WordNet root",
-                 "children": [n + 1, *rest], "height": 2}]
+        return [
+            {
+                "id": n + 1,
+                "wnid": "n00021939",
+                "words": "artifact, artefact",
+                "gloss": "a man-made object",
+                "children": half,
+                "height": 1,
+            },
+            {
+                "id": n + 2,
+                "wnid": "n00001740",
+                "words": "entity",
+                "gloss": "the WordNet root",
+                "children": [n + 1, *rest],
+                "height": 2,
+            },
+        ]
     rng = _rng(cfg, 6)
     taken = {c["wnid"] for c in classes}
-    wnids = [w for w in (f"n{x:08d}" for x in rng.choice(np.arange(1_000_000, 15_000_000), 2 * IMAGENET_NODES,
-                                                         replace=False)) if w not in taken][:IMAGENET_NODES]
+    wnids = [
+        w
+        for w in (f"n{x:08d}" for x in rng.choice(np.arange(1_000_000, 15_000_000), 2 * IMAGENET_NODES, replace=False))
+        if w not in taken
+    ][:IMAGENET_NODES]
     # Children per node: 1 each, plus the n - 1 extra that joining n leaves into one root takes.
     fan = 1 + rng.multinomial(n - 1, np.full(IMAGENET_NODES, 1 / IMAGENET_NODES))
     height = {c["ilsvrc2012_id"]: 0 for c in classes}
@@ -246,11 +298,21 @@ def _wordnet_nodes(cfg: SampleConfig, classes: list[dict]) -> list[dict]:
     nodes = []
     for i, k in enumerate(fan):
         # Each node adopts k parentless synsets; the last one adopts all that are left (the root).
-        picks = sorted(int(free.pop(int(rng.integers(len(free))))) for _ in range(len(free) if i == len(fan) - 1 else k))
+        picks = sorted(
+            int(free.pop(int(rng.integers(len(free))))) for _ in range(len(free) if i == len(fan) - 1 else k)
+        )
         node = n + 1 + i
         height[node] = 1 + max(height[c] for c in picks)
-        nodes.append({"id": node, "wnid": wnids[i], "words": f"synset {i + 1} above the classes",
-                      "gloss": "a WordNet synset grouping the ones below it", "children": picks, "height": height[node]})
+        nodes.append(
+            {
+                "id": node,
+                "wnid": wnids[i],
+                "words": f"synset {i + 1} above the classes",
+                "gloss": "a WordNet synset grouping the ones below it",
+                "children": picks,
+                "height": height[node],
+            }
+        )
         free.append(node)
     return nodes
 
@@ -268,6 +330,7 @@ def _pick_quirks(cfg: SampleConfig, train: list[str], val: list[str]) -> tuple[d
 
 
 # --- pixels and bytes -----------------------------------------------------------------------
+
 
 def _pixels(key: str, plan: dict) -> np.ndarray:
     """One HxWx3 uint8 image: the class's hue and stripes, with per-image jitter."""
@@ -302,7 +365,7 @@ def _encode_all(keys: list[str], plan: dict, workers: int) -> dict[str, bytes]:
     import multiprocessing
 
     chunk = max(1, len(keys) // (workers * 8))  # a few chunks a worker: balance without per-image IPC
-    parts = [keys[i:i + chunk] for i in range(0, len(keys), chunk)]
+    parts = [keys[i : i + chunk] for i in range(0, len(keys), chunk)]
     # A multiprocessing pool, not concurrent.futures': leaving its block (Ctrl-C, an error)
     # terminates the workers at once instead of waiting for the chunks already sent to them.
     with multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker, initargs=(plan,)) as pool:
@@ -350,6 +413,7 @@ def _encode(key: str, plan: dict) -> bytes:
 
 # --- the three layouts ----------------------------------------------------------------------
 
+
 def _tar_bytes(members: dict[str, bytes], compress: bool = False) -> bytes:
     """A tar of name -> bytes, in sorted order with fixed metadata: reruns are byte-identical."""
     buf = io.BytesIO()
@@ -373,28 +437,62 @@ def _write_tarballs(root: str, plan: dict, images: dict[str, bytes]) -> None:
     inner = {}
     for c in plan["classes"]:
         wnid = c["wnid"]
-        inner[f"{wnid}.tar"] = _tar_bytes(
-            {f"{key}.JPEG": images[key] for key, w in plan["train"].items() if w == wnid})
+        inner[f"{wnid}.tar"] = _tar_bytes({f"{key}.JPEG": images[key] for key, w in plan["train"].items() if w == wnid})
     _write_file(os.path.join(root, TRAIN_TAR), _tar_bytes(inner))
-    _write_file(os.path.join(root, VAL_TAR),
-                _tar_bytes({f"{key}.JPEG": images[key] for key in plan["val"]}))
-    _write_file(os.path.join(root, DEVKIT_TAR), _tar_bytes({
-        f"{DEVKIT_DIR}/data/meta.mat": _meta_mat(plan),
-        f"{DEVKIT_DIR}/data/ILSVRC2012_validation_ground_truth.txt": _ground_truth(plan),
-    }, compress=True))
+    _write_file(os.path.join(root, VAL_TAR), _tar_bytes({f"{key}.JPEG": images[key] for key in plan["val"]}))
+    _write_file(
+        os.path.join(root, DEVKIT_TAR),
+        _tar_bytes(
+            {
+                f"{DEVKIT_DIR}/data/meta.mat": _meta_mat(plan),
+                f"{DEVKIT_DIR}/data/ILSVRC2012_validation_ground_truth.txt": _ground_truth(plan),
+            },
+            compress=True,
+        ),
+    )
 
 
 def _meta_mat(plan: dict) -> bytes:
     """meta.mat as the devkit has it: a `synsets` struct array, leaves then WordNet nodes."""
-    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children",
-              "wordnet_height", "num_train_images"]
+    fields = [
+        "ILSVRC2012_ID",
+        "WNID",
+        "words",
+        "gloss",
+        "num_children",
+        "children",
+        "wordnet_height",
+        "num_train_images",
+    ]
     cfg = plan["cfg"]
-    rows = [(c["ilsvrc2012_id"], c["wnid"], c["name"], f"synthetic images of {c['name']}",
-             0, np.zeros(0, np.int32), 0, cfg.train_per_class) for c in plan["classes"]]
+    rows = [
+        (
+            c["ilsvrc2012_id"],
+            c["wnid"],
+            c["name"],
+            f"synthetic images of {c['name']}",
+            0,
+            np.zeros(0, np.int32),
+            0,
+            cfg.train_per_class,
+        )
+        for c in plan["classes"]
+    ]
     # The synsets above the leaves (IDs after theirs; the real file has 860): a reader must skip
     # entries with num_children > 0.
-    rows += [(d["id"], d["wnid"], d["words"], d["gloss"], len(d["children"]), np.array(d["children"], np.int32),
-              d["height"], 0) for d in plan["nodes"]]
+    rows += [
+        (
+            d["id"],
+            d["wnid"],
+            d["words"],
+            d["gloss"],
+            len(d["children"]),
+            np.array(d["children"], np.int32),
+            d["height"],
+            0,
+        )
+        for d in plan["nodes"]
+    ]
     rows.sort(key=lambda r: r[0])  # the real file lists synsets in ILSVRC2012_ID order
 
     synsets = np.zeros((len(rows), 1), dtype=[(f, object) for f in fields])
@@ -419,8 +517,10 @@ def _write_kaggle(root: str, plan: dict, images: dict[str, bytes]) -> None:
         _write_file(os.path.join(root, KAGGLE_DATA, "train", wnid, f"{key}.JPEG"), images[key])
     for key in plan["val"]:
         _write_file(os.path.join(root, KAGGLE_DATA, "val", f"{key}.JPEG"), images[key])
-    _write_file(os.path.join(root, "LOC_synset_mapping.txt"), "".join(
-        f"{c['wnid']} {c['name']}\n" for c in plan["classes"]).encode())
+    _write_file(
+        os.path.join(root, "LOC_synset_mapping.txt"),
+        "".join(f"{c['wnid']} {c['name']}\n" for c in plan["classes"]).encode(),
+    )
     _write_file(os.path.join(root, "LOC_val_solution.csv"), _val_solution(plan))
 
 
@@ -450,8 +550,9 @@ def _write_folders(root: str, plan: dict, images: dict[str, bytes]) -> None:
 
 def _truth(plan: dict) -> dict:
     return {
-        "classes": [{"wnid": c["wnid"], "name": c["name"], "ilsvrc2012_id": c["ilsvrc2012_id"]}
-                    for c in plan["classes"]],
+        "classes": [
+            {"wnid": c["wnid"], "name": c["name"], "ilsvrc2012_id": c["ilsvrc2012_id"]} for c in plan["classes"]
+        ],
         "train": plan["train"],
         "val": plan["val"],
         "quirks": plan["quirks"],
@@ -461,6 +562,7 @@ def _truth(plan: dict) -> dict:
 
 # --- files ----------------------------------------------------------------------------------
 
+
 def _prepare_out(out: str) -> str:
     """Check `out` is safe to write into; return an empty staging dir inside it."""
     if os.path.isdir(out):
@@ -468,8 +570,10 @@ def _prepare_out(out: str) -> str:
         foreign = sorted(set(os.listdir(out)) - ours)
         # Only replace what a previous run wrote: never delete a user's unrelated files.
         if foreign and not os.path.exists(os.path.join(out, "truth.json")):
-            raise SampleError(f"Output dir {out!r} is not empty and holds no earlier sample "
-                             f"(found {foreign[:3]}); pass an empty or new directory.")
+            raise SampleError(
+                f"Output dir {out!r} is not empty and holds no earlier sample "
+                f"(found {foreign[:3]}); pass an empty or new directory."
+            )
     elif os.path.exists(out):
         raise SampleError(f"Output {out!r} is a file; pass a directory.")
     stage = os.path.join(out, ".sample-staging")

@@ -4,12 +4,14 @@
 
 One Ray task per shard (the local Ray, or the cluster in RAY_ADDRESS). Each task reads its images
 in place from the source, in source order, neighbours merged into large ranged reads (one GET
-per run of up to 64 tar members on S3) with several in flight; each image is decoded, made RGB, resized as the paper does (shorter side 256, central
-256x256 crop; ``--keep-aspect`` keeps the whole image) and written as a baseline JPEG with
-``__key__``, ``jpg`` and ``cls`` (webdataset's layout). Shards are written atomically and
+per run of up to 64 tar members on S3) with several in flight; each image is decoded, made RGB,
+resized as the paper does (shorter side 256, central 256x256 crop; ``--keep-aspect`` keeps the
+whole image) and written as a baseline JPEG with ``__key__``, ``jpg`` and ``cls`` (webdataset's
+layout). Shards are written atomically and
 byte-for-byte reproducibly. Each shard records a digest of its inputs and parameters: a rerun
 skips shards whose digest and file still match, so only missing or changed shards are redone.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,12 +22,26 @@ import time
 from functools import partial
 
 from . import contract, lease, storage, tarindex
-from .common import (Progress, StageError, StrictFailure, TaskPool, check_parallel, digest, now_iso,
-                     prestart_local_pool, use_ray)
+from .cluster import TaskPool, check_parallel, prestart_local_pool, use_ray
+from .common import Progress, digest, now_iso
 from .config import SPLITS, ShardConfig
-from .contract import (content_id, file_checksum, index_paths, iter_index, manifest_digest,
-                     manifest_url, parquet_file, read_index_record, read_manifest, read_rejects, require_current,
-                     shard_dir, shard_name, write_rejects)
+from .contract import (
+    content_id,
+    file_checksum,
+    index_paths,
+    iter_index,
+    manifest_digest,
+    manifest_url,
+    parquet_file,
+    read_index_record,
+    read_manifest,
+    read_rejects,
+    require_current,
+    shard_dir,
+    shard_name,
+    write_rejects,
+)
+from .errors import StageError, StrictFailure
 from .images import decode_problem, prepare_image
 from .sources import read_item, where
 
@@ -69,8 +85,7 @@ def read_plan(rows: list[tuple]) -> list[tuple[str, int, int, list[int]]]:
     for i in sorted(range(len(rows)), key=lambda i: (rows[i][2], rows[i][3])):
         path, offset, size = rows[i][2], rows[i][3], rows[i][4]
         last = reads[-1] if reads else None
-        if (last and last[0] == path and 0 <= offset - last[2] <= MERGE_GAP
-                and offset + size - last[1] <= MAX_READ):
+        if last and last[0] == path and 0 <= offset - last[2] <= MERGE_GAP and offset + size - last[1] <= MAX_READ:
             last[2] = offset + size
             last[3].append(i)
         else:
@@ -107,8 +122,12 @@ def write_shard(url: str, rows: list[tuple], params: dict, input_digest: str, re
         for i in members:
             offset, size = rows[i][3], rows[i][4]
             try:
-                out_jpg[i] = prepare_image(data[offset - start:offset - start + size], params["resize"],
-                                           params["keep_aspect"], params["quality"])
+                out_jpg[i] = prepare_image(
+                    data[offset - start : offset - start + size],
+                    params["resize"],
+                    params["keep_aspect"],
+                    params["quality"],
+                )
             except Exception as e:  # noqa: BLE001 - any decode failure quarantines that image only
                 problems[i] = decode_problem(e)
     rejected, samples = [], tarindex.Builder()
@@ -127,9 +146,15 @@ def write_shard(url: str, rows: list[tuple], params: dict, input_digest: str, re
     checksum = f"sha256:{out.sha.hexdigest()}"
     # After the tar: an index never describes a tar that is not there under its name.
     tarindex.write(url, samples.document(storage.basename(url), checksum))
-    return {"name": storage.basename(url), "samples": len(samples.keys), "bytes": out.n,
-            "checksum": checksum, "index": storage.basename(tarindex.index_url(url)),
-            "input_digest": input_digest, "rejected": rejected}
+    return {
+        "name": storage.basename(url),
+        "samples": len(samples.keys),
+        "bytes": out.n,
+        "checksum": checksum,
+        "index": storage.basename(tarindex.index_url(url)),
+        "input_digest": input_digest,
+        "rejected": rejected,
+    }
 
 
 def add_index(url: str, entry: dict) -> dict:
@@ -137,8 +162,10 @@ def add_index(url: str, entry: dict) -> dict:
     is decoded or re-encoded); returns its manifest entry with the index named."""
     doc = tarindex.scan(url, entry["checksum"])
     if doc["samples"] != entry["samples"]:
-        raise StageError(f"{url} holds {doc['samples']} samples, its manifest says {entry['samples']}: "
-                         "delete the shard and rerun the shard stage to remake it.")
+        raise StageError(
+            f"{url} holds {doc['samples']} samples, its manifest says {entry['samples']}: "
+            "delete the shard and rerun the shard stage to remake it."
+        )
     tarindex.write(url, doc)
     return {**entry, "index": storage.basename(tarindex.index_url(url))}
 
@@ -196,8 +223,10 @@ def _shard_digests(cfg: ShardConfig, split: str, params: dict):
             if g != current:
                 if current is not None:
                     if g < current:
-                        raise StageError(f"The index of '{cfg.data}' ({split}) is not in position order: rerun "
-                                         f"the index stage with --force.")
+                        raise StageError(
+                            f"The index of '{cfg.data}' ({split}) is not in position order: rerun "
+                            f"the index stage with --force."
+                        )
                     yield current, first, row, digest([params, rows])
                 current, first, rows = g, row, []
             rows.append((k, lab, content_id(sha, etag)))
@@ -226,8 +255,9 @@ class _Located:
         import numpy as np
 
         out = []
-        for g in range(int(np.searchsorted(self.bounds, first, "right")) - 1,
-                       int(np.searchsorted(self.bounds, end - 1, "right"))):
+        for g in range(
+            int(np.searchsorted(self.bounds, first, "right")) - 1, int(np.searchsorted(self.bounds, end - 1, "right"))
+        ):
             if self._group[0] != g:
                 self._group = (g, self.file.read_row_group(g, columns=ROW_COLUMNS, use_threads=False))
             lo, hi = max(first, self.bounds[g]) - self.bounds[g], min(end, self.bounds[g + 1]) - self.bounds[g]
@@ -263,8 +293,9 @@ def _shard_all(cfg, pool, todo, splits, plans, entries, params, index_digests, s
                 continue
             entry = entries[split][name] = done_task["result"]
             gets += done_task["gets"]
-            node = nodes.setdefault(done_task["node"], {"node": done_task["node"], "ip": done_task["ip"],
-                                                        "shards": 0, "images": 0})
+            node = nodes.setdefault(
+                done_task["node"], {"node": done_task["node"], "ip": done_task["ip"], "shards": 0, "images": 0}
+            )
             unsaved = True
             images = entry["samples"] + len(entry["rejected"]) if encodes else 0
             written_images += images
@@ -301,11 +332,18 @@ def _save_manifest(cfg, split, params, index_digest, entries: dict, names: list[
         started = old["ran_at"]  # nothing was remade: the shards date from the earlier run
     complete = len(shards) == len(names)
     manifest = {
-        "stage": "shard", "split": split, "params": params, "index_digest": index_digest,
-        "complete": complete, "shards_expected": len(names),
-        "samples": sum(s["samples"] for s in shards), "bytes": sum(s["bytes"] for s in shards),
+        "stage": "shard",
+        "split": split,
+        "params": params,
+        "index_digest": index_digest,
+        "complete": complete,
+        "shards_expected": len(names),
+        "samples": sum(s["samples"] for s in shards),
+        "bytes": sum(s["bytes"] for s in shards),
         "rejected": sum(len(s["rejected"]) for s in shards),
-        "digest": manifest_digest(params, shards), "ran_at": started, "shards": shards,
+        "digest": manifest_digest(params, shards),
+        "ran_at": started,
+        "shards": shards,
     }
     storage.write_if_changed(manifest_url(cfg.data, split), storage.json_bytes(manifest))
     return manifest
@@ -327,23 +365,30 @@ def check(cfg: ShardConfig) -> tuple[str, ...]:
         raise StageError(f"--read-threads {cfg.read_threads}: must be at least 1.")
     check_parallel(cfg.parallel)
     if read_index_record(cfg.data) is None:
-        raise StageError(f"No index in '{cfg.data}': run the index stage first "
-                         f"(python -m pipelines index --source SRC --data {cfg.data}).")
+        raise StageError(
+            f"No index in '{cfg.data}': run the index stage first "
+            f"(python -m pipelines index --source SRC --data {cfg.data})."
+        )
     require_current(cfg.data, ["index"], "shard", cfg.allow_stale)
     return splits
 
 
 def _params(cfg: ShardConfig) -> dict:
     """What a shard's bytes depend on besides its images."""
-    return {"resize": cfg.resize, "keep_aspect": cfg.keep_aspect, "quality": cfg.quality,
-            "format": FORMAT_VERSION, "codecs": contract.codec_versions()}
+    return {
+        "resize": cfg.resize,
+        "keep_aspect": cfg.keep_aspect,
+        "quality": cfg.quality,
+        "format": FORMAT_VERSION,
+        "codecs": contract.codec_versions(),
+    }
 
 
 def warm_start(cfg: ShardConfig) -> None:
     """Start the local workers before the MLflow run, when this run will encode images in them."""
     params, digests = _params(cfg), read_index_record(cfg.data)["digests"]
     todo = []
-    for split in (SPLITS if cfg.split == "all" else (cfg.split,)):
+    for split in SPLITS if cfg.split == "all" else (cfg.split,):
         m = read_manifest(cfg.data, split)
         if not (m and m["complete"] and m["params"] == params and m["index_digest"] == digests[split]):
             todo.append(split)  # a split already made as asked (a rerun) needs no workers
@@ -378,22 +423,25 @@ def _run(cfg: ShardConfig) -> dict:
     # One task each (Ray, or this machine's process pool): (split, shard name, the function, its
     # arguments, whether it encodes images); the arguments as a function where they are a
     # shard's row list: built when its task is sent.
-    todo = [(split, name, write_shard, partial(_args, url, rows, params, d, cfg.read_threads), True)
-            for split in splits for name, url, rows, d in plans[split][1]]
+    todo = [
+        (split, name, write_shard, partial(_args, url, rows, params, d, cfg.read_threads), True)
+        for split in splits
+        for name, url, rows, d in plans[split][1]
+    ]
     todo += [(split, name, add_index, (url, entry), False) for split in splits for name, url, entry in plans[split][2]]
     entries = {split: dict(plans[split][0]) for split in splits}
     failures, written_images, gets, nodes = [], 0, 0, {}
     if todo:
         on_ray = use_ray(cfg.parallel, sum(plans[s][4] for s in splits), cfg.ray_min_bytes)
         with TaskPool(on_ray, cfg.num_cpus, warm=__name__) as pool:
-            failures, written_images, gets, nodes = _shard_all(cfg, pool, todo, splits, plans, entries,
-                                                               params, index_digests, started)
+            failures, written_images, gets, nodes = _shard_all(
+                cfg, pool, todo, splits, plans, entries, params, index_digests, started
+            )
 
     manifests, shard_rejects = {}, []
     for split in splits:
         names = plans[split][3]
-        manifests[split] = m = _save_manifest(cfg, split, params, index_digests[split],
-                                              entries[split], names, started)
+        manifests[split] = m = _save_manifest(cfg, split, params, index_digests[split], entries[split], names, started)
         if m["complete"]:  # shards from an earlier, larger grouping are no longer part of the set
             # Temp files of tasks lost with their node (Ray reran them elsewhere): this run holds
             # the root's lease, so no other writer's files are among them.
@@ -408,18 +456,24 @@ def _run(cfg: ShardConfig) -> dict:
 
     seconds = time.monotonic() - t0
     summary = {
-        "stage": "shard", "data": cfg.data, "splits": list(splits),
+        "stage": "shard",
+        "data": cfg.data,
+        "splits": list(splits),
         "shards": sum(len(plans[s][3]) for s in splits),
         "written": len(todo) - len(failures) - sum(len(plans[s][2]) for s in splits),
         "indexed": sum(len(plans[s][2]) for s in splits),
-        "skipped": sum(len(plans[s][0]) for s in splits), "failed": len(failures),
+        "skipped": sum(len(plans[s][0]) for s in splits),
+        "failed": len(failures),
         "samples": sum(m["samples"] for m in manifests.values()),
         "bytes": sum(m["bytes"] for m in manifests.values()),
         "rejected": len(shard_rejects) + len(index_rejects),
-        "rejected_here": len(shard_rejects), "rejected_by_index": len(index_rejects),
-        "seconds": round(seconds, 2), "images_per_second": round(written_images / max(seconds, 1e-9), 1),
+        "rejected_here": len(shard_rejects),
+        "rejected_by_index": len(index_rejects),
+        "seconds": round(seconds, 2),
+        "images_per_second": round(written_images / max(seconds, 1e-9), 1),
         # S3 GET requests the shard tasks sent (0 for a local source), per image they encoded
-        "source_gets": gets, "gets_per_image": round(gets / written_images, 4) if written_images else 0.0,
+        "source_gets": gets,
+        "gets_per_image": round(gets / written_images, 4) if written_images else 0.0,
         "nodes": sorted(nodes.values(), key=lambda n: -n["shards"]),  # which Ray nodes did the work
         "input_digest": {s: index_digests[s] for s in splits},
         "output_digest": {s: manifests[s]["digest"] for s in splits},
@@ -427,9 +481,14 @@ def _run(cfg: ShardConfig) -> dict:
     if cfg.allow_stale:  # check() let a stale index through: the run says which
         summary["allowed_stale"] = require_current(cfg.data, ["index"], "shard", True)
     if failures:
-        raise StageError(f"{len(failures)} shard(s) failed; the {summary['written']} finished are kept "
-                         f"and a rerun redoes only the rest. First: {failures[0]}")
+        raise StageError(
+            f"{len(failures)} shard(s) failed; the {summary['written']} finished are kept "
+            f"and a rerun redoes only the rest. First: {failures[0]}"
+        )
     if cfg.strict and summary["rejected"]:
-        raise StrictFailure(f"--strict: {summary['rejected']} inputs were rejected; reasons in "
-                            f"{index_paths(cfg.data)['rejected']}. The shards were written.", summary)
+        raise StrictFailure(
+            f"--strict: {summary['rejected']} inputs were rejected; reasons in "
+            f"{index_paths(cfg.data)['rejected']}. The shards were written.",
+            summary,
+        )
     return summary

@@ -13,6 +13,7 @@ The reading is planned in ``Unit``s: one per class tar, one for the val tar, one
 loose files to hash. Each is a plain picklable value, so the index stage can run them as Ray
 tasks across a cluster (``read_unit``) or one after the other in its own process.
 """
+
 from __future__ import annotations
 
 import csv
@@ -20,12 +21,13 @@ import hashlib
 import io
 import re
 import tarfile
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, asdict
-from typing import Iterable, Iterator
+from dataclasses import asdict, dataclass
 
 from . import storage
-from .common import StageError, digest
+from .common import digest
+from .errors import StageError
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -42,12 +44,12 @@ _VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})$")
 @dataclass
 class Item:
     split: str
-    key: str            # the file's stem: n01440764_10026, ILSVRC2012_val_00000001
+    key: str  # the file's stem: n01440764_10026, ILSVRC2012_val_00000001
     wnid: str | None
-    path: str           # the file that holds the bytes (a loose image or a tar)
-    offset: int         # where the image starts in ``path`` (0 for a loose file)
+    path: str  # the file that holds the bytes (a loose image or a tar)
+    offset: int  # where the image starts in ``path`` (0 for a loose file)
     size: int
-    member: str         # the name inside the tar or the path below the source, for people
+    member: str  # the name inside the tar or the path below the source, for people
     sha256: str | None = None
     reject: str | None = None
     etag: str | None = None  # S3 loose objects: stands for the content, no download needed
@@ -108,6 +110,7 @@ class Unit:
     """Reading that fills in checksums: a class tar ("class-tar": path, offset, size, member,
     wnid), the val tar ("val-tar": path, val=(id_to_wnid, truth, wnids)) or loose files to hash
     ("files": items)."""
+
     kind: str
     path: str
     offset: int = 0
@@ -186,8 +189,9 @@ def _class_tar_items(u: Unit) -> Iterator[Item]:
         for im in inner:
             if im.isdir():
                 continue
-            item = Item("train", _stem(im.name), u.wnid, u.path, u.offset + im.offset_data, im.size,
-                        f"{u.member}/{im.name}")
+            item = Item(
+                "train", _stem(im.name), u.wnid, u.path, u.offset + im.offset_data, im.size, f"{u.member}/{im.name}"
+            )
             item.reject = _tar_entry_problem(im) or _name_problem(im.name)
             if item.reject is None:
                 item.sha256 = hashlib.sha256(inner.extractfile(im).read()).hexdigest()
@@ -216,7 +220,8 @@ def _val_tar_items(path: str, id_to_wnid: dict, truth: list, wnids) -> Iterator[
             if n > len(truth):
                 raise StageError(
                     f"{m.name} is image {n}, but {gt_name} in the devkit has only {len(truth)} "
-                    f"lines: the devkit does not belong to this {VAL_TAR}.")
+                    f"lines: the devkit does not belong to this {VAL_TAR}."
+                )
             item.wnid = id_to_wnid.get(truth[n - 1])
             if item.wnid is None:
                 item.reject = f"{gt_name} line {n} names ILSVRC2012_ID {truth[n - 1]}, not a leaf class in meta.mat"
@@ -228,7 +233,8 @@ def _val_tar_items(path: str, id_to_wnid: dict, truth: list, wnids) -> Iterator[
     if seen != len(truth):
         raise StageError(
             f"{VAL_TAR} holds {seen} val images but {gt_name} has {len(truth)} lines: "
-            "they must match one to one; check that both files are complete and belong together.")
+            "they must match one to one; check that both files are complete and belong together."
+        )
 
 
 # --- the original tarballs --------------------------------------------------------------------
@@ -241,7 +247,8 @@ class IlsvrcTarSource(Source):
         if DEVKIT not in names:
             raise StageError(
                 f"'{storage.join(self.root, DEVKIT)}' is missing: the devkit holds the class list "
-                f"(meta.mat) and the val labels. Put {DEVKIT} beside {TRAIN_TAR} and {VAL_TAR}.")
+                f"(meta.mat) and the val labels. Put {DEVKIT} beside {TRAIN_TAR} and {VAL_TAR}."
+            )
         self.has = {n: n in names for n in (TRAIN_TAR, VAL_TAR)}
         self._devkit = None
 
@@ -250,8 +257,7 @@ class IlsvrcTarSource(Source):
             import scipy.io
 
             meta = gt = None
-            with storage.open_read(storage.join(self.root, DEVKIT)) as f, \
-                    tarfile.open(fileobj=f, mode="r|gz") as tf:
+            with storage.open_read(storage.join(self.root, DEVKIT)) as f, tarfile.open(fileobj=f, mode="r|gz") as tf:
                 for m in tf:
                     if m.name.endswith("data/meta.mat"):
                         meta = tf.extractfile(m).read()
@@ -266,8 +272,9 @@ class IlsvrcTarSource(Source):
             # The 1000 classes are the leaves; the file also holds internal WordNet nodes.
             leaves = [s for s in synsets if int(s["num_children"]) == 0]
             id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in leaves}
-            classes = sorted(({"wnid": str(s["WNID"]), "name": str(s["words"])} for s in leaves),
-                             key=lambda c: c["wnid"])
+            classes = sorted(
+                ({"wnid": str(s["WNID"]), "name": str(s["words"])} for s in leaves), key=lambda c: c["wnid"]
+            )
             truth = [int(x) for x in gt.decode().split()]
             self._devkit = classes, id_to_wnid, truth
         return self._devkit
@@ -296,18 +303,17 @@ class IlsvrcTarSource(Source):
                 if m.isdir():
                     continue
                 problem = _tar_entry_problem(m) or (
-                    None if m.name.endswith(".tar") else "expected a per-class tar (n########.tar)")
+                    None if m.name.endswith(".tar") else "expected a per-class tar (n########.tar)"
+                )
                 if problem is None and wnid not in known:
                     problem = f"class '{wnid}' is not among the devkit's {len(known)} classes"
                 if problem:
-                    yield Item("train", _stem(m.name), None, path, m.offset_data, m.size, m.name,
-                               reject=problem)
+                    yield Item("train", _stem(m.name), None, path, m.offset_data, m.size, m.name, reject=problem)
                 elif wnid in wnids:
                     yield Unit("class-tar", path, m.offset_data, m.size, m.name, wnid)
 
     def fingerprint(self) -> str:
-        return digest([(n, storage.stat(storage.join(self.root, n)))
-                       for n in (TRAIN_TAR, VAL_TAR, DEVKIT)])
+        return digest([(n, storage.stat(storage.join(self.root, n))) for n in (TRAIN_TAR, VAL_TAR, DEVKIT)])
 
 
 # --- loose files: ImageFolder and Kaggle -------------------------------------------------------
@@ -334,12 +340,19 @@ def _class_folders(base: str, split: str, wnids: set[str], known: set[str]) -> I
     for wnid in storage.list_dir(base):
         folder = storage.join(base, wnid)
         if not storage.is_dir(folder):
-            yield Item(split, _stem(wnid), None, folder, 0, 0, wnid,
-                       reject=f"a file directly in {split}/, expected class folders {split}/<wnid>/")
+            yield Item(
+                split,
+                _stem(wnid),
+                None,
+                folder,
+                0,
+                0,
+                wnid,
+                reject=f"a file directly in {split}/, expected class folders {split}/<wnid>/",
+            )
             continue
         if wnid not in known:
-            yield Item(split, wnid, None, folder, 0, 0, wnid,
-                       reject=f"folder '{wnid}' is not a known class")
+            yield Item(split, wnid, None, folder, 0, 0, wnid, reject=f"folder '{wnid}' is not a known class")
             continue
         if wnid not in wnids:
             continue
@@ -348,8 +361,17 @@ def _class_folders(base: str, split: str, wnids: set[str], known: set[str]) -> I
             yield Item(split, wnid, wnid, folder, 0, 0, wnid, reject="empty class folder: no images")
         for rel, size, _, etag in files:
             path = storage.join(folder, rel)
-            yield Item(split, _stem(rel), wnid, path, 0, size, f"{split}/{wnid}/{rel}",
-                       reject=_loose_problem(path, rel), etag=etag)
+            yield Item(
+                split,
+                _stem(rel),
+                wnid,
+                path,
+                0,
+                size,
+                f"{split}/{wnid}/{rel}",
+                reject=_loose_problem(path, rel),
+                etag=etag,
+            )
 
 
 class FolderSource(Source):
@@ -359,12 +381,17 @@ class FolderSource(Source):
         super().__init__(root)
         self.threads = threads
         if not storage.is_dir(storage.join(self.root, "train")):
-            raise StageError(f"'{storage.join(self.root, 'train')}' is missing: the folder layout "
-                             "needs train/<wnid>/ folders (they define the classes).")
+            raise StageError(
+                f"'{storage.join(self.root, 'train')}' is missing: the folder layout "
+                "needs train/<wnid>/ folders (they define the classes)."
+            )
 
     def classes(self) -> list[dict]:
-        wnids = [n for n in storage.list_dir(storage.join(self.root, "train"))
-                 if storage.is_dir(storage.join(self.root, "train", n))]
+        wnids = [
+            n
+            for n in storage.list_dir(storage.join(self.root, "train"))
+            if storage.is_dir(storage.join(self.root, "train", n))
+        ]
         # Folders carry no class names; use Kaggle's mapping file when it sits beside them.
         names = {}
         if storage.exists(storage.join(self.root, KAGGLE_MAPPING)):
@@ -402,8 +429,10 @@ class KaggleSource(Source):
         self.threads = threads
         for need in (KAGGLE_MAPPING, KAGGLE_DATA):
             if not storage.exists(storage.join(self.root, need)):
-                raise StageError(f"'{storage.join(self.root, need)}' is missing: the Kaggle layout "
-                                 f"needs {KAGGLE_MAPPING} and {KAGGLE_DATA}/{{train,val}}.")
+                raise StageError(
+                    f"'{storage.join(self.root, need)}' is missing: the Kaggle layout "
+                    f"needs {KAGGLE_MAPPING} and {KAGGLE_DATA}/{{train,val}}."
+                )
 
     def classes(self) -> list[dict]:
         mapping = _read_mapping(storage.join(self.root, KAGGLE_MAPPING))
@@ -431,23 +460,32 @@ class KaggleSource(Source):
     def _val_items(self, base, wnids, known):
         labels = self._val_labels()
         for rel, size, _, etag in storage.walk_files(base, etags=True):
-            item = Item("val", _stem(rel), None, storage.join(base, rel), 0, size, f"val/{rel}",
-                        reject=_loose_problem(storage.join(base, rel), rel), etag=etag)
+            item = Item(
+                "val",
+                _stem(rel),
+                None,
+                storage.join(base, rel),
+                0,
+                size,
+                f"val/{rel}",
+                reject=_loose_problem(storage.join(base, rel), rel),
+                etag=etag,
+            )
             if item.reject is None:
                 item.wnid = labels.get(item.key)
                 if item.wnid is None:
                     item.reject = f"no row for {item.key} in {KAGGLE_VAL_CSV}"
                 elif item.wnid not in known:
-                    item.reject = (f"{KAGGLE_VAL_CSV} labels it '{item.wnid}', which is not in "
-                                   f"{KAGGLE_MAPPING}")
+                    item.reject = f"{KAGGLE_VAL_CSV} labels it '{item.wnid}', which is not in {KAGGLE_MAPPING}"
                 elif item.wnid not in wnids:
                     continue
             yield item
 
     def fingerprint(self) -> str:
-        return digest([(n, storage.stat(storage.join(self.root, n)))
-                       for n in (KAGGLE_MAPPING, KAGGLE_VAL_CSV)]
-                      + list(storage.walk_files(storage.join(self.root, KAGGLE_DATA))))
+        return digest(
+            [(n, storage.stat(storage.join(self.root, n))) for n in (KAGGLE_MAPPING, KAGGLE_VAL_CSV)]
+            + list(storage.walk_files(storage.join(self.root, KAGGLE_DATA)))
+        )
 
 
 _READERS = {"ilsvrc-tar": IlsvrcTarSource, "kaggle": KaggleSource, "folder": FolderSource}
@@ -468,7 +506,8 @@ def detect(root: str) -> str:
     raise StageError(
         f"No ImageNet layout found in '{root}'. Looked for: {TRAIN_TAR} / {VAL_TAR} / {DEVKIT} "
         f"(ilsvrc-tar), {KAGGLE_MAPPING} + {KAGGLE_DATA}/ (kaggle), train/<wnid>/ (folder). "
-        f"Found: {shown}. Point --source at the folder that holds them, or pass --layout.")
+        f"Found: {shown}. Point --source at the folder that holds them, or pass --layout."
+    )
 
 
 def open_source(root: str, layout: str | None = None, threads: int = 16) -> Source:

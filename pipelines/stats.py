@@ -7,6 +7,7 @@ decomposition of the 3x3 RGB covariance (the paper's PCA colour augmentation, se
 with pixel values scaled to 0..1 and eigenvectors as columns, largest eigenvalue first.
 One Ray task per shard returns sums; the driver reduces them in float64.
 """
+
 from __future__ import annotations
 
 import io
@@ -16,10 +17,11 @@ import time
 import numpy as np
 
 from . import lease, storage
-from .common import (Progress, StageError, TaskPool, check_parallel, digest, now_iso, prestart_local_pool,
-                     use_ray)
+from .cluster import TaskPool, check_parallel, prestart_local_pool, use_ray
+from .common import Progress, digest, now_iso
 from .config import StatsConfig
 from .contract import read_manifest, require_current, shard_dir, stats_url
+from .errors import StageError
 
 
 def shard_sums(url: str) -> tuple[int, int, list, list]:
@@ -41,7 +43,7 @@ def shard_sums(url: str) -> tuple[int, int, list, list]:
             s += x.sum(0, dtype=np.int64)
             f = x.astype(np.float64)
             ss += f.T @ f
-    return images, pixels, (s / 255.0).tolist(), (ss / 255.0 ** 2).tolist()
+    return images, pixels, (s / 255.0).tolist(), (ss / 255.0**2).tolist()
 
 
 def reduce_sums(parts) -> dict:
@@ -54,12 +56,18 @@ def reduce_sums(parts) -> dict:
     ss = np.sum([p[3] for p in parts], axis=0)
     mean = s / pixels
     cov = ss / pixels - np.outer(mean, mean)
-    eigval, eigvec = np.linalg.eigh(cov)          # ascending; columns are eigenvectors
-    order = np.argsort(eigval)[::-1]              # the paper lists the principal component first
+    eigval, eigvec = np.linalg.eigh(cov)  # ascending; columns are eigenvectors
+    order = np.argsort(eigval)[::-1]  # the paper lists the principal component first
     eigval, eigvec = eigval[order], eigvec[:, order]
     eigvec = eigvec * np.sign(eigvec[0:1, :] + 1e-30)  # fix each sign so reruns are comparable
-    return {"mean": mean.tolist(), "std": np.sqrt(np.diag(cov)).tolist(), "eigval": eigval.tolist(),
-            "eigvec": eigvec.tolist(), "images": images, "pixels": pixels}
+    return {
+        "mean": mean.tolist(),
+        "std": np.sqrt(np.diag(cov)).tolist(),
+        "eigval": eigval.tolist(),
+        "eigvec": eigvec.tolist(),
+        "images": images,
+        "pixels": pixels,
+    }
 
 
 def run(cfg: StatsConfig) -> dict:
@@ -75,8 +83,10 @@ def check(cfg: StatsConfig) -> dict:
     manifest = read_manifest(cfg.data, "train")
     if manifest is None or not manifest["complete"]:
         state = "missing" if manifest is None else "incomplete"
-        raise StageError(f"The training shards in '{cfg.data}' are {state}: run the shard stage first "
-                         f"(python -m pipelines shard --data {cfg.data} --split train).")
+        raise StageError(
+            f"The training shards in '{cfg.data}' are {state}: run the shard stage first "
+            f"(python -m pipelines shard --data {cfg.data} --split train)."
+        )
     require_current(cfg.data, ["shard train"], "stats", cfg.allow_stale)
     return manifest
 
@@ -118,12 +128,18 @@ def _run(cfg: StatsConfig) -> dict:
                 progress.update(1, part[0])
     result = reduce_sums(parts)
     seconds = time.monotonic() - t0
-    summary = {"stage": "stats", "data": cfg.data, "images": result["images"], "shards": len(urls),
-               "skipped": False, "seconds": round(seconds, 2),
-               "images_per_second": round(result["images"] / max(seconds, 1e-9), 1),
-               "input_digest": manifest["digest"], "output_digest": digest(result)}
+    summary = {
+        "stage": "stats",
+        "data": cfg.data,
+        "images": result["images"],
+        "shards": len(urls),
+        "skipped": False,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(result["images"] / max(seconds, 1e-9), 1),
+        "input_digest": manifest["digest"],
+        "output_digest": digest(result),
+    }
     if cfg.allow_stale:  # check() let them through: the run says which
         summary["allowed_stale"] = require_current(cfg.data, ["shard train"], "stats", True)
-    storage.write_json(out, {**result, "input_digest": manifest["digest"], "ran_at": now_iso(),
-                             "summary": summary})
+    storage.write_json(out, {**result, "input_digest": manifest["digest"], "ran_at": now_iso(), "summary": summary})
     return summary

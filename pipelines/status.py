@@ -5,17 +5,24 @@
 Each stage is ``done`` (its outputs match its current inputs), ``stale`` (its inputs or
 outputs changed since it ran: a rerun redoes the affected part) or ``missing`` (never ran).
 """
+
 from __future__ import annotations
 
 from . import contract
-from .common import StageError
 from .config import SPLITS, StatusConfig
+from .errors import StageError
 from .sources import open_source
 
-COUNTS = {"index": lambda r: {k: r["summary"][k] for k in ("classes", "train", "val", "rejected")},
-          "shard": lambda m: {"shards": len(m["shards"]), "samples": m["samples"], "rejected": m["rejected"],
-                              "bytes": m["bytes"]},
-          "stats": lambda st: {"images": st["images"]}}
+COUNTS = {
+    "index": lambda r: {k: r["summary"][k] for k in ("classes", "train", "val", "rejected")},
+    "shard": lambda m: {
+        "shards": len(m["shards"]),
+        "samples": m["samples"],
+        "rejected": m["rejected"],
+        "bytes": m["bytes"],
+    },
+    "stats": lambda st: {"images": st["images"]},
+}
 
 
 def _row(found: dict) -> dict:
@@ -40,13 +47,15 @@ def _check_source(row: dict, fingerprint: str) -> None:
 
 def run(cfg: StatusConfig) -> dict:
     rec = contract.read_index_record(cfg.data)
-    found = [contract.index_state(cfg.data), *(contract.shard_state(cfg.data, s, rec, cfg.verify) for s in SPLITS),
-             contract.stats_state(cfg.data)]
+    found = [
+        contract.index_state(cfg.data),
+        *(contract.shard_state(cfg.data, s, rec, cfg.verify) for s in SPLITS),
+        contract.stats_state(cfg.data),
+    ]
     stages = [_row(f) for f in found]
     if cfg.check_source and stages[0]["state"] == "done":
         _check_source(stages[0], rec["source_fingerprint"])
-    return {"stage": "status", "data": cfg.data, "stages": stages,
-            "states": {s["stage"]: s["state"] for s in stages}}
+    return {"stage": "status", "data": cfg.data, "stages": stages, "states": {s["stage"]: s["state"] for s in stages}}
 
 
 def format_table(summary: dict) -> str:

@@ -10,6 +10,7 @@ a hidden temp file in the same folder, fsync, rename. On S3: the bytes are stage
 temp file and uploaded in one PUT, or as a multipart upload that S3 makes visible only when
 it completes; a killed writer leaves nothing under the final key.
 """
+
 from __future__ import annotations
 
 import io
@@ -17,12 +18,13 @@ import json
 import os
 import tempfile
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
-from .common import StageError
+from .errors import StageError
 
 TMP_MARK = ".tmp-"  # temp files are hidden (leading dot) and carry this mark, so a cleanup finds them
 MULTIPART_THRESHOLD = 64 * 1024 * 1024  # larger objects upload in parts, retried part by part
@@ -69,17 +71,22 @@ def s3_client():
 
         # 'adaptive' retries transient errors and throttling with backoff (boto3's retry modes).
         client = boto3.session.Session().client(
-            "s3", config=Config(retries={"max_attempts": 10, "mode": "adaptive"},
-                                connect_timeout=10, read_timeout=60,
-                                # the shard stage fetches several ranges of a source at once
-                                max_pool_connections=32))
+            "s3",
+            config=Config(
+                retries={"max_attempts": 10, "mode": "adaptive"},
+                connect_timeout=10,
+                read_timeout=60,
+                # the shard stage fetches several ranges of a source at once
+                max_pool_connections=32,
+            ),
+        )
         client.meta.events.register("before-send.s3.*", _count)
         _clients[pid] = client
     return _clients[pid]
 
 
 def _split(url: str) -> tuple[str, str]:
-    bucket, _, key = str(url)[len("s3://"):].partition("/")
+    bucket, _, key = str(url)[len("s3://") :].partition("/")
     if not bucket:
         raise StageError(f"'{url}' names no bucket: expected s3://bucket/prefix")
     return bucket, key.strip("/")
@@ -106,21 +113,24 @@ def _explained(fn):
         try:
             return fn(url, *args, **kwargs)
         except NoCredentialsError:
-            raise StageError(f"No S3 credentials for '{url}': set AWS_ACCESS_KEY_ID and "
-                             "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE).") from None
+            raise StageError(
+                f"No S3 credentials for '{url}': set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)."
+            ) from None
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code", "")
             if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"):
                 raise StageError(
                     f"S3 at {endpoint} refused the credentials for '{url}' ({code}): check "
-                    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket policy.") from None
+                    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket policy."
+                ) from None
             if code in ("NoSuchBucket",):
                 raise StageError(f"Bucket of '{url}' does not exist at {endpoint}: create it first.") from None
             raise
         except BotoCoreError as e:
             if "Could not connect" in str(e) or "Connect timeout" in str(e):
-                raise StageError(f"Cannot reach S3 at {endpoint} for '{url}': is the server up and "
-                                 "AWS_ENDPOINT_URL right?") from None
+                raise StageError(
+                    f"Cannot reach S3 at {endpoint} for '{url}': is the server up and AWS_ENDPOINT_URL right?"
+                ) from None
             raise
 
     return wrapper
@@ -175,9 +185,12 @@ class _S3Reader(io.RawIOBase):
         n = min(len(buf), self.size - self.pos)
         if n <= 0:
             return 0
-        body = s3_client().get_object(Bucket=self.bucket, Key=self.key,
-                                      Range=f"bytes={self.pos}-{self.pos + n - 1}")["Body"].read()
-        buf[:len(body)] = body
+        body = (
+            s3_client()
+            .get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={self.pos}-{self.pos + n - 1}")["Body"]
+            .read()
+        )
+        buf[: len(body)] = body
         self.pos += len(body)
         return len(body)
 
@@ -227,8 +240,8 @@ def list_dir(url: str) -> list[str]:
         return sorted(os.listdir(p)) if p.is_dir() else []
     names = set()
     for prefix, page in _list(url, delimiter=True):
-        names |= {o["Key"][len(prefix):] for o in page.get("Contents", [])}
-        names |= {p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])}
+        names |= {o["Key"][len(prefix) :] for o in page.get("Contents", [])}
+        names |= {p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])}
     return sorted(n for n in names if n)
 
 
@@ -241,9 +254,12 @@ def walk_files(url: str, etags: bool = False) -> Iterator[tuple]:
         return (f + (None,) for f in files) if etags else files
     found = []  # listed eagerly, so S3 errors surface here, explained
     for prefix, page in _list(url, delimiter=False):
-        found += [(o["Key"][len(prefix):], o["Size"], int(o["LastModified"].timestamp() * 1e9))
-                  + ((o["ETag"].strip('"'),) if etags else ())
-                  for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+        found += [
+            (o["Key"][len(prefix) :], o["Size"], int(o["LastModified"].timestamp() * 1e9))
+            + ((o["ETag"].strip('"'),) if etags else ())
+            for o in page.get("Contents", [])
+            if not o["Key"].endswith("/")
+        ]
     return iter(sorted(found))
 
 
@@ -275,7 +291,7 @@ class _Slice(io.RawIOBase):
         return True
 
     def readinto(self, buf) -> int:
-        n = self.f.readinto(memoryview(buf)[:min(len(buf), self.left)]) if self.left > 0 else 0
+        n = self.f.readinto(memoryview(buf)[: min(len(buf), self.left)]) if self.left > 0 else 0
         self.left -= n
         return n
 
@@ -308,7 +324,7 @@ class _Body(io.RawIOBase):
 
     def readinto(self, buf) -> int:
         data = self.body.read(len(buf))
-        buf[:len(data)] = data
+        buf[: len(data)] = data
         return len(data)
 
     def close(self) -> None:
@@ -330,15 +346,18 @@ def read_range(url: str, offset: int, size: int) -> bytes:
         return b""
     if is_s3(url):
         bucket, key = _split(url)
-        data = s3_client().get_object(Bucket=bucket, Key=key,
-                                      Range=f"bytes={offset}-{offset + size - 1}")["Body"].read()
+        data = (
+            s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + size - 1}")["Body"].read()
+        )
     else:
         with open(url, "rb") as f:
             f.seek(offset)
             data = f.read(size)
     if len(data) != size:
-        raise OSError(f"{url}: expected {size} bytes at offset {offset}, got {len(data)}; "
-                      "the source changed since it was indexed: rerun the index stage")
+        raise OSError(
+            f"{url}: expected {size} bytes at offset {offset}, got {len(data)}; "
+            "the source changed since it was indexed: rerun the index stage"
+        )
     return data
 
 
@@ -375,8 +394,12 @@ def _upload(url: str, f) -> None:
     from boto3.s3.transfer import TransferConfig
 
     bucket, key = _split(url)
-    s3_client().upload_fileobj(f, bucket, key, Config=TransferConfig(
-        multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD))
+    s3_client().upload_fileobj(
+        f,
+        bucket,
+        key,
+        Config=TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD),
+    )
 
 
 def write_bytes(url: str, data: bytes) -> None:
@@ -466,4 +489,4 @@ def pyarrow_filesystem(url: str):
     if endpoint:
         scheme, _, host = endpoint.partition("://")
         kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
-    return fs.S3FileSystem(**kwargs), str(url)[len("s3://"):]
+    return fs.S3FileSystem(**kwargs), str(url)[len("s3://") :]

@@ -10,6 +10,7 @@ settings of this shell forwarded. The address comes from ``--address`` or RAY_AD
 token authentication uses RAY_AUTH_TOKEN or the token file (~/.ray/auth_token). ``submit``
 follows the job's logs and exits with the job's exit code.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,13 +20,28 @@ import sys
 import time
 from pathlib import Path
 
-from .common import StageError, forwarded_env
+from .cluster import forwarded_env
 from .config import SubmitConfig
+from .errors import StageError
 
 PROJECT = Path(__file__).resolve().parent.parent
 # Never shipped: environments, history, datasets, checkpoints and local tracking stores.
-EXCLUDES = [".venv", ".git", ".stack", ".pytest_cache", "__pycache__", "*.egg-info", "demo", "data",
-            "runs", "mlruns", "mlartifacts", "*.db", "*.tar", "*.parquet"]
+EXCLUDES = [
+    ".venv",
+    ".git",
+    ".stack",
+    ".pytest_cache",
+    "__pycache__",
+    "*.egg-info",
+    "demo",
+    "data",
+    "runs",
+    "mlruns",
+    "mlartifacts",
+    "*.db",
+    "*.tar",
+    "*.parquet",
+]
 STAGES = ("sample", "index", "shard", "stats", "status", "train", "evaluate", "demo")
 DONE = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -44,23 +60,31 @@ def _explain(e: Exception, address: str) -> StageError:
     if type(e).__name__ == "AuthenticationError" or "uthentication" in text:
         return StageError(f"The Ray cluster at {address} refused the request: {text} {_token_hint()}")
     if isinstance(e, ConnectionError) or "onnect" in text:
-        return StageError(f"Cannot reach the Ray Jobs API at {address} ({text}): is the cluster up, and is "
-                          "the address its dashboard (http://head:8265)?")
+        return StageError(
+            f"Cannot reach the Ray Jobs API at {address} ({text}): is the cluster up, and is "
+            "the address its dashboard (http://head:8265)?"
+        )
     return StageError(f"Ray Jobs API at {address}: {text}")
 
 
 def _token_hint() -> str:
     """What is missing for Ray's token authentication, from this client's settings."""
     if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
-        return ("Set RAY_AUTH_MODE=token: without it this client sends no token at all (the token itself "
-                "comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).")
+        return (
+            "Set RAY_AUTH_MODE=token: without it this client sends no token at all (the token itself "
+            "comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)."
+        )
     path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
     if not os.environ.get("RAY_AUTH_TOKEN") and not path.exists():
-        return (f"No token found: set RAY_AUTH_TOKEN to the cluster's token, or copy it to {path} "
-                "(`ray start` keeps it in ~/.ray/auth_token on the head node).")
+        return (
+            f"No token found: set RAY_AUTH_TOKEN to the cluster's token, or copy it to {path} "
+            "(`ray start` keeps it in ~/.ray/auth_token on the head node)."
+        )
     given = "RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else str(path)
-    return (f"The token in {given} is not this cluster's: use the head node's (~/.ray/auth_token there, "
-            "or `ray get-auth-token` on it).")
+    return (
+        f"The token in {given} is not this cluster's: use the head node's (~/.ray/auth_token there, "
+        "or `ray get-auth-token` on it)."
+    )
 
 
 def _call(address: str, fn, *args):
@@ -103,10 +127,12 @@ def _check_tracking(stage: str) -> None:
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if stage in TRACKED and not uri.startswith(("http://", "https://", "databricks")):
         shown = f"'{uri}'" if uri else "unset"
-        raise StageError(f"MLFLOW_TRACKING_URI is {shown}: a '{stage}' job on a cluster would record its runs in "
-                         "a file inside the job's temporary folder, lost when the job ends. Set "
-                         "MLFLOW_TRACKING_URI to the cluster's tracking server (http://HOST:PORT), reachable "
-                         "from every node.")
+        raise StageError(
+            f"MLFLOW_TRACKING_URI is {shown}: a '{stage}' job on a cluster would record its runs in "
+            "a file inside the job's temporary folder, lost when the job ends. Set "
+            "MLFLOW_TRACKING_URI to the cluster's tracking server (http://HOST:PORT), reachable "
+            "from every node."
+        )
 
 
 def run(cfg: SubmitConfig) -> dict:
@@ -116,30 +142,38 @@ def run(cfg: SubmitConfig) -> dict:
     if not address:
         raise StageError("No Ray cluster given: pass --address http://HEAD:8265 or set RAY_ADDRESS.")
     if not address.startswith(("http://", "https://")):
-        raise StageError(f"--address {address}: the Jobs API needs the dashboard's HTTP address, "
-                         "e.g. http://127.0.0.1:8265")
+        raise StageError(
+            f"--address {address}: the Jobs API needs the dashboard's HTTP address, e.g. http://127.0.0.1:8265"
+        )
     client = _client(address)
     if cfg.list:
         jobs = _call(address, client.list_jobs)
-        rows = [{"job_id": j.submission_id, "status": str(j.status.value), "entrypoint": j.entrypoint}
-                for j in jobs]
+        rows = [{"job_id": j.submission_id, "status": str(j.status.value), "entrypoint": j.entrypoint} for j in jobs]
         for r in rows:
             print(f"{r['job_id']:<28} {r['status']:<10} {r['entrypoint']}", file=sys.stderr)
         return {"stage": "submit", "jobs": rows}
     if cfg.logs:
         sys.stdout.write(_call(address, client.get_job_logs, cfg.logs))
-        return {"stage": "submit", "job_id": cfg.logs, "status": str(_call(address, client.get_job_status, cfg.logs).value)}
+        return {
+            "stage": "submit",
+            "job_id": cfg.logs,
+            "status": str(_call(address, client.get_job_status, cfg.logs).value),
+        }
     if cfg.stop:
         stopped = _call(address, client.stop_job, cfg.stop)
         return {"stage": "submit", "job_id": cfg.stop, "stopped": bool(stopped)}
 
     if not cfg.args or cfg.args[0] not in STAGES:
         got = cfg.args[0] if cfg.args else "nothing"
-        raise StageError(f"submit needs a stage after '--', got {got}. Expected one of: {', '.join(STAGES)} "
-                         "(e.g. python -m pipelines submit -- shard --data s3://bucket/imagenet).")
+        raise StageError(
+            f"submit needs a stage after '--', got {got}. Expected one of: {', '.join(STAGES)} "
+            "(e.g. python -m pipelines submit -- shard --data s3://bucket/imagenet)."
+        )
     entrypoint = "python -m pipelines " + shlex.join(cfg.args)
-    job_id = _call(address, lambda: client.submit_job(
-        entrypoint=entrypoint, runtime_env=runtime_env(), metadata={"stage": cfg.args[0]}))
+    job_id = _call(
+        address,
+        lambda: client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(), metadata={"stage": cfg.args[0]}),
+    )
     print(f"submitted {job_id}: {entrypoint}", file=sys.stderr, flush=True)
     if not cfg.wait:
         return {"stage": "submit", "job_id": job_id, "status": "PENDING", "entrypoint": entrypoint}
@@ -151,5 +185,11 @@ def run(cfg: SubmitConfig) -> dict:
     status = str(info.status.value)
     code = getattr(info, "driver_exit_code", None)
     exit_code = 0 if status == "SUCCEEDED" else (code if code not in (None, 0) else 1)
-    return {"stage": "submit", "job_id": job_id, "status": status, "entrypoint": entrypoint,
-            "message": info.message, "exit_code": exit_code}
+    return {
+        "stage": "submit",
+        "job_id": job_id,
+        "status": status,
+        "entrypoint": entrypoint,
+        "message": info.message,
+        "exit_code": exit_code,
+    }

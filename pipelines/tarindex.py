@@ -12,6 +12,7 @@ last member's padding, so samples i..j of a shard are the single byte range
 bytes parse as tar members on their own. The shard stage writes the index with the tar; for
 shards made before it existed, a shard rerun scans the tar and writes it, re-encoding nothing.
 """
+
 from __future__ import annotations
 
 import tarfile
@@ -27,7 +28,7 @@ def index_url(tar_url: str) -> str:
     """The index beside a shard: train-000000.tar -> train-000000.idx.json."""
     if not tar_url.endswith(".tar"):
         raise ValueError(f"'{tar_url}' is not a .tar shard")
-    return tar_url[:-len(".tar")] + SUFFIX
+    return tar_url[: -len(".tar")] + SUFFIX
 
 
 def sample_of(member_name: str) -> tuple[str, str]:
@@ -35,7 +36,7 @@ def sample_of(member_name: str) -> tuple[str, str]:
     basename's first dot."""
     slash = member_name.rfind("/") + 1
     dot = member_name.find(".", slash)
-    return (member_name, "") if dot < 0 else (member_name[:dot], member_name[dot + 1:])
+    return (member_name, "") if dot < 0 else (member_name[:dot], member_name[dot + 1 :])
 
 
 class Builder:
@@ -51,8 +52,16 @@ class Builder:
         self.sizes.append(int(end - start))
 
     def document(self, tar_name: str, checksum: str) -> dict:
-        return {"format": FORMAT, "tar": tar_name, "checksum": checksum, "samples": len(self.keys),
-                "keys": self.keys, "labels": self.labels, "offsets": self.offsets, "sizes": self.sizes}
+        return {
+            "format": FORMAT,
+            "tar": tar_name,
+            "checksum": checksum,
+            "samples": len(self.keys),
+            "keys": self.keys,
+            "labels": self.labels,
+            "offsets": self.offsets,
+            "sizes": self.sizes,
+        }
 
 
 def scan(tar_url: str, checksum: str) -> dict:
@@ -111,11 +120,11 @@ def parse_run(buf: bytes, url: str = "") -> list[tuple[str, bytes, int]]:
     out, at, n = [], 0, len(buf)
     key, jpg, label = None, None, None
     while at + BLOCK <= n:
-        header = buf[at:at + BLOCK]
+        header = buf[at : at + BLOCK]
         if header == bytes(BLOCK):  # end-of-archive padding
             break
         name, size = _plain_member(header) or _member(header)
-        data = buf[at + BLOCK:at + BLOCK + size]
+        data = buf[at + BLOCK : at + BLOCK + size]
         at += BLOCK + -(-size // BLOCK) * BLOCK
         k, ext = sample_of(name)
         if k != key:
@@ -129,6 +138,8 @@ def parse_run(buf: bytes, url: str = "") -> list[tuple[str, bytes, int]]:
     if key is not None:
         out.append((key, jpg, label))
     if any(j is None or lab is None for _, j, lab in out):
-        raise ValueError(f"{url}: a sample in the byte range lacks its .jpg or .cls: the sample index does "
-                         "not match the shard; rerun the shard stage")
+        raise ValueError(
+            f"{url}: a sample in the byte range lacks its .jpg or .cls: the sample index does "
+            "not match the shard; rerun the shard stage"
+        )
     return out

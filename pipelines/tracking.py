@@ -7,6 +7,7 @@ Only the driver or training rank 0 calls this module; ``model/`` never does. Eve
 takes an explicit ``run_id`` and talks through ``MlflowClient``: there is no active-run state,
 so any process (a Ray job driver, a restarted rank 0) can log into the same run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,11 +22,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .common import StageError, StrictFailure, digest
+from .common import digest
+from .errors import StageError, StrictFailure
 
 RUN_NAME_TAG = "pipelines.run_name"
 STAGE_TAG = "pipelines.stage"
@@ -43,8 +45,9 @@ _BATCH = 100  # MAX_PARAMS_TAGS_PER_BATCH
 
 # Matched against dotted key names: AWS_SECRET_ACCESS_KEY, aws_access_key_id, hf_token, db.password...
 # but not "keep_aspect" or the index's "key" column.
-_SECRET = re.compile(r"secret|token|password|passwd|credential|access[_-]?key|api[_-]?key|private[_-]?key",
-                     re.IGNORECASE)
+_SECRET = re.compile(
+    r"secret|token|password|passwd|credential|access[_-]?key|api[_-]?key|private[_-]?key", re.IGNORECASE
+)
 _URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 
 PACKAGES = ("torch", "torchvision", "ray", "mlflow", "webdataset", "boto3", "numpy", "pillow", "pyarrow")
@@ -52,6 +55,7 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
 # --- where runs go --------------------------------------------------------------------------
+
 
 def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI``, else the embedded default: a SQLite file in the working directory."""
@@ -89,7 +93,7 @@ def _local_artifact_root(uri: str) -> Path | None:
     """Artifacts sit next to a local store's file. MLflow's own default, ``./mlruns``, is
     resolved against each process's cwd, so Ray workers started elsewhere would scatter them."""
     if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
+        return Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts"
     if uri.startswith("file:") or "://" not in uri:
         return Path(uri.removeprefix("file://")).resolve().parent / "mlartifacts"
     return None  # a server or a database elsewhere: the server decides (it proxies artifacts)
@@ -111,8 +115,9 @@ def check_reachable(timeout: float = 3.0) -> None:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
             response.read()
     except urllib.error.HTTPError as e:
-        raise StageError(f"MLflow tracking server at {shown} answered /health with HTTP {e.code}: "
-                         f"is it an MLflow server? {fix}") from None
+        raise StageError(
+            f"MLflow tracking server at {shown} answered /health with HTTP {e.code}: is it an MLflow server? {fix}"
+        ) from None
     except (OSError, ValueError) as e:  # URLError, refused, timeout, DNS, malformed URL
         reason = getattr(e, "reason", e)
         raise StageError(f"MLflow tracking server at {shown} is not reachable ({reason}). {fix}") from None
@@ -124,14 +129,30 @@ def is_outage(e: BaseException) -> bool:
     bug) is not, and must fail with its own message."""
     import re
 
-    names = {"ConnectionError", "Timeout", "ConnectTimeout", "ReadTimeout", "MaxRetryError", "NewConnectionError",
-             "ProtocolError", "ConnectionRefusedError", "ConnectionResetError", "ConnectionAbortedError",
-             "TimeoutError", "RemoteDisconnected"}
+    names = {
+        "ConnectionError",
+        "Timeout",
+        "ConnectTimeout",
+        "ReadTimeout",
+        "MaxRetryError",
+        "NewConnectionError",
+        "ProtocolError",
+        "ConnectionRefusedError",
+        "ConnectionResetError",
+        "ConnectionAbortedError",
+        "TimeoutError",
+        "RemoteDisconnected",
+    }
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if type(e).__name__ in names and type(e).__module__.split(".")[0] in ("requests", "urllib3", "builtins",
-                                                                            "http", "socket"):
+        if type(e).__name__ in names and type(e).__module__.split(".")[0] in (
+            "requests",
+            "urllib3",
+            "builtins",
+            "http",
+            "socket",
+        ):
             return True
         if type(e).__name__ == "RestException" and getattr(e, "get_http_status_code", lambda: 0)() >= 500:
             return True
@@ -156,13 +177,16 @@ def experiment_id(name: str) -> str:
             if exp is None:
                 raise
     if exp.lifecycle_stage == "deleted":
-        raise StageError(f"MLflow experiment '{name}' is deleted. Restore it "
-                         f"(mlflow experiments restore --experiment-id {exp.experiment_id}) "
-                         "or choose another experiment name.")
+        raise StageError(
+            f"MLflow experiment '{name}' is deleted. Restore it "
+            f"(mlflow experiments restore --experiment-id {exp.experiment_id}) "
+            "or choose another experiment name."
+        )
     return exp.experiment_id
 
 
 # --- runs -----------------------------------------------------------------------------------
+
 
 def _quote(value: str) -> str:
     """A string literal for an MLflow filter; its grammar has no escape for a quote inside."""
@@ -183,9 +207,11 @@ def standard_tags(stage: str) -> dict[str, str]:
         user = getpass.getuser()
     except (KeyError, OSError):  # a container user without a passwd entry
         user = "unknown"
-    tags = {MLFLOW_USER: os.environ.get("PIPELINES_USER") or user,  # a job: who submitted it
-            MLFLOW_SOURCE_NAME: f"python -m pipelines {stage}",
-            MLFLOW_SOURCE_TYPE: "JOB" if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else "LOCAL"}
+    tags = {
+        MLFLOW_USER: os.environ.get("PIPELINES_USER") or user,  # a job: who submitted it
+        MLFLOW_SOURCE_NAME: f"python -m pipelines {stage}",
+        MLFLOW_SOURCE_TYPE: "JOB" if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else "LOCAL",
+    }
     sha = environment()["git_sha"]
     if sha != "unknown":
         tags[MLFLOW_GIT_COMMIT] = sha
@@ -201,8 +227,9 @@ def start_or_resume_run(experiment: str, run_name: str, tags: dict | None = None
     client = _client()
     exp_id = experiment_id(experiment)
     all_tags = {**_clean_strings(tags or {}), RUN_NAME_TAG: run_name}
-    found = client.search_runs([exp_id], f"tags.`{RUN_NAME_TAG}` = {_quote(run_name)}",
-                               order_by=["attributes.start_time DESC"], max_results=1)
+    found = client.search_runs(
+        [exp_id], f"tags.`{RUN_NAME_TAG}` = {_quote(run_name)}", order_by=["attributes.start_time DESC"], max_results=1
+    )
     if not found:
         stage = (tags or {}).get(STAGE_TAG, run_name)
         return client.create_run(exp_id, run_name=run_name, tags={**standard_tags(stage), **all_tags}).info.run_id
@@ -226,18 +253,23 @@ def set_tags(run_id: str, tags: dict) -> None:
     client = _client()
     items = [RunTag(k, v) for k, v in _clean_strings(tags).items()]
     for i in range(0, len(items), _BATCH):
-        client.log_batch(run_id, tags=items[i:i + _BATCH])
+        client.log_batch(run_id, tags=items[i : i + _BATCH])
 
 
 def get_tags(run_id: str) -> dict[str, str]:
     """The tags of ``run_id``; a run that is not in the configured store is a StageError that
     names the store searched and how to point at another (never an empty store created)."""
     uri = tracking_uri()
-    fix = ("Set MLFLOW_TRACKING_URI to the store that holds it (the demo's is sqlite:///<its --out>/mlflow.db; "
-           "a team's is its server, http://HOST:5000).")
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        raise StageError(f"Run {run_id} not found: there is no MLflow store at {uri} "
-                         f"(MLFLOW_TRACKING_URI {'is' if os.environ.get('MLFLOW_TRACKING_URI') else 'unset: the default is ./mlflow.db'}). {fix}")
+    fix = (
+        "Set MLFLOW_TRACKING_URI to the store that holds it (the demo's is sqlite:///<its --out>/mlflow.db; "
+        "a team's is its server, http://HOST:5000)."
+    )
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+        raise StageError(
+            f"Run {run_id} not found: there is no MLflow store at {uri} "
+            f"(MLFLOW_TRACKING_URI "
+            f"{'is' if os.environ.get('MLFLOW_TRACKING_URI') else 'unset: the default is ./mlflow.db'}). {fix}"
+        )
     from mlflow.exceptions import MlflowException
 
     try:
@@ -249,6 +281,7 @@ def get_tags(run_id: str) -> dict[str, str]:
 
 
 # --- params and metrics ---------------------------------------------------------------------
+
 
 def _flatten(obj: Mapping, prefix: str = "") -> dict[str, Any]:
     out = {}
@@ -295,7 +328,7 @@ def log_params(run_id: str, params: dict) -> list[str]:
         elif have[key] != value:
             conflicts.append(key)
     for i in range(0, len(new), _BATCH):
-        client.log_batch(run_id, params=new[i:i + _BATCH])
+        client.log_batch(run_id, params=new[i : i + _BATCH])
     return conflicts
 
 
@@ -314,15 +347,15 @@ def log_metrics_once(run_id: str, metrics: dict, step: int) -> dict:
 
     client = _client()
     now = int(time.time() * 1000)
-    logged = {k: float(v) for k, v in metrics.items()
-              if _numeric(v) and step not in logged_steps(run_id, k)}
+    logged = {k: float(v) for k, v in metrics.items() if _numeric(v) and step not in logged_steps(run_id, k)}
     batch = [Metric(k, v, now, step) for k, v in logged.items()]
     for i in range(0, len(batch), 1000):  # MAX_METRICS_PER_BATCH
-        client.log_batch(run_id, metrics=batch[i:i + 1000])
+        client.log_batch(run_id, metrics=batch[i : i + 1000])
     return logged
 
 
 # --- artifacts ------------------------------------------------------------------------------
+
 
 def _json_default(obj):
     if hasattr(obj, "tolist"):  # numpy scalars and arrays, torch tensors: numbers, not "0.5"
@@ -333,8 +366,15 @@ def _json_default(obj):
 def start_pipeline_run(experiment: str, run_name: str, command: str, tags: dict | None = None) -> str:
     """A run that stands for a whole pipeline (``command``, e.g. demo): its stage runs are created
     with it as parent."""
-    return _client().create_run(experiment_id(experiment), run_name=run_name, tags={
-        **standard_tags(command), STAGE_TAG: "pipeline", **_clean_strings(tags or {})}).info.run_id
+    return (
+        _client()
+        .create_run(
+            experiment_id(experiment),
+            run_name=run_name,
+            tags={**standard_tags(command), STAGE_TAG: "pipeline", **_clean_strings(tags or {})},
+        )
+        .info.run_id
+    )
 
 
 def start_child_run(parent_run_id: str, run_name: str, stage: str, tags: dict | None = None) -> str:
@@ -344,9 +384,16 @@ def start_child_run(parent_run_id: str, run_name: str, stage: str, tags: dict | 
 
     client = _client()
     parent = client.get_run(parent_run_id)
-    return client.create_run(parent.info.experiment_id, run_name=run_name, tags={
-        **standard_tags(stage), STAGE_TAG: stage, MLFLOW_PARENT_RUN_ID: parent_run_id,
-        **_clean_strings(tags or {})}).info.run_id
+    return client.create_run(
+        parent.info.experiment_id,
+        run_name=run_name,
+        tags={
+            **standard_tags(stage),
+            STAGE_TAG: stage,
+            MLFLOW_PARENT_RUN_ID: parent_run_id,
+            **_clean_strings(tags or {}),
+        },
+    ).info.run_id
 
 
 def log_table(run_id: str, rows: list[dict], artifact_file: str) -> None:
@@ -375,8 +422,9 @@ def log_file(run_id: str, local_path: str, artifact_path: str | None = None) -> 
     _client().log_artifact(run_id, str(local_path), artifact_path)
 
 
-def log_dataset(run_id: str, name: str, digest: str, source: str, context: str = "training",
-                profile: dict | None = None) -> None:
+def log_dataset(
+    run_id: str, name: str, digest: str, source: str, context: str = "training", profile: dict | None = None
+) -> None:
     """Record that the run read dataset ``name`` (e.g. the train shards) with this manifest digest.
 
     ``source`` is where the manifest lives (``ROOT/shards/train.json``); it is stored as MLflow's
@@ -392,15 +440,32 @@ def log_dataset(run_id: str, name: str, digest: str, source: str, context: str =
         source_type, source_json = "http", {"url": _redact_url(source)}
     else:
         source_type, source_json = "local", {"uri": str(Path(source).resolve())}
-    dataset = Dataset(name=name, digest=digest[:MAX_DATASET_DIGEST], source_type=source_type,
-                      source=json.dumps(source_json),
-                      profile=json.dumps({**_mask_tree(profile or {}), "digest": digest}, default=_json_default))
-    _client().log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[
-        InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("pipelines.digest", digest)])])
+    dataset = Dataset(
+        name=name,
+        digest=digest[:MAX_DATASET_DIGEST],
+        source_type=source_type,
+        source=json.dumps(source_json),
+        profile=json.dumps({**_mask_tree(profile or {}), "digest": digest}, default=_json_default),
+    )
+    _client().log_inputs(
+        run_id,
+        datasets=[
+            DatasetInput(
+                dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("pipelines.digest", digest)]
+            )
+        ],
+    )
 
 
-def log_classifier(run_id: str, artifacts: dict, input_example, output_example, register: str | None = None,
-                   alias: str | None = None, name: str = "model") -> str:
+def log_classifier(
+    run_id: str,
+    artifacts: dict,
+    input_example,
+    output_example,
+    register: str | None = None,
+    alias: str | None = None,
+    name: str = "model",
+) -> str:
     """Log the image classifier (pipelines/classifier.py) into run ``run_id``; with ``register``
     also a version of that registered model, and ``alias`` pointed at it. ``output_example`` is
     what the model makes of ``input_example``: the signature is stated from the two (MLflow would
@@ -418,29 +483,46 @@ def log_classifier(run_id: str, artifacts: dict, input_example, output_example, 
     client = _client()
     run = client.get_run(run_id)
     # As in log_model: the LoggedModel made here, so it lands in the run's experiment.
-    logged = client.create_logged_model(experiment_id=run.info.experiment_id, name=name,
-                                        source_run_id=run_id, params=run.data.params)
+    logged = client.create_logged_model(
+        experiment_id=run.info.experiment_id, name=name, source_run_id=run_id, params=run.data.params
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "integer columns may hold missing values"
         signature = infer_signature(input_example, output_example)
         # MLflow prints its registration steps itself (eprint); the summary and this stage's line say it.
         with contextlib.redirect_stderr(io.StringIO()):
-            info = Model.log(None, mlflow.pyfunc, name=name, run_id=run_id, model_id=logged.model_id,
-                             registered_model_name=register, python_model=classifier.__file__,
-                             artifacts=artifacts, code_paths=classifier.code_paths(), input_example=input_example,
-                             signature=signature,
-                             pip_requirements=[f"{p}=={_version(p)}"
-                                               for p in ("torch", "torchvision", "pillow", "numpy", "pandas")])
+            info = Model.log(
+                None,
+                mlflow.pyfunc,
+                name=name,
+                run_id=run_id,
+                model_id=logged.model_id,
+                registered_model_name=register,
+                python_model=classifier.__file__,
+                artifacts=artifacts,
+                code_paths=classifier.code_paths(),
+                input_example=input_example,
+                signature=signature,
+                pip_requirements=[f"{p}=={_version(p)}" for p in ("torch", "torchvision", "pillow", "numpy", "pandas")],
+            )
     if register and alias:
         client.set_registered_model_alias(register, alias, info.registered_model_version)
-        print(f"train: model registered as {register} version {info.registered_model_version}, "
-              f"alias @{alias}", file=sys.stderr)
+        print(
+            f"train: model registered as {register} version {info.registered_model_version}, alias @{alias}",
+            file=sys.stderr,
+        )
         return f"models:/{register}@{alias}"
     return info.model_uri
 
 
-def log_model(run_id: str, model, input_example, register: str | None = None, name: str = "model",
-              serialization_format: str = "pt2") -> str:
+def log_model(
+    run_id: str,
+    model,
+    input_example,
+    register: str | None = None,
+    name: str = "model",
+    serialization_format: str = "pt2",
+) -> str:
     """Log ``model`` into run ``run_id`` as an MLflow model (a LoggedModel); return its ``models:/`` URI.
 
     The input example gives the signature. ``register`` also creates a version of that
@@ -469,17 +551,25 @@ def log_model(run_id: str, model, input_example, register: str | None = None, na
     # Created here because Model.log, given only a run_id and no active run, files the LoggedModel
     # (and its artifacts) under the *current* experiment, "Default", not the run's
     # (mlflow/tracking/fluent.py _create_logged_model). Params copied as Model.log would.
-    logged = client.create_logged_model(experiment_id=run.info.experiment_id, name=name,
-                                        source_run_id=run_id, params=run.data.params)
+    logged = client.create_logged_model(
+        experiment_id=run.info.experiment_id, name=name, source_run_id=run_id, params=run.data.params
+    )
     info = mlflow.pytorch.log_model(
-        model, name=name, input_example=input_example, registered_model_name=register,
-        serialization_format=serialization_format, model_id=logged.model_id, run_id=run_id,
+        model,
+        name=name,
+        input_example=input_example,
+        registered_model_name=register,
+        serialization_format=serialization_format,
+        model_id=logged.model_id,
+        run_id=run_id,
         # Stated rather than inferred: inference re-imports the model in a subprocess (~12 s).
-        pip_requirements=mlflow.pytorch.get_default_pip_requirements())
+        pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+    )
     return info.model_uri
 
 
 # --- how a run was made ---------------------------------------------------------------------
+
 
 def _git(*args: str) -> str | None:
     try:
@@ -510,9 +600,12 @@ def environment() -> dict:
     if sha is None and os.environ.get("PIPELINES_GIT_SHA"):
         # A Ray job's working dir or a container image has no .git: `submit` and the image build
         # pass the SHA they were made from.
-        return {"git_sha": os.environ["PIPELINES_GIT_SHA"],
-                "git_dirty": os.environ.get("PIPELINES_GIT_DIRTY", "unknown") == "true",
-                "python": platform.python_version(), "versions": {p: _version(p) for p in PACKAGES}}
+        return {
+            "git_sha": os.environ["PIPELINES_GIT_SHA"],
+            "git_dirty": os.environ.get("PIPELINES_GIT_DIRTY", "unknown") == "true",
+            "python": platform.python_version(),
+            "versions": {p: _version(p) for p in PACKAGES},
+        }
     return {
         "git_sha": sha or "unknown",
         "git_dirty": bool(status) if status is not None else None,
@@ -522,6 +615,7 @@ def environment() -> dict:
 
 
 # --- stages ---------------------------------------------------------------------------------
+
 
 def _digest_tags(name: str, value) -> dict[str, str]:
     if isinstance(value, Mapping):
@@ -576,8 +670,9 @@ def on_a_thread(fn: Callable, *args):
         yield pool.submit(fn, *args)
 
 
-def track_stage(stage: str, cfg, fn: Callable, experiment: str = "preprocessing",
-                parent_run_id: str | None = None) -> dict:
+def track_stage(
+    stage: str, cfg, fn: Callable, experiment: str = "preprocessing", parent_run_id: str | None = None
+) -> dict:
     """``summary = fn(cfg)`` inside an MLflow run of its own; returns the summary plus ``mlflow_run_id``.
 
     Params: the config and :func:`environment`. Metrics: the summary's numbers. Tags: stage,
@@ -602,9 +697,15 @@ def track_stage(stage: str, cfg, fn: Callable, experiment: str = "preprocessing"
         tags["pipelines.data"] = config["data"]
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
+
     def open_run() -> str:
-        run_id = _client().create_run(experiment_id(experiment), run_name=stage,
-                                      tags={**standard_tags(stage), **_clean_strings(tags)}).info.run_id
+        run_id = (
+            _client()
+            .create_run(
+                experiment_id(experiment), run_name=stage, tags={**standard_tags(stage), **_clean_strings(tags)}
+            )
+            .info.run_id
+        )
         log_params(run_id, {**config, **environment()})
         return run_id
 
@@ -644,18 +745,32 @@ def find_stage_runs(output_digest: str, experiment: str | None = "preprocessing"
     if not ids or not re.fullmatch(r"[\w.:+-]+", output_digest):
         return []
     # MLflow search has no OR over tag keys; the combined tag narrows in the store, the loop is exact.
-    query = (f"tags.`{OUTPUT_DIGESTS_TAG}` LIKE '%{output_digest}%'" if key == "output"
-             else f"tags.`pipelines.input_digest` = '{output_digest}'")
+    query = (
+        f"tags.`{OUTPUT_DIGESTS_TAG}` LIKE '%{output_digest}%'"
+        if key == "output"
+        else f"tags.`pipelines.input_digest` = '{output_digest}'"
+    )
     found, token = [], None
     while True:
-        page = client.search_runs(ids, query, order_by=["attributes.start_time DESC"],
-                                  max_results=1000, page_token=token)
+        page = client.search_runs(
+            ids, query, order_by=["attributes.start_time DESC"], max_results=1000, page_token=token
+        )
         for run in page:
             t = run.data.tags
-            if any(v == output_digest for k, v in t.items()
-                   if k == f"pipelines.{key}_digest" or k.startswith(f"pipelines.{key}_digest.")):
-                found.append({"run_id": run.info.run_id, "stage": t.get(STAGE_TAG), "status": run.info.status,
-                              "experiment_id": run.info.experiment_id, "input_digest": _digest_from_tags(t, "input")})
+            if any(
+                v == output_digest
+                for k, v in t.items()
+                if k == f"pipelines.{key}_digest" or k.startswith(f"pipelines.{key}_digest.")
+            ):
+                found.append(
+                    {
+                        "run_id": run.info.run_id,
+                        "stage": t.get(STAGE_TAG),
+                        "status": run.info.status,
+                        "experiment_id": run.info.experiment_id,
+                        "input_digest": _digest_from_tags(t, "input"),
+                    }
+                )
         token = page.token
         if not token:
             return found
@@ -666,7 +781,7 @@ def _digest_from_tags(tags: dict, key: str):
     if f"pipelines.{key}_digest" in tags:
         return tags[f"pipelines.{key}_digest"]
     prefix = f"pipelines.{key}_digest."
-    return {k[len(prefix):]: v for k, v in tags.items() if k.startswith(prefix)} or None
+    return {k[len(prefix) :]: v for k, v in tags.items() if k.startswith(prefix)} or None
 
 
 def lineage(manifest_digest: str) -> dict[str, dict]:
@@ -693,7 +808,11 @@ def link_lineage(run_id: str, runs: dict[str, dict], datasets: str) -> None:
     a link to each (the UI nests runs only inside one experiment; a link works across them)."""
     if not runs:
         return
-    links = ", ".join(f"[{stage}](#/experiments/{r['experiment_id']}/runs/{r['run_id']})"
-                      for stage, r in runs.items())
-    set_tags(run_id, {**{f"pipelines.{stage}_run": r["run_id"] for stage, r in runs.items()},
-                      "mlflow.note.content": f"Trained on {datasets}. Made by the stage runs: {links}."})
+    links = ", ".join(f"[{stage}](#/experiments/{r['experiment_id']}/runs/{r['run_id']})" for stage, r in runs.items())
+    set_tags(
+        run_id,
+        {
+            **{f"pipelines.{stage}_run": r["run_id"] for stage, r in runs.items()},
+            "mlflow.note.content": f"Trained on {datasets}. Made by the stage runs: {links}.",
+        },
+    )

@@ -12,6 +12,7 @@ the same --name, a worker restarted by FailureConfig, or a worker group resized 
 training (``--workers MIN-MAX``) continues at the step after the last checkpoint, inside the same
 MLflow run.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -26,8 +27,10 @@ import tempfile
 import time
 
 from . import checkpoint, contract, storage, tracking
-from .common import StageError, ensure_ray, fmt_seconds, now_iso, on_cluster
+from .cluster import ensure_ray, on_cluster
+from .common import fmt_seconds, now_iso
 from .config import TrainConfig
+from .errors import StageError
 
 # Workers log through logging, not print: Ray Train tees print() when MLflow has wrapped
 # stderr, and every line would reach the driver twice.
@@ -36,8 +39,16 @@ SCHEDULES = ("plateau", "step", "cosine")
 AMPS = ("auto", "bf16", "fp16", "off")
 LR_SCALINGS = ("none", "linear")
 GRAD_COMPRESSIONS = ("none", "bf16", "fp16")
-METRICS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
-           "images_per_second", "data_wait_fraction")
+METRICS = (
+    "train_loss",
+    "train_top1",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "lr",
+    "images_per_second",
+    "data_wait_fraction",
+)
 
 
 def _scheduler(opt, c: dict):
@@ -45,8 +56,9 @@ def _scheduler(opt, c: dict):
 
     if c["schedule"] == "plateau":
         # Section 5: divide by 10 when the validation error stops improving.
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.1,
-                                                          patience=c["patience"], min_lr=c["min_lr"])
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min", factor=0.1, patience=c["patience"], min_lr=c["min_lr"]
+        )
     if c["schedule"] == "step":
         return torch.optim.lr_scheduler.StepLR(opt, step_size=c["step_size"], gamma=0.1)
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c["epochs"], eta_min=c["min_lr"])
@@ -127,8 +139,9 @@ def sgd(params, lr: float, momentum: float, weight_decay: float):
         fused = True
     except (RuntimeError, TypeError, ValueError):
         fused = False
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                           **({"fused": True} if fused else {}))
+    return torch.optim.SGD(
+        params, lr=lr, momentum=momentum, weight_decay=weight_decay, **({"fused": True} if fused else {})
+    )
 
 
 def load_optimizer(opt, state: dict) -> None:
@@ -148,14 +161,15 @@ class Sums:
         import torch
 
         self.names = tuple(names)
-        self.t = torch.tensor([float((start or {}).get(n, 0.0)) for n in self.names], dtype=torch.float64,
-                              device=device)
+        self.t = torch.tensor(
+            [float((start or {}).get(n, 0.0)) for n in self.names], dtype=torch.float64, device=device
+        )
 
     def add(self, **values) -> None:
         for k, v in values.items():
             self.t[self.names.index(k)] += v
 
-    def all_reduce(self) -> "Sums":
+    def all_reduce(self) -> Sums:
         """A copy summed over every rank (each rank must call it)."""
         import torch.distributed as dist
 
@@ -199,21 +213,43 @@ def train_step(net, opt, x, y, amp=None, loss_scale: float | None = None, scaler
     return out, loss
 
 
-def validate(net, shards, transform, *, device, rank: int, world: int, batch_size: int, loader_workers: int,
-             gpu: bool, channels_last: bool, decode: str, amp=None) -> Sums:
+def validate(
+    net,
+    shards,
+    transform,
+    *,
+    device,
+    rank: int,
+    world: int,
+    batch_size: int,
+    loader_workers: int,
+    gpu: bool,
+    channels_last: bool,
+    decode: str,
+    amp=None,
+) -> Sums:
     """This rank's share of the val samples (every sample once across ranks), centre crop:
     loss sum, top-1 and top-5 hits, images. The caller all-reduces."""
     import torch
     import torch.nn.functional as F
 
     import model
+
     from . import data
 
     sums = Sums(("loss", "top1", "top5", "images"), device)
     net.eval()
     with torch.inference_mode():
-        loader = data.eval_loader(shards, transform, batch_size=batch_size, rank=rank, world=world,
-                                  num_workers=loader_workers, pin_memory=gpu, decode=decode)
+        loader = data.eval_loader(
+            shards,
+            transform,
+            batch_size=batch_size,
+            rank=rank,
+            world=world,
+            num_workers=loader_workers,
+            pin_memory=gpu,
+            decode=decode,
+        )
         for x, y, _keys in data.on_device(loader, device):
             x = transform.photometric(x)
             if channels_last:
@@ -225,15 +261,32 @@ def validate(net, shards, transform, *, device, rank: int, world: int, batch_siz
     return sums
 
 
-def train_one_epoch(net, opt, batches, steps: range, transform, sums: Sums, *, gpu: bool, channels_last: bool,
-                    loss_scale: float, seed: int, epoch: int, rank: int, after_step, before_step=None, amp=None,
-                    scaler=None) -> float:
+def train_one_epoch(
+    net,
+    opt,
+    batches,
+    steps: range,
+    transform,
+    sums: Sums,
+    *,
+    gpu: bool,
+    channels_last: bool,
+    loss_scale: float,
+    seed: int,
+    epoch: int,
+    rank: int,
+    after_step,
+    before_step=None,
+    amp=None,
+    scaler=None,
+) -> float:
     """The steps ``steps`` (epoch step numbers) of one epoch; returns the seconds spent waiting
     for data. ``before_step(step)`` runs before each step (the warm-up's lr),
     ``after_step(step, keys)`` after it (sample ledger, checkpoints)."""
     import torch
 
     import model
+
     from . import plan
 
     net.train()
@@ -286,8 +339,20 @@ class Ledger:
 
     def write(self, epoch: int, step: int, keys) -> None:
         if self.f:
-            self.f.write(json.dumps({"epoch": epoch, "step": step, "rank": self.rank, "world": self.world,
-                                     "attempt": self.attempt, "pid": os.getpid(), "keys": list(keys)}) + "\n")
+            self.f.write(
+                json.dumps(
+                    {
+                        "epoch": epoch,
+                        "step": step,
+                        "rank": self.rank,
+                        "world": self.world,
+                        "attempt": self.attempt,
+                        "pid": os.getpid(),
+                        "keys": list(keys),
+                    }
+                )
+                + "\n"
+            )
             self.f.flush()
 
 
@@ -298,6 +363,7 @@ def train_loop(c: dict) -> None:
     from ray.train.torch import get_device, prepare_model
 
     import model
+
     from . import data, plan
 
     ctx = ray.train.get_context()
@@ -337,8 +403,13 @@ def train_loop(c: dict) -> None:
             scaler.load_state_dict(state["scaler"])
         history, position = state["history"], state["position"]
         done = sum(s[2] for s in position["segments"])
-        log.info("rank %d resumed after epoch %d%s, on %d workers", rank, state["epoch"],
-                 f", at step {done} of epoch {position['epoch']}" if done else "", world)
+        log.info(
+            "rank %d resumed after epoch %d%s, on %d workers",
+            rank,
+            state["epoch"],
+            f", at step {done} of epoch {position['epoch']}" if done else "",
+            world,
+        )
     if rank == 0:
         os.environ["MLFLOW_TRACKING_URI"] = c["tracking_uri"]
         # Fail fast while the server is away (MLflow would otherwise retry for minutes inside
@@ -367,11 +438,18 @@ def train_loop(c: dict) -> None:
     if loader_workers is None:  # a GPU worker's CPUs decode and crop for it; on CPUs they train
         loader_workers = max(1, int(c["cpus_per_worker"] or 1)) if gpu else 1
     if rank == 0:  # CPU speed depends on it; Ray sets OMP_NUM_THREADS to the worker's CPUs
-        log.info("rank 0 on %s, %d torch threads, %d loader workers, autocast %s%s%s%s", device,
-                 torch.get_num_threads(), loader_workers, amp or "off", ", channels_last" if nhwc else "",
-                 ", compiled" if c["compile"] else "",
-                 f", gradients all-reduced in {c['grad_compression']}" if world > 1 and
-                 c["grad_compression"] != "none" else "")
+        log.info(
+            "rank 0 on %s, %d torch threads, %d loader workers, autocast %s%s%s%s",
+            device,
+            torch.get_num_threads(),
+            loader_workers,
+            amp or "off",
+            ", channels_last" if nhwc else "",
+            ", compiled" if c["compile"] else "",
+            f", gradients all-reduced in {c['grad_compression']}"
+            if world > 1 and c["grad_compression"] != "none"
+            else "",
+        )
     decode = data.choose_decode(c["decode"], device)  # nvjpeg on a GPU
     counts = [n for _, n in c["train_shards"]]
     every = c["checkpoint_every"]  # None: measured below, about every checkpoint_interval_s
@@ -388,13 +466,23 @@ def train_loop(c: dict) -> None:
             ray.train.report(metrics)
             return
         t = time.perf_counter()
-        state = {"model": raw.state_dict(), "optimizer": opt.state_dict(),
-                 "scheduler": sched.state_dict(), "epoch": finished,
-                 "scaler": scaler.state_dict() if scaler is not None else None,
-                 "history": history, "position": position,
-                 "config": {k: c[k] for k in ("arch", "num_classes", "crop", "init", "seed", "classes_digest",
-                                              "resize", "keep_aspect")},
-                 "wnids": c["wnids"], "stats": c["stats"], "workers": placement, "saved_at": now_iso()}
+        state = {
+            "model": raw.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "epoch": finished,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "history": history,
+            "position": position,
+            "config": {
+                k: c[k]
+                for k in ("arch", "num_classes", "crop", "init", "seed", "classes_digest", "resize", "keep_aspect")
+            },
+            "wnids": c["wnids"],
+            "stats": c["stats"],
+            "workers": placement,
+            "saved_at": now_iso(),
+        }
         # Every rank waits until the checkpoint is registered, so a checkpoint is never behind
         # the training it describes. (Ray's ASYNC upload lets training run on while a 0.5 GB
         # upload goes to S3: a node lost then resumes from further back.)
@@ -410,18 +498,33 @@ def train_loop(c: dict) -> None:
             d = os.path.join(c["storage"], c["name"], name)
             os.makedirs(d)
             checkpoint.save(state, d)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name,
-                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
-        log.info("checkpoint at epoch %d%s saved in %.1f s", epoch,
-                 f" step {sum(s[2] for s in segments)}" if segments else " end", time.perf_counter() - t)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(d),
+                checkpoint_dir_name=name,
+                checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
+            )
+        log.info(
+            "checkpoint at epoch %d%s saved in %.1f s",
+            epoch,
+            f" step {sum(s[2] for s in segments)}" if segments else " end",
+            time.perf_counter() - t,
+        )
 
     def epoch_loader(epoch: int, earlier) -> tuple:
         """(segment, loader, its started iterator) of this rank's batches in ``epoch``. iter()
         starts the loader workers, which begin filling their prefetch queues at once."""
-        seg = plan.epoch_plan(counts, seed=c["seed"], epoch=epoch, batch_size=batch, world=world,
-                              loader_workers=loader_workers, buffer=c["shuffle_buffer"], segments=earlier)
-        loader = data.train_loader(c["train_shards"], train_tf, segment=seg, rank=rank, pin_memory=gpu,
-                                   decode=decode)
+        seg = plan.epoch_plan(
+            counts,
+            seed=c["seed"],
+            epoch=epoch,
+            batch_size=batch,
+            world=world,
+            loader_workers=loader_workers,
+            buffer=c["shuffle_buffer"],
+            segments=earlier,
+        )
+        loader = data.train_loader(c["train_shards"], train_tf, segment=seg, rank=rank, pin_memory=gpu, decode=decode)
         return seg, loader, iter(loader)
 
     upcoming = None  # the next epoch's loader, started while this one validates and checkpoints
@@ -437,8 +540,15 @@ def train_loop(c: dict) -> None:
             seg, loader, started = upcoming if upcoming is not None else epoch_loader(epoch, earlier)
             upcoming = None
             if seg.start == 0 and seg.index > 0 and rank == 0:
-                log.info("epoch %d: %d steps done on another world size; the %d samples not yet read are dealt "
-                         "over %d workers (%d steps left)", epoch, seg.first_step, len(seg.order), world, seg.steps)
+                log.info(
+                    "epoch %d: %d steps done on another world size; the %d samples not yet read are dealt "
+                    "over %d workers (%d steps left)",
+                    epoch,
+                    seg.first_step,
+                    len(seg.order),
+                    world,
+                    seg.steps,
+                )
             batches = data.on_device(loader, device, started)
             steps = range(seg.first_step + seg.start, seg.epoch_steps)
         resumed = position["sums"] if (earlier and rank == 0) else None
@@ -450,6 +560,7 @@ def train_loop(c: dict) -> None:
             f = warmup_factor(epoch, step, epoch_steps, c["warmup_epochs"], warm_start)
             for group, rate in zip(opt.param_groups, scheduled):
                 group["lr"] = rate * f
+
         trained, probe = [0], None  # a measurement spans no epoch end (validation is not a step)
 
         # Progress inside an epoch (ImageNet's are ~10,000 steps): rank 0, a tenth of an epoch apart.
@@ -464,9 +575,16 @@ def train_loop(c: dict) -> None:
                 took = time.perf_counter() - t0
                 step_s = took / trained[0]
                 epoch_left = (seg.epoch_steps - step - 1) * step_s
-                log.info("epoch %d/%d step %d/%d: %.0f images/s, epoch ETA %s, run ETA %s", epoch, c["epochs"],
-                         step + 1, seg.epoch_steps, trained[0] * batch / took, fmt_seconds(epoch_left),
-                         fmt_seconds(epoch_left + (c["epochs"] - epoch) * seg.epoch_steps * step_s))
+                log.info(
+                    "epoch %d/%d step %d/%d: %.0f images/s, epoch ETA %s, run ETA %s",
+                    epoch,
+                    c["epochs"],
+                    step + 1,
+                    seg.epoch_steps,
+                    trained[0] * batch / took,
+                    fmt_seconds(epoch_left),
+                    fmt_seconds(epoch_left + (c["epochs"] - epoch) * seg.epoch_steps * step_s),
+                )
             if every is None and seg is not None:  # measure the step time once, then fix the interval
                 if probe is None and trained[0] == 3:  # after the loader's warm-up
                     probe = (steps_here, time.perf_counter())
@@ -476,15 +594,30 @@ def train_loop(c: dict) -> None:
                     if rank == 0:
                         log.info("%.3f s a step: a checkpoint every %d steps (--checkpoint-every)", step_s, every)
             if seg is not None and every and (step + 1) % every == 0 and step + 1 < seg.epoch_steps:
-                done = [*[list(s) for s in earlier[:seg.index]], [world, loader_workers, step + 1 - seg.first_step]]
+                done = [*[list(s) for s in earlier[: seg.index]], [world, loader_workers, step + 1 - seg.first_step]]
                 so_far = sums.all_reduce()
                 if math.isfinite(so_far.values()["loss"]):  # a diverged epoch is not saved (its end stops the run)
                     save(epoch, done, so_far, {"epoch": epoch, "step": step + 1, "checkpoint_score": -1.0})
 
         warming = epoch <= c["warmup_epochs"]
-        waited = train_one_epoch(net, opt, batches, steps, train_tf, sums, gpu=gpu, channels_last=nhwc,
-                                 loss_scale=loss_scale, seed=c["seed"], epoch=epoch, rank=rank, after_step=after_step,
-                                 before_step=before_step if warming else None, amp=amp, scaler=scaler)
+        waited = train_one_epoch(
+            net,
+            opt,
+            batches,
+            steps,
+            train_tf,
+            sums,
+            gpu=gpu,
+            channels_last=nhwc,
+            loss_scale=loss_scale,
+            seed=c["seed"],
+            epoch=epoch,
+            rank=rank,
+            after_step=after_step,
+            before_step=before_step if warming else None,
+            amp=amp,
+            scaler=scaler,
+        )
         del batches
         if seg is not None and epoch < c["epochs"]:
             # Starting workers and reading their first batches takes ~1 s an epoch (more with
@@ -501,9 +634,24 @@ def train_loop(c: dict) -> None:
         if not math.isfinite(total["loss"]):
             _note_divergence(c, epoch, total["loss"] / max(total["images"], 1), rank)
             break
-        val = validate(raw, c["val_shards"], eval_tf, device=device, rank=rank, world=world, batch_size=per_rank,
-                       loader_workers=loader_workers, gpu=gpu, channels_last=nhwc, decode=decode,
-                       amp=amp).all_reduce().values()
+        val = (
+            validate(
+                raw,
+                c["val_shards"],
+                eval_tf,
+                device=device,
+                rank=rank,
+                world=world,
+                batch_size=per_rank,
+                loader_workers=loader_workers,
+                gpu=gpu,
+                channels_last=nhwc,
+                decode=decode,
+                amp=amp,
+            )
+            .all_reduce()
+            .values()
+        )
         n = val["images"]
         val_error = 1 - val["top1"] / n if n else 1.0
         if c["schedule"] == "plateau":
@@ -512,17 +660,27 @@ def train_loop(c: dict) -> None:
             sched.step()
         last_lr = scheduled[0] * warmup_factor(epoch, epoch_steps - 1, epoch_steps, c["warmup_epochs"], warm_start)
         metrics = {
-            "epoch": epoch, "train_loss": total["loss"] / total["images"], "train_top1": total["top1"] / total["images"],
-            "val_loss": val["loss"] / n if n else float("nan"), "val_top1": val["top1"] / n if n else 0.0,
-            "val_top5": val["top5"] / n if n else 0.0, "lr": last_lr, "images_per_second": fresh / max(seconds, 1e-9),
-            "data_wait_fraction": wait_s / max(seconds, 1e-9), "samples": int(total["images"]),
+            "epoch": epoch,
+            "train_loss": total["loss"] / total["images"],
+            "train_top1": total["top1"] / total["images"],
+            "val_loss": val["loss"] / n if n else float("nan"),
+            "val_top1": val["top1"] / n if n else 0.0,
+            "val_top5": val["top5"] / n if n else 0.0,
+            "lr": last_lr,
+            "images_per_second": fresh / max(seconds, 1e-9),
+            "data_wait_fraction": wait_s / max(seconds, 1e-9),
+            "samples": int(total["images"]),
             "left_out": seg.remainder if seg is not None else 0,
         }
         history.append(metrics)
         position = {"epoch": epoch + 1, "segments": [], "sums": None}
         if rank == 0:
-            log.info("epoch %d/%d: %s", epoch, c["epochs"],
-                     ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
+            log.info(
+                "epoch %d/%d: %s",
+                epoch,
+                c["epochs"],
+                ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"),
+            )
         save(epoch, None, sums, {**metrics, "checkpoint_score": metrics["val_top1"]})
         if rank == 0:
             # After the checkpoint: a crash in between leaves the step unlogged, and the resumed
@@ -548,8 +706,10 @@ def _note_divergence(c: dict, epoch: int, loss: float, rank: int) -> None:
     a note in the run's folder, which the driver turns into the run's error."""
     if rank == 0:
         log.error("epoch %d: the training loss is %s; stopping without saving this epoch", epoch, loss)
-        storage.write_json(storage.join(c["storage"], c["name"], DIVERGED),
-                           {"epoch": epoch, "train_loss": str(loss), "lr": c["lr"], "amp": c["amp"]})
+        storage.write_json(
+            storage.join(c["storage"], c["name"], DIVERGED),
+            {"epoch": epoch, "train_loss": str(loss), "lr": c["lr"], "amp": c["amp"]},
+        )
 
 
 def _check_divergence(runs: str, name: str, run_id: str) -> None:
@@ -559,9 +719,11 @@ def _check_divergence(runs: str, name: str, run_id: str) -> None:
         return
     note = storage.read_json(note_url)
     tracking.end_run(run_id, "FAILED")
-    raise StageError(f"Training '{name}' diverged: its training loss was {note['train_loss']} in epoch "
-                     f"{note['epoch']} (lr {note['lr']}, autocast {note['amp']}), so no model was logged. "
-                     f"Train again under a new --name with a lower --lr, or with --init kaiming or --amp off.")
+    raise StageError(
+        f"Training '{name}' diverged: its training loss was {note['train_loss']} in epoch "
+        f"{note['epoch']} (lr {note['lr']}, autocast {note['amp']}), so no model was logged. "
+        f"Train again under a new --name with a lower --lr, or with --init kaiming or --amp off."
+    )
 
 
 def _system_metrics(run_id: str, uri: str):
@@ -594,8 +756,11 @@ def _log_history(run_id: str, history: list[dict]) -> bool:
     except Exception as e:  # noqa: BLE001 - an outage: training goes on; anything else: raised below
         if not tracking.is_outage(e):
             raise
-        log.warning("MLflow not reachable (%s); %d epoch(s) kept in the checkpoint, logged on recovery",
-                    str(e).splitlines()[0][:200], sum(m["epoch"] not in _logged for m in history))
+        log.warning(
+            "MLflow not reachable (%s); %d epoch(s) kept in the checkpoint, logged on recovery",
+            str(e).splitlines()[0][:200],
+            sum(m["epoch"] not in _logged for m in history),
+        )
         return False
 
 
@@ -610,10 +775,15 @@ def _when_tracking_is_back(what: str, fn, patience_s: float):
             if not tracking.is_outage(e):
                 raise
             if time.monotonic() > deadline:
-                raise StageError(f"MLflow at {tracking.tracking_uri()} stayed unreachable for {patience_s:.0f} s "
-                                 f"while {what}; the checkpoints are intact: rerun the same --name to finish.") from e
-            print(f"train: MLflow not reachable while {what} ({str(e).splitlines()[0][:120]}); retrying in "
-                  f"{delay:.0f} s", file=sys.stderr, flush=True)
+                raise StageError(
+                    f"MLflow at {tracking.tracking_uri()} stayed unreachable for {patience_s:.0f} s "
+                    f"while {what}; the checkpoints are intact: rerun the same --name to finish."
+                ) from e
+            print(
+                f"train: MLflow not reachable while {what} ({str(e).splitlines()[0][:120]}); retrying in {delay:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
             time.sleep(delay)
             delay = min(delay * 2, 30)
 
@@ -632,19 +802,25 @@ def _inputs(cfg: TrainConfig) -> dict:
     train_m, val_m = contract.read_manifest(cfg.data, "train"), contract.read_manifest(cfg.data, "val")
     for split, m in (("train", train_m), ("val", val_m)):
         if m is None or not m["complete"]:
-            raise StageError(f"The {split} shards in '{cfg.data}' are missing or incomplete: run "
-                             f"python -m pipelines shard --data {cfg.data}")
+            raise StageError(
+                f"The {split} shards in '{cfg.data}' are missing or incomplete: run "
+                f"python -m pipelines shard --data {cfg.data}"
+            )
     st = contract.read_stats(cfg.data)
     if st is None:
-        raise StageError(f"'{contract.stats_url(cfg.data)}' is missing: run python -m pipelines stats --data {cfg.data}")
+        raise StageError(
+            f"'{contract.stats_url(cfg.data)}' is missing: run python -m pipelines stats --data {cfg.data}"
+        )
     stale = contract.require_current(cfg.data, ["shard train", "shard val", "stats"], "train", cfg.allow_stale)
     stale += _check_geometry(cfg, train_m, val_m)
     for split, m in (("train", train_m), ("val", val_m)):
         unindexed = [s["name"] for s in m["shards"] if "index" not in s]
         if unindexed:  # shards from before sample indexes: the loader reads samples through them
-            raise StageError(f"{len(unindexed)} {split} shard(s) in '{cfg.data}' have no sample index (first: "
-                             f"{unindexed[0]}): run python -m pipelines shard --data {cfg.data}, which adds "
-                             "the indexes without re-encoding any image.")
+            raise StageError(
+                f"{len(unindexed)} {split} shard(s) in '{cfg.data}' have no sample index (first: "
+                f"{unindexed[0]}): run python -m pipelines shard --data {cfg.data}, which adds "
+                "the indexes without re-encoding any image."
+            )
     classes = contract.read_classes(cfg.data)
 
     def located(split: str, m: dict) -> list[tuple[str, int]]:
@@ -653,13 +829,19 @@ def _inputs(cfg: TrainConfig) -> dict:
         return [(absolute(storage.join(folder, s["name"])), s["samples"]) for s in m["shards"]]
 
     return {
-        "train_shards": located("train", train_m), "val_shards": located("val", val_m),
+        "train_shards": located("train", train_m),
+        "val_shards": located("val", val_m),
         "stats": {k: st[k] for k in ("mean", "std", "eigval", "eigvec")},
-        "num_classes": len(classes), "classes_digest": contract.classes_digest(classes),
-        "wnids": [c["wnid"] for c in classes], "resize": train_m["params"]["resize"],
+        "num_classes": len(classes),
+        "classes_digest": contract.classes_digest(classes),
+        "wnids": [c["wnid"] for c in classes],
+        "resize": train_m["params"]["resize"],
         "keep_aspect": train_m["params"]["keep_aspect"],
-        "train_manifest": train_m, "val_manifest": val_m, "allowed_stale": stale,
-        "classes_url": contract.classes_url(cfg.data), "stats_url": contract.stats_url(cfg.data),
+        "train_manifest": train_m,
+        "val_manifest": val_m,
+        "allowed_stale": stale,
+        "classes_url": contract.classes_url(cfg.data),
+        "stats_url": contract.stats_url(cfg.data),
     }
 
 
@@ -671,13 +853,17 @@ def _check_geometry(cfg: TrainConfig, train_m: dict, val_m: dict) -> list[str]:
         raise StageError(f"--crop {cfg.crop} is larger than the {t['resize']} px shards: use --crop <= {t['resize']}.")
     if (t["resize"], t["keep_aspect"]) == (v["resize"], v["keep_aspect"]):
         return []
-    differ = (f"the train shards were made with resize {t['resize']} (keep_aspect {t['keep_aspect']}), the val "
-              f"shards with resize {v['resize']} (keep_aspect {v['keep_aspect']})")
+    differ = (
+        f"the train shards were made with resize {t['resize']} (keep_aspect {t['keep_aspect']}), the val "
+        f"shards with resize {v['resize']} (keep_aspect {v['keep_aspect']})"
+    )
     if cfg.allow_stale:
         return [differ]
     flags = f"--resize {t['resize']}" + (" --keep-aspect" if t["keep_aspect"] else "")
-    raise StageError(f"In '{cfg.data}' {differ}: rerun python -m pipelines shard --data {cfg.data} --split val "
-                     f"{flags}, or pass --allow-stale to validate on them as they are.")
+    raise StageError(
+        f"In '{cfg.data}' {differ}: rerun python -m pipelines shard --data {cfg.data} --split val "
+        f"{flags}, or pass --allow-stale to validate on them as they are."
+    )
 
 
 def _check_plan(cfg: TrainConfig, inputs: dict) -> None:
@@ -687,8 +873,15 @@ def _check_plan(cfg: TrainConfig, inputs: dict) -> None:
     counts = [n for _, n in inputs["train_shards"]]
     for world in {cfg.workers, cfg.min_workers or cfg.workers}:
         try:
-            plan.epoch_plan(counts, seed=cfg.seed, epoch=1, batch_size=cfg.batch_size, world=world,
-                            loader_workers=cfg.loader_workers or 1, buffer=cfg.shuffle_buffer)
+            plan.epoch_plan(
+                counts,
+                seed=cfg.seed,
+                epoch=1,
+                batch_size=cfg.batch_size,
+                world=world,
+                loader_workers=cfg.loader_workers or 1,
+                buffer=cfg.shuffle_buffer,
+            )
         except ValueError as e:
             raise StageError(str(e)) from e
 
@@ -719,23 +912,29 @@ def _check_capacity(cfg: TrainConfig, resources: dict, gpu: bool, cpus: float) -
     kind = "GPU" if gpu else "CPU"
     have = int(resources.get(kind, 0))
     if need > have:
-        raise StageError(f"{flag} needs {need} {kind}s (one a worker) and this machine's Ray has {have}: use "
-                         f"--workers {max(have, 1)} or fewer, or a cluster (RAY_ADDRESS).")
+        raise StageError(
+            f"{flag} needs {need} {kind}s (one a worker) and this machine's Ray has {have}: use "
+            f"--workers {max(have, 1)} or fewer, or a cluster (RAY_ADDRESS)."
+        )
     have_cpus = float(resources.get("CPU", 0))
     if need * cpus > have_cpus:
-        raise StageError(f"{flag} with --cpus-per-worker {cpus:g} needs {need * cpus:g} CPUs and this machine's "
-                         f"Ray has {have_cpus:g}: use --cpus-per-worker {max(have_cpus // need, 1):g} or fewer.")
+        raise StageError(
+            f"{flag} with --cpus-per-worker {cpus:g} needs {need * cpus:g} CPUs and this machine's "
+            f"Ray has {have_cpus:g}: use --cpus-per-worker {max(have_cpus // need, 1):g} or fewer."
+        )
 
 
 def _check_amp(cfg: TrainConfig, gpu: bool | None) -> None:
     """(gpu None: not known yet, so nothing to say.)"""
     if cfg.amp == "fp16" and gpu is False:
-        raise StageError("--amp fp16 needs a GPU: on CPUs use --amp bf16 (where the CPU has bfloat16 "
-                         "instructions) or --amp off.")
+        raise StageError(
+            "--amp fp16 needs a GPU: on CPUs use --amp bf16 (where the CPU has bfloat16 instructions) or --amp off."
+        )
 
 
 def _validate(cfg: TrainConfig) -> None:
     import model
+
     from . import data
 
     if cfg.schedule not in SCHEDULES:
@@ -748,45 +947,61 @@ def _validate(cfg: TrainConfig) -> None:
         raise StageError(f"--workers {cfg.workers} / --epochs {cfg.epochs}: both must be at least 1.")
     for flag, value in (("--lr", cfg.lr), ("--momentum", cfg.momentum), ("--weight-decay", cfg.weight_decay)):
         if not value >= 0 or (flag == "--lr" and value == 0):
-            raise StageError(f"{flag} {value}: must be {'above' if flag == '--lr' else 'at least'} 0 "
-                             f"(the paper uses --lr 0.01 --momentum 0.9 --weight-decay 0.0005).")
+            raise StageError(
+                f"{flag} {value}: must be {'above' if flag == '--lr' else 'at least'} 0 "
+                f"(the paper uses --lr 0.01 --momentum 0.9 --weight-decay 0.0005)."
+            )
     if cfg.min_workers is not None and not 1 <= cfg.min_workers <= cfg.workers:
         raise StageError(f"--workers {cfg.min_workers}-{cfg.workers}: need 1 <= MIN <= MAX.")
     if cfg.batch_size < cfg.workers:
         # A global batch that does not divide by the world size is fine (ranks differ by one
         # sample and the loss is weighted per sample); each rank needs at least one.
-        raise StageError(f"--batch-size {cfg.batch_size} gives some of the {cfg.workers} workers no sample: "
-                         f"use --batch-size >= {cfg.workers}.")
+        raise StageError(
+            f"--batch-size {cfg.batch_size} gives some of the {cfg.workers} workers no sample: "
+            f"use --batch-size >= {cfg.workers}."
+        )
     if cfg.checkpoint_every is not None and cfg.checkpoint_every < 1:
-        raise StageError(f"--checkpoint-every {cfg.checkpoint_every}: must be at least 1 step (leave it out for "
-                         f"about one every {cfg.checkpoint_interval_s:.0f} s).")
+        raise StageError(
+            f"--checkpoint-every {cfg.checkpoint_every}: must be at least 1 step (leave it out for "
+            f"about one every {cfg.checkpoint_interval_s:.0f} s)."
+        )
     if cfg.progress_every is not None and cfg.progress_every < 1:
-        raise StageError(f"--progress-every {cfg.progress_every}: must be at least 1 step (leave it out for "
-                         "a line every tenth of an epoch).")
+        raise StageError(
+            f"--progress-every {cfg.progress_every}: must be at least 1 step (leave it out for "
+            "a line every tenth of an epoch)."
+        )
     if cfg.ledger and storage.is_s3(cfg.ledger):
         raise StageError(f"--ledger {cfg.ledger}: the sample ledger is a local folder (a debugging aid).")
     if cfg.crop < 64:
         raise StageError(f"--crop {cfg.crop}: AlexNet needs at least 64 px.")
-    for flag, value, allowed in (("--amp", cfg.amp, AMPS), ("--lr-scaling", cfg.lr_scaling, LR_SCALINGS),
-                                 ("--grad-compression", cfg.grad_compression, GRAD_COMPRESSIONS)):
+    for flag, value, allowed in (
+        ("--amp", cfg.amp, AMPS),
+        ("--lr-scaling", cfg.lr_scaling, LR_SCALINGS),
+        ("--grad-compression", cfg.grad_compression, GRAD_COMPRESSIONS),
+    ):
         if value not in allowed:
             raise StageError(f"Unknown {flag} '{value}'. Expected one of: {', '.join(allowed)}.")
     if cfg.warmup_epochs < 0 or cfg.warmup_epochs > cfg.epochs:
         raise StageError(f"--warmup-epochs {cfg.warmup_epochs}: must be from 0 to --epochs ({cfg.epochs}).")
     if cfg.warmup_start is not None and not 0 < cfg.warmup_start <= 1:
-        raise StageError(f"--warmup-start {cfg.warmup_start}: the first step's fraction of the peak lr, "
-                         "above 0 and at most 1.")
+        raise StageError(
+            f"--warmup-start {cfg.warmup_start}: the first step's fraction of the peak lr, above 0 and at most 1."
+        )
     if cfg.lr_reference_batch < 1:
-        raise StageError(f"--lr-reference-batch {cfg.lr_reference_batch}: must be at least 1 "
-                         "(the paper's lr 0.01 was for batches of 128).")
+        raise StageError(
+            f"--lr-reference-batch {cfg.lr_reference_batch}: must be at least 1 "
+            "(the paper's lr 0.01 was for batches of 128)."
+        )
     if cfg.cpus_per_worker is not None and not cfg.cpus_per_worker > 0:
         raise StageError(f"--cpus-per-worker {cfg.cpus_per_worker}: must be above 0.")
     if cfg.batch_per_worker is not None and cfg.batch_per_worker < 1:
         raise StageError(f"--batch-per-worker {cfg.batch_per_worker}: must be at least 1.")
     _check_amp(cfg, cfg.gpu)
     if cfg.decode not in data.DECODES:
-        raise StageError(f"Unknown decode '{cfg.decode}'. Expected one of: {', '.join(data.DECODES)} "
-                         "(auto: on the GPU when training on one, else in the loader workers).")
+        raise StageError(
+            f"Unknown decode '{cfg.decode}'. Expected one of: {', '.join(data.DECODES)} "
+            "(auto: on the GPU when training on one, else in the loader workers)."
+        )
 
 
 def run(cfg: TrainConfig, parent_run_id: str | None = None) -> dict:
@@ -823,22 +1038,41 @@ def run(cfg: TrainConfig, parent_run_id: str | None = None) -> dict:
     # Workers train on CUDA exactly when gpu is set, so "auto" resolves here and the run
     # records the decode path it used.
     decode = data.choose_decode(cfg.decode, "cuda" if gpu else "cpu")
-    resolved = dataclasses.replace(cfg, name=name, storage=runs, gpu=gpu, decode=decode, cpus_per_worker=cpus,
-                                   amp=resolve_amp(cfg.amp, gpu))
-    conflicts = tracking.log_params(run_id, {**dataclasses.asdict(resolved), **tracking.environment(),
-                                             "num_classes": inputs["num_classes"],
-                                             "train_samples": inputs["train_manifest"]["samples"]})
+    resolved = dataclasses.replace(
+        cfg, name=name, storage=runs, gpu=gpu, decode=decode, cpus_per_worker=cpus, amp=resolve_amp(cfg.amp, gpu)
+    )
+    conflicts = tracking.log_params(
+        run_id,
+        {
+            **dataclasses.asdict(resolved),
+            **tracking.environment(),
+            "num_classes": inputs["num_classes"],
+            "train_samples": inputs["train_manifest"]["samples"],
+        },
+    )
     if conflicts:
-        print(f"train: warning: resuming '{name}' with changed settings, kept the first values of: "
-              f"{', '.join(conflicts)}", file=sys.stderr)
+        print(
+            f"train: warning: resuming '{name}' with changed settings, kept the first values of: "
+            f"{', '.join(conflicts)}",
+            file=sys.stderr,
+        )
     manifest = inputs["train_manifest"]
-    tracking.log_dataset(run_id, name="imagenet-train-shards", digest=manifest["digest"],
-                         source=contract.manifest_url(cfg.data, "train"),
-                         profile={"samples": manifest["samples"], "shards": len(manifest["shards"])})
+    tracking.log_dataset(
+        run_id,
+        name="imagenet-train-shards",
+        digest=manifest["digest"],
+        source=contract.manifest_url(cfg.data, "train"),
+        profile={"samples": manifest["samples"], "shards": len(manifest["shards"])},
+    )
     val_m = inputs["val_manifest"]  # what val_top1 (and the best checkpoint's choice) was measured on
-    tracking.log_dataset(run_id, name="imagenet-val-shards", digest=val_m["digest"],
-                         source=contract.manifest_url(cfg.data, "val"), context="validation",
-                         profile={"samples": val_m["samples"], "shards": len(val_m["shards"])})
+    tracking.log_dataset(
+        run_id,
+        name="imagenet-val-shards",
+        digest=val_m["digest"],
+        source=contract.manifest_url(cfg.data, "val"),
+        context="validation",
+        profile={"samples": val_m["samples"], "shards": len(val_m["shards"])},
+    )
     tracking.log_yaml(run_id, dataclasses.asdict(resolved), "config.yaml")
     tracking.log_json(run_id, storage.read_json(inputs["classes_url"]), "classes.json")
     tracking.log_json(run_id, storage.read_json(inputs["stats_url"]), "stats.json")
@@ -848,27 +1082,48 @@ def run(cfg: TrainConfig, parent_run_id: str | None = None) -> dict:
     tracking.link_lineage(run_id, tracking.lineage(manifest["digest"]), f"`{cfg.data}`")
     tracking.set_tags(run_id, tracking.allowed_stale_tag(inputs["allowed_stale"]))
 
-    loop_config = {**dataclasses.asdict(resolved), **{k: inputs[k] for k in
-                   ("train_shards", "val_shards", "stats", "num_classes", "classes_digest", "wnids", "resize", "keep_aspect")},
-                   "run_id": run_id, "tracking_uri": tracking.tracking_uri()}
+    loop_config = {
+        **dataclasses.asdict(resolved),
+        **{
+            k: inputs[k]
+            for k in (
+                "train_shards",
+                "val_shards",
+                "stats",
+                "num_classes",
+                "classes_digest",
+                "wnids",
+                "resize",
+                "keep_aspect",
+            )
+        },
+        "run_id": run_id,
+        "tracking_uri": tracking.tracking_uri(),
+    }
     # --workers MIN-MAX: Ray Train starts with as many as it can get (at least MIN) and, when a
     # node is lost, restarts the group on the workers left; the plan re-deals the epoch's rest.
     workers = (cfg.min_workers, cfg.workers) if cfg.min_workers is not None else cfg.workers
     trainer = TorchTrainer(
-        train_loop, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
-                                     resources_per_worker={"CPU": cpus}),
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(
-            name=name, storage_path=runs_path, storage_filesystem=runs_fs,
+            name=name,
+            storage_path=runs_path,
+            storage_filesystem=runs_fs,
             # Epoch-end checkpoints score their val_top1, mid-epoch ones -1: the best epochs are
             # kept, and Ray keeps the latest of any kind for resuming.
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
-                                               checkpoint_score_attribute="checkpoint_score",
-                                               checkpoint_score_order="max"),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints,
+                checkpoint_score_attribute="checkpoint_score",
+                checkpoint_score_order="max",
+            ),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             # Ray Train's own INFO lines (every report, every checkpoint, 500 characters each)
             # drown the run's; its warnings and errors still show.
-            logging_config=LoggingConfig(log_level="WARNING")))
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
     # A Ray of this machine alone, started for this process: no cloud drains its node, and Ray
     # Train's preemption watcher would be one more actor process, whose start Ray reports with an
     # error-level line. A cluster's runs keep it. (Read from the environment as fit() starts.)
@@ -888,6 +1143,7 @@ def run(cfg: TrainConfig, parent_run_id: str | None = None) -> dict:
     if result.checkpoint is None:
         tracking.end_run(run_id, "FAILED")
         raise StageError(f"Training '{name}' ended without a checkpoint; see the worker logs above.")
+
     def where(ckpt) -> str:
         return f"s3://{ckpt.path}" if runs_fs is not None else ckpt.path
 
@@ -901,14 +1157,36 @@ def run(cfg: TrainConfig, parent_run_id: str | None = None) -> dict:
     # An outage during training held some epochs back: log them now, waiting for the server.
     patience = float(os.environ.get("PIPELINES_TRACKING_PATIENCE_S", 900))
     _when_tracking_is_back("logging the epochs' metrics", lambda: _log_epochs(run_id, state["history"]), patience)
-    model_uri = _when_tracking_is_back("logging the model", lambda: _log_classifier(
-        cfg, run_id, best_state, inputs), patience)
-    _when_tracking_is_back("finishing the run", lambda: (
-        tracking.set_tags(run_id, {"pipelines.checkpoint": ckpt_dir, "pipelines.best_checkpoint": best_dir,
-                                   "pipelines.data": cfg.data, "pipelines.model_uri": model_uri}),
-        tracking.end_run(run_id, "FINISHED")), patience)
-    return _summary(cfg, name, run_id, state, ckpt_dir, model_uri, seconds=time.monotonic() - t0, gpu=gpu,
-                    best=(best_state, best_dir))
+    model_uri = _when_tracking_is_back(
+        "logging the model", lambda: _log_classifier(cfg, run_id, best_state, inputs), patience
+    )
+    _when_tracking_is_back(
+        "finishing the run",
+        lambda: (
+            tracking.set_tags(
+                run_id,
+                {
+                    "pipelines.checkpoint": ckpt_dir,
+                    "pipelines.best_checkpoint": best_dir,
+                    "pipelines.data": cfg.data,
+                    "pipelines.model_uri": model_uri,
+                },
+            ),
+            tracking.end_run(run_id, "FINISHED"),
+        ),
+        patience,
+    )
+    return _summary(
+        cfg,
+        name,
+        run_id,
+        state,
+        ckpt_dir,
+        model_uri,
+        seconds=time.monotonic() - t0,
+        gpu=gpu,
+        best=(best_state, best_dir),
+    )
 
 
 def _log_classifier(cfg: TrainConfig, run_id: str, state: dict, inputs: dict) -> str:
@@ -924,12 +1202,22 @@ def _log_classifier(cfg: TrainConfig, run_id: str, state: dict, inputs: dict) ->
     geometry = {"resize": params["resize"], "keep_aspect": params["keep_aspect"], "crop": cfg.crop}
     url = inputs["val_shards"][0][0]
     doc = tarindex.read(url)
-    run = storage.read_range(url, doc["offsets"][0], doc["offsets"][min(2, doc["samples"]) - 1] - doc["offsets"][0]
-                             + doc["sizes"][min(2, doc["samples"]) - 1])
+    run = storage.read_range(
+        url,
+        doc["offsets"][0],
+        doc["offsets"][min(2, doc["samples"]) - 1] - doc["offsets"][0] + doc["sizes"][min(2, doc["samples"]) - 1],
+    )
     example = pd.DataFrame({"image": [jpg for _, jpg, _ in tarindex.parse_run(run, url)]})
     classes, stats_ = storage.read_bytes(inputs["classes_url"]), storage.read_bytes(inputs["stats_url"])
-    output = pd.DataFrame(classifier.classify(checkpoint.model_from_state(state).eval(), list(example["image"]),
-                                              geometry, json.loads(classes), json.loads(stats_)))
+    output = pd.DataFrame(
+        classifier.classify(
+            checkpoint.model_from_state(state).eval(),
+            list(example["image"]),
+            geometry,
+            json.loads(classes),
+            json.loads(stats_),
+        )
+    )
     with tempfile.TemporaryDirectory() as tmp:
         files = classifier.artifacts(state, geometry, classes, stats_, tmp)
         return tracking.log_classifier(run_id, files, example, output, register=cfg.register, alias=cfg.alias)
@@ -959,14 +1247,25 @@ def _by_node(workers: list[dict]) -> list[dict]:
 def _summary(cfg, name, run_id, state, ckpt_dir, model_uri, seconds, skipped=False, gpu=None, best=None) -> dict:
     last = state["history"][-1]
     best_state, best_dir = best or (state, ckpt_dir)
-    return {"stage": "train", "data": cfg.data, "name": name, "run_id": run_id, "epochs": last["epoch"],
-            **{k: last[k] for k in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5")},
-            # the last epoch's speed: what a GPU check or a sweep compares across machines
-            **{k: last.get(k) for k in ("images_per_second", "data_wait_fraction")},
-            "checkpoint": ckpt_dir, "best_checkpoint": best_dir, "best_epoch": best_state["history"][-1]["epoch"],
-            "model_uri": model_uri, "gpu": gpu, "workers": cfg.workers,
-            # the ranks of the last worker group, by node (a group restarted after a node loss differs)
-            "nodes": _by_node(state.get("workers") or []),
-            "left_out_per_epoch": last.get("left_out", 0),
-            "skipped": skipped, "seconds": round(seconds, 2),
-            "input_digest": contract.read_manifest(cfg.data, "train")["digest"]}
+    return {
+        "stage": "train",
+        "data": cfg.data,
+        "name": name,
+        "run_id": run_id,
+        "epochs": last["epoch"],
+        **{k: last[k] for k in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5")},
+        # the last epoch's speed: what a GPU check or a sweep compares across machines
+        **{k: last.get(k) for k in ("images_per_second", "data_wait_fraction")},
+        "checkpoint": ckpt_dir,
+        "best_checkpoint": best_dir,
+        "best_epoch": best_state["history"][-1]["epoch"],
+        "model_uri": model_uri,
+        "gpu": gpu,
+        "workers": cfg.workers,
+        # the ranks of the last worker group, by node (a group restarted after a node loss differs)
+        "nodes": _by_node(state.get("workers") or []),
+        "left_out_per_epoch": last.get("left_out", 0),
+        "skipped": skipped,
+        "seconds": round(seconds, 2),
+        "input_digest": contract.read_manifest(cfg.data, "train")["digest"],
+    }

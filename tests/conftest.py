@@ -1,5 +1,6 @@
 """Shared fixtures: one generated ImageNet sample and one local Ray for the whole session
 (starting Ray costs ~10 s on 2 cores; every stage reuses the running one)."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.sample import SampleConfig, run as make_sample
+from pipelines.sample import SampleConfig
+from pipelines.sample import run as make_sample
 
 LAYOUTS = {"ilsvrc-tar": "tarballs", "kaggle": "kaggle", "folder": "folders"}
 

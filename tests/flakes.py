@@ -10,6 +10,7 @@ in ``--out`` (default ``flakes/``), with a failed round's temporary files (logs 
 files over 16 MiB left out) for the failure to be read; the table
 goes to stdout and, with every test's outcome per round, to ``OUT/flakes.json``. Exit status 1
 when any test failed in any round."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,19 @@ def run_round(k: int, out: Path, selection: list[str]) -> dict[str, dict]:
     folder = out / f"round-{k}"
     folder.mkdir(parents=True, exist_ok=True)
     junit = folder / "junit.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "junit_family=xunit2",
-           f"--basetemp={folder / 'tmp'}", f"--junitxml={junit}", *selection]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "junit_family=xunit2",
+        f"--basetemp={folder / 'tmp'}",
+        f"--junitxml={junit}",
+        *selection,
+    ]
     with (folder / "pytest.log").open("w") as log:
         subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
     if not junit.exists():
@@ -63,8 +75,15 @@ def _outcomes(junit: Path) -> dict[str, dict]:
         module = case.get("classname", "").replace(".", "/")
         test_id = f"{module}.py::{case.get('name')}"
         tags = {child.tag for child in case}
-        outcome = ("failed" if "failure" in tags else "error" if "error" in tags
-                   else "skipped" if "skipped" in tags else "passed")
+        outcome = (
+            "failed"
+            if "failure" in tags
+            else "error"
+            if "error" in tags
+            else "skipped"
+            if "skipped" in tags
+            else "passed"
+        )
         results[test_id] = {"outcome": outcome, "seconds": float(case.get("time", 0))}
     return results
 
@@ -81,8 +100,9 @@ def table(rounds: list[dict[str, dict]]) -> tuple[str, bool]:
         ran = [s["seconds"] for s in seen if s["outcome"] != "skipped"]
         median = f"{statistics.median(ran):.0f}" if ran else "-"
         skipped = sum(s["outcome"] == "skipped" for s in seen)
-        note = ", ".join(x for x in (f"{skipped} skipped" if skipped else "",
-                                     f"{missing} not run" if missing else "") if x)
+        note = ", ".join(
+            x for x in (f"{skipped} skipped" if skipped else "", f"{missing} not run" if missing else "") if x
+        )
         rows.append(f"{bad}/{len(rounds)}  {median:>5}  {t}{'  (' + note + ')' if note else ''}")
     head = "failed  median s  test"
     return "\n".join([head, *rows]), clean
@@ -105,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         took = time.monotonic() - t0
         failed = sorted(t for t, r in rounds[-1].items() if r["outcome"] in ("failed", "error"))
         left = (time.monotonic() - started) / k * (args.rounds - k)
-        print(f"round {k}/{args.rounds}: {len(rounds[-1])} tests, {len(failed)} failed, {took:.0f} s"
-              f"{f', about {left / 60:.0f} min left' if k < args.rounds else ''}", flush=True)
+        print(
+            f"round {k}/{args.rounds}: {len(rounds[-1])} tests, {len(failed)} failed, {took:.0f} s"
+            f"{f', about {left / 60:.0f} min left' if k < args.rounds else ''}",
+            flush=True,
+        )
         for t in failed:
             print(f"  failed: {t} (output: {out / f'round-{k}' / 'pytest.log'})", flush=True)
     text, clean = table(rounds)

@@ -1,4 +1,5 @@
 """Small readers and writers the tests use for what the stages read and write."""
+
 from __future__ import annotations
 
 import io
@@ -57,8 +58,11 @@ def read_ledger(folder) -> dict[int, dict[int, dict[int, list[str]]]]:
     """The sample ledger as {epoch: {step: {rank: keys}}}, keeping for each (epoch, step) the
     entries of the latest attempt that reached it (a restart redoes the steps after its
     checkpoint; the earlier attempt's entries for them never reached the model)."""
-    entries = [json.loads(line) for p in sorted(Path(folder).glob("rank*-attempt*.jsonl"))
-               for line in p.read_text().splitlines()]
+    entries = [
+        json.loads(line)
+        for p in sorted(Path(folder).glob("rank*-attempt*.jsonl"))
+        for line in p.read_text().splitlines()
+    ]
     latest: dict[tuple[int, int], int] = {}
     for e in entries:
         latest[(e["epoch"], e["step"])] = max(latest.get((e["epoch"], e["step"]), 0), e["attempt"])
@@ -72,5 +76,6 @@ def read_ledger(folder) -> dict[int, dict[int, dict[int, list[str]]]]:
 
 
 def epoch_keys(ledger: dict, epoch: int) -> list[str]:
-    return [k for step in sorted(ledger[epoch]) for rank in sorted(ledger[epoch][step])
-            for k in ledger[epoch][step][rank]]
+    return [
+        k for step in sorted(ledger[epoch]) for rank in sorted(ledger[epoch][step]) for k in ledger[epoch][step][rank]
+    ]

@@ -23,6 +23,7 @@ Nothing here touches another Ray on the machine: processes are found by their se
 (each `ray start` is a session leader and Ray's processes never leave its session), never
 by name, and `ray stop` is never called.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,12 @@ CLUSTER_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disab
 # (defaults 3 s x 5); a test that kills nodes wants to hear of it sooner. A killed raylet fails
 # its checks at once (its port is closed), so the timeout can stay long enough for a live one
 # on a loaded 2-core machine never to be taken for dead.
-FAST_HEALTH_CHECK = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
-                     "RAY_health_check_timeout_ms": "5000", "RAY_health_check_failure_threshold": "3"}
+FAST_HEALTH_CHECK = {
+    "RAY_health_check_initial_delay_ms": "1000",
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "5000",
+    "RAY_health_check_failure_threshold": "3",
+}
 
 
 # For the driver of an elastic fit (Ray Train passes it on to its controller). After a node loss
@@ -72,7 +77,7 @@ def _session_pids(sid: int) -> list[int]:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp session
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session
         if int(fields[3]) == sid and fields[0] != "Z":
             pids.append(int(entry))
     return pids
@@ -189,9 +194,22 @@ class Cluster:
 
     def alive_nodes(self) -> int:
         """Nodes the GCS counts alive, the head included (asks the GCS, no driver needed)."""
-        out = subprocess.run([str(VENV_BIN / "ray"), "list", "nodes", f"--address={self.gcs}",
-                              "--filter", "state=ALIVE", "--format=json", "--limit=100"],
-                             capture_output=True, text=True, env={**os.environ, **self.env}, timeout=60)
+        out = subprocess.run(
+            [
+                str(VENV_BIN / "ray"),
+                "list",
+                "nodes",
+                f"--address={self.gcs}",
+                "--filter",
+                "state=ALIVE",
+                "--format=json",
+                "--limit=100",
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **self.env},
+            timeout=60,
+        )
         return len(json.loads(out.stdout)) if out.returncode == 0 else -1
 
     def node_of(self, pid: int) -> int | None:
@@ -201,7 +219,7 @@ class Cluster:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             return None
-        sid = int(stat[stat.rindex(")") + 2:].split()[3])
+        sid = int(stat[stat.rindex(")") + 2 :].split()[3])
         return next((n.index for n in [self.head, *self.workers] if n.proc.pid == sid), None)
 
 
@@ -210,24 +228,40 @@ class Cluster:
 # into the machine's IP and listens on every interface. A worker node therefore runs the same CLI with
 # the guard passed and the loopback address kept; its processes still inherit =0, so they stay on
 # 127.0.0.1 like the head's.
-_JOIN = ("import sys; import ray._private.ray_constants as c; import ray._private.services as s; "
-         "c.ENABLE_RAY_CLUSTER = True; s.resolve_ip_for_localhost = lambda host: host; "
-         "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; sys.exit(main())")
+_JOIN = (
+    "import sys; import ray._private.ray_constants as c; import ray._private.services as s; "
+    "c.ENABLE_RAY_CLUSTER = True; s.resolve_ip_for_localhost = lambda host: host; "
+    "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; sys.exit(main())"
+)
 
 
-def _ray_start(args: list[str], temp_dir: Path, log: Path, env: dict, join: bool = False,
-               ports: list[int] | None = None) -> subprocess.Popen:
+def _ray_start(
+    args: list[str], temp_dir: Path, log: Path, env: dict, join: bool = False, ports: list[int] | None = None
+) -> subprocess.Popen:
     ray = [str(VENV_BIN / "python"), "-c", _JOIN] if join else [str(VENV_BIN / "ray")]
     p = ports or free_ports(6)
-    cmd = [*ray, "start", "--block", "--node-ip-address=127.0.0.1", "--num-gpus=0",
-           f"--temp-dir={temp_dir}", "--disable-usage-stats",
-           f"--node-manager-port={p[0]}", f"--object-manager-port={p[1]}", f"--metrics-export-port={p[2]}",
-           f"--dashboard-agent-listen-port={p[3]}", f"--dashboard-agent-grpc-port={p[4]}",
-           f"--runtime-env-agent-port={p[5]}",
-           # 0: workers bind ports the OS picks, so nodes and other Rays never collide on a range
-           "--min-worker-port=0", "--max-worker-port=0", *args]
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True, stdin=subprocess.DEVNULL)
+    cmd = [
+        *ray,
+        "start",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        "--num-gpus=0",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        f"--node-manager-port={p[0]}",
+        f"--object-manager-port={p[1]}",
+        f"--metrics-export-port={p[2]}",
+        f"--dashboard-agent-listen-port={p[3]}",
+        f"--dashboard-agent-grpc-port={p[4]}",
+        f"--runtime-env-agent-port={p[5]}",
+        # 0: workers bind ports the OS picks, so nodes and other Rays never collide on a range
+        "--min-worker-port=0",
+        "--max-worker-port=0",
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True, stdin=subprocess.DEVNULL
+    )
 
 
 def _raylet_up(node: Node) -> bool:
@@ -264,8 +298,14 @@ def _start_worker(cluster: Cluster, spec: dict, timeout: float) -> Node:
 
 
 @contextmanager
-def ray_cluster(tmp: Path, workers: list[dict], head: dict | None = None, fast_health_check: bool = True,
-                timeout: float = 120, node_env: dict[str, str | None] | None = None):
+def ray_cluster(
+    tmp: Path,
+    workers: list[dict],
+    head: dict | None = None,
+    fast_health_check: bool = True,
+    timeout: float = 120,
+    node_env: dict[str, str | None] | None = None,
+):
     """A head (``head``: {"num_cpus": 0, "resources": {...}} by default no CPUs) and one worker
     node per entry of ``workers`` ({"num_cpus": 1, "resources": {"nodeA": 1}, "labels": {...}}),
     started one after the other (simultaneous starts collide). ``node_env``: what every node's
@@ -285,28 +325,47 @@ def ray_cluster(tmp: Path, workers: list[dict], head: dict | None = None, fast_h
         else:
             env[k] = v
     gcs_port, dash_port, client_port, *node_ports = free_ports(9)
-    head_args = ["--head", f"--port={gcs_port}", f"--num-cpus={head['num_cpus']}",
-                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-                 f"--ray-client-server-port={client_port}",
-                 f"--object-store-memory={int(head.get('object_store_memory', OBJECT_STORE))}"]
+    head_args = [
+        "--head",
+        f"--port={gcs_port}",
+        f"--num-cpus={head['num_cpus']}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash_port}",
+        f"--ray-client-server-port={client_port}",
+        f"--object-store-memory={int(head.get('object_store_memory', OBJECT_STORE))}",
+    ]
     if head.get("resources"):
         head_args.append(f"--resources={json.dumps(head['resources'])}")
     nodes: list[Node] = []
     cluster = None
     try:
-        head_node = Node(-1, _ray_start(head_args, root / "head", tmp / "head.log", env, ports=node_ports),
-                         root / "head", tmp / "head.log", head)
+        head_node = Node(
+            -1,
+            _ray_start(head_args, root / "head", tmp / "head.log", env, ports=node_ports),
+            root / "head",
+            tmp / "head.log",
+            head,
+        )
         nodes.append(head_node)
         _wait_node(head_node, "Ray head", timeout, lambda: _port_open(gcs_port))
         gcs = f"127.0.0.1:{gcs_port}"
-        cluster = Cluster(gcs=gcs, head=head_node, workers=[], root=root, logs=tmp, node_env=env,
-                          env={**CLUSTER_ENV, "RAY_ADDRESS": gcs}, dashboard=f"http://127.0.0.1:{dash_port}")
+        cluster = Cluster(
+            gcs=gcs,
+            head=head_node,
+            workers=[],
+            root=root,
+            logs=tmp,
+            node_env=env,
+            env={**CLUSTER_ENV, "RAY_ADDRESS": gcs},
+            dashboard=f"http://127.0.0.1:{dash_port}",
+        )
         for spec in workers:
             node = _start_worker(cluster, spec, timeout)
             cluster.workers.append(node)
         yield cluster
     finally:
-        everyone = ([cluster.head, *cluster.workers] if cluster else nodes)
+        everyone = [cluster.head, *cluster.workers] if cluster else nodes
         for node in reversed(everyone):  # workers first, the head (GCS) last
             try:
                 node.kill()
@@ -315,6 +374,12 @@ def ray_cluster(tmp: Path, workers: list[dict], head: dict | None = None, fast_h
         for node in everyone:  # keep the Ray logs: the temp dirs go
             src = node.temp_dir / "session_latest" / "logs"
             if src.is_dir():
-                shutil.copytree(src, tmp / "logs" / node.temp_dir.name, dirs_exist_ok=True, symlinks=True,
-                                ignore=shutil.ignore_patterns("*.sock", "*.pipe"), ignore_dangling_symlinks=True)
+                shutil.copytree(
+                    src,
+                    tmp / "logs" / node.temp_dir.name,
+                    dirs_exist_ok=True,
+                    symlinks=True,
+                    ignore=shutil.ignore_patterns("*.sock", "*.pipe"),
+                    ignore_dangling_symlinks=True,
+                )
         shutil.rmtree(root, ignore_errors=True)

@@ -4,6 +4,7 @@ server with its artifacts in that S3, and a Ray head with token authentication.
 Each runs as a child process in its own process group with state in a temp folder, on free
 ports, and is killed at the end (SeaweedFS ignores SIGTERM for >20 s: it gets SIGKILL).
 """
+
 from __future__ import annotations
 
 import json
@@ -107,8 +108,12 @@ def _kill(proc: subprocess.Popen, grace: float = 3) -> None:
 
 
 def s3_env(port: int, secret: str = SECRET_KEY) -> dict[str, str]:
-    return {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1"}
+    return {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_REGION": "us-east-1",
+    }
 
 
 class SeaweedFS:
@@ -118,14 +123,40 @@ class SeaweedFS:
     def __init__(self, tmp: Path):
         self.tmp = tmp
         (tmp / "data").mkdir(parents=True, exist_ok=True)
-        (tmp / "s3.json").write_text(json.dumps({"identities": [{
-            "name": "tester", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        (tmp / "s3.json").write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "tester",
+                            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
         # Every port it listens on, so that two servers (or one restarted) never meet on a default:
         # its gRPC ports default to each HTTP port + 10000, its Iceberg and Lance ports to fixed ones.
-        self.ports = {name: free_port() for name in (
-            "s3", "master", "filer", "volume", "admin", "debug", "webdav", "s3.port.grpc", "master.port.grpc",
-            "filer.port.grpc", "volume.port.grpc", "admin.port.grpc", "s3.port.iceberg", "s3.port.lance")}
+        self.ports = {
+            name: free_port()
+            for name in (
+                "s3",
+                "master",
+                "filer",
+                "volume",
+                "admin",
+                "debug",
+                "webdav",
+                "s3.port.grpc",
+                "master.port.grpc",
+                "filer.port.grpc",
+                "volume.port.grpc",
+                "admin.port.grpc",
+                "s3.port.iceberg",
+                "s3.port.lance",
+            )
+        }
         self.port = self.ports["s3"]
         self.env = s3_env(self.port)
         self.log = tmp / "weed.log"
@@ -133,18 +164,35 @@ class SeaweedFS:
 
     def start(self) -> None:
         p = self.ports
-        cmd = [str(VENV_BIN / "weed"), "mini", f"-dir={self.tmp / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               f"-bucket={BUCKET}", f"-s3.config={self.tmp / 's3.json'}", f"-s3.port={p['s3']}",
-               f"-master.port={p['master']}", f"-filer.port={p['filer']}", f"-volume.port={p['volume']}",
-               f"-admin.port={p['admin']}", f"-debug.port={p['debug']}", f"-webdav.port={p['webdav']}",
-               *[f"-{name}={port}" for name, port in p.items() if "." in name]]
+        cmd = [
+            str(VENV_BIN / "weed"),
+            "mini",
+            f"-dir={self.tmp / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-bucket={BUCKET}",
+            f"-s3.config={self.tmp / 's3.json'}",
+            f"-s3.port={p['s3']}",
+            f"-master.port={p['master']}",
+            f"-filer.port={p['filer']}",
+            f"-volume.port={p['volume']}",
+            f"-admin.port={p['admin']}",
+            f"-debug.port={p['debug']}",
+            f"-webdav.port={p['webdav']}",
+            *[f"-{name}={port}" for name, port in p.items() if "." in name],
+        ]
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
 
         def bucket_ready():
             import boto3
 
-            s3 = boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"], aws_access_key_id=ACCESS_KEY,
-                              aws_secret_access_key=SECRET_KEY, region_name="us-east-1")
+            s3 = boto3.client(
+                "s3",
+                endpoint_url=self.env["AWS_ENDPOINT_URL"],
+                aws_access_key_id=ACCESS_KEY,
+                aws_secret_access_key=SECRET_KEY,
+                region_name="us-east-1",
+            )
             s3.put_object(Bucket=BUCKET, Key="_ready", Body=b"1")
             return True
 
@@ -195,12 +243,24 @@ class MlflowServer:
             env["MLFLOW_S3_ENDPOINT_URL"] = self.s3["env"]["AWS_ENDPOINT_URL"]
         env.pop("MLFLOW_TRACKING_URI", None)
         artifacts = f"s3://{BUCKET}/mlartifacts" if self.s3 else str(self.tmp / "artifacts")
-        cmd = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.tmp}/mlflow.db",
-               "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(self.port),
-               "--workers", "1"]
+        cmd = [
+            str(VENV_BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.tmp}/mlflow.db",
+            "--artifacts-destination",
+            artifacts,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runners: tracking only
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("a"), stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log.open("a"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         wait_for(lambda: _http_ok(f"{self.uri}/health"), "MLflow server", 120, self.log)
 
     def stop(self) -> None:
@@ -230,16 +290,34 @@ def ray_head(tmp: Path, num_cpus: int = 2, node_env: dict | None = None):
     log = tmp / "ray.log"
     # Ray's unix sockets live under --temp-dir and must stay under 107 bytes: a short folder.
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    env = {**os.environ, **(node_env or {}), "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
-           "RAY_AUTH_MODE": "token"}
+    env = {
+        **os.environ,
+        **(node_env or {}),
+        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+        "RAY_AUTH_MODE": "token",
+    }
     env.pop("RAY_ADDRESS", None)
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={gcs}",
-           "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={ray_tmp}", "--disable-usage-stats",
-           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-           # 0: workers bind ports the OS picks, never a range shared with the tests' own Ray
-           "--min-worker-port=0", "--max-worker-port=0"]
+    cmd = [
+        str(VENV_BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--port={gcs}",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
+        f"--temp-dir={ray_tmp}",
+        "--disable-usage-stats",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        # 0: workers bind ports the OS picks, never a range shared with the tests' own Ray
+        "--min-worker-port=0",
+        "--max-worker-port=0",
+    ]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:

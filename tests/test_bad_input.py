@@ -1,5 +1,6 @@
 """Damaged and hostile inputs: each one is quarantined with its reason or
 stops the stage with a clear error; the job never crashes and never writes outside ROOT."""
+
 from __future__ import annotations
 
 import io
@@ -12,8 +13,8 @@ import pytest
 from PIL import Image
 
 from pipelines import contract, index, shard, sources
-from pipelines.common import StageError
 from pipelines.config import IndexConfig, ShardConfig
+from pipelines.errors import StageError
 
 from .helpers import read_shards, rejects
 
@@ -73,8 +74,7 @@ def hostile(tmp_path_factory) -> Path:
 
 
 def _snapshot(top: Path, root: Path) -> dict:
-    return {str(p): p.stat().st_mtime_ns for p in top.rglob("*")
-            if not p.is_relative_to(root) and not p.is_symlink()}
+    return {str(p): p.stat().st_mtime_ns for p in top.rglob("*") if not p.is_relative_to(root) and not p.is_symlink()}
 
 
 def test_every_bad_input_is_quarantined_with_its_reason(hostile, ray_local):
@@ -126,7 +126,7 @@ def test_hostile_tar_entries_in_the_train_tar(sample_src, tmp_path):
         _tar_add(tar, sym)
     with tarfile.open(tarballs / sources.TRAIN_TAR, "a") as outer:
         _tar_add(outer, tarfile.TarInfo("n99999999.tar"), inner.getvalue())  # not a devkit class
-        _tar_add(outer, tarfile.TarInfo(f"{wnid}.tar"), inner.getvalue())    # a second tar of a real class
+        _tar_add(outer, tarfile.TarInfo(f"{wnid}.tar"), inner.getvalue())  # a second tar of a real class
     root = tmp_path / "root"
     index.run(IndexConfig(source=str(tarballs), data=str(root)))
     got = {r["key"]: r["reason"] for r in rejects(root)}

@@ -2,6 +2,7 @@
 
 Rates are not checked against thresholds: benchmarks are measurements, not timed tests.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,14 +19,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_benchmark_runs_on_cpu(tmp_path):
     env = {**os.environ, "BENCH_OUT": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--tiny",
-                        "--compile-backend", "eager"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--tiny", "--compile-backend", "eager"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.loads((tmp_path / "gpu.json").read_text())
     rows = {(row["part"], row["contender"]): row for row in record["rows"]}
-    assert set(rows) == {("model", "eager"), ("model", "compiled"),
-                         ("end-to-end", "decode=worker"), ("end-to-end", "decode=device")}
+    assert set(rows) == {
+        ("model", "eager"),
+        ("model", "compiled"),
+        ("end-to-end", "decode=worker"),
+        ("end-to-end", "decode=device"),
+    }
     for row in rows.values():
         assert row["images/s"] > 0, row
     for name in ("eager", "compiled"):
@@ -38,16 +48,20 @@ def test_gpu_benchmark_runs_on_cpu(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
 def test_gpu_benchmark_without_cuda_says_how_to_run_it():
-    r = subprocess.run([sys.executable, "-m", "benchmarks.gpu"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run([sys.executable, "-m", "benchmarks.gpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--device cpu --tiny" in r.stderr
 
 
 def test_s3_benchmark_runs_small_and_counts_the_gets(tmp_path):
     env = {**os.environ, "BENCH_OUT": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-m", "benchmarks.s3", "--images", "256", "--repeats", "1", "--warmup", "0"],
-                       cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmarks.s3", "--images", "256", "--repeats", "1", "--warmup", "0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.loads((tmp_path / "s3.json").read_text())
     rows = {row["contender"]: row for row in record["rows"]}
@@ -101,12 +115,14 @@ def test_loader_floor_and_report_rows(tmp_path, monkeypatch):
     def fake(rate):
         def run():
             loader._Clock.images, loader._Clock.first, loader._Clock.rest = 256, 0.5, 256 / rate
+
         return run
 
     monkeypatch.setattr(common, "OUT", str(tmp_path))
     a = argparse.Namespace(repeats=1, batch=128, crop=224, workers=2)
-    record = loader._measure(a, {"pipelines": fake(800.0), "webdataset": fake(400.0), "torchvision": fake(200.0),
-                                 "floor": floor}, 3, [])
+    record = loader._measure(
+        a, {"pipelines": fake(800.0), "webdataset": fake(400.0), "torchvision": fake(200.0), "floor": floor}, 3, []
+    )
     rows = {r["contender"]: r for r in record["rows"]}
     assert set(rows) == {"pipelines", "webdataset", "torchvision", "floor"}
     assert set(record["floor"]["images_per_s_per_core"]) == {"torchvision.io.decode_jpeg", "PIL"}

@@ -1,5 +1,6 @@
 """Reading the source in bulk: the index deals runs of neighbouring images to shards, and the
 shard stage reads each run with one ranged read (one GET on S3), several at once."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,8 @@ import pytest
 
 from pipelines import contract, index, shard
 from pipelines.config import IndexConfig
-from pipelines.sample import SampleConfig, run as make_sample
+from pipelines.sample import SampleConfig
+from pipelines.sample import run as make_sample
 
 from . import services as sv
 
@@ -23,14 +25,22 @@ def _row(path, offset, size, key="k"):
 
 def test_neighbouring_ranges_merge_and_far_ones_do_not():
     gap, cap = shard.MERGE_GAP, shard.MAX_READ
-    rows = [_row("a.tar", 1000, 100), _row("a.tar", 0, 500),  # out of order: sorted by offset
-            _row("a.tar", 1100 + gap + 1, 10),                   # just past the gap: a read of its own
-            _row("b.tar", 0, 10),                                # another file: another read
-            _row("c.tar", 0, cap - 10), _row("c.tar", cap - 10, 20)]  # would pass MAX_READ: split
+    rows = [
+        _row("a.tar", 1000, 100),
+        _row("a.tar", 0, 500),  # out of order: sorted by offset
+        _row("a.tar", 1100 + gap + 1, 10),  # just past the gap: a read of its own
+        _row("b.tar", 0, 10),  # another file: another read
+        _row("c.tar", 0, cap - 10),
+        _row("c.tar", cap - 10, 20),
+    ]  # would pass MAX_READ: split
     plan = shard.read_plan(rows)
     assert [(p, s, e, m) for p, s, e, m in plan] == [
-        ("a.tar", 0, 1100, [1, 0]), ("a.tar", 1101 + gap, 1111 + gap, [2]), ("b.tar", 0, 10, [3]),
-        ("c.tar", 0, cap - 10, [4]), ("c.tar", cap - 10, cap + 10, [5])]
+        ("a.tar", 0, 1100, [1, 0]),
+        ("a.tar", 1101 + gap, 1111 + gap, [2]),
+        ("b.tar", 0, 10, [3]),
+        ("c.tar", 0, cap - 10, [4]),
+        ("c.tar", cap - 10, cap + 10, [5]),
+    ]
     # Loose files (each its own object) are one read each, whatever their order.
     assert len(shard.read_plan([_row(f"f{i}.jpg", 0, 5) for i in range(5)])) == 5
 
@@ -59,7 +69,10 @@ def test_shards_are_made_of_runs_of_neighbours_and_still_mix_classes(src, tmp_pa
     assignments = {}
     for layout in ("tarballs", "folders"):
         index.run(IndexConfig(source=str(src / layout), data=str(tmp_path / layout), samples_per_shard=1024))
-        assignments[layout] = {r["key"]: (r["shard"], r["position"]) for r in contract.read_index(str(tmp_path / layout), "train").to_pylist()}
+        assignments[layout] = {
+            r["key"]: (r["shard"], r["position"])
+            for r in contract.read_index(str(tmp_path / layout), "train").to_pylist()
+        }
     assert assignments["tarballs"] == assignments["folders"]  # members in key order: same shards
     rows = contract.read_index(str(tmp_path / "tarballs"), "train").to_pylist()
     assert index.run_length(1024) == 64
@@ -86,11 +99,14 @@ def test_the_index_read_as_ray_tasks_equals_the_index_read_in_this_process(src, 
         got = {}
         for parallel in ("local", "ray"):
             root = str(tmp_path / layout / parallel)
-            summary = index.run(IndexConfig(source=str(src / layout), data=root, samples_per_shard=1024,
-                                            parallel=parallel))
+            summary = index.run(
+                IndexConfig(source=str(src / layout), data=root, samples_per_shard=1024, parallel=parallel)
+            )
             assert summary["ray_tasks"] == (units if parallel == "ray" else 0)
-            got[parallel] = ({split: contract.read_index(root, split).to_pylist() for split in ("train", "val")},
-                             json.loads((tmp_path / layout / parallel / "index" / "index.json").read_text())["digests"])
+            got[parallel] = (
+                {split: contract.read_index(root, split).to_pylist() for split in ("train", "val")},
+                json.loads((tmp_path / layout / parallel / "index" / "index.json").read_text())["digests"],
+            )
         assert got["ray"] == got["local"]
         assert len(got["ray"][0]["train"]) == 8 * 160
 
@@ -104,20 +120,32 @@ def test_shard_stage_reads_the_tarballs_in_s3_with_one_get_per_run(src, tmp_path
     import boto3
 
     with sv.seaweedfs(tmp_path / "s3") as s3:
-        client = boto3.client("s3", endpoint_url=s3["env"]["AWS_ENDPOINT_URL"], aws_access_key_id=sv.ACCESS_KEY,
-                              aws_secret_access_key=sv.SECRET_KEY, region_name="us-east-1")
+        client = boto3.client(
+            "s3",
+            endpoint_url=s3["env"]["AWS_ENDPOINT_URL"],
+            aws_access_key_id=sv.ACCESS_KEY,
+            aws_secret_access_key=sv.SECRET_KEY,
+            region_name="us-east-1",
+        )
         for layout in ("tarballs", "kaggle"):
             for f in (src / layout).rglob("*"):
                 if f.is_file():
                     client.upload_file(str(f), sv.BUCKET, f"{layout}/{f.relative_to(src / layout)}")
         env = dict(os.environ, **s3["env"], RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
         summaries = {}
-        for where, source, root in (("local", str(src / "tarballs"), str(tmp_path / "local")),
-                                    ("s3", f"s3://{sv.BUCKET}/tarballs", f"s3://{sv.BUCKET}/root"),
-                                    ("kaggle", f"s3://{sv.BUCKET}/kaggle", f"s3://{sv.BUCKET}/root-kaggle")):
+        for where, source, root in (
+            ("local", str(src / "tarballs"), str(tmp_path / "local")),
+            ("s3", f"s3://{sv.BUCKET}/tarballs", f"s3://{sv.BUCKET}/root"),
+            ("kaggle", f"s3://{sv.BUCKET}/kaggle", f"s3://{sv.BUCKET}/root-kaggle"),
+        ):
             for stage in (["index", "--source", source, "--samples-per-shard", "1024"], ["shard", "--resize", "64"]):
-                proc = subprocess.run([sys.executable, "-m", "pipelines", stage[0], "--data", root, *stage[1:]],
-                                      env=env, capture_output=True, text=True, timeout=600)
+                proc = subprocess.run(
+                    [sys.executable, "-m", "pipelines", stage[0], "--data", root, *stage[1:]],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                )
                 assert proc.returncode == 0, proc.stderr[-3000:]
                 summaries[where, stage[0]] = json.loads(proc.stdout.strip().splitlines()[-1])
         local, remote, kaggle = (summaries[w, "shard"] for w in ("local", "s3", "kaggle"))

@@ -1,4 +1,5 @@
 """The checkpoint format: a round trip, and a file carrying code is refused, not run."""
+
 from __future__ import annotations
 
 import os
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from pipelines import checkpoint
-from pipelines.common import StageError
+from pipelines.errors import StageError
 
 
 class _Payload:
@@ -21,8 +22,13 @@ class _Payload:
 
 
 def test_round_trip_keeps_tensors_and_plain_values(tmp_path):
-    state = {"model": {"w": torch.arange(6.0).view(2, 3)}, "epoch": 3, "history": [{"val_top1": 0.5}],
-             "position": {"epoch": 4, "segments": [[2, 1, 5]], "sums": {"loss": 1.5}}, "stats": {"mean": [0.5] * 3}}
+    state = {
+        "model": {"w": torch.arange(6.0).view(2, 3)},
+        "epoch": 3,
+        "history": [{"val_top1": 0.5}],
+        "position": {"epoch": 4, "segments": [[2, 1, 5]], "sums": {"loss": 1.5}},
+        "stats": {"mean": [0.5] * 3},
+    }
     checkpoint.save(state, str(tmp_path))
     assert checkpoint.exists(str(tmp_path))
     back = checkpoint.load(str(tmp_path))

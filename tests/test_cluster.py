@@ -1,6 +1,7 @@
 """The way a team runs it: data and checkpoints in S3 (SeaweedFS), runs on an MLflow
 server whose artifacts go to S3, every stage submitted as a Ray job to a Ray head with token
 authentication. All three are real servers on loopback, started here."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,8 @@ import sys
 import boto3
 import pytest
 
-from pipelines.sample import SampleConfig, run as make_sample
+from pipelines.sample import SampleConfig
+from pipelines.sample import run as make_sample
 
 from . import services as sv
 
@@ -22,16 +24,30 @@ ROOT = f"s3://{sv.BUCKET}/root"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stack")
-    with sv.seaweedfs(tmp / "s3") as s3, sv.mlflow_server(tmp / "mlflow", s3) as ml, sv.ray_head(tmp / "ray", node_env=sv.s3_env(s3["port"])) as ray:
-        env = {**os.environ, **s3["env"], "MLFLOW_TRACKING_URI": ml["uri"], "RAY_ADDRESS": ray["address"],
-               "RAY_AUTH_MODE": "token"}
+    with (
+        sv.seaweedfs(tmp / "s3") as s3,
+        sv.mlflow_server(tmp / "mlflow", s3) as ml,
+        sv.ray_head(tmp / "ray", node_env=sv.s3_env(s3["port"])) as ray,
+    ):
+        env = {
+            **os.environ,
+            **s3["env"],
+            "MLFLOW_TRACKING_URI": ml["uri"],
+            "RAY_ADDRESS": ray["address"],
+            "RAY_AUTH_MODE": "token",
+        }
         yield {"s3": s3, "mlflow": ml, "ray": ray, "env": env, "tmp": tmp}
 
 
 def _s3(stack):
     e = stack["s3"]["env"]
-    return boto3.client("s3", endpoint_url=e["AWS_ENDPOINT_URL"], aws_access_key_id=e["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=e["AWS_SECRET_ACCESS_KEY"], region_name=e["AWS_REGION"])
+    return boto3.client(
+        "s3",
+        endpoint_url=e["AWS_ENDPOINT_URL"],
+        aws_access_key_id=e["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=e["AWS_SECRET_ACCESS_KEY"],
+        region_name=e["AWS_REGION"],
+    )
 
 
 def _keys(stack, prefix: str) -> list[str]:
@@ -40,8 +56,13 @@ def _keys(stack, prefix: str) -> list[str]:
 
 
 def _pipelines(stack, *args, env=None, timeout=600) -> tuple[subprocess.CompletedProcess, dict | None]:
-    proc = subprocess.run([sys.executable, "-m", "pipelines", *args], capture_output=True, text=True,
-                          env=env or stack["env"], timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines", *args],
+        capture_output=True,
+        text=True,
+        env=env or stack["env"],
+        timeout=timeout,
+    )
     lines = proc.stdout.strip().splitlines()
     try:
         last = json.loads(lines[-1]) if lines else None
@@ -72,22 +93,47 @@ def pipeline(stack):
     _submit(stack, "index", "--source", f"s3://{sv.BUCKET}/src/tarballs", "--data", ROOT, "--samples-per-shard", "30")
     _submit(stack, "shard", "--data", ROOT, "--resize", "72")
     _submit(stack, "stats", "--data", ROOT)
-    train = _submit(stack, "train", "--data", ROOT, "--workers", "2", "--no-gpu", "--epochs", "2", "--crop", "64",
-                    "--batch-size", "16", "--init", "kaiming", "--name", "cluster-run", "--experiment", "cluster")
+    train = _submit(
+        stack,
+        "train",
+        "--data",
+        ROOT,
+        "--workers",
+        "2",
+        "--no-gpu",
+        "--epochs",
+        "2",
+        "--crop",
+        "64",
+        "--batch-size",
+        "16",
+        "--init",
+        "kaiming",
+        "--name",
+        "cluster-run",
+        "--experiment",
+        "cluster",
+    )
     summary = json.loads([l for l in train.stdout.splitlines() if l.startswith('{"stage": "train"')][-1])
     return {"train": summary}
 
 
 def test_stages_as_ray_jobs_write_everything_to_the_bucket(stack, pipeline):
     keys = _keys(stack, "root/")
-    assert {"root/classes.json", "root/index/train.parquet", "root/index/val.parquet", "root/stats.json",
-            "root/shards/train.json", "root/shards/val.json"} <= set(keys)
+    assert {
+        "root/classes.json",
+        "root/index/train.parquet",
+        "root/index/val.parquet",
+        "root/stats.json",
+        "root/shards/train.json",
+        "root/shards/val.json",
+    } <= set(keys)
     manifest = json.loads(_s3(stack).get_object(Bucket=sv.BUCKET, Key="root/shards/train.json")["Body"].read())
     assert manifest["complete"] and manifest["samples"] == 80
     assert {f"root/shards/train/{s['name']}" for s in manifest["shards"]} <= set(keys)
     checkpoint = pipeline["train"]["checkpoint"]
     assert checkpoint.startswith(f"s3://{sv.BUCKET}/root/runs/cluster-run/checkpoint_")
-    assert checkpoint[len(f"s3://{sv.BUCKET}/"):] + "/state.pt" in keys
+    assert checkpoint[len(f"s3://{sv.BUCKET}/") :] + "/state.pt" in keys
     # The model logged through the server's artifact proxy lands in the bucket too.
     assert any(k.startswith("mlartifacts/") and k.endswith("MLmodel") for k in _keys(stack, "mlartifacts/"))
     assert not any(".tmp-" in k for k in keys)
@@ -132,8 +178,13 @@ def test_no_secret_in_the_jobs_logs_or_the_dataset_files(stack, pipeline):
         assert sv.SECRET_KEY not in text
     # The jobs' info as the Jobs API (and `ray job list`, the dashboard) shows it: the runtime
     # env carries the endpoint and the tracking URI, never a credential.
-    listed = subprocess.run([str(sv.VENV_BIN / "ray"), "job", "list", "--address", stack["ray"]["address"]],
-                            env=stack["env"], capture_output=True, text=True, timeout=120)
+    listed = subprocess.run(
+        [str(sv.VENV_BIN / "ray"), "job", "list", "--address", stack["ray"]["address"]],
+        env=stack["env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert listed.returncode == 0 and "runtime_env" in listed.stdout, listed.stderr[-2000:]
     assert "AWS_ENDPOINT_URL" in listed.stdout
     for secret in (sv.SECRET_KEY, sv.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
@@ -146,8 +197,9 @@ def test_no_secret_in_the_jobs_logs_or_the_dataset_files(stack, pipeline):
 
 def test_wrong_s3_credentials_fail_clearly_and_write_nothing(stack, pipeline):
     env = {**stack["env"], "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
-    proc, _ = _pipelines(stack, "index", "--source", f"s3://{sv.BUCKET}/src/tarballs",
-                         "--data", f"s3://{sv.BUCKET}/denied", env=env)
+    proc, _ = _pipelines(
+        stack, "index", "--source", f"s3://{sv.BUCKET}/src/tarballs", "--data", f"s3://{sv.BUCKET}/denied", env=env
+    )
     assert proc.returncode == 2, proc.stderr
     assert "refused the credentials" in proc.stderr and "AWS_SECRET_ACCESS_KEY" in proc.stderr
     assert "not-the-secret" not in proc.stderr
@@ -174,7 +226,8 @@ def test_a_job_without_the_clusters_token_is_refused(stack, case, tmp_path):
 
 def test_unreachable_tracking_server_stops_a_stage_before_any_work(stack):
     env = {**stack["env"], "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
-    proc, _ = _pipelines(stack, "index", "--source", f"s3://{sv.BUCKET}/src/tarballs",
-                         "--data", f"s3://{sv.BUCKET}/unreached", env=env)
+    proc, _ = _pipelines(
+        stack, "index", "--source", f"s3://{sv.BUCKET}/src/tarballs", "--data", f"s3://{sv.BUCKET}/unreached", env=env
+    )
     assert proc.returncode == 2 and "http://127.0.0.1:9 is not reachable" in proc.stderr
     assert _keys(stack, "unreached") == []

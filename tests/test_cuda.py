@@ -1,6 +1,7 @@
 """The CUDA paths against their CPU counterparts; run on a GPU machine by benchmarks/gpu_check
 (`pytest -m cuda`), skipped elsewhere. Their CPU halves run in CI: tests/test_recipe.py (autocast,
 compile), tests/test_data.py (decode="device" with torchvision's CPU decoder)."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,8 +10,7 @@ import torch
 import model
 from pipelines import train
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 def _batch(n=16, crop=224, seed=0):
@@ -24,8 +24,9 @@ def _net(seed=0):
 
 
 def _update(after, before) -> torch.Tensor:
-    return torch.cat([(a.detach().cpu() - b.detach().cpu()).flatten()
-                      for a, b in zip(after.parameters(), before.parameters())])
+    return torch.cat(
+        [(a.detach().cpu() - b.detach().cpu()).flatten() for a, b in zip(after.parameters(), before.parameters())]
+    )
 
 
 def test_the_gpu_step_bf16_channels_last_fused_sgd_moves_the_weights_as_the_cpu_float32_step():
@@ -35,8 +36,9 @@ def test_the_gpu_step_bf16_channels_last_fused_sgd_moves_the_weights_as_the_cpu_
     got = got.cuda().to(memory_format=torch.channels_last)
     opt = train.sgd(got.parameters(), 0.01, 0.9, 5e-4)
     assert opt.param_groups[0].get("fused"), "CUDA has a fused SGD: training should use it"
-    out, loss = train.train_step(got, opt, x.cuda().contiguous(memory_format=torch.channels_last), y.cuda(),
-                                 train.amp_dtype("auto", gpu=True))
+    out, loss = train.train_step(
+        got, opt, x.cuda().contiguous(memory_format=torch.channels_last), y.cuda(), train.amp_dtype("auto", gpu=True)
+    )
     assert out.dtype == torch.bfloat16
     want, have = _update(ref, start), _update(got, start)
     assert have.abs().sum() > 0

@@ -1,4 +1,5 @@
 """Shards -> batches for one worker: what the plan deals, read through the sample index, fast decode."""
+
 from __future__ import annotations
 
 import io
@@ -13,8 +14,12 @@ from pipelines import data, plan
 
 from .helpers import write_shard_tar
 
-STATS = {"mean": [0.5] * 3, "std": [0.25] * 3, "eigval": [0.02, 0.01, 0.005],
-         "eigvec": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]}
+STATS = {
+    "mean": [0.5] * 3,
+    "std": [0.25] * 3,
+    "eigval": [0.02, 0.01, 0.005],
+    "eigvec": [[1, 0, 0], [0, 1, 0], [0, 0, 1]],
+}
 
 
 def _shard(path, keys_labels, size=(80, 80)):
@@ -39,13 +44,23 @@ def uneven(tmp_path):
 
 
 def _segment(shards, batch_size, world, loader_workers, epoch=0, seed=0, buffer=4, segments=()):
-    return plan.epoch_plan([n for _, n in shards], seed=seed, epoch=epoch, batch_size=batch_size, world=world,
-                           loader_workers=loader_workers, buffer=buffer, block=3, segments=segments)
+    return plan.epoch_plan(
+        [n for _, n in shards],
+        seed=seed,
+        epoch=epoch,
+        batch_size=batch_size,
+        world=world,
+        loader_workers=loader_workers,
+        buffer=buffer,
+        block=3,
+        segments=segments,
+    )
 
 
 def _keys_by_step(shards, seg, rank, processes):
-    loader = data.train_loader(shards, model.TrainTransform.from_stats(STATS, crop=64), segment=seg, rank=rank,
-                               processes=processes)
+    loader = data.train_loader(
+        shards, model.TrainTransform.from_stats(STATS, crop=64), segment=seg, rank=rank, processes=processes
+    )
     return [(x.shape, y.tolist(), keys) for x, y, keys in loader]
 
 
@@ -57,8 +72,14 @@ def test_loaders_read_exactly_what_the_plan_deals_in_step_order(uneven):
     key_of = {i: f"img{i:03d}" for i in range(14)}
     seen = []
     for rank in range(3):
-        want = sorted(((s, [key_of[int(i)] for i in ids]) for w in range(2) for win in seg.worker_windows(rank, w)
-                       for s, ids in win))
+        want = sorted(
+            (
+                (s, [key_of[int(i)] for i in ids])
+                for w in range(2)
+                for win in seg.worker_windows(rank, w)
+                for s, ids in win
+            )
+        )
         for processes in (False, True):  # in this process, and through DataLoader worker processes
             got = _keys_by_step(uneven, seg, rank, processes)
             assert [keys for _, _, keys in got] == [keys for _, keys in want]
@@ -104,8 +125,9 @@ def test_loader_workers_of_a_threaded_process_inherit_no_held_lock(uneven):
     holder = threading.Thread(target=hold, daemon=True)
     holder.start()
     held.wait()
-    reader = threading.Thread(target=lambda: got.extend(
-        keys for *_, keys in data.train_loader(uneven, tf, segment=seg, rank=0)), daemon=True)
+    reader = threading.Thread(
+        target=lambda: got.extend(keys for *_, keys in data.train_loader(uneven, tf, segment=seg, rank=0)), daemon=True
+    )
     reader.start()
     reader.join(90)
     done.set()
@@ -151,15 +173,19 @@ def test_eval_loader_reads_every_sample_once_across_ranks_and_loader_workers(une
 
 
 def test_a_shard_without_its_sample_index_is_named_with_the_fix(uneven):
-    from pipelines import tarindex
-    from pipelines.common import StageError
-
     import os
+
+    from pipelines import tarindex
+    from pipelines.errors import StageError
+
     os.remove(tarindex.index_url(uneven[1][0]))
     seg = _segment(uneven, 14, 1, 1)
     with pytest.raises(StageError, match="train-000001.idx.json.*rerun the shard stage"):
-        list(data.train_loader(uneven, model.TrainTransform.from_stats(STATS, crop=64), segment=seg, rank=0,
-                               processes=False))
+        list(
+            data.train_loader(
+                uneven, model.TrainTransform.from_stats(STATS, crop=64), segment=seg, rank=0, processes=False
+            )
+        )
 
 
 def test_fast_decode_matches_pil_within_jpeg_tolerance(tmp_path):
@@ -246,8 +272,8 @@ def test_params_then_apply_is_geometric_with_the_same_generator_draws():
 
 def test_auto_decode_is_device_only_on_cuda_and_config_and_cli_take_it():
     from pipelines import cli, train
-    from pipelines.common import StageError
     from pipelines.config import TrainConfig
+    from pipelines.errors import StageError
 
     assert data.choose_decode("auto", torch.device("cuda", 0)) == "device"
     assert data.choose_decode("auto", "cuda") == "device"
@@ -304,7 +330,7 @@ def test_the_fast_tar_header_reader_agrees_with_tarfile_and_leaves_damage_to_it(
             add_member(tar, f"{key}.jpg", bytes([i]) * (700 + i))
             add_member(tar, f"{key}.cls", str(i).encode())
     raw = buf.getvalue()
-    headers = [raw[m.offset:m.offset + tarfile.BLOCKSIZE] for m in tarfile.open(fileobj=io.BytesIO(raw))]
+    headers = [raw[m.offset : m.offset + tarfile.BLOCKSIZE] for m in tarfile.open(fileobj=io.BytesIO(raw))]
     for h in headers:
         info = tarfile.TarInfo.frombuf(h, "utf-8", "surrogateescape")
         assert tarindex._plain_member(h) == (None if len(info.name) > 100 else (info.name, info.size))
@@ -312,6 +338,6 @@ def test_the_fast_tar_header_reader_agrees_with_tarfile_and_leaves_damage_to_it(
 
     damaged = bytearray(raw)
     damaged[5] ^= 0x20  # a name byte of the first header: its checksum no longer matches
-    assert tarindex._plain_member(bytes(damaged[:tarfile.BLOCKSIZE])) is None
+    assert tarindex._plain_member(bytes(damaged[: tarfile.BLOCKSIZE])) is None
     with pytest.raises(tarfile.HeaderError, match="checksum"):
         tarindex.parse_run(bytes(damaged))

@@ -1,4 +1,5 @@
 """`make demo` as a new user sees it: the terminal, and the commands it prints."""
+
 from __future__ import annotations
 
 import io
@@ -15,19 +16,32 @@ pytestmark = pytest.mark.slow
 PROJECT = Path(__file__).resolve().parents[1]
 # The project's own lines: stage headers and progress, the workers' epoch and progress lines, the
 # status table and the summary. Anything else (Ray's, MLflow's) is counted as noise.
-OURS = re.compile(r"^(== |sample: |index |shard: |stats: |train: |evaluate: |dataset |stage |index  |shard (train|val) |"
-                  r"stats  |val top-1 |   on \d+ val |shards: |checkpoint: |MLflow (run|UI): |took \d+ s$|"
-                  r"\(RayTrainWorker pid=\d+\) (rank 0 on |epoch \d+/\d+|checkpoint at epoch ))")
+OURS = re.compile(
+    r"^(== |sample: |index |shard: |stats: |train: |evaluate: |dataset |stage |index  |shard (train|val) |"
+    r"stats  |val top-1 |   on \d+ val |shards: |checkpoint: |MLflow (run|UI): |took \d+ s$|"
+    r"\(RayTrainWorker pid=\d+\) (rank 0 on |epoch \d+/\d+|checkpoint at epoch ))"
+)
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("demo")
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    p = subprocess.run([sys.executable, "-m", "pipelines", "demo", "--out", str(tmp / "out")], cwd=PROJECT,
-                       env=env, capture_output=True, text=True, timeout=900)
+    p = subprocess.run(
+        [sys.executable, "-m", "pipelines", "demo", "--out", str(tmp / "out")],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert p.returncode == 0, p.stderr[-4000:]
-    return {"tmp": tmp, "stdout": p.stdout, "stderr": p.stderr, "summary": json.loads(p.stdout.strip().splitlines()[-1])}
+    return {
+        "tmp": tmp,
+        "stdout": p.stdout,
+        "stderr": p.stderr,
+        "summary": json.loads(p.stdout.strip().splitlines()[-1]),
+    }
 
 
 def test_the_demo_terminal_is_the_projects_own(demo):
@@ -37,14 +51,16 @@ def test_the_demo_terminal_is_the_projects_own(demo):
     assert not any("\x1b[" in l for l in demo["stderr"].splitlines() + demo["stdout"].splitlines())
     assert "Traceback" not in demo["stderr"]
     # Progress inside each epoch, from rank 0 only: step/steps, images/s, ETA for the epoch and run.
-    progress = [l for l in lines if re.search(r"epoch \d+/8 step \d+/\d+: \d+ images/s, epoch ETA \S+, run ETA \S+$", l)]
+    progress = [
+        l for l in lines if re.search(r"epoch \d+/8 step \d+/\d+: \d+ images/s, epoch ETA \S+, run ETA \S+$", l)
+    ]
     assert len({re.search(r"epoch (\d+)/8", l)[1] for l in progress}) == 8, "\n".join(lines)
     assert len({re.search(r"pid=(\d+)", l)[1] for l in progress}) == 1
 
 
 def test_the_printed_evaluate_command_works_from_another_folder(demo):
     line = next(l for l in demo["stderr"].splitlines() if l.startswith("evaluate:    "))
-    command = line[len("evaluate:    "):]
+    command = line[len("evaluate:    ") :]
     elsewhere = demo["tmp"] / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "PYTHONPATH")}
@@ -97,8 +113,14 @@ def test_the_registered_model_classifies_images_as_evaluate_does(demo):
     image.write_bytes(jpgs[0])
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     env.update(MLFLOW_TRACKING_URI=demo["summary"]["tracking_uri"], PYTHONPATH=str(PROJECT))
-    p = subprocess.run([sys.executable, "-m", "pipelines", "predict", "--model", "models:/alexnet-demo@champion",
-                        str(image)], cwd=demo["tmp"], env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "pipelines", "predict", "--model", "models:/alexnet-demo@champion", str(image)],
+        cwd=demo["tmp"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads(p.stdout.strip().splitlines()[-1])
     top5 = result["predictions"][0]["top5"]
@@ -124,7 +146,10 @@ def test_the_mlflow_record_is_worth_browsing(demo):
     for r in evaluations:
         assert r.info.status == "FINISHED" and r.info.experiment_id == train_run.info.experiment_id
         assert {a.path for a in client.list_artifacts(r.info.run_id)} >= {
-            "per_class_accuracy.json", "most_confused.json", "confusion_matrix.png"}
+            "per_class_accuracy.json",
+            "most_confused.json",
+            "confusion_matrix.png",
+        }
         table = json.loads(Path(client.download_artifacts(r.info.run_id, "per_class_accuracy.json")).read_text())
         assert len(table["data"]) == 10 and sum(row[3] for row in table["data"]) == 99  # images per class
     centre = next(r for r in evaluations if r.info.run_name == "evaluate")
@@ -142,7 +167,9 @@ def test_the_mlflow_record_is_worth_browsing(demo):
     for stage in ("index", "shard", "stats"):
         linked = train_run.data.tags[f"pipelines.{stage}_run"]
         assert linked == under[stage].info.run_id
-        assert f"(#/experiments/{pipeline.info.experiment_id}/runs/{linked})" in train_run.data.tags["mlflow.note.content"]
+        assert (
+            f"(#/experiments/{pipeline.info.experiment_id}/runs/{linked})" in train_run.data.tags["mlflow.note.content"]
+        )
     # Its inputs: the train shards, and the val shards its val_top1 and best checkpoint come from.
     inputs = {d.dataset.name: {t.key: t.value for t in d.tags} for d in train_run.inputs.dataset_inputs}
     assert inputs["imagenet-train-shards"]["mlflow.data.context"] == "training"

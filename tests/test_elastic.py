@@ -2,6 +2,7 @@
 on this machine): a node is SIGKILLed mid-work, the way a spot instance goes, and never comes
 back. Training goes on with fewer workers and reads the rest of the epoch's samples, each once;
 the shard stage finishes with the same bytes as an undisturbed run."""
+
 from __future__ import annotations
 
 import json
@@ -40,7 +41,9 @@ def _summary(output: str) -> dict:
 
 def _latest_checkpoint(runs):
     try:
-        return json.loads((runs / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]["metrics"]
+        return json.loads((runs / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"][
+            "metrics"
+        ]
     except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
         return {}
 
@@ -51,15 +54,47 @@ def test_a_lost_node_leaves_training_on_fewer_workers_with_each_sample_once(one_
         env = {**os.environ, **cluster.env, **FAST_TRAIN_RESTART}
         out = (tmp_path / "driver.log").open("w")
         driver = subprocess.Popen(
-            [sys.executable, "-m", "pipelines", "train", "--data", one_shard, "--workers", "2-3", "--no-gpu",
-             "--epochs", "2", "--crop", "64", "--batch-size", "16", "--init", "kaiming", "--checkpoint-every", "2",
-             "--name", "elastic", "--experiment", "elastic", "--storage", str(runs), "--ledger", str(ledger)],
-            env=env, stdout=out, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "pipelines",
+                "train",
+                "--data",
+                one_shard,
+                "--workers",
+                "2-3",
+                "--no-gpu",
+                "--epochs",
+                "2",
+                "--crop",
+                "64",
+                "--batch-size",
+                "16",
+                "--init",
+                "kaiming",
+                "--checkpoint-every",
+                "2",
+                "--name",
+                "elastic",
+                "--experiment",
+                "elastic",
+                "--storage",
+                str(runs),
+                "--ledger",
+                str(ledger),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         log = lambda: (tmp_path / "driver.log").read_text()[-4000:]  # noqa: E731
         try:
             deadline = time.monotonic() + 300
             # A checkpoint from the middle of epoch 1, on three workers, is registered: lose a node now.
-            while not (_latest_checkpoint(runs / "elastic").get("epoch") == 1 and "step" in _latest_checkpoint(runs / "elastic")):
+            while not (
+                _latest_checkpoint(runs / "elastic").get("epoch") == 1
+                and "step" in _latest_checkpoint(runs / "elastic")
+            ):
                 assert driver.poll() is None and time.monotonic() < deadline, log()
                 time.sleep(0.1)
             first = _entries(ledger)
@@ -103,7 +138,8 @@ def test_a_node_lost_mid_shard_leaves_the_shards_byte_identical(tmp_path):
     with every shard byte for byte what a run nobody disturbed made, and no temp file left."""
     from pipelines import index
     from pipelines.config import IndexConfig
-    from pipelines.sample import SampleConfig, run as make_sample
+    from pipelines.sample import SampleConfig
+    from pipelines.sample import run as make_sample
 
     src = tmp_path / "src"
     make_sample(SampleConfig(out=str(src), classes=4, train_per_class=40, val_per_class=4, size=(800, 600)))
@@ -112,18 +148,31 @@ def test_a_node_lost_mid_shard_leaves_the_shards_byte_identical(tmp_path):
         index.run(IndexConfig(source=str(src / "folders"), data=str(root), samples_per_shard=4))
 
     def checksums(root):
-        return {s["name"]: s["checksum"] for split in ("train", "val")
-                for s in json.loads((root / "shards" / f"{split}.json").read_text())["shards"]}
+        return {
+            s["name"]: s["checksum"]
+            for split in ("train", "val")
+            for s in json.loads((root / "shards" / f"{split}.json").read_text())["shards"]
+        }
 
     with ray_cluster(tmp_path / "cluster", [{"num_cpus": 1}] * 2) as cluster:
         env = {**os.environ, **cluster.env}
-        ref = subprocess.run([sys.executable, "-m", "pipelines", "shard", "--data", str(roots["reference"])],
-                             env=env, capture_output=True, text=True, timeout=600)
+        ref = subprocess.run(
+            [sys.executable, "-m", "pipelines", "shard", "--data", str(roots["reference"])],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert ref.returncode == 0, ref.stderr[-3000:]
         root = roots["node-lost"]
         log = (tmp_path / "node-lost.log").open("w+")  # a file, not a pipe nobody reads while the test waits
-        proc = subprocess.Popen([sys.executable, "-m", "pipelines", "shard", "--data", str(root)], env=env,
-                                stdout=log, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipelines", "shard", "--data", str(root)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         output = lambda: (tmp_path / "node-lost.log").read_text()  # noqa: E731
         try:
             manifest = root / "shards" / "train.json"

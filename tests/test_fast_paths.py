@@ -3,6 +3,7 @@
 Speed is measured by benchmarks/, never here: these tests only pin down that what the fast code
 computes is what the straightforward code (PIL, torchvision transforms) computes.
 """
+
 from __future__ import annotations
 
 import io
@@ -34,8 +35,9 @@ def _px(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.float64)
 
 
-@pytest.mark.parametrize("size", [(500, 375), (375, 500), (333, 500), (1400, 1000), (200, 150), (256, 256)],
-                         ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize(
+    "size", [(500, 375), (375, 500), (333, 500), (1400, 1000), (200, 150), (256, 256)], ids=lambda s: f"{s[0]}x{s[1]}"
+)
 @pytest.mark.parametrize("keep_aspect", [False, True], ids=["crop", "keep-aspect"])
 def test_shard_fast_path_matches_the_plain_pil_path(size, keep_aspect):
     # 1400x1000 takes the scaled-decode (PIL draft) branch, 200x150 upscales, the rest decode
@@ -54,7 +56,7 @@ def _assert_within_jpeg_tolerance(fast: Image.Image, plain: Image.Image, what) -
     enc = io.BytesIO()
     plain.save(enc, "JPEG", quality=90)
     own = np.abs(_px(Image.open(enc)) - _px(plain))
-    psnr, own_psnr = (10 * np.log10(255 ** 2 / np.mean(d ** 2)) for d in (diff, own))
+    psnr, own_psnr = (10 * np.log10(255**2 / np.mean(d**2)) for d in (diff, own))
     assert psnr > own_psnr - 3, (what, psnr, own_psnr)
     assert diff.mean() < 1.5 * own.mean() + 0.5, (what, diff.mean(), own.mean())
 

@@ -1,4 +1,5 @@
 """Faults injected for real: processes killed mid-work, then rerun."""
+
 from __future__ import annotations
 
 import json
@@ -11,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from mlflow import MlflowClient
 
 from pipelines import index, shard
 from pipelines.config import IndexConfig, ShardConfig
-from pipelines.sample import SampleConfig, run as make_sample
+from pipelines.sample import SampleConfig
+from pipelines.sample import run as make_sample
 from pipelines.train import METRICS
 
 from . import services as sv
@@ -62,8 +63,12 @@ def _kill_shard_run_midway(root: Path, env: dict, total: int) -> int:
     at the kill."""
     manifest = root / "shards" / "train.json"
     before = _recorded(manifest)
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "shard", "--data", str(root)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines", "shard", "--data", str(root)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None and _recorded(manifest) == before:
         time.sleep(0.02)
@@ -101,18 +106,32 @@ def test_a_second_shard_run_on_the_same_root_is_refused_while_the_first_runs(big
     naming the first, and the first finishes untouched."""
     root = _index(big_index, "two-writers")
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
-    first = subprocess.Popen([sys.executable, "-m", "pipelines", "shard", "--data", str(root)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "pipelines", "shard", "--data", str(root)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         manifest = root / "shards" / "train.json"
-        _wait(lambda: manifest.exists() and json.loads(manifest.read_text())["shards"], "the first run's progress",
-              120, every=0.05)
+        _wait(
+            lambda: manifest.exists() and json.loads(manifest.read_text())["shards"],
+            "the first run's progress",
+            120,
+            every=0.05,
+        )
         # Paused mid-run (a slow run, as on ImageNet), so the second surely starts while it works.
         first.send_signal(signal.SIGSTOP)
         try:
             assert first.poll() is None, "the first run finished before the second started"
-            second = subprocess.run([sys.executable, "-m", "pipelines", "shard", "--data", str(root)], env=env,
-                                    capture_output=True, text=True, timeout=120)
+            second = subprocess.run(
+                [sys.executable, "-m", "pipelines", "shard", "--data", str(root)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
         finally:
             first.send_signal(signal.SIGCONT)
         assert second.returncode == 2, second.stderr[-2000:]
@@ -146,14 +165,39 @@ def _run_with_epoch_one(client, experiment: str) -> str | None:
 def test_tracking_server_outage_mid_training_loses_no_metric(dataset, ray_local, tmp_path):
     server = sv.MlflowServer(tmp_path / "mlflow")
     server.start()
-    env = dict(os.environ, MLFLOW_TRACKING_URI=server.uri,
-               RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    env = dict(os.environ, MLFLOW_TRACKING_URI=server.uri, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     runs = tmp_path / "runs"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines", "train", "--data", dataset, "--workers", "2", "--no-gpu",
-         "--epochs", "4", "--crop", "64", "--batch-size", "16", "--init", "kaiming", "--name", "outage",
-         "--experiment", "outage", "--storage", str(runs)],
-        env=env, stdout=(tmp_path / "train.log").open("w"), stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "pipelines",
+            "train",
+            "--data",
+            dataset,
+            "--workers",
+            "2",
+            "--no-gpu",
+            "--epochs",
+            "4",
+            "--crop",
+            "64",
+            "--batch-size",
+            "16",
+            "--init",
+            "kaiming",
+            "--name",
+            "outage",
+            "--experiment",
+            "outage",
+            "--storage",
+            str(runs),
+        ],
+        env=env,
+        stdout=(tmp_path / "train.log").open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     output = lambda: (tmp_path / "train.log").read_text()  # noqa: E731
     try:
         client = MlflowClient(tracking_uri=server.uri)
@@ -186,8 +230,12 @@ def _registered_epochs(run_dir: Path) -> list[int]:
 def _ledger_pid(ledger: Path, rank: int) -> int | None:
     """The process of ``rank`` in the run's latest worker group, from the sample ledger (never a
     machine-wide search, which could find another run's worker)."""
-    entries = [e for p in sorted(ledger.glob("rank*-attempt*.jsonl")) for line in p.read_text().splitlines()
-               if (e := json.loads(line))["rank"] == rank]
+    entries = [
+        e
+        for p in sorted(ledger.glob("rank*-attempt*.jsonl"))
+        for line in p.read_text().splitlines()
+        if (e := json.loads(line))["rank"] == rank
+    ]
     return max(entries, key=lambda e: (e["attempt"], e["epoch"], e["step"]))["pid"] if entries else None
 
 
@@ -195,11 +243,40 @@ def test_a_killed_training_worker_restarts_from_the_checkpoint_in_the_same_run(d
     store = f"sqlite:///{tmp_path}/mlflow.db"
     env = dict(os.environ, MLFLOW_TRACKING_URI=store, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines", "train", "--data", dataset, "--workers", "2", "--no-gpu",
-         "--epochs", "3", "--crop", "64", "--batch-size", "16", "--init", "kaiming", "--name", "killed-worker",
-         "--experiment", "faults", "--storage", str(tmp_path / "runs"), "--max-failures", "2",
-         "--ledger", str(tmp_path / "ledger")],
-        env=env, stdout=(tmp_path / "train.log").open("w"), stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "pipelines",
+            "train",
+            "--data",
+            dataset,
+            "--workers",
+            "2",
+            "--no-gpu",
+            "--epochs",
+            "3",
+            "--crop",
+            "64",
+            "--batch-size",
+            "16",
+            "--init",
+            "kaiming",
+            "--name",
+            "killed-worker",
+            "--experiment",
+            "faults",
+            "--storage",
+            str(tmp_path / "runs"),
+            "--max-failures",
+            "2",
+            "--ledger",
+            str(tmp_path / "ledger"),
+        ],
+        env=env,
+        stdout=(tmp_path / "train.log").open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         client = MlflowClient(tracking_uri=store)
 
@@ -236,17 +313,44 @@ def test_s3_outage_during_shard_upload_then_rerun_completes(big_index, ray_local
     try:
         env = dict(os.environ, **s3.env, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
         root = f"s3://{sv.BUCKET}/outage"
-        subprocess.run([sys.executable, "-m", "pipelines", "index", "--source", str(big_index / "src" / "folders"),
-                        "--data", root, "--samples-per-shard", "4"], env=env, check=True, capture_output=True)
-        proc = subprocess.Popen([sys.executable, "-m", "pipelines", "shard", "--data", root], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipelines",
+                "index",
+                "--source",
+                str(big_index / "src" / "folders"),
+                "--data",
+                root,
+                "--samples-per-shard",
+                "4",
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipelines", "shard", "--data", root],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         import boto3
 
-        client = boto3.client("s3", endpoint_url=s3.env["AWS_ENDPOINT_URL"], aws_access_key_id=sv.ACCESS_KEY,
-                              aws_secret_access_key=sv.SECRET_KEY, region_name="us-east-1")
+        client = boto3.client(
+            "s3",
+            endpoint_url=s3.env["AWS_ENDPOINT_URL"],
+            aws_access_key_id=sv.ACCESS_KEY,
+            aws_secret_access_key=sv.SECRET_KEY,
+            region_name="us-east-1",
+        )
+
         def first_shard():
             assert proc.poll() is None, f"the shard stage ended before its first upload:\n{proc.stderr.read()[-3000:]}"
             return client.list_objects_v2(Bucket=sv.BUCKET, Prefix="outage/shards/train/").get("KeyCount", 0) >= 1
+
         _wait(first_shard, "the first shard in S3", 120, every=0.05)
         assert proc.poll() is None, "the shard stage finished before the outage began"
         s3.stop()  # the store goes away mid-upload...
@@ -265,8 +369,13 @@ def test_s3_outage_during_shard_upload_then_rerun_completes(big_index, ray_local
             split, name = key.split("/")[-2:]
             body = client.get_object(Bucket=sv.BUCKET, Key=key)["Body"].read()
             assert body == (ref_dir / split / name).read_bytes(), f"{key} is not the whole shard"
-        rerun = subprocess.run([sys.executable, "-m", "pipelines", "shard", "--data", root], env=env,
-                               capture_output=True, text=True, timeout=600)
+        rerun = subprocess.run(
+            [sys.executable, "-m", "pipelines", "shard", "--data", root],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         got = {}
         for split in ("train", "val"):
@@ -285,10 +394,33 @@ def test_s3_outage_during_shard_upload_then_rerun_completes(big_index, ray_local
 # With the throughput recipe's step-wise parts on: the lr scaled to twice --lr (batch 16 over a
 # reference of 8) and warmed up over 2 epochs, so the kill in epoch 2 lands mid-warm-up, and the
 # gradients all-reduced in bf16. The resumed run must still match the uninterrupted one bit for bit.
-ONE_SHARD = ["--workers", "2", "--no-gpu", "--loader-workers", "2", "--epochs", "3", "--crop", "64",
-             "--batch-size", "16", "--init", "kaiming", "--checkpoint-every", "2", "--experiment", "plan",
-             "--lr-scaling", "linear", "--lr-reference-batch", "8", "--warmup-epochs", "2",
-             "--grad-compression", "bf16"]
+ONE_SHARD = [
+    "--workers",
+    "2",
+    "--no-gpu",
+    "--loader-workers",
+    "2",
+    "--epochs",
+    "3",
+    "--crop",
+    "64",
+    "--batch-size",
+    "16",
+    "--init",
+    "kaiming",
+    "--checkpoint-every",
+    "2",
+    "--experiment",
+    "plan",
+    "--lr-scaling",
+    "linear",
+    "--lr-reference-batch",
+    "8",
+    "--warmup-epochs",
+    "2",
+    "--grad-compression",
+    "bf16",
+]
 
 
 @pytest.fixture(scope="module")
@@ -298,8 +430,22 @@ def uninterrupted(one_shard, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("uninterrupted")
     # The killed run's exact flags, parsed as the CLI does, run in this process.
-    args = vars(cli.parser().parse_args(["train", "--data", one_shard, *ONE_SHARD, "--name", "uninterrupted",
-                                         "--storage", str(tmp / "runs"), "--ledger", str(tmp / "ledger")]))
+    args = vars(
+        cli.parser().parse_args(
+            [
+                "train",
+                "--data",
+                one_shard,
+                *ONE_SHARD,
+                "--name",
+                "uninterrupted",
+                "--storage",
+                str(tmp / "runs"),
+                "--ledger",
+                str(tmp / "ledger"),
+            ]
+        )
+    )
     cfg = args.pop("config")(**{k: v for k, v in args.items() if k not in ("module", "command", "quiet")})
     return {**train.run(cfg), "ledger": tmp / "ledger"}
 
@@ -313,8 +459,9 @@ def test_one_shard_over_two_workers_reads_every_sample_once_per_epoch(uninterrup
     assert uninterrupted["epochs"] == 3 and uninterrupted["left_out_per_epoch"] == 8
     for epoch in (1, 2, 3):
         assert sorted(ledger[epoch]) == list(range(7))
-        assert all(sorted(ranks) == [0, 1] and all(len(k) == 8 for k in ranks.values())
-                   for ranks in ledger[epoch].values())
+        assert all(
+            sorted(ranks) == [0, 1] and all(len(k) == 8 for k in ranks.values()) for ranks in ledger[epoch].values()
+        )
         keys = epoch_keys(ledger, epoch)
         assert len(keys) == len(set(keys)) == 112
     assert len({k for e in (1, 2, 3) for k in epoch_keys(ledger, e)}) > 112  # a different 8 each epoch
@@ -336,12 +483,27 @@ def test_driver_killed_mid_epoch_resumes_at_the_step_bitwise(one_shard, uninterr
 
     from .helpers import read_ledger
 
-    args = [sys.executable, "-m", "pipelines", "train", "--data", one_shard, *ONE_SHARD, "--name", "killed-driver",
-            "--storage", str(tmp_path / "runs"), "--ledger", str(tmp_path / "ledger")]
+    args = [
+        sys.executable,
+        "-m",
+        "pipelines",
+        "train",
+        "--data",
+        one_shard,
+        *ONE_SHARD,
+        "--name",
+        "killed-driver",
+        "--storage",
+        str(tmp_path / "runs"),
+        "--ledger",
+        str(tmp_path / "ledger"),
+    ]
     env = dict(os.environ, RAY_ADDRESS=os.environ.get("RAY_ADDRESS") or _gcs())
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
+
         def mid_epoch_two():
             """Ray Train has registered a checkpoint from the middle of epoch 2 (its snapshot in
             the run's storage names it): a kill now must resume there, not at an epoch start."""
@@ -351,6 +513,7 @@ def test_driver_killed_mid_epoch_resumes_at_the_step_bitwise(one_shard, uninterr
             except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
                 return False
             return latest.get("epoch") == 2 and "step" in latest
+
         _wait(mid_epoch_two, "a mid-epoch-2 checkpoint registered", every=0.05)
         # The run's workers are frozen first: killed with the driver alone, they would train on
         # until Ray reaps them (a second or more on a loaded machine), maybe to the epoch's end.
@@ -376,8 +539,9 @@ def test_driver_killed_mid_epoch_resumes_at_the_step_bitwise(one_shard, uninterr
         assert torch.equal(got["model"][name], tensor), name
     assert read_ledger(tmp_path / "ledger") == read_ledger(uninterrupted["ledger"])
     client = MlflowClient()
-    [run] = client.search_runs([client.get_experiment_by_name("plan").experiment_id],
-                               "attributes.run_name = 'killed-driver'")
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("plan").experiment_id], "attributes.run_name = 'killed-driver'"
+    )
     assert run.info.status == "FINISHED" and run.info.run_id == summary["run_id"]
     for key in METRICS:
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3], key

@@ -1,13 +1,14 @@
 """The flake finder (`make flakes`): a test that fails in one round of three is counted 1/3,
 a steady one 0/3, the run's exit status says that something failed, and only a failed round
 keeps temporary files (its small ones)."""
+
 from __future__ import annotations
 
 import json
 
 from tests import flakes
 
-SOMETIMES = '''
+SOMETIMES = """
 from pathlib import Path
 
 ROUNDS = Path(__file__).with_name("rounds")
@@ -23,7 +24,7 @@ def test_fails_in_the_second_round(tmp_path):
     n = int(ROUNDS.read_text()) + 1 if ROUNDS.exists() else 1
     ROUNDS.write_text(str(n))
     assert n != 2
-'''
+"""
 
 
 def test_a_test_failing_in_one_round_of_three_is_counted_once(tmp_path, capsys):
@@ -36,12 +37,17 @@ def test_a_test_failing_in_one_round_of_three_is_counted_once(tmp_path, capsys):
     status = flakes.main(["--rounds", "3", "--out", str(out), "--", f"--rootdir={suite}", suite])
     printed = capsys.readouterr().out
     assert status == 1, printed
-    rows = {line.split()[-1]: line.split()[0] for line in printed.splitlines() if "::" in line and "failed:" not in line}
+    rows = {
+        line.split()[-1]: line.split()[0] for line in printed.splitlines() if "::" in line and "failed:" not in line
+    }
     assert rows == {"test_sometimes.py::test_fails_in_the_second_round": "1/3", "test_sometimes.py::test_steady": "0/3"}
     assert "round 2/3: 2 tests, 1 failed" in printed
     recorded = json.loads((out / "flakes.json").read_text())["rounds"]
-    assert [r["test_sometimes.py::test_fails_in_the_second_round"]["outcome"] for r in recorded] == \
-        ["passed", "failed", "passed"]
+    assert [r["test_sometimes.py::test_fails_in_the_second_round"]["outcome"] for r in recorded] == [
+        "passed",
+        "failed",
+        "passed",
+    ]
     assert (out / "round-2" / "pytest.log").read_text().count("assert 2 != 2") >= 1
     # Temporary files: none from a clean round; a failed round's logs, not its big files.
     assert not (out / "round-1" / "tmp").exists() and not (out / "round-3" / "tmp").exists()

@@ -1,5 +1,6 @@
 """The GPU check (benchmarks/gpu_check) rehearsed on the CPU: the same script and steps a GPU
 machine runs, at a tiny size, so a broken step shows here rather than in a GPU machine's minutes."""
+
 from __future__ import annotations
 
 import json
@@ -12,22 +13,46 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = {"check.json", "env.json", "cuda-tests.json", "gpu.json", "train.json", "evaluate.json", "bisect.json",
-         "run.log"}
+FILES = {
+    "check.json",
+    "env.json",
+    "cuda-tests.json",
+    "gpu.json",
+    "train.json",
+    "evaluate.json",
+    "bisect.json",
+    "run.log",
+}
 
 
 @pytest.mark.slow
 def test_the_gpu_check_rehearsed_on_the_cpu_runs_every_step_and_writes_every_file(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable}
-    p = subprocess.run(["bash", "benchmarks/gpu_check/run.sh", str(out), "--cpu-rehearsal"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        ["bash", "benchmarks/gpu_check/run.sh", str(out), "--cpu-rehearsal"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     log = (out / "run.log").read_text() if (out / "run.log").exists() else ""
     assert p.returncode == 0, p.stderr[-3000:] + log[-3000:]
     assert {f.name for f in out.iterdir()} == FILES  # at most 8 files come back from a GPU machine
     steps = json.loads((out / "check.json").read_text())["steps"]
-    assert [s["step"] for s in steps] == ["env", "cuda-tests", "bench", "sample", "index", "shard", "stats",
-                                          "train", "evaluate", "bisect"]
+    assert [s["step"] for s in steps] == [
+        "env",
+        "cuda-tests",
+        "bench",
+        "sample",
+        "index",
+        "shard",
+        "stats",
+        "train",
+        "evaluate",
+        "bisect",
+    ]
     assert all(s["ok"] for s in steps), steps
     read = lambda name: json.loads((out / name).read_text())  # noqa: E731
     assert read("env.json")["device"] == "CPU"

@@ -1,6 +1,7 @@
 """ILSVRC-2012's shape, small: 1,000 classes, the devkit's 1,860 synsets, val ground truth in
 ILSVRC2012_ID order (the real file's 50,000 lines, trimmed to the images generated). Every image
 must come out of index -> shard -> stats with its true label, through the devkit's mapping."""
+
 from __future__ import annotations
 
 import io
@@ -24,8 +25,11 @@ TRAIN, VAL = 2, 1  # per class: 3,000 images in all
 @pytest.fixture(scope="module")
 def inet(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("imagenet-shape") / "src"
-    summary = sample.run(SampleConfig(out=str(out), classes=1000, imagenet=True, train_per_class=TRAIN,
-                                      val_per_class=VAL, size=(40, 32), bad=True))
+    summary = sample.run(
+        SampleConfig(
+            out=str(out), classes=1000, imagenet=True, train_per_class=TRAIN, val_per_class=VAL, size=(40, 32), bad=True
+        )
+    )
     assert summary["synsets"] == 1860 and summary["classes"] == 1000 and summary["val"] == 1000 * VAL
     return out
 
@@ -41,8 +45,16 @@ def _devkit(src: Path) -> tuple[list, list[int]]:
 def test_the_devkit_has_the_real_shape(inet):
     synsets, gt = _devkit(inet)
     assert [int(s["ILSVRC2012_ID"]) for s in synsets] == list(range(1, 1861))
-    assert set(synsets[0].dtype.names) == {"ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children",
-                                           "wordnet_height", "num_train_images"}
+    assert set(synsets[0].dtype.names) == {
+        "ILSVRC2012_ID",
+        "WNID",
+        "words",
+        "gloss",
+        "num_children",
+        "children",
+        "wordnet_height",
+        "num_train_images",
+    }
     leaves = [s for s in synsets if int(s["num_children"]) == 0]
     nodes = [s for s in synsets if int(s["num_children"]) > 0]
     assert len(leaves) == 1000 and len(nodes) == 860
@@ -123,8 +135,16 @@ def test_the_split_digest_hashed_in_batches_is_the_digest_of_the_whole_list(monk
     from pipelines import index
     from pipelines.common import digest
 
-    rows = [{"key": f"n0000000{i % 7}_{i}", "label": i % 7, "sha256": None if i % 5 == 0 else f"{i:064x}",
-             "etag": f'"{i:032x}"' if i % 5 == 0 else None, "shard": i // 10} for i in range(95)]
+    rows = [
+        {
+            "key": f"n0000000{i % 7}_{i}",
+            "label": i % 7,
+            "sha256": None if i % 5 == 0 else f"{i:064x}",
+            "etag": f'"{i:032x}"' if i % 5 == 0 else None,
+            "shard": i // 10,
+        }
+        for i in range(95)
+    ]
     want = digest([(r["key"], r["label"], r["sha256"] or f"etag:{r['etag']}", r["shard"]) for r in rows])
     monkeypatch.setattr(index, "BATCH", 8)  # 12 batches
     assert index.split_digest(pa.Table.from_pylist(rows)) == want == index.split_digest(rows)

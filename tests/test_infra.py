@@ -3,6 +3,7 @@ local stack's scripts. Fast: nothing here starts a service or reaches a cloud.
 
     .venv/bin/python -m pytest -q tests/test_infra.py
 """
+
 from __future__ import annotations
 
 import copy
@@ -13,10 +14,10 @@ import shlex
 import socket
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,10 +25,13 @@ INFRA = ROOT / "infra"
 CLUSTER_YAML = INFRA / "ray" / "cluster.yaml"
 RAYJOB_YAML = INFRA / "kuberay" / "rayjob-train.yaml"
 LOCAL = INFRA / "local"
-DOWNLOADS = re.compile(r"\b(pip3?|conda|mamba|uv)\s+install\b|\bcurl\b|\bwget\b|\bapt(-get)?\b|\bgit\s+clone\b|https?://")
+DOWNLOADS = re.compile(
+    r"\b(pip3?|conda|mamba|uv)\s+install\b|\bcurl\b|\bwget\b|\bapt(-get)?\b|\bgit\s+clone\b|https?://"
+)
 
 
 # --- the Ray cluster launcher config -------------------------------------------------------------
+
 
 def _ray_schema() -> dict:
     import ray.autoscaler
@@ -67,14 +71,21 @@ def test_cluster_yaml_validates_against_the_ray_schema(cluster):
     assert prepared["docker"]["image"], "every node runs the project's image"
 
 
-@pytest.mark.parametrize("breakage", [
-    pytest.param(lambda c: c.__setitem__("max_worker", c.pop("max_workers")), id="misspelt-top-level-key"),
-    pytest.param(lambda c: c.__setitem__("max_workers", "ten"), id="wrong-type"),
-    pytest.param(lambda c: c["available_node_types"]["gpu_worker"]["resources"].__setitem__("GPU", 0.5),
-                 id="fractional-gpu-resource"),
-    pytest.param(lambda c: c["docker"].__setitem__("imgae", "x"), id="misspelt-docker-key"),
-    pytest.param(lambda c: c["available_node_types"]["cpu_worker"].pop("node_config"), id="node-type-without-node_config"),
-])
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        pytest.param(lambda c: c.__setitem__("max_worker", c.pop("max_workers")), id="misspelt-top-level-key"),
+        pytest.param(lambda c: c.__setitem__("max_workers", "ten"), id="wrong-type"),
+        pytest.param(
+            lambda c: c["available_node_types"]["gpu_worker"]["resources"].__setitem__("GPU", 0.5),
+            id="fractional-gpu-resource",
+        ),
+        pytest.param(lambda c: c["docker"].__setitem__("imgae", "x"), id="misspelt-docker-key"),
+        pytest.param(
+            lambda c: c["available_node_types"]["cpu_worker"].pop("node_config"), id="node-type-without-node_config"
+        ),
+    ],
+)
 def test_a_broken_cluster_yaml_fails_validation(cluster, breakage):
     import jsonschema
 
@@ -94,11 +105,22 @@ def test_cluster_min_workers_over_max_workers_fails(cluster):
 def test_cluster_nodes_download_nothing_when_they_start(cluster):
     # Checked after the defaults are filled in: left out, Ray's defaults pip-install Ray itself.
     prepared = _validate(cluster)
-    lists = [prepared.get(k, []) for k in ("initialization_commands", "setup_commands", "head_setup_commands",
-                                            "worker_setup_commands", "head_start_ray_commands",
-                                            "worker_start_ray_commands")]
-    lists += [t.get(k, []) for t in prepared["available_node_types"].values()
-              for k in ("initialization_commands", "worker_setup_commands")]
+    lists = [
+        prepared.get(k, [])
+        for k in (
+            "initialization_commands",
+            "setup_commands",
+            "head_setup_commands",
+            "worker_setup_commands",
+            "head_start_ray_commands",
+            "worker_start_ray_commands",
+        )
+    ]
+    lists += [
+        t.get(k, [])
+        for t in prepared["available_node_types"].values()
+        for k in ("initialization_commands", "worker_setup_commands")
+    ]
     commands = [c for cs in lists for c in cs]
     assert commands, "expected at least the start commands"
     offending = [c for c in commands if DOWNLOADS.search(c)]
@@ -113,6 +135,7 @@ def test_cluster_token_auth_is_on_and_the_token_is_not_inline(cluster):
 
 
 # --- Kubernetes manifests ------------------------------------------------------------------------
+
 
 def _k8s_files() -> list[Path]:
     return sorted(p for p in INFRA.rglob("*.y*ml") if p.suffix in (".yaml", ".yml") and p != CLUSTER_YAML)
@@ -226,6 +249,7 @@ def test_mlflow_server_uses_postgres_and_serves_s3_artifacts():
 
 # --- the container image -------------------------------------------------------------------------
 
+
 def test_dockerfile_installs_the_project_at_pinned_versions():
     from packaging.requirements import Requirement
     from packaging.specifiers import SpecifierSet
@@ -253,18 +277,24 @@ def test_dockerfile_installs_the_project_at_pinned_versions():
     for dep in project["dependencies"]:
         req = Requirement(dep)
         assert req.name.lower() in pins, f"{req.name} has no pin in infra/docker/constraints.txt"
-        assert req.specifier.contains(pins[req.name.lower()]), f"pin {req.name}=={pins[req.name.lower()]} outside {req.specifier}"
+        assert req.specifier.contains(pins[req.name.lower()]), (
+            f"pin {req.name}=={pins[req.name.lower()]} outside {req.specifier}"
+        )
 
 
 def test_dockerignore_keeps_local_state_out_of_the_build_context():
-    patterns = {line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")}
+    patterns = {
+        line.strip().rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert {".venv", ".git", "demo", "data", ".stack"} <= patterns
     for needed in ("pyproject.toml", "README.md", "pipelines", "model", "infra"):
         assert needed not in patterns
 
 
 # --- the local stack ----------------------------------------------------------------------------
+
 
 def test_local_stack_listens_on_loopback_only():
     scripts = {p.name: p.read_text() for p in LOCAL.glob("*.sh")}
@@ -304,8 +334,9 @@ def _env(tmp_path: Path, **extra) -> dict:
 
 def test_down_is_safe_when_nothing_runs(tmp_path):
     for _ in range(2):
-        out = subprocess.run(["bash", str(LOCAL / "down.sh")], env=_env(tmp_path), capture_output=True,
-                             text=True, timeout=60)
+        out = subprocess.run(
+            ["bash", str(LOCAL / "down.sh")], env=_env(tmp_path), capture_output=True, text=True, timeout=60
+        )
         assert out.returncode == 0, out.stderr
         assert out.stdout.count("not running") == 3, out.stdout
 
@@ -315,8 +346,9 @@ def test_down_ignores_a_pid_file_of_another_program(tmp_path):
     pids = tmp_path / "stack" / "pids"
     pids.mkdir(parents=True)
     (pids / "weed.pid").write_text(f"{os.getpid()}\n")
-    out = subprocess.run(["bash", str(LOCAL / "down.sh")], env=_env(tmp_path), capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        ["bash", str(LOCAL / "down.sh")], env=_env(tmp_path), capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0 and "weed not running" in out.stdout, out
     assert not (pids / "weed.pid").exists()
 
@@ -328,8 +360,13 @@ def test_up_refuses_a_port_in_use(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        out = subprocess.run(["bash", str(LOCAL / "up.sh")], env=_env(tmp_path, STACK_S3_PORT=str(port)),
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            ["bash", str(LOCAL / "up.sh")],
+            env=_env(tmp_path, STACK_S3_PORT=str(port)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert out.returncode != 0
     assert f"port {port} (STACK_S3_PORT)" in out.stderr, out.stderr
     assert not list((tmp_path / "stack" / "pids").glob("*.pid")), "nothing may have started"

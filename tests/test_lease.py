@@ -1,4 +1,5 @@
 """One writer per dataset root: the lease the index, shard and stats stages hold."""
+
 from __future__ import annotations
 
 import json
@@ -10,12 +11,21 @@ import time
 import pytest
 
 from pipelines import lease
-from pipelines.common import StageError
+from pipelines.errors import StageError
 
 
 def _lease(root, **fields):
-    doc = {"holder": "other", "stage": "shard", "host": socket.gethostname(), "pid": 1, "pid_started": None,
-           "started": "2026-01-01T00:00:00+00:00", "heartbeat": "now", "heartbeat_s": time.time(), **fields}
+    doc = {
+        "holder": "other",
+        "stage": "shard",
+        "host": socket.gethostname(),
+        "pid": 1,
+        "pid_started": None,
+        "started": "2026-01-01T00:00:00+00:00",
+        "heartbeat": "now",
+        "heartbeat_s": time.time(),
+        **fields,
+    }
     (root / lease.NAME).write_text(json.dumps(doc))
 
 

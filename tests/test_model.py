@@ -1,7 +1,8 @@
 """model.build: parameter counts, shapes, LRN, initialisation, grouping, errors.
 
-    .venv/bin/python -m pytest -q tests/test_model.py
+.venv/bin/python -m pytest -q tests/test_model.py
 """
+
 import pytest
 import torch
 from torch import nn
@@ -18,9 +19,16 @@ def conv(c_in, c_out, k, groups=1):
 
 
 def test_alexnet2012_parameter_count_matches_the_layer_shapes():
-    expected = (conv(3, 96, 11) + conv(96, 256, 5, groups=2) + conv(256, 384, 3)
-                + conv(384, 384, 3, groups=2) + conv(384, 256, 3, groups=2)
-                + (256 * 6 * 6 * 4096 + 4096) + (4096 * 4096 + 4096) + (4096 * 1000 + 1000))
+    expected = (
+        conv(3, 96, 11)
+        + conv(96, 256, 5, groups=2)
+        + conv(256, 384, 3)
+        + conv(384, 384, 3, groups=2)
+        + conv(384, 256, 3, groups=2)
+        + (256 * 6 * 6 * 4096 + 4096)
+        + (4096 * 4096 + 4096)
+        + (4096 * 1000 + 1000)
+    )
     assert expected == 60_965_224
     got = n_params(build("alexnet2012", num_classes=1000))
     assert got == expected
@@ -51,7 +59,7 @@ def test_lrn_is_the_papers_formula():
     expected = torch.empty_like(a)
     for i in range(N):
         lo, hi = max(0, i - n // 2), min(N - 1, i + n // 2)
-        s = (a[:, lo:hi + 1] ** 2).sum(dim=1)
+        s = (a[:, lo : hi + 1] ** 2).sum(dim=1)
         expected[:, i] = a[:, i] / (k + alpha * s) ** beta
     torch.testing.assert_close(lrn(a), expected, rtol=1e-10, atol=1e-12)
 
@@ -89,12 +97,16 @@ def test_kaiming_init_is_he_normal_not_the_papers(arch):
 def test_two_tower_grouping():
     f = build("alexnet2012", num_classes=10).features
     assert (f.conv1.groups, f.conv2.groups, f.conv3.groups, f.conv4.groups, f.conv5.groups) == (1, 2, 1, 2, 2)
-    assert [f.conv1.out_channels, f.conv2.out_channels, f.conv3.out_channels,
-            f.conv4.out_channels, f.conv5.out_channels] == [96, 256, 384, 384, 256]
+    assert [
+        f.conv1.out_channels,
+        f.conv2.out_channels,
+        f.conv3.out_channels,
+        f.conv4.out_channels,
+        f.conv5.out_channels,
+    ] == [96, 256, 384, 384, 256]
 
 
-@pytest.mark.parametrize("kwargs, bad", [({"arch": "resnet50"}, "'resnet50'"),
-                                          ({"init": "xavier"}, "'xavier'")])
+@pytest.mark.parametrize("kwargs, bad", [({"arch": "resnet50"}, "'resnet50'"), ({"init": "xavier"}, "'xavier'")])
 def test_unknown_names_raise(kwargs, bad):
     with pytest.raises(ValueError) as err:
         build(**kwargs)

@@ -12,6 +12,7 @@ Faults, each injected for real: a worker node SIGKILLed while the shard stage ru
 node SIGKILLed mid-epoch of an elastic training run, and the nodes' key rotated (a new key
 issued, the file updated, the old key revoked on the server) while training writes
 checkpoints."""
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,8 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from pipelines.sample import SampleConfig, run as make_sample
+from pipelines.sample import SampleConfig
+from pipelines.sample import run as make_sample
 from pipelines.train import METRICS
 
 from . import services as sv
@@ -48,8 +50,19 @@ SESSION_TOKEN = "session-token-that-must-never-leak"
 KEY_LIFETIME_S = 5
 # 80 samples make 5 global batches of 16 an epoch. Each checkpoint (weights and momentum,
 # ~0.5 GB) takes seconds to reach S3 on 2 cores, so the tests ask only for those they need.
-TRAIN_ARGS = ["--no-gpu", "--epochs", "2", "--crop", "64", "--batch-size", "16", "--init", "kaiming",
-              "--experiment", "multinode-s3"]
+TRAIN_ARGS = [
+    "--no-gpu",
+    "--epochs",
+    "2",
+    "--crop",
+    "64",
+    "--batch-size",
+    "16",
+    "--init",
+    "kaiming",
+    "--experiment",
+    "multinode-s3",
+]
 ROTATION_EPOCHS = 3
 
 
@@ -64,8 +77,9 @@ class NodeKeys:
         script = folder / "credentials.sh"
         script.write_text(
             f"read id secret < {self.key_file}\n"
-            "printf '{\"Version\": 1, \"AccessKeyId\": \"%s\", \"SecretAccessKey\": \"%s\", \"Expiration\": \"%s\"}\\n' "
-            f"\"$id\" \"$secret\" \"$(date -u -d '+{KEY_LIFETIME_S} seconds' +%Y-%m-%dT%H:%M:%SZ)\"\n")
+            'printf \'{"Version": 1, "AccessKeyId": "%s", "SecretAccessKey": "%s", "Expiration": "%s"}\\n\' '
+            f'"$id" "$secret" "$(date -u -d \'+{KEY_LIFETIME_S} seconds\' +%Y-%m-%dT%H:%M:%SZ)"\n'
+        )
         (folder / "config").write_text(f"[profile node]\ncredential_process = sh {script}\n")
         (folder / "credentials").write_text("")  # not ~/.aws/credentials: nothing static anywhere
         self.hand_out(self.make())
@@ -83,16 +97,25 @@ class NodeKeys:
         staged.replace(self.key_file)  # credential_process never reads half a key
 
     def identity(self, keys) -> dict:
-        return {"name": "nodes", "actions": ["Read", "Write", "List", "Tagging"],
-                "credentials": [{"accessKey": a, "secretKey": s} for a, s in keys]}
+        return {
+            "name": "nodes",
+            "actions": ["Read", "Write", "List", "Tagging"],
+            "credentials": [{"accessKey": a, "secretKey": s} for a, s in keys],
+        }
 
     def env(self) -> dict:
         """A node's environment: the profile, and no static key (None removes a variable)."""
-        return {"AWS_CONFIG_FILE": str(self.folder / "config"), "AWS_PROFILE": "node",
-                "AWS_SHARED_CREDENTIALS_FILE": str(self.folder / "credentials"),
-                "AWS_EC2_METADATA_DISABLED": "true",  # no instance metadata service on this machine
-                "AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_SESSION_TOKEN": None,
-                "AWS_ENDPOINT_URL": None, "MLFLOW_TRACKING_URI": None}
+        return {
+            "AWS_CONFIG_FILE": str(self.folder / "config"),
+            "AWS_PROFILE": "node",
+            "AWS_SHARED_CREDENTIALS_FILE": str(self.folder / "credentials"),
+            "AWS_EC2_METADATA_DISABLED": "true",  # no instance metadata service on this machine
+            "AWS_ACCESS_KEY_ID": None,
+            "AWS_SECRET_ACCESS_KEY": None,
+            "AWS_SESSION_TOKEN": None,
+            "AWS_ENDPOINT_URL": None,
+            "MLFLOW_TRACKING_URI": None,
+        }
 
 
 @pytest.fixture(scope="module")
@@ -102,22 +125,35 @@ def world(tmp_path_factory):
     with sv.seaweedfs(tmp / "s3") as s3:
         s3["server"].identities([keys.identity(keys.keys)])
         # FAST_TRAIN_RESTART on the nodes: a job's driver runs on the head and reads it there.
-        with sv.mlflow_server(tmp / "mlflow", s3) as ml, \
-                ray_cluster(tmp / "cluster", [{"num_cpus": 1, "resources": {"w0": 1}},
-                                              {"num_cpus": 1, "resources": {"w1": 1}}],
-                            node_env={**keys.env(), **FAST_TRAIN_RESTART}) as cluster:
+        with (
+            sv.mlflow_server(tmp / "mlflow", s3) as ml,
+            ray_cluster(
+                tmp / "cluster",
+                [{"num_cpus": 1, "resources": {"w0": 1}}, {"num_cpus": 1, "resources": {"w1": 1}}],
+                node_env={**keys.env(), **FAST_TRAIN_RESTART},
+            ) as cluster,
+        ):
             # The submitting shell: the cluster's dashboard, the tracking server, the S3 endpoint
             # and region, and its own keys and session token, which must not travel.
             env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_"))}
-            env.update(CLUSTER_ENV, RAY_ADDRESS=cluster.dashboard, MLFLOW_TRACKING_URI=ml["uri"],
-                       AWS_SESSION_TOKEN=SESSION_TOKEN, **s3["env"])
-            yield {"s3": s3, "mlflow": ml, "cluster": cluster, "env": env, "tmp": tmp, "keys": keys,
-                   "outputs": []}
+            env.update(
+                CLUSTER_ENV,
+                RAY_ADDRESS=cluster.dashboard,
+                MLFLOW_TRACKING_URI=ml["uri"],
+                AWS_SESSION_TOKEN=SESSION_TOKEN,
+                **s3["env"],
+            )
+            yield {"s3": s3, "mlflow": ml, "cluster": cluster, "env": env, "tmp": tmp, "keys": keys, "outputs": []}
 
 
 def _client(world, access_key=sv.ACCESS_KEY, secret_key=sv.SECRET_KEY):
-    return boto3.client("s3", endpoint_url=world["s3"]["env"]["AWS_ENDPOINT_URL"], aws_access_key_id=access_key,
-                        aws_secret_access_key=secret_key, region_name="us-east-1")
+    return boto3.client(
+        "s3",
+        endpoint_url=world["s3"]["env"]["AWS_ENDPOINT_URL"],
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        region_name="us-east-1",
+    )
 
 
 def _wait_key(world, key: tuple[str, str], accepted: bool, timeout: float = 30) -> None:
@@ -153,8 +189,13 @@ def _get(world, key: str) -> bytes | None:
 def _submit(world, *stage_args, log: Path | None = None) -> subprocess.Popen:
     """``python -m pipelines submit -- <stage> ...`` from the submitting shell, following the job."""
     out = (log or world["tmp"] / f"{stage_args[0]}-{time.monotonic_ns()}.log").open("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "submit", "--", *stage_args], env=world["env"],
-                            stdout=out, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines", "submit", "--", *stage_args],
+        env=world["env"],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     proc.log = out
     return proc
 
@@ -203,10 +244,17 @@ def _job(world, submission_id: str) -> str:
 
 def _state(world, what: str, *filters: str) -> list[dict]:
     """``ray list <what>`` from the GCS, as JSON (no driver needed)."""
-    cmd = [str(sv.VENV_BIN / "ray"), "list", what, f"--address={world['cluster'].gcs}", "--detail",
-           "--format=json", "--limit=10000", *[f"--filter={f}" for f in filters]]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, **world["cluster"].env})
+    cmd = [
+        str(sv.VENV_BIN / "ray"),
+        "list",
+        what,
+        f"--address={world['cluster'].gcs}",
+        "--detail",
+        "--format=json",
+        "--limit=10000",
+        *[f"--filter={f}" for f in filters],
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, **world["cluster"].env})
     assert out.returncode == 0, out.stderr[-2000:]
     if out.stdout.startswith("No resource"):  # what `ray list` prints instead of an empty list
         return []
@@ -251,8 +299,9 @@ def stages(world):
     s3 = _client(world)
     for path in (local / "tarballs").iterdir():
         s3.upload_file(str(path), BUCKET, f"src/tarballs/{path.name}")
-    _, index, _ = _run(world, "index", "--source", f"s3://{BUCKET}/src/tarballs", "--data", ROOT,
-                       "--samples-per-shard", "4")
+    _, index, _ = _run(
+        world, "index", "--source", f"s3://{BUCKET}/src/tarballs", "--data", ROOT, "--samples-per-shard", "4"
+    )
     _, shard, done = _run(world, "shard", "--data", ROOT, "--resize", "72")
     _run(world, "stats", "--data", ROOT)
     return {"index": index, "shard": shard, "shard_job": _job(world, done["job_id"])}
@@ -290,12 +339,17 @@ def test_a_node_lost_mid_shard_on_s3_leaves_the_shards_byte_identical(world, sta
     _live_workers(world)
     s3 = _client(world)
     for key in _keys(world, "root/index/") | {"root/classes.json": None}:  # the index, as the index stage wrote it
-        s3.copy_object(Bucket=BUCKET, Key="lost/" + key[len("root/"):], CopySource={"Bucket": BUCKET, "Key": key})
+        s3.copy_object(Bucket=BUCKET, Key="lost/" + key[len("root/") :], CopySource={"Bucket": BUCKET, "Key": key})
     cluster = world["cluster"]
     victim = next(w for w in cluster.workers if w.alive)
     proc = _submit(world, "shard", "--data", f"s3://{BUCKET}/lost", "--resize", "72")
-    _wait_while_running(proc, lambda: (_manifest(world, "lost", "train") or {}).get("shards"), "a recorded shard",
-                        timeout=300, every=0.1)
+    _wait_while_running(
+        proc,
+        lambda: (_manifest(world, "lost", "train") or {}).get("shards"),
+        "a recorded shard",
+        timeout=300,
+        every=0.1,
+    )
     # A shard task takes a fraction of a second here, and the state API hears of task states up
     # to a second late: the node is killed when its own processes show a shard task running.
     victim.kill_mid_task("counted_task", running=lambda: proc.poll() is None)
@@ -308,14 +362,16 @@ def test_a_node_lost_mid_shard_on_s3_leaves_the_shards_byte_identical(world, sta
     tasks = _shard_tasks(world, _job(world, done["job_id"]))
     lost_node = f"w{victim.index}"
     assert any(names.get(t["node_id"]) == lost_node for t in tasks), tasks
-    assert any(t["attempt_number"] > 0 and t["state"] == "FINISHED" for t in tasks), \
+    assert any(t["attempt_number"] > 0 and t["state"] == "FINISHED" for t in tasks), (
         "no shard task was rerun: the node died idle"
+    )
 
     objects = _keys(world, "lost/shards/")
     for split in ("train", "val"):
         reference, lost = _manifest(world, "root", split), _manifest(world, "lost", split)
-        assert [(s["name"], s["checksum"]) for s in lost["shards"]] == \
-               [(s["name"], s["checksum"]) for s in reference["shards"]]
+        assert [(s["name"], s["checksum"]) for s in lost["shards"]] == [
+            (s["name"], s["checksum"]) for s in reference["shards"]
+        ]
         for s in reference["shards"]:
             for name in (s["name"], s["index"]):
                 assert _get(world, f"lost/shards/{split}/{name}") == _get(world, f"root/shards/{split}/{name}"), name
@@ -368,8 +424,21 @@ def test_training_on_s3_goes_on_through_a_rotation_of_the_nodes_key(world, stage
     prefix = "root/runs/rotation"
     # 3 epochs: after the first registered checkpoint, 5 checkpoints of ~5 s each are still to
     # write on 2 cores, several times the ~9 s the rotation takes.
-    proc = _submit(world, "train", "--data", ROOT, "--workers", "2", "--name", "rotation",
-                   "--checkpoint-every", "3", *TRAIN_ARGS, "--epochs", str(ROTATION_EPOCHS))
+    proc = _submit(
+        world,
+        "train",
+        "--data",
+        ROOT,
+        "--workers",
+        "2",
+        "--name",
+        "rotation",
+        "--checkpoint-every",
+        "3",
+        *TRAIN_ARGS,
+        "--epochs",
+        str(ROTATION_EPOCHS),
+    )
     _wait_while_running(proc, lambda: _latest_checkpoint(world, prefix), "a registered checkpoint")
     old, new = keys.keys[-1], keys.make()
     server = world["s3"]["server"]
@@ -383,22 +452,24 @@ def test_training_on_s3_goes_on_through_a_rotation_of_the_nodes_key(world, stage
     _wait_key(world, old, accepted=False)  # the old key is really gone
     revoked = _stamp(world, "stamps/revoked")
     registered = _latest_checkpoint(world, prefix)
-    assert proc.poll() is None and registered.get("epoch", 0) < ROTATION_EPOCHS, \
+    assert proc.poll() is None and registered.get("epoch", 0) < ROTATION_EPOCHS, (
         f"training was at its last epoch's checkpoints when the old key was revoked ({registered}): nothing tested"
+    )
     # The event itself: a checkpoint object completed in a later second of the store's clock.
     _wait_while_running(proc, lambda: _state_files_after(world, prefix, revoked), "a checkpoint after the revocation")
     _, summary, done = _finish(world, proc)
 
     assert summary["checkpoint"].startswith(f"s3://{BUCKET}/{prefix}/checkpoint_")
-    final = summary["checkpoint"][len(f"s3://{BUCKET}/"):] + "/state.pt"
+    final = summary["checkpoint"][len(f"s3://{BUCKET}/") :] + "/state.pt"
     after = _state_files_after(world, prefix, revoked)
     assert final in after, f"the run's last checkpoint {final} is not newer than the revocation: {after}"
     _one_finished_run(world, summary, "rotation", ROTATION_EPOCHS)
     # Which nodes trained: one worker on each worker node, none on the head.
     names = _node_names(world)
     workers = _state(world, "actors", "class_name=RayTrainWorker", f"job_id={_job(world, done['job_id'])}")
-    assert sorted(names[a["node_id"]] for a in workers) == sorted(f"w{w.index}" for w in world["cluster"].workers
-                                                                     if w.alive), workers
+    assert sorted(names[a["node_id"]] for a in workers) == sorted(
+        f"w{w.index}" for w in world["cluster"].workers if w.alive
+    ), workers
     assert sorted(names[n["node"]] for n in summary["nodes"]) == sorted(names[a["node_id"]] for a in workers)
 
 
@@ -416,10 +487,29 @@ def test_a_node_lost_mid_epoch_on_s3_leaves_training_on_one_worker_in_the_same_r
     cluster = world["cluster"]
     ledger = tmp_path / "ledger"  # written by the workers on their nodes: all on this machine
     storage = f"s3://{BUCKET}/checkpoints"
-    proc = _submit(world, "train", "--data", ROOT, "--workers", "1-2", "--name", "node-lost", "--storage", storage,
-                   "--ledger", str(ledger), "--checkpoint-every", "2", *TRAIN_ARGS)
-    _wait_while_running(proc, lambda: (c := _latest_checkpoint(world, "checkpoints/node-lost")).get("epoch") == 1
-                        and "step" in c, "a mid-epoch checkpoint of epoch 1", every=0.1)
+    proc = _submit(
+        world,
+        "train",
+        "--data",
+        ROOT,
+        "--workers",
+        "1-2",
+        "--name",
+        "node-lost",
+        "--storage",
+        storage,
+        "--ledger",
+        str(ledger),
+        "--checkpoint-every",
+        "2",
+        *TRAIN_ARGS,
+    )
+    _wait_while_running(
+        proc,
+        lambda: (c := _latest_checkpoint(world, "checkpoints/node-lost")).get("epoch") == 1 and "step" in c,
+        "a mid-epoch checkpoint of epoch 1",
+        every=0.1,
+    )
     first = [json.loads(line) for p in sorted(ledger.glob("rank*.jsonl")) for line in p.read_text().splitlines()]
     assert {e["world"] for e in first} == {2}, "did not start on two workers"
     victim = cluster.node_of(next(e["pid"] for e in first if e["rank"] == 1))
@@ -439,7 +529,7 @@ def test_a_node_lost_mid_epoch_on_s3_leaves_training_on_one_worker_in_the_same_r
         assert len(keys) == len(set(keys)) == 80, epoch
     assert "dealt over 1 workers" in text, text[-3000:]
     objects = _keys(world, "checkpoints/node-lost/")
-    assert summary["checkpoint"][len(f"s3://{BUCKET}/"):] + "/state.pt" in objects
+    assert summary["checkpoint"][len(f"s3://{BUCKET}/") :] + "/state.pt" in objects
     _one_finished_run(world, summary, "node-lost")
 
 
@@ -449,11 +539,17 @@ def test_no_secret_in_the_jobs_info_or_output(world, stages):
     submitting shell or of the nodes."""
     from ray.job_submission import JobSubmissionClient
 
-    listed = subprocess.run([str(sv.VENV_BIN / "ray"), "job", "list", "--address", world["cluster"].dashboard],
-                            env=world["env"], capture_output=True, text=True, timeout=120)
+    listed = subprocess.run(
+        [str(sv.VENV_BIN / "ray"), "job", "list", "--address", world["cluster"].dashboard],
+        env=world["env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert listed.returncode == 0 and "runtime_env" in listed.stdout, listed.stderr[-2000:]
-    infos = json.dumps([j.model_dump() for j in JobSubmissionClient(world["cluster"].dashboard).list_jobs()],
-                       default=str)
+    infos = json.dumps(
+        [j.model_dump() for j in JobSubmissionClient(world["cluster"].dashboard).list_jobs()], default=str
+    )
     assert len(world["outputs"]) >= 3 and "AWS_ENDPOINT_URL" in listed.stdout
     values = [sv.SECRET_KEY, sv.ACCESS_KEY, SESSION_TOKEN, *[part for key in world["keys"].keys for part in key]]
     for text in (listed.stdout, infos, *world["outputs"]):
@@ -461,6 +557,11 @@ def test_no_secret_in_the_jobs_info_or_output(world, stages):
             assert secret not in text, secret
     # Nor a credential variable at all in the jobs' runtime env: the nodes' own chain is used.
     for text in (listed.stdout, infos):
-        for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                     "AWS_CONFIG_FILE"):
+        for name in (
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SESSION_TOKEN",
+            "AWS_PROFILE",
+            "AWS_CONFIG_FILE",
+        ):
             assert name not in text, name

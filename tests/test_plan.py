@@ -1,5 +1,6 @@
 """The epoch plan as the pure function it is: every guarantee checked over world sizes 1..64,
 loader workers 1..8 and 1..500 shards of uneven sizes (no Ray, no files)."""
+
 from __future__ import annotations
 
 import random
@@ -12,8 +13,11 @@ from pipelines import plan
 
 def _deal(seg):
     """{(rank, worker): [(epoch step, ids), ...]} of everything the segment still has to read."""
-    return {(r, w): [b for win in seg.worker_windows(r, w) for b in win]
-            for r in range(seg.world) for w in range(seg.loader_workers)}
+    return {
+        (r, w): [b for win in seg.worker_windows(r, w) for b in win]
+        for r in range(seg.world)
+        for w in range(seg.loader_workers)
+    }
 
 
 def _check(counts, batch, world, workers, seed=0, epoch=1):
@@ -48,14 +52,17 @@ def _flat(dealt):
     return [b for k in sorted(dealt) for b in dealt[k]]
 
 
-@pytest.mark.parametrize("counts,batch,world,workers", [
-    ([120], 16, 2, 2),                 # one shard, two workers: both run and nothing runs dry
-    ([1200], 128, 8, 8),               # one shard, more readers than blocks
-    ([50, 50, 20], 16, 2, 2),          # the training tests' dataset
-    ([4096] * 312 + [3263], 1024, 64, 8),  # ImageNet's 1,281,167 at 4,096 a shard on 64 GPUs x 8
-    ([5, 1, 0, 7], 13, 13, 3),         # an empty shard, one sample per rank
-    ([3] * 500, 100, 7, 5),            # 500 tiny shards, a batch that does not divide by the world
-])
+@pytest.mark.parametrize(
+    "counts,batch,world,workers",
+    [
+        ([120], 16, 2, 2),  # one shard, two workers: both run and nothing runs dry
+        ([1200], 128, 8, 8),  # one shard, more readers than blocks
+        ([50, 50, 20], 16, 2, 2),  # the training tests' dataset
+        ([4096] * 312 + [3263], 1024, 64, 8),  # ImageNet's 1,281,167 at 4,096 a shard on 64 GPUs x 8
+        ([5, 1, 0, 7], 13, 13, 3),  # an empty shard, one sample per rank
+        ([3] * 500, 100, 7, 5),  # 500 tiny shards, a batch that does not divide by the world
+    ],
+)
 def test_plan_cases(counts, batch, world, workers):
     _check(counts, batch, world, workers)
 
@@ -90,8 +97,9 @@ def test_resume_and_new_world_sizes_read_each_sample_of_the_epoch_once(old, new)
     for done in (0, 1, first.steps // 2, first.steps - 1):
         read = first.consumed(done)
         assert len(read) == done * batch
-        seg = plan.epoch_plan(counts, seed=3, epoch=2, batch_size=batch, world=new[0], loader_workers=new[1],
-                              segments=[(*old, done)])
+        seg = plan.epoch_plan(
+            counts, seed=3, epoch=2, batch_size=batch, world=new[0], loader_workers=new[1], segments=[(*old, done)]
+        )
         rest = np.concatenate([b for bs in _deal(seg).values() for _, b in bs] or [np.zeros(0, np.int64)])
         both = np.concatenate([read, rest])
         assert len(both) == len(np.unique(both)) == first.steps * batch  # none twice, none skipped
@@ -121,7 +129,9 @@ def test_two_world_changes_in_one_epoch():
 
 
 def test_plan_errors_name_the_value_and_the_fix():
-    with pytest.raises(ValueError, match="100 training samples cannot fill one global batch of 128: lower --batch-size"):
+    with pytest.raises(
+        ValueError, match="100 training samples cannot fill one global batch of 128: lower --batch-size"
+    ):
         plan.epoch_plan([100], seed=0, epoch=1, batch_size=128, world=2, loader_workers=1)
     with pytest.raises(ValueError, match="use --batch-size >= 8"):
         plan.epoch_plan([100], seed=0, epoch=1, batch_size=4, world=8, loader_workers=1)
@@ -129,9 +139,12 @@ def test_plan_errors_name_the_value_and_the_fix():
 
 def test_validation_reads_every_sample_once_over_ranks_and_workers():
     for counts, world, workers in (([7, 5, 2], 3, 2), ([50000 // 64] * 64, 64, 8), ([3], 8, 4)):
-        ids = [b for r in range(world) for batches in plan.eval_share(counts, rank=r, world=world,
-                                                                     loader_workers=workers, batch_size=5)
-               for b in batches]
+        ids = [
+            b
+            for r in range(world)
+            for batches in plan.eval_share(counts, rank=r, world=world, loader_workers=workers, batch_size=5)
+            for b in batches
+        ]
         ids = np.concatenate(ids) if ids else np.zeros(0)
         assert sorted(ids.tolist()) == list(range(sum(counts)))
 

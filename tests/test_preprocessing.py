@@ -1,4 +1,5 @@
 """index -> shard -> stats -> status on generated data, with a real local Ray."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 
 from pipelines import contract, index, shard, stats, status
-from pipelines.common import StrictFailure
 from pipelines.config import IndexConfig, ShardConfig, StatsConfig, StatusConfig
+from pipelines.errors import StrictFailure
 
 from .conftest import LAYOUTS
 from .helpers import image, mtimes, read_shards, rejects
@@ -44,8 +45,9 @@ def _states(root: Path) -> dict[str, str]:
 
 
 def test_three_layouts_give_the_same_samples(built, truth):
-    per_layout = {layout: {split: read_shards(root, split) for split in ("train", "val")}
-                  for layout, root in built.items()}
+    per_layout = {
+        layout: {split: read_shards(root, split) for split in ("train", "val")} for layout, root in built.items()
+    }
     reference = per_layout["ilsvrc-tar"]
     for layout, samples in per_layout.items():
         for split in ("train", "val"):
@@ -118,8 +120,21 @@ def test_strict_fails_after_writing_everything(built, sample_src, ray_local, tmp
     assert err.value.summary["rejected"] == 4
     assert json.loads((root / "shards" / "train.json").read_text())["complete"]
     # The CLI turns it into exit code 1 with the summary as the last line (index needs no Ray).
-    proc = subprocess.run([sys.executable, "-m", "pipelines", "index", "--source", str(sample_src / "folders"),
-                           "--data", str(tmp_path / "d"), "--strict"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines",
+            "index",
+            "--source",
+            str(sample_src / "folders"),
+            "--data",
+            str(tmp_path / "d"),
+            "--strict",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["rejected"] == 1
     assert "--strict: 1 inputs were rejected" in proc.stderr
@@ -173,7 +188,10 @@ def test_rerun_delete_resize_and_status(sample_src, ray_local, tmp_path):
     again = shard.run(ShardConfig(data=str(root), verify=True))
     assert again["written"] == 1 and victim.read_bytes() == good
     after = mtimes(root)
-    assert {p for p in after if after[p] != before.get(p)} == {"shards/val/val-000001.tar", "shards/val/val-000001.idx.json"}
+    assert {p for p in after if after[p] != before.get(p)} == {
+        "shards/val/val-000001.tar",
+        "shards/val/val-000001.idx.json",
+    }
 
     # Shards made before sample indexes existed (no index in the manifest, no sidecar): the rerun
     # scans each tar for its index and rewrites no tar.
@@ -216,8 +234,7 @@ def test_rerun_delete_resize_and_status(sample_src, ray_local, tmp_path):
     assert st["index"] == "done" and st["shard train"] == "stale" and st["shard val"] == "done"
 
 
-def test_a_codec_upgrade_makes_the_shards_stale_and_a_rerun_remakes_them(sample_src, ray_local, tmp_path,
-                                                                         monkeypatch):
+def test_a_codec_upgrade_makes_the_shards_stale_and_a_rerun_remakes_them(sample_src, ray_local, tmp_path, monkeypatch):
     root = tmp_path / "root"
     _build(sample_src / "folders", root, split="val", resize=64)
     real = contract.codec_versions()
@@ -227,7 +244,9 @@ def test_a_codec_upgrade_makes_the_shards_stale_and_a_rerun_remakes_them(sample_
     monkeypatch.setattr(contract, "codec_versions", lambda: newer)  # as if torchvision were upgraded
     st = status.run(StatusConfig(data=str(root)))
     [row] = [r for r in st["stages"] if r["stage"] == "shard val"]
-    assert row["state"] == "stale" and f"torchvision {real['torchvision']} (here {newer['torchvision']})" in row["reason"]
+    assert (
+        row["state"] == "stale" and f"torchvision {real['torchvision']} (here {newer['torchvision']})" in row["reason"]
+    )
     again = shard.run(ShardConfig(data=str(root), split="val", resize=64))
     assert again["written"] == again["shards"] == 2 and again["skipped"] == 0
     assert _states(root)["shard val"] == "done"
@@ -270,8 +289,12 @@ def test_stats_match_a_direct_computation(built):
     root = built["ilsvrc-tar"]
     stats.run(StatsConfig(data=str(root)))
     got = json.loads((root / "stats.json").read_text())
-    pixels = np.concatenate([np.asarray(image(jpg), dtype=np.float64).reshape(-1, 3) / 255
-                             for _, jpg, _ in read_shards(root, "train").values()])
+    pixels = np.concatenate(
+        [
+            np.asarray(image(jpg), dtype=np.float64).reshape(-1, 3) / 255
+            for _, jpg, _ in read_shards(root, "train").values()
+        ]
+    )
     mean, cov = pixels.mean(0), np.cov(pixels, rowvar=False, bias=True)
     eigval, eigvec = np.array(got["eigval"]), np.array(got["eigvec"])
     assert got["images"] == len(read_shards(root, "train"))
@@ -287,8 +310,13 @@ def test_shard_cli_reports_progress_and_a_json_summary(built, ray_local):
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     root = built["kaggle"]
     (root / "shards" / "val" / "val-000001.tar").unlink()
-    proc = subprocess.run([sys.executable, "-m", "pipelines", "shard", "--data", str(root), "--split", "val"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines", "shard", "--data", str(root), "--split", "val"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "shard: 1/1 shards" in proc.stderr and "img/s" in proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -303,8 +331,13 @@ def test_a_small_job_runs_in_local_processes_and_makes_what_ray_makes(built, sam
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     out = {}
     for stage in ("shard", "stats"):
-        p = subprocess.run([sys.executable, "-m", "pipelines", "-q", stage, "--data", str(root)], env=env,
-                           capture_output=True, text=True, timeout=300)
+        p = subprocess.run(
+            [sys.executable, "-m", "pipelines", "-q", stage, "--data", str(root)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert p.returncode == 0, p.stderr[-2000:]
         out[stage] = json.loads(p.stdout.strip().splitlines()[-1])
     assert [n["node"].startswith("local:") for n in out["shard"]["nodes"]] == [True]  # no Ray node
@@ -315,32 +348,36 @@ def test_a_small_job_runs_in_local_processes_and_makes_what_ray_makes(built, sam
     with_ray = stats.run(StatsConfig(data=str(built["ilsvrc-tar"]), parallel="ray", force=True))
     assert out["stats"]["images"] == with_ray["images"]
     mine, theirs = (json.loads((r / "stats.json").read_text()) for r in (root, built["ilsvrc-tar"]))
-    assert np.allclose(mine["mean"], theirs["mean"], atol=1e-9) and np.allclose(mine["eigval"], theirs["eigval"], atol=1e-9)
+    assert np.allclose(mine["mean"], theirs["mean"], atol=1e-9) and np.allclose(
+        mine["eigval"], theirs["eigval"], atol=1e-9
+    )
 
 
 def test_local_workers_start_before_the_mlflow_run_only_when_they_will_work(sample_src, tmp_path):
     """The CLI calls a stage's warm_start before it opens the MLflow run, so the local workers'
     imports overlap MLflow's. They start only when the run will use them, and the stage's pool
     takes them: none is left behind, none starts for a rerun with nothing to make, nor for Ray."""
-    from pipelines import common
+    from pipelines import cluster
 
     root = tmp_path / "warm"
     index.run(IndexConfig(source=str(sample_src / "tarballs"), data=str(root), samples_per_shard=SPS))
     try:
-        for module, cfg in ((shard, ShardConfig(data=str(root), parallel="local")),
-                            (stats, StatsConfig(data=str(root), parallel="local"))):
+        for module, cfg in (
+            (shard, ShardConfig(data=str(root), parallel="local")),
+            (stats, StatsConfig(data=str(root), parallel="local")),
+        ):
             module.warm_start(cfg)
-            assert list(common._prestarted) == [(cfg.num_cpus, module.__name__)], module
-            pool = common._prestarted[(cfg.num_cpus, module.__name__)][0]
+            assert list(cluster._prestarted) == [(cfg.num_cpus, module.__name__)], module
+            pool = cluster._prestarted[(cfg.num_cpus, module.__name__)][0]
             summary = module.run(cfg)
-            assert not common._prestarted and pool._shutdown_thread, "the stage did not take the started workers"
+            assert not cluster._prestarted and pool._shutdown_thread, "the stage did not take the started workers"
             assert not summary.get("skipped")
             module.warm_start(cfg)  # a rerun: everything is made already
-            assert not common._prestarted, f"{module.__name__}: workers started for a rerun with nothing to do"
+            assert not cluster._prestarted, f"{module.__name__}: workers started for a rerun with nothing to do"
         (root / "shards" / "val.json").unlink()  # a split to make again, but on Ray: no local workers
         shard.warm_start(ShardConfig(data=str(root), parallel="ray"))
-        assert not common._prestarted
+        assert not cluster._prestarted
         shard.warm_start(ShardConfig(data=str(root), parallel="auto", ray_min_bytes=1))  # big enough for Ray
-        assert not common._prestarted
+        assert not cluster._prestarted
     finally:
-        common._drop_prestarted()
+        cluster._drop_prestarted()

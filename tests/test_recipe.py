@@ -4,6 +4,7 @@ gradient all-reduce between two real processes (gloo on loopback), and torch.com
 
     .venv/bin/python -m pytest -q tests/test_recipe.py
 """
+
 from __future__ import annotations
 
 import copy
@@ -80,8 +81,9 @@ def test_the_fused_sgd_moves_the_weights_as_the_plain_loop_and_survives_a_resume
         fused.step()
     for a, b in zip(plain_net.parameters(), fused_net.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(fused.state[b]["momentum_buffer"], plain.state[a]["momentum_buffer"],
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            fused.state[b]["momentum_buffer"], plain.state[a]["momentum_buffer"], rtol=1e-5, atol=1e-6
+        )
     train.load_optimizer(fused, plain.state_dict())  # a checkpoint of the plain loop
     assert fused.param_groups[0]["fused"] is True
     train.load_optimizer(plain, fused.state_dict())
@@ -165,25 +167,34 @@ def _ddp_rank(rank: int, world: int, port: int, compressions: list[str], compile
         opt = torch.optim.SGD(wrapped.parameters(), lr=0.0)
         dist.all_reduce = counted
         try:
-            for step in (1, 2):  # the second step's traffic: DDP rebuilds its buckets after the first
+            for _step in (1, 2):  # the second step's traffic: DDP rebuilds its buckets after the first
                 sent.clear()
                 train.train_step(wrapped, opt, x, y, None, loss_scale=world / batch)
         finally:
             dist.all_reduce = all_reduce
-        worst = max(float((p.grad - w).abs().max() / w.abs().max().clamp_min(1e-12))
-                    for p, w in zip(here.parameters(), want))
-        results[compression] = {"sent": sent, "params": sum(p.numel() for p in here.parameters()),
-                                "worst": worst, "compiled": type(wrapped).__name__}
+        worst = max(
+            float((p.grad - w).abs().max() / w.abs().max().clamp_min(1e-12)) for p, w in zip(here.parameters(), want)
+        )
+        results[compression] = {
+            "sent": sent,
+            "params": sum(p.numel() for p in here.parameters()),
+            "worst": worst,
+            "compiled": type(wrapped).__name__,
+        }
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
     dist.barrier()
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("compressions, compile", [
-    (["bf16", "fp16", "none"], False),
-    pytest.param(["bf16"], True, marks=pytest.mark.slow),  # compiling AlexNet takes ~30 s on 2 cores
-], ids=["eager", "compiled"])
+@pytest.mark.parametrize(
+    "compressions, compile",
+    [
+        (["bf16", "fp16", "none"], False),
+        pytest.param(["bf16"], True, marks=pytest.mark.slow),  # compiling AlexNet takes ~30 s on 2 cores
+    ],
+    ids=["eager", "compiled"],
+)
 def test_gradient_compression_halves_the_all_reduce_and_keeps_the_gradients(compressions, compile, tmp_path):
     """Two real processes (gloo on loopback). With compression, every all-reduce of the step
     carries half-precision gradients, one element per parameter: half the bytes of float32. The
@@ -191,8 +202,7 @@ def test_gradient_compression_halves_the_all_reduce_and_keeps_the_gradients(comp
     (uncompressed: within float32 rounding). Compiled, the same holds: the hook is what DDP calls."""
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_ddp_rank, args=(r, 2, port, compressions, compile, str(tmp_path)))
-             for r in range(2)]
+    procs = [ctx.Process(target=_ddp_rank, args=(r, 2, port, compressions, compile, str(tmp_path))) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -207,18 +217,21 @@ def test_gradient_compression_halves_the_all_reduce_and_keeps_the_gradients(comp
                 assert {d for d, _ in got["sent"]} == {wire}, (compression, got["sent"][:3])
                 assert sum(n for _, n in got["sent"]) == got["params"]  # each gradient once, 2 bytes, not 4
             # bf16 keeps 8 bits of mantissa (relative 2^-8 per rounding), fp16 11, float32 24
-            assert got["worst"] < {"bf16": 2 ** -6, "fp16": 2 ** -9, "none": 1e-5}[compression], (compression, got)
+            assert got["worst"] < {"bf16": 2**-6, "fp16": 2**-9, "none": 1e-5}[compression], (compression, got)
             assert got["compiled"] == ("OptimizedModule" if compile else "DistributedDataParallel")
 
 
 def test_more_cpus_per_worker_than_the_local_ray_has_is_refused(monkeypatch):
     """On a Ray started for the run nothing can add CPUs: 2 workers x 4 CPUs on 2 is refused,
     naming the flag and what fits; 2 x 1 passes."""
-    from pipelines.common import StageError
+    from pipelines.errors import StageError
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     cfg = TrainConfig(data="x", workers=2, cpus_per_worker=4.0)
-    with pytest.raises(StageError, match=r"--workers 2 with --cpus-per-worker 4 needs 8 CPUs .* has 2: "
-                                         r"use --cpus-per-worker 1 or fewer"):
+    with pytest.raises(
+        StageError,
+        match=r"--workers 2 with --cpus-per-worker 4 needs 8 CPUs .* has 2: "
+        r"use --cpus-per-worker 1 or fewer",
+    ):
         train._check_capacity(cfg, {"CPU": 2.0}, gpu=False, cpus=4.0)
     train._check_capacity(cfg, {"CPU": 2.0}, gpu=False, cpus=1.0)

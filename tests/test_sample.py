@@ -1,7 +1,8 @@
 """pipelines/sample.py: the generated dataset matches the real ImageNet layouts and quirks.
 
-    .venv/bin/python -m pytest -q tests/test_sample.py
+.venv/bin/python -m pytest -q tests/test_sample.py
 """
+
 import csv
 import hashlib
 import io
@@ -121,8 +122,7 @@ def test_train_tar_classes_match_truth(sample):
 def test_devkit_parses_like_torchvision(sample, tmp_path):
     out, truth, _ = sample
     files = devkit(out)
-    meta, idcs, wnids, classes = parse_meta_like_torchvision(
-        files["ILSVRC2012_devkit_t12/data/meta.mat"], tmp_path)
+    meta, idcs, wnids, classes = parse_meta_like_torchvision(files["ILSVRC2012_devkit_t12/data/meta.mat"], tmp_path)
     assert len(meta) > CLASSES  # internal WordNet nodes are there, and were skipped
     assert sorted(idcs) == list(range(1, CLASSES + 1))
     by_wnid = {c["wnid"]: c for c in truth["classes"]}
@@ -137,8 +137,7 @@ def test_devkit_parses_like_torchvision(sample, tmp_path):
 def test_ground_truth_maps_val_images_through_meta(sample, tmp_path):
     out, truth, _ = sample
     files = devkit(out)
-    _, idcs, wnids, _ = parse_meta_like_torchvision(
-        files["ILSVRC2012_devkit_t12/data/meta.mat"], tmp_path)
+    _, idcs, wnids, _ = parse_meta_like_torchvision(files["ILSVRC2012_devkit_t12/data/meta.mat"], tmp_path)
     idx_to_wnid = dict(zip(idcs, wnids))
     lines = files["ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt"].decode().split()
     assert len(lines) == CLASSES * VAL
@@ -217,9 +216,9 @@ def test_good_images_decode_and_classes_are_separable(sample):
         return np.asarray(img, np.float32).reshape(-1, 3).mean(0)
 
     wnids = [c["wnid"] for c in truth["classes"]]
-    centroids = np.stack([
-        np.mean([mean_rgb(k) for k, w in truth["train"].items() if w == wnid and k not in skip], 0)
-        for wnid in wnids])
+    centroids = np.stack(
+        [np.mean([mean_rgb(k) for k, w in truth["train"].items() if w == wnid and k not in skip], 0) for wnid in wnids]
+    )
     val = [k for k in truth["val"] if k not in skip]
     predicted = [wnids[np.argmin(((centroids - mean_rgb(k)) ** 2).sum(1))] for k in val]
     assert predicted == [truth["val"][k] for k in val]
@@ -229,8 +228,7 @@ def test_good_images_decode_and_classes_are_separable(sample):
 
 
 def sha256s(out: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted((out / "tarballs").iterdir())}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "tarballs").iterdir())}
 
 
 def test_deterministic_and_seed_dependent(tmp_path):
@@ -284,13 +282,16 @@ def test_rerun_replaces_earlier_sample_but_not_foreign_dirs(tmp_path):
     assert (tmp_path / "mine/notes.txt").read_text() == "keep me"
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(classes=1), "classes=1"),
-    (dict(classes=2, train_per_class=2, bad=True), "train_per_class=2"),
-    (dict(classes=2, val_per_class=1, bad=True), "val_per_class=1"),
-    (dict(size=(4, 100)), "size="),
-    (dict(workers=0), "--workers 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(classes=1), "classes=1"),
+        (dict(classes=2, train_per_class=2, bad=True), "train_per_class=2"),
+        (dict(classes=2, val_per_class=1, bad=True), "val_per_class=1"),
+        (dict(size=(4, 100)), "size="),
+        (dict(workers=0), "--workers 0"),
+    ],
+)
 def test_config_errors(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         run(SampleConfig(out=str(tmp_path / "x"), **kwargs))
@@ -319,10 +320,28 @@ def test_ctrl_c_stops_the_encoding_processes_at_once_and_leaves_no_sample(tmp_pa
     import psutil
 
     out = tmp_path / "s"
-    p = subprocess.Popen([sys.executable, "-m", "pipelines", "sample", "--out", str(out), "--classes", "50",
-                          "--train-per-class", "200", "--size", "320x256", "--workers", "2"],
-                         stderr=subprocess.PIPE, start_new_session=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipelines",
+            "sample",
+            "--out",
+            str(out),
+            "--classes",
+            "50",
+            "--train-per-class",
+            "200",
+            "--size",
+            "320x256",
+            "--workers",
+            "2",
+        ],
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
     def encoders():
         return [c for c in psutil.Process(p.pid).children(recursive=True) if "spawn_main" in " ".join(c.cmdline())]
 

@@ -1,4 +1,5 @@
 """Layout detection, the readers and one image's conversion: no Ray."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +11,8 @@ import pytest
 from PIL import Image
 
 from pipelines import contract, index, sources
-from pipelines.common import StageError
 from pipelines.config import IndexConfig
+from pipelines.errors import StageError
 from pipelines.images import decode_problem, prepare_image
 
 from .conftest import LAYOUTS
@@ -79,7 +80,8 @@ def test_hostile_tar_entries_are_rejected_not_followed(sample_src, tmp_path):
     rejected = {i.member: i.reject for i in items if i.reject}
     assert rejected == {
         "ILSVRC2012_val_99999999.JPEG": "tar entry is a symlink to '/etc/passwd', not an image",
-        "../../ILSVRC2012_val_00000001.JPEG": "unsafe tar entry name '../../ILSVRC2012_val_00000001.JPEG' (absolute or with '..')",
+        "../../ILSVRC2012_val_00000001.JPEG": "unsafe tar entry name '../../ILSVRC2012_val_00000001.JPEG' "
+        "(absolute or with '..')",
     }
 
 
@@ -135,11 +137,14 @@ def test_prepare_image_resizes_shorter_side_then_crops_the_centre():
     assert kept.size == (192, 64)
 
 
-@pytest.mark.parametrize("data,reason", [
-    (_jpeg()[:300], "truncated"),
-    (b"this is not an image\n" * 20, "not an image"),
-    (_jpeg(size=(1, 1)), "sides under 8 px"),
-])
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (_jpeg()[:300], "truncated"),
+        (b"this is not an image\n" * 20, "not an image"),
+        (_jpeg(size=(1, 1)), "sides under 8 px"),
+    ],
+)
 def test_bad_images_raise_with_a_stable_reason(data, reason):
     with pytest.raises(Exception) as err:
         prepare_image(data)

@@ -1,6 +1,7 @@
 """Rerunning one stage on its own: every stage that reads a document refuses it when `status`
 calls it stale, before any work or MLflow run, and names the stage to rerun; --allow-stale goes
 on and the run records it. Local processes, no Ray: each stage runs in seconds."""
+
 from __future__ import annotations
 
 import json
@@ -14,22 +15,32 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from pipelines import contract, evaluate, index, shard, stats, status, train
-from pipelines.common import StageError
 from pipelines.config import EvaluateConfig, IndexConfig, ShardConfig, StatsConfig, StatusConfig, TrainConfig
+from pipelines.errors import StageError
 
 LOCAL = dict(parallel="local")
 # Each stage and the documents it reads, by their names in `status`.
-READS = {"shard": ["index"], "stats": ["shard train"], "train": ["shard train", "shard val", "stats"],
-         "evaluate": ["shard val"]}
+READS = {
+    "shard": ["index"],
+    "stats": ["shard train"],
+    "train": ["shard train", "shard val", "stats"],
+    "evaluate": ["shard val"],
+}
 
 
 def _model_state(root: Path) -> dict:
     """What evaluate checks of a checkpoint: a model trained on ROOT's classes and its shards' geometry."""
     classes = contract.read_classes(str(root))
     params = contract.read_manifest(str(root), "val")["params"]
-    return {"config": {"num_classes": len(classes), "classes_digest": contract.classes_digest(classes),
-                       "resize": params["resize"], "keep_aspect": params["keep_aspect"]},
-            "wnids": [c["wnid"] for c in classes]}
+    return {
+        "config": {
+            "num_classes": len(classes),
+            "classes_digest": contract.classes_digest(classes),
+            "resize": params["resize"],
+            "keep_aspect": params["keep_aspect"],
+        },
+        "wnids": [c["wnid"] for c in classes],
+    }
 
 
 def _consumers(root: Path, allow_stale: bool = False) -> dict:
@@ -38,8 +49,9 @@ def _consumers(root: Path, allow_stale: bool = False) -> dict:
         "shard": lambda: shard.check(ShardConfig(data=data, allow_stale=allow_stale, **LOCAL)),
         "stats": lambda: stats.check(StatsConfig(data=data, allow_stale=allow_stale, **LOCAL)),
         "train": lambda: train._inputs(TrainConfig(data=data, crop=32, allow_stale=allow_stale)),
-        "evaluate": lambda: evaluate._val_shards(EvaluateConfig(data=data, checkpoint="-", allow_stale=allow_stale),
-                                                 _model_state(root)),
+        "evaluate": lambda: evaluate._val_shards(
+            EvaluateConfig(data=data, checkpoint="-", allow_stale=allow_stale), _model_state(root)
+        ),
     }
 
 
@@ -58,14 +70,16 @@ def _assert_stages_agree_with_status(root: Path, expect_stale: set[str]) -> None
         with pytest.raises(StageError) as e:
             check()
         message = str(e.value)
-        assert f"rerun {stale[0].split()[0]} first (python -m pipelines {stale[0].split()[0]} " in message, (stage, message)
+        assert f"rerun {stale[0].split()[0]} first (python -m pipelines {stale[0].split()[0]} " in message, (
+            stage,
+            message,
+        )
         assert all(reasons[d] in message for d in stale), (stage, message)
-    for stage, check in _consumers(root, allow_stale=True).items():
+    for check in _consumers(root, allow_stale=True).values():
         check()
 
 
-def test_every_stage_refuses_what_status_calls_stale_and_names_the_stage_to_rerun(sample_src, tmp_path,
-                                                                                   monkeypatch):
+def test_every_stage_refuses_what_status_calls_stale_and_names_the_stage_to_rerun(sample_src, tmp_path, monkeypatch):
     src, root = tmp_path / "src", tmp_path / "root"
     shutil.copytree(sample_src / "folders", src)
     index.run(IndexConfig(source=str(src), data=str(root), samples_per_shard=10))
@@ -117,8 +131,24 @@ def test_train_on_stale_stats_exits_2_before_any_mlflow_run_and_stats_records_al
     shard.run(ShardConfig(data=str(root), resize=72, **LOCAL))
 
     cli = [sys.executable, "-m", "pipelines"]
-    p = subprocess.run([*cli, "train", "--data", str(root), "--no-gpu", "--epochs", "1", "--crop", "64",
-                        "--experiment", "stale-inputs"], capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            *cli,
+            "train",
+            "--data",
+            str(root),
+            "--no-gpu",
+            "--epochs",
+            "1",
+            "--crop",
+            "64",
+            "--experiment",
+            "stale-inputs",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 2, p.stderr
     assert "rerun stats first (python -m pipelines stats --data" in p.stderr and "Traceback" not in p.stderr
     assert MlflowClient().get_experiment_by_name("stale-inputs") is None  # no run, not even an experiment
@@ -128,11 +158,16 @@ def test_train_on_stale_stats_exits_2_before_any_mlflow_run_and_stats_records_al
     rec = json.loads((root / "index" / "index.json").read_text())
     rec["digests"]["train"] = "0" * 64
     (root / "index" / "index.json").write_text(json.dumps(rec))
-    p = subprocess.run([*cli, "stats", "--data", str(root), "--parallel", "local"], capture_output=True, text=True,
-                       timeout=300)
+    p = subprocess.run(
+        [*cli, "stats", "--data", str(root), "--parallel", "local"], capture_output=True, text=True, timeout=300
+    )
     assert p.returncode == 2 and "rerun shard first" in p.stderr and "Traceback" not in p.stderr, p.stderr
-    p = subprocess.run([*cli, "stats", "--data", str(root), "--parallel", "local", "--allow-stale"],
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [*cli, "stats", "--data", str(root), "--parallel", "local", "--allow-stale"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     run_id = json.loads(p.stdout.strip().splitlines()[-1])["mlflow_run_id"]
     tag = MlflowClient().get_run(run_id).data.tags["pipelines.allowed_stale"]

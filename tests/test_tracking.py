@@ -3,6 +3,7 @@
 A new SQLite store costs ~4 s of schema migrations on 2 cores, so the tests share one store
 per module and keep apart by experiment and run names (each test's own name).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from pipelines import tracking
-from pipelines.common import StageError, StrictFailure
+from pipelines.errors import StageError, StrictFailure
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +74,7 @@ def test_log_metrics_once_never_duplicates_a_step(client, exp):
     for epoch in (0, 1):
         tracking.log_metrics_once(run_id, {"loss": 2.0 - epoch, "top1": 0.1 * epoch}, step=epoch)
     # A restarted worker replays epoch 1 (with different numbers) and goes on to epoch 2.
-    replay = [tracking.log_metrics_once(run_id, {"loss": 9.0 - epoch, "note": "x"}, step=epoch)
-              for epoch in (1, 2)]
+    replay = [tracking.log_metrics_once(run_id, {"loss": 9.0 - epoch, "note": "x"}, step=epoch) for epoch in (1, 2)]
     assert replay == [{}, {"loss": 7.0}]
     history = client.get_metric_history(run_id, "loss")
     assert sorted(m.step for m in history) == [0, 1, 2]
@@ -150,10 +150,17 @@ def test_track_stage_records_the_run(client, exp, store_dir, tmp_path, monkeypat
     cfg = FakeConfig(data=str(tmp_path / "root"))
 
     def fake_shard(c):
-        return {"stage": "shard", "data": c.data, "images": 40, "seconds": 2.0,
-                "images_per_second": 20.0, "counts": {"train": 32, "val": 8}, "skipped": False,
-                "input_digest": {"train": "i1", "val": "i2"},
-                "output_digest": {"train": "train-digest-1", "val": "val-digest-1"}}
+        return {
+            "stage": "shard",
+            "data": c.data,
+            "images": 40,
+            "seconds": 2.0,
+            "images_per_second": 20.0,
+            "counts": {"train": 32, "val": 8},
+            "skipped": False,
+            "input_digest": {"train": "i1", "val": "i2"},
+            "output_digest": {"train": "train-digest-1", "val": "val-digest-1"},
+        }
 
     summary = tracking.track_stage("shard", cfg, fake_shard, experiment=exp)
     run = client.get_run(summary["mlflow_run_id"])
@@ -161,15 +168,23 @@ def test_track_stage_records_the_run(client, exp, store_dir, tmp_path, monkeypat
     assert run.data.params["resize"] == "256" and run.data.params["keep_aspect"] == "False"
     assert run.data.params["git_sha"] == tracking.environment()["git_sha"]
     assert run.data.params["versions.torch"].startswith("2.")
-    assert run.data.metrics == {"images": 40, "seconds": 2.0, "images_per_second": 20.0,
-                                "counts.train": 32, "counts.val": 8, "skipped": 0}
+    assert run.data.metrics == {
+        "images": 40,
+        "seconds": 2.0,
+        "images_per_second": 20.0,
+        "counts.train": 32,
+        "counts.val": 8,
+        "skipped": 0,
+    }
     tags = run.data.tags
     assert tags["pipelines.stage"] == "shard" and tags["pipelines.data"] == cfg.data
     # The UI's User, Source and Version columns
     import getpass
 
     assert tags["mlflow.user"] == getpass.getuser() and tags["mlflow.source.name"] == "python -m pipelines shard"
-    assert tags["mlflow.source.git.commit"] == tracking.environment()["git_sha"] and tags["mlflow.source.type"] == "LOCAL"
+    assert (
+        tags["mlflow.source.git.commit"] == tracking.environment()["git_sha"] and tags["mlflow.source.type"] == "LOCAL"
+    )
     resumed = client.get_run(tracking.start_or_resume_run(exp, "a-training-run", tags={"pipelines.stage": "train"}))
     assert resumed.data.tags["mlflow.source.name"] == "python -m pipelines train"
     assert tags["pipelines.input_digest.val"] == "i2"
@@ -178,8 +193,14 @@ def test_track_stage_records_the_run(client, exp, store_dir, tmp_path, monkeypat
     assert json.loads(on_disk.read_text())["counts"] == {"train": 32, "val": 8}
 
     assert tracking.find_stage_runs("val-digest-1", experiment=exp) == [
-        {"run_id": run.info.run_id, "stage": "shard", "status": "FINISHED",
-         "experiment_id": run.info.experiment_id, "input_digest": {"train": "i1", "val": "i2"}}]
+        {
+            "run_id": run.info.run_id,
+            "stage": "shard",
+            "status": "FINISHED",
+            "experiment_id": run.info.experiment_id,
+            "input_digest": {"train": "i1", "val": "i2"},
+        }
+    ]
     assert [r["run_id"] for r in tracking.find_stage_runs("val-digest-1", experiment=None)] == [run.info.run_id]
     assert tracking.find_stage_runs("val-digest", experiment=exp) == []  # exact, not a substring
     assert tracking.find_stage_runs("val-digest-1", experiment="no-such-experiment") == []
@@ -198,8 +219,9 @@ def test_track_stage_marks_failures(client, exp, tmp_path):
     assert "not a dataset ROOT" in run.data.tags["pipelines.error"]
 
     def strict(c):
-        raise StrictFailure("--strict: 2 inputs were rejected",
-                            {"stage": "index", "rejected": 2, "output_digest": "out-strict"})
+        raise StrictFailure(
+            "--strict: 2 inputs were rejected", {"stage": "index", "rejected": 2, "output_digest": "out-strict"}
+        )
 
     parent = tracking.start_or_resume_run(exp, "demo")
     with pytest.raises(StrictFailure):
@@ -238,13 +260,13 @@ def test_a_run_that_cannot_be_opened_stops_the_stage_at_its_next_progress_report
 
 def test_secrets_never_reach_params_or_tags(client, exp, tmp_path):
     secret, password = "wJalrXUtnFEMI-s3cr3t", "hunter2pw"
-    cfg = FakeConfig(data=str(tmp_path), aws_secret_access_key=secret,
-                     endpoint=f"https://admin:{password}@minio:9000")
-    summary = tracking.track_stage("stats", cfg, lambda c: {"stage": "stats", "hf_token": secret},
-                                   experiment=exp)
+    cfg = FakeConfig(data=str(tmp_path), aws_secret_access_key=secret, endpoint=f"https://admin:{password}@minio:9000")
+    summary = tracking.track_stage("stats", cfg, lambda c: {"stage": "stats", "hf_token": secret}, experiment=exp)
     run_id = summary["mlflow_run_id"]
-    tracking.log_params(run_id, {"storage": {"AWS_SECRET_ACCESS_KEY": secret, "db_password": password,
-                                             "aws_access_key_id": "AKIAEXAMPLE"}})
+    tracking.log_params(
+        run_id,
+        {"storage": {"AWS_SECRET_ACCESS_KEY": secret, "db_password": password, "aws_access_key_id": "AKIAEXAMPLE"}},
+    )
     resumed = tracking.start_or_resume_run(exp, "secrets", tags={"api_token": secret})
     for rid in (run_id, resumed):
         text = all_text(client, rid)
@@ -279,8 +301,9 @@ def test_environment_and_yaml(client, exp, tmp_path):
     import subprocess
 
     env = tracking.environment()
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tracking.PROJECT_DIR,
-                          capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=tracking.PROJECT_DIR, capture_output=True, text=True
+    ).stdout.strip()
     assert env["git_sha"] == (head or "unknown")
     assert isinstance(env["git_dirty"], bool) or env["git_sha"] == "unknown"
     assert set(env["versions"]) == set(tracking.PACKAGES) and env["versions"]["mlflow"].startswith("3.")
@@ -293,8 +316,10 @@ def test_environment_and_yaml(client, exp, tmp_path):
     assert {a.path for a in client.list_artifacts(run_id)} == {"config.yaml", "notes"}
     import yaml
 
-    assert yaml.safe_load(open(client.download_artifacts(run_id, "config.yaml", str(tmp_path)))) == \
-        {"lr": 0.5, "epochs": 90}
+    assert yaml.safe_load(open(client.download_artifacts(run_id, "config.yaml", str(tmp_path)))) == {
+        "lr": 0.5,
+        "epochs": 90,
+    }
 
 
 @pytest.mark.fault

@@ -2,6 +2,7 @@
 
 One dataset, two fits (a first run and its resume): each Ray Train start costs ~25 s here.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,16 @@ from .helpers import epoch_keys, read_ledger
 
 pytestmark = pytest.mark.slow
 FIT = dict(workers=2, batch_size=16, crop=64, init="kaiming", gpu=False, lr=0.01, experiment="test")
-METRICS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr",
-           "images_per_second", "data_wait_fraction")
+METRICS = (
+    "train_loss",
+    "train_top1",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "lr",
+    "images_per_second",
+    "data_wait_fraction",
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +65,16 @@ def test_training_learns_and_tracks_every_epoch_once(first_run, dataset):
     assert losses[-1] < losses[0], losses
     assert all(0 <= v <= 1 for _, v in _history(client, run.info.run_id, "data_wait_fraction"))
     params = run.data.params
-    for key in ("lr", "batch_size", "workers", "git_sha", "versions.torch", "versions.ray", "versions.mlflow", "num_classes"):
+    for key in (
+        "lr",
+        "batch_size",
+        "workers",
+        "git_sha",
+        "versions.torch",
+        "versions.ray",
+        "versions.mlflow",
+        "num_classes",
+    ):
         assert key in params, key
     assert params["num_classes"] == "4" and params["gpu"] == "False"
     # Lineage: the shards' manifest digest is the run's dataset input.
@@ -109,9 +127,22 @@ def test_rerunning_the_name_resumes_at_the_next_epoch(first_run, dataset):
 
 
 def test_evaluate_cli_reports_and_logs_ten_crop(first_run, dataset):
-    proc = subprocess.run([sys.executable, "-m", "pipelines", "evaluate", "--data", dataset,
-                           "--run-id", first_run["run_id"], "--ten-crop"], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines",
+            "evaluate",
+            "--data",
+            dataset,
+            "--run-id",
+            first_run["run_id"],
+            "--ten-crop",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["crops"] == 10 and out["images"] == 24 and 0 <= out["top1"] <= out["top5"] <= 1
@@ -121,7 +152,7 @@ def test_evaluate_cli_reports_and_logs_ten_crop(first_run, dataset):
 
 def test_more_workers_than_the_local_ray_has_cpus_is_refused_before_any_run(dataset):
     """Nothing can add nodes to a Ray started for the run: Ray Train would wait forever."""
-    from pipelines.common import StageError
+    from pipelines.errors import StageError
 
     with pytest.raises(StageError, match=r"--workers 3 needs 3 CPUs .* has 2: use --workers 2 or fewer"):
         train.run(TrainConfig(data=dataset, epochs=1, name="too-many", **{**FIT, "workers": 3}))
@@ -137,10 +168,13 @@ def test_a_run_whose_loss_is_not_finite_stops_naming_the_epoch_and_the_fix_and_l
     import glob
     import os
 
-    from pipelines.common import StageError
+    from pipelines.errors import StageError
 
-    with pytest.raises(StageError, match=r"Training 'diverges' diverged: its training loss was (nan|inf|-inf) in "
-                                         r"epoch 1 \(lr 1000000.0, .*a new --name with a lower --lr"):
+    with pytest.raises(
+        StageError,
+        match=r"Training 'diverges' diverged: its training loss was (nan|inf|-inf) in "
+        r"epoch 1 \(lr 1000000.0, .*a new --name with a lower --lr",
+    ):
         train.run(TrainConfig(data=dataset, epochs=2, name="diverges", **{**FIT, "lr": 1e6}))
     exp = MlflowClient().get_experiment_by_name("test")
     [run] = MlflowClient().search_runs([exp.experiment_id], "attributes.run_name = 'diverges'")
@@ -166,8 +200,12 @@ def test_gpu_style_evaluation_bf16_and_channels_last_scores_as_the_plain_cpu_pat
 
 
 def _evaluate_cli(data, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines", "evaluate", "--data", str(data), *args],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines", "evaluate", "--data", str(data), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_evaluate_refuses_a_model_of_other_classes_and_val_shards_made_unlike_its_own(first_run, dataset, tmp_path):
@@ -176,7 +214,8 @@ def test_evaluate_refuses_a_model_of_other_classes_and_val_shards_made_unlike_it
     naming the size to reshard at; --allow-stale evaluates and says what it read."""
     from pipelines import index, shard
     from pipelines.config import IndexConfig, ShardConfig
-    from pipelines.sample import SampleConfig, run as make_sample
+    from pipelines.sample import SampleConfig
+    from pipelines.sample import run as make_sample
 
     model_digest = checkpoint.load(first_run["best_checkpoint"])["config"]["classes_digest"]
     assert model_digest == contract.classes_digest(contract.read_classes(dataset))
@@ -184,8 +223,16 @@ def test_evaluate_refuses_a_model_of_other_classes_and_val_shards_made_unlike_it
     children = f"tags.`mlflow.parentRunId` = '{first_run['run_id']}'"
     before = len(client.search_runs([client.get_run(first_run["run_id"]).info.experiment_id], children))
     for name, classes, seed in (("three", 3, 0), ("other-wnids", 4, 1)):
-        make_sample(SampleConfig(out=str(tmp_path / name / "src"), classes=classes, train_per_class=2,
-                                 val_per_class=2, seed=seed, layouts=("folders",)))
+        make_sample(
+            SampleConfig(
+                out=str(tmp_path / name / "src"),
+                classes=classes,
+                train_per_class=2,
+                val_per_class=2,
+                seed=seed,
+                layouts=("folders",),
+            )
+        )
         root = tmp_path / name / "root"
         index.run(IndexConfig(source=str(tmp_path / name / "src" / "folders"), data=str(root)))
         shard.run(ShardConfig(data=str(root), split="val", resize=72, parallel="local"))

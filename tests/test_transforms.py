@@ -1,7 +1,8 @@
 """model.transforms: PCA lighting statistics, crop geometry, presets, ten-crop averaging.
 
-    .venv/bin/python -m pytest -q tests/test_transforms.py
+.venv/bin/python -m pytest -q tests/test_transforms.py
 """
+
 import pytest
 import torch
 from torch import nn
@@ -16,8 +17,12 @@ def random_rotation(seed: int) -> torch.Tensor:
     return q  # orthonormal columns, not symmetric: rows-vs-columns mistakes show
 
 
-STATS = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-         "eigval": EIGVAL.tolist(), "eigvec": random_rotation(0).tolist()}
+STATS = {
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+    "eigval": EIGVAL.tolist(),
+    "eigvec": random_rotation(0).tolist(),
+}
 IDENTITY = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}  # leaves pixel values in 0..1
 
 
@@ -34,7 +39,7 @@ def decode(x: torch.Tensor) -> torch.Tensor:
 
 
 def window(img, top, left, size, flip=False):
-    x = img[:, top:top + size, left:left + size].to(torch.int64)
+    x = img[:, top : top + size, left : left + size].to(torch.int64)
     return x.flip(-1) if flip else x
 
 
@@ -47,7 +52,7 @@ def test_lighting_statistics_follow_the_eigenvalues():
     # One colour shift per image, the same at every pixel.
     assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift))
     shift = shift[:, :, 0, 0]
-    assert shift.mean(0).abs().max() < 4 * 0.1 * EIGVAL[0] / n ** 0.5
+    assert shift.mean(0).abs().max() < 4 * 0.1 * EIGVAL[0] / n**0.5
     # Projected on eigenvector p_i (a column), the shift is alpha_i * lambda_i: std 0.1 * lambda_i.
     proj = shift @ eigvec.double()
     torch.testing.assert_close(proj.std(0), 0.1 * EIGVAL.double(), rtol=0.03, atol=0)
@@ -98,8 +103,14 @@ def test_train_transform_shape_dtype_and_crops_are_windows():
     img = coordinate_image()
     out = TrainTransform.from_stats(STATS, crop=224)(img)
     assert out.shape == (3, 224, 224) and out.dtype == torch.float32
-    tf = TrainTransform(224, **IDENTITY, eigval=EIGVAL, eigvec=random_rotation(0), alphastd=0,
-                        generator=torch.Generator().manual_seed(0))
+    tf = TrainTransform(
+        224,
+        **IDENTITY,
+        eigval=EIGVAL,
+        eigvec=random_rotation(0),
+        alphastd=0,
+        generator=torch.Generator().manual_seed(0),
+    )
     flips, tops = set(), set()
     for _ in range(20):
         x = decode(tf(img))
@@ -160,5 +171,9 @@ def test_fused_photometric_equals_the_four_steps_it_replaces():
     one = tf.photometric(x[0])
     assert one.shape == (3, 40, 40)
     crops = torch.randint(0, 256, (2, 10, 3, 8, 8), dtype=torch.uint8)
-    torch.testing.assert_close(EvalTransform.from_stats(STATS, crop=8).photometric(crops),
-                               (crops.float() / 255 - mean) / std, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        EvalTransform.from_stats(STATS, crop=8).photometric(crops),
+        (crops.float() / 255 - mean) / std,
+        rtol=0,
+        atol=1e-5,
+    )

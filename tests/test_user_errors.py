@@ -1,6 +1,7 @@
 """What a user's mistake gets: exit 2, one message that names the value and the fix, no
 traceback, and nothing left behind (no MLflow run, no mlflow.db, no dataset folder). And the
 Ray a stage uses when RAY_ADDRESS is unset, wrong or dead."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,9 @@ def _cli(args, cwd, env_extra=None, timeout=120):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     env.update(PYTHONPATH=str(PROJECT), **(env_extra or {}))
     t = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "pipelines", *args], cwd=cwd, env=env, capture_output=True,
-                       text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "-m", "pipelines", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
     return p, time.monotonic() - t
 
 
@@ -34,7 +36,8 @@ def indexed(tmp_path_factory):
     """A source and a ROOT with an index (so shard's own flags are what is wrong)."""
     from pipelines import index
     from pipelines.config import IndexConfig
-    from pipelines.sample import SampleConfig, run as make_sample
+    from pipelines.sample import SampleConfig
+    from pipelines.sample import run as make_sample
 
     tmp = tmp_path_factory.mktemp("errors")
     make_sample(SampleConfig(out=str(tmp / "src"), classes=2, train_per_class=4, val_per_class=2))
@@ -45,7 +48,10 @@ def indexed(tmp_path_factory):
 # (args, what the message must name); {src}, {root}, {tmp} filled in per test
 CASES = [
     (["index", "--source", "{tmp}/nope", "--data", "{tmp}/new"], "{tmp}/nope' does not exist"),
-    (["index", "--source", "{src}/folders", "--data", "{tmp}/new", "--samples-per-shard", "0"], "--samples-per-shard 0"),
+    (
+        ["index", "--source", "{src}/folders", "--data", "{tmp}/new", "--samples-per-shard", "0"],
+        "--samples-per-shard 0",
+    ),
     (["index", "--source", "{src}/folders", "--data", "{tmp}/new", "--classes", "0"], "--classes 0"),
     (["index", "--source", "{src}/folders", "--data", "{tmp}/new", "--limit", "-3"], "--limit -3"),
     (["index", "--source", "{src}/folders", "--data", "s3:///x"], "'s3:///x' names no bucket"),
@@ -84,14 +90,21 @@ def test_a_wrong_invocation_exits_2_naming_the_value_and_leaves_nothing(indexed,
     assert set(os.listdir(indexed / "root")) == before
 
 
-@pytest.mark.parametrize("address, named", [
-    ("http://127.0.0.1:8265", "is a dashboard (Jobs API) address"),
-    ("127.0.0.1:{port}", "Nothing answers at RAY_ADDRESS=127.0.0.1:{port}"),
-])
+@pytest.mark.parametrize(
+    "address, named",
+    [
+        ("http://127.0.0.1:8265", "is a dashboard (Jobs API) address"),
+        ("127.0.0.1:{port}", "Nothing answers at RAY_ADDRESS=127.0.0.1:{port}"),
+    ],
+)
 def test_a_wrong_or_dead_ray_address_is_named_within_seconds(indexed, tmp_path, address, named):
     port = free_port()  # nothing listens there
-    p, seconds = _cli(["shard", "--data", str(indexed / "root")], cwd=tmp_path,
-                      env_extra={"RAY_ADDRESS": address.format(port=port)}, timeout=60)
+    p, seconds = _cli(
+        ["shard", "--data", str(indexed / "root")],
+        cwd=tmp_path,
+        env_extra={"RAY_ADDRESS": address.format(port=port)},
+        timeout=60,
+    )
     assert p.returncode == 2 and named.format(port=port) in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr and seconds < 30
     assert os.listdir(tmp_path) == []
@@ -107,10 +120,23 @@ def test_a_dead_head_left_by_ray_start_is_not_joined(indexed, tmp_path):
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     gcs_port = free_port()
-    head = subprocess.Popen([str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-                             f"--port={gcs_port}", "--num-cpus=1", "--include-dashboard=false",
-                             "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    head = subprocess.Popen(
+        [
+            str(VENV_BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs_port}",
+            "--num-cpus=1",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         record = ray_tmp / "ray" / "ray_current_cluster"
         # The head is up (its GCS answers) and has recorded its address for ray.init() to find.
@@ -119,9 +145,12 @@ def test_a_dead_head_left_by_ray_start_is_not_joined(indexed, tmp_path):
         head.wait(30)
         assert record.exists()
         # --parallel ray: a job this small would otherwise run in local processes, starting no Ray
-        p, _ = _cli(["shard", "--data", str(indexed / "root"), "--resize", "64", "--parallel", "ray"], cwd=tmp_path,
-                    env_extra={"RAY_TMPDIR": str(ray_tmp), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
-                    timeout=240)
+        p, _ = _cli(
+            ["shard", "--data", str(indexed / "root"), "--resize", "64", "--parallel", "ray"],
+            cwd=tmp_path,
+            env_extra={"RAY_TMPDIR": str(ray_tmp), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
+            timeout=240,
+        )
         assert p.returncode == 0, p.stderr[-3000:]
         summary = json.loads(p.stdout.strip().splitlines()[-1])
         assert summary["stage"] == "shard" and summary["nodes"]
@@ -152,8 +181,12 @@ def test_help_is_written_for_people():
 def test_quiet_prints_only_the_json_line(indexed, tmp_path):
     root = tmp_path / "root"
     subprocess.run(["cp", "-r", str(indexed / "root"), str(root)], check=True)
-    p, _ = _cli(["--quiet", "shard", "--data", str(root), "--resize", "64"], cwd=tmp_path,
-                env_extra={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}, timeout=300)
+    p, _ = _cli(
+        ["--quiet", "shard", "--data", str(root), "--resize", "64"],
+        cwd=tmp_path,
+        env_extra={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
+        timeout=300,
+    )
     assert p.returncode == 0 and p.stderr == "", p.stderr[-2000:]
     assert [l for l in p.stdout.splitlines() if l.strip()][-1].startswith('{"stage": "shard"')
     assert len([l for l in p.stdout.splitlines() if l.strip()]) == 1, p.stdout[-2000:]

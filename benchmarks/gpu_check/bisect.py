@@ -11,6 +11,7 @@ process, without Ray: first the recipe as it ran (eager), then each variant with
 changed, every variant from the same seed and the same batches. For each it records the first
 step with a non-finite loss (null if none) and the loss at a few steps, as one JSON line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,15 @@ import sys
 import time
 
 # The recipe as it ran, without torch.compile (the slowest to build); each variant changes one thing.
-RECIPE = {"init": "paper", "amp": "bf16", "decode": "device", "fused": True, "channels_last": True,
-          "compile": False, "lr": 0.01}
+RECIPE = {
+    "init": "paper",
+    "amp": "bf16",
+    "decode": "device",
+    "fused": True,
+    "channels_last": True,
+    "compile": False,
+    "lr": 0.01,
+}
 VARIANTS = {
     "as-run-eager": {},
     "float32": {"amp": "off"},
@@ -60,18 +68,30 @@ def run_variant(v: dict, inputs: dict, a, device) -> dict:
             losses.append(loss.detach().float())
     values = torch.stack(losses).cpu().tolist()  # one read at the end: the steps stay asynchronous
     bad = next((i + 1 for i, x in enumerate(values) if not math.isfinite(x)), None)
-    return {"first_non_finite_step": bad, "steps": len(values), "seconds": round(time.perf_counter() - t0, 1),
-            "loss": {str(s): values[s - 1] for s in (1, 2, 5, 10, 20, 50, 100, 200) if s <= len(values)}}
+    return {
+        "first_non_finite_step": bad,
+        "steps": len(values),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "loss": {str(s): values[s - 1] for s in (1, 2, 5, 10, 20, 50, 100, 200) if s <= len(values)},
+    }
 
 
 def batches_of(shards, tf, a, epoch: int, decode: str, device, most: int):
     """Up to ``most`` (uint8 images, labels) batches of one epoch on the device, as train_loop reads them."""
     from pipelines import data, plan
 
-    seg = plan.epoch_plan([n for _, n in shards], seed=0, epoch=epoch, batch_size=a.batch, world=1,
-                          loader_workers=a.loader_workers, buffer=2000)
-    batches = data.on_device(data.train_loader(shards, tf, segment=seg, rank=0, pin_memory=device.type == "cuda",
-                                               decode=decode), device)
+    seg = plan.epoch_plan(
+        [n for _, n in shards],
+        seed=0,
+        epoch=epoch,
+        batch_size=a.batch,
+        world=1,
+        loader_workers=a.loader_workers,
+        buffer=2000,
+    )
+    batches = data.on_device(
+        data.train_loader(shards, tf, segment=seg, rank=0, pin_memory=device.type == "cuda", decode=decode), device
+    )
     for _ in range(min(most, seg.steps)):
         x, y, _ = next(batches)
         yield x, y
@@ -86,8 +106,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--crop", type=int, default=224)
     ap.add_argument("--loader-workers", type=int, default=8)
-    ap.add_argument("--variants", type=lambda t: t.split(","), default=list(VARIANTS), metavar="NAMES",
-                    help="comma-separated names from VARIANTS (default: all)")
+    ap.add_argument(
+        "--variants",
+        type=lambda t: t.split(","),
+        default=list(VARIANTS),
+        metavar="NAMES",
+        help="comma-separated names from VARIANTS (default: all)",
+    )
     a = ap.parse_args(argv)
 
     import torch
@@ -97,16 +122,24 @@ def main(argv=None) -> dict:
 
     device = torch.device(a.device)
     inputs = train._inputs(TrainConfig(data=a.data, crop=a.crop))
-    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", "recipe": RECIPE,
-           "batch": a.batch, "crop": a.crop, "variants": {}}
+    out = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "recipe": RECIPE,
+        "batch": a.batch,
+        "crop": a.crop,
+        "variants": {},
+    }
     for name in a.variants:
         if name not in VARIANTS:
             raise SystemExit(f"error: unknown variant {name!r}; expected some of: {', '.join(VARIANTS)}")
         change = VARIANTS[name]
         result = run_variant({**RECIPE, **change}, inputs, a, device)
         out["variants"][name] = {"change": change, **result}
-        print(f"[bisect] {name}: first non-finite step {result['first_non_finite_step']}, "
-              f"loss {result['loss']}", file=sys.stderr, flush=True)
+        print(
+            f"[bisect] {name}: first non-finite step {result['first_non_finite_step']}, loss {result['loss']}",
+            file=sys.stderr,
+            flush=True,
+        )
     print(json.dumps(out))
     return out
 

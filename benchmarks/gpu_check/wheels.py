@@ -11,6 +11,7 @@ Ray's wheel is 79 MB; its Java jar (32 MB), RLlib, Ray LLM, Serve and the dashbo
 page are left out of it, which none of the stages use, so that it fits.
 run.sh installs them there with `pip install --no-index --no-deps --target`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,8 @@ import zipfile
 
 NEEDED = ("ray[train]", "mlflow-skinny", "sqlalchemy", "alembic", "webdataset")
 # Python packages of the GPU machine's image, as it listed them (2026-11): not carried.
-THERE = set("""
+THERE = set(
+    """
 absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc attrs botorch build
 certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings
 cuda-core cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox
@@ -45,12 +47,18 @@ setuptools shellingham simplejson six sortedcontainers statsmodels sympy tabulat
 tensorboard-data-server tensorstore threadpoolctl tifffile tiktoken timm tokenizers toolz torch
 torchaudio torchdiffeq torch-geometric torchmetrics torchvision tqdm transformers treescope triton
 typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray
-xxhash yarl zipp""".split())
+xxhash yarl zipp""".split()
+)
 # Parts of Ray's wheel no stage imports: Java workers, RLlib, Ray LLM, Serve, the dashboard's web page.
 RAY_LEFT_OUT = ("ray/jars/", "ray/rllib/", "ray/llm/", "ray/serve/", "ray/dashboard/client/")
-TARGET = ["--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp",
-          *[a for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
-            for a in ("--platform", p)]]
+TARGET = [
+    "--only-binary=:all:",
+    "--python-version",
+    "3.12",
+    "--implementation",
+    "cp",
+    *[a for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64") for a in ("--platform", p)],
+]
 LIMIT = 61 << 20  # of the 64 MiB a call carries, the rest is the repository (~2 MiB)
 
 
@@ -71,9 +79,24 @@ def missing_there(requirements: list[str]) -> list[str]:
     """name==version of every package in the requirements' closure that the GPU image lacks."""
     with tempfile.TemporaryDirectory() as tmp:
         report = os.path.join(tmp, "report.json")
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--dry-run", "--ignore-installed",
-                        "--target", os.path.join(tmp, "t"), "--report", report, *TARGET, *requirements],
-                       check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--dry-run",
+                "--ignore-installed",
+                "--target",
+                os.path.join(tmp, "t"),
+                "--report",
+                report,
+                *TARGET,
+                *requirements,
+            ],
+            check=True,
+        )
         with open(report) as f:
             installs = json.load(f)["install"]
     found = [(i["metadata"]["name"], i["metadata"]["version"]) for i in installs]
@@ -89,8 +112,9 @@ def slim_ray(path: str) -> None:
                 continue
             data = src.read(item)
             if item.filename.endswith(".dist-info/RECORD"):
-                data = "".join(line for line in data.decode().splitlines(keepends=True)
-                               if not line.startswith(RAY_LEFT_OUT)).encode()
+                data = "".join(
+                    line for line in data.decode().splitlines(keepends=True) if not line.startswith(RAY_LEFT_OUT)
+                ).encode()
             dst.writestr(item, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
     os.replace(slim, path)
 
@@ -104,16 +128,19 @@ def main(argv=None) -> list[str]:
     os.makedirs(a.dest, exist_ok=True)
     for old in os.listdir(a.dest):  # one version of each: two would stop the install there
         os.remove(os.path.join(a.dest, old))
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", a.dest, *TARGET, *wanted],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", a.dest, *TARGET, *wanted], check=True
+    )
     for name in os.listdir(a.dest):
         if name.startswith("ray-"):
             slim_ray(os.path.join(a.dest, name))
     total = sum(os.path.getsize(os.path.join(a.dest, n)) for n in os.listdir(a.dest))
     print(f"[wheels] {len(os.listdir(a.dest))} wheels, {total / 2**20:.1f} MiB in {a.dest}", file=sys.stderr)
     if total > LIMIT:
-        raise SystemExit(f"error: the wheels take {total / 2**20:.1f} MiB, over the {LIMIT >> 20} MiB that "
-                         "may travel beside the repository; leave more of Ray's wheel out (RAY_LEFT_OUT).")
+        raise SystemExit(
+            f"error: the wheels take {total / 2**20:.1f} MiB, over the {LIMIT >> 20} MiB that "
+            "may travel beside the repository; leave more of Ray's wheel out (RAY_LEFT_OUT)."
+        )
     return wanted
 
 

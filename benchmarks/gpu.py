@@ -4,7 +4,7 @@
     python -m benchmarks.gpu --device cpu --tiny --compile-backend eager   # wiring check (tests)
 
 Model alone: model.build("alexnet2012", 1000, "paper") on random inputs already on the device,
-the training step of pipelines/train.py (bf16 autocast, channels_last, SGD), contenders
+the training step of pipelines/recipe.py (bf16 autocast, channels_last, SGD), contenders
   eager          the network as train_loop runs it
   compiled       torch.compile(network)
 with the model FLOP utilisation: training FLOPs per image (torch.utils.flop_counter on one
@@ -53,12 +53,12 @@ def peak_flops(name: str | None) -> float | None:
     return None
 
 
-# --- the training step, as pipelines/train.py::train_loop writes it ------------------------------
+# --- the training step, as pipelines/worker.py trains with it ------------------------------
 def make_step(net, opt, device):
     """train_loop's own step on a normalised float batch (channels_last on a GPU, as there)."""
     import torch
 
-    from pipelines.train import train_step
+    from pipelines.recipe import train_step
 
     gpu = device.type == "cuda"
 
@@ -273,7 +273,7 @@ def main(argv=None) -> dict:
         net = net.to(memory_format=torch.channels_last)
     net.train()
     # train.py's optimiser (TrainConfig's lr, momentum, weight decay: the same update work).
-    from pipelines.train import sgd
+    from pipelines.recipe import sgd
 
     opt = sgd(net.parameters(), lr=TrainConfig.lr, momentum=TrainConfig.momentum, weight_decay=TrainConfig.weight_decay)
     model_rows, model_extra = bench_model(net, opt, device, a)

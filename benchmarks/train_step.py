@@ -5,7 +5,7 @@
 Contenders, the same model (alexnet2012, 1000 classes), optimiser, batch and synthetic data,
 on the CPU with every core:
 
-  pipelines   pipelines.train.train_loop on one Ray Train worker holding all the cores: the
+  pipelines   pipelines.worker.train_loop on one Ray Train worker holding all the cores: the
               project's loop (photometric step, metric accumulation, per-epoch evaluation,
               checkpoint and MLflow logging), fed one fixed random uint8 batch
               (data.synthetic_batches) so only the loop and Ray Train are measured. Its rate is
@@ -40,7 +40,7 @@ def plain_loop(arch: str, batch: int, crop: int, steps: int, warmup: int = 2) ->
 
     torch.manual_seed(0)
     net = model.build(arch, 1000, "kaiming").train()
-    from pipelines.train import sgd
+    from pipelines.recipe import sgd
 
     opt = sgd(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)  # the project's (fused where torch has it)
     x = torch.randn(batch, 3, crop, crop)
@@ -59,7 +59,7 @@ def ray_train_loop(arch: str, batch: int, crop: int, steps: int, epochs: int, st
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines import checkpoint, tracking, train
+    from pipelines import checkpoint, tracking, worker
     from pipelines.cluster import ensure_ray
     from pipelines.config import TrainConfig
 
@@ -96,7 +96,7 @@ def ray_train_loop(arch: str, batch: int, crop: int, steps: int, epochs: int, st
         "synthetic_steps": steps,
     }
     trainer = TorchTrainer(
-        train.train_loop,
+        worker.train_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": cores}),
         run_config=RunConfig(name=cfg.name, storage_path=cfg.storage),

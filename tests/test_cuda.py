@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import model
-from pipelines import train
+from pipelines import recipe
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -32,12 +32,12 @@ def _update(after, before) -> torch.Tensor:
 def test_the_gpu_step_bf16_channels_last_fused_sgd_moves_the_weights_as_the_cpu_float32_step():
     x, y = _batch()
     ref, got, start = _net(), _net(), _net()
-    train.train_step(ref, train.sgd(ref.parameters(), 0.01, 0.9, 5e-4), x, y)
+    recipe.train_step(ref, recipe.sgd(ref.parameters(), 0.01, 0.9, 5e-4), x, y)
     got = got.cuda().to(memory_format=torch.channels_last)
-    opt = train.sgd(got.parameters(), 0.01, 0.9, 5e-4)
+    opt = recipe.sgd(got.parameters(), 0.01, 0.9, 5e-4)
     assert opt.param_groups[0].get("fused"), "CUDA has a fused SGD: training should use it"
-    out, loss = train.train_step(
-        got, opt, x.cuda().contiguous(memory_format=torch.channels_last), y.cuda(), train.amp_dtype("auto", gpu=True)
+    out, loss = recipe.train_step(
+        got, opt, x.cuda().contiguous(memory_format=torch.channels_last), y.cuda(), recipe.amp_dtype("auto", gpu=True)
     )
     assert out.dtype == torch.bfloat16
     want, have = _update(ref, start), _update(got, start)

@@ -14,7 +14,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from pipelines.train import METRICS
+from pipelines.worker import METRICS
 
 from .helpers import epoch_keys, read_ledger
 from .multinode import FAST_TRAIN_RESTART, ray_cluster

@@ -18,7 +18,7 @@ from pipelines import index, shard
 from pipelines.config import IndexConfig, ShardConfig
 from pipelines.sample import SampleConfig
 from pipelines.sample import run as make_sample
-from pipelines.train import METRICS
+from pipelines.worker import METRICS
 
 from . import services as sv
 from .multinode import signal_all, wait_stopped

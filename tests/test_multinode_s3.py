@@ -31,7 +31,7 @@ from botocore.exceptions import ClientError
 
 from pipelines.sample import SampleConfig
 from pipelines.sample import run as make_sample
-from pipelines.train import METRICS
+from pipelines.worker import METRICS
 
 from . import services as sv
 from .helpers import epoch_keys, read_ledger

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import model
-from pipelines import train
+from pipelines import recipe, train
 from pipelines.config import TrainConfig
 
 from .services import free_port
@@ -24,24 +24,24 @@ from .services import free_port
 
 # --- arithmetic ---------------------------------------------------------------------------------
 def test_linear_scaling_multiplies_the_lr_by_the_batch_over_the_reference_batch():
-    assert train.peak_lr(0.01, 8192, "linear", 128) == pytest.approx(0.64)
-    assert train.peak_lr(0.01, 64, "linear", 128) == pytest.approx(0.005)
-    assert train.peak_lr(0.01, 8192, "none", 128) == 0.01
+    assert recipe.peak_lr(0.01, 8192, "linear", 128) == pytest.approx(0.64)
+    assert recipe.peak_lr(0.01, 64, "linear", 128) == pytest.approx(0.005)
+    assert recipe.peak_lr(0.01, 8192, "none", 128) == 0.01
     # Goyal et al. warm up from the reference batch's rate; with nothing to scale, from a tenth
-    assert train.warmup_from(0.01, 0.64, None) == pytest.approx(1 / 64)
-    assert train.warmup_from(0.01, 0.01, None) == pytest.approx(0.1)
-    assert train.warmup_from(0.01, 0.64, 0.5) == 0.5
+    assert recipe.warmup_from(0.01, 0.64, None) == pytest.approx(1 / 64)
+    assert recipe.warmup_from(0.01, 0.01, None) == pytest.approx(0.1)
+    assert recipe.warmup_from(0.01, 0.64, 0.5) == 0.5
 
 
 def test_warmup_rises_linearly_step_by_step_and_ends_at_the_peak():
     steps, start = 10, 0.25
-    rates = [train.warmup_factor(e, s, steps, 2, start) for e in (1, 2, 3) for s in range(steps)]
+    rates = [recipe.warmup_factor(e, s, steps, 2, start) for e in (1, 2, 3) for s in range(steps)]
     # 20 warm-up steps: the k-th (1-based) is at start + (1 - start) * k / 20, the 20th at 1
     for k, rate in enumerate(rates[:20], 1):
         assert rate == pytest.approx(start + (1 - start) * k / 20)
     assert rates[19] == 1.0 and rates[20:] == [1.0] * 10
     assert all(a < b for a, b in zip(rates[:19], rates[1:20]))
-    assert [train.warmup_factor(1, s, steps, 0, start) for s in range(steps)] == [1.0] * steps
+    assert [recipe.warmup_factor(1, s, steps, 0, start) for s in range(steps)] == [1.0] * steps
 
 
 def test_a_gpu_worker_reserves_its_nodes_cpus_per_gpu_and_at_most_the_cap():
@@ -61,7 +61,7 @@ def test_a_gpu_worker_reserves_its_nodes_cpus_per_gpu_and_at_most_the_cap():
 
 # --- the training step -------------------------------------------------------------------------
 def test_the_fused_sgd_moves_the_weights_as_the_plain_loop_and_survives_a_resume():
-    """train.sgd takes the fused kernel where torch has it (here, CPU): the same weights and
+    """recipe.sgd takes the fused kernel where torch has it (here, CPU): the same weights and
     momentum after several steps as torch's plain SGD, to float rounding (a rate and decay large
     enough that each term shows); a checkpoint saved by either loads into the other, and the
     loaded optimiser keeps its own kernel."""
@@ -70,7 +70,7 @@ def test_the_fused_sgd_moves_the_weights_as_the_plain_loop_and_survives_a_resume
     fused_net = copy.deepcopy(plain_net)
     hyper = dict(lr=0.1, momentum=0.9, weight_decay=0.05)
     plain = torch.optim.SGD(plain_net.parameters(), **hyper)
-    fused = train.sgd(fused_net.parameters(), **hyper)
+    fused = recipe.sgd(fused_net.parameters(), **hyper)
     assert fused.param_groups[0]["fused"] is True and plain.param_groups[0]["fused"] is not True
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
@@ -84,9 +84,9 @@ def test_the_fused_sgd_moves_the_weights_as_the_plain_loop_and_survives_a_resume
         torch.testing.assert_close(
             fused.state[b]["momentum_buffer"], plain.state[a]["momentum_buffer"], rtol=1e-5, atol=1e-6
         )
-    train.load_optimizer(fused, plain.state_dict())  # a checkpoint of the plain loop
+    recipe.load_optimizer(fused, plain.state_dict())  # a checkpoint of the plain loop
     assert fused.param_groups[0]["fused"] is True
-    train.load_optimizer(plain, fused.state_dict())
+    recipe.load_optimizer(plain, fused.state_dict())
     assert plain.param_groups[0]["fused"] is not True
 
 
@@ -96,7 +96,7 @@ def _one_step(net, amp=None, scaler=None):
     x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     y = torch.arange(4) % 10
     torch.manual_seed(1)  # the same dropout masks for every contender
-    out, loss = train.train_step(net, opt, x, y, amp, loss_scale=0.25, scaler=scaler)
+    out, loss = recipe.train_step(net, opt, x, y, amp, loss_scale=0.25, scaler=scaler)
     return net, out, float(loss.detach())
 
 
@@ -111,7 +111,7 @@ def test_an_autocast_step_moves_the_weights_as_the_float32_step_does(amp):
     torch.manual_seed(0)
     net = model.build("alexnet2012", 10, "kaiming")
     ref, _, ref_loss = _one_step(net)
-    dtype = train.amp_dtype(amp, gpu=False)
+    dtype = recipe.amp_dtype(amp, gpu=False)
     scaler = torch.amp.GradScaler("cpu", init_scale=256.0) if amp == "fp16" else None
     got, out, loss = _one_step(net, dtype, scaler)
     assert out.dtype == dtype
@@ -119,7 +119,7 @@ def test_an_autocast_step_moves_the_weights_as_the_float32_step_does(amp):
     want, have = _update(ref, net), _update(got, net)
     assert have.abs().sum() > 0, "no step was taken"
     assert torch.nn.functional.cosine_similarity(have, want, dim=0) > 0.99
-    assert train.amp_dtype("auto", gpu=True) == torch.bfloat16 and train.amp_dtype("auto", gpu=False) is None
+    assert recipe.amp_dtype("auto", gpu=True) == torch.bfloat16 and recipe.amp_dtype("auto", gpu=False) is None
 
 
 # --- two processes, gloo ------------------------------------------------------------------------
@@ -163,13 +163,13 @@ def _ddp_rank(rank: int, world: int, port: int, compressions: list[str], compile
 
         here = copy.deepcopy(net)
         ddp = torch.nn.parallel.DistributedDataParallel(here)
-        wrapped = train.prepare_network(ddp, grad_compression=compression, compile=compile)
+        wrapped = recipe.prepare_network(ddp, grad_compression=compression, compile=compile)
         opt = torch.optim.SGD(wrapped.parameters(), lr=0.0)
         dist.all_reduce = counted
         try:
             for _step in (1, 2):  # the second step's traffic: DDP rebuilds its buckets after the first
                 sent.clear()
-                train.train_step(wrapped, opt, x, y, None, loss_scale=world / batch)
+                recipe.train_step(wrapped, opt, x, y, None, loss_scale=world / batch)
         finally:
             dist.all_reduce = all_reduce
         worst = max(

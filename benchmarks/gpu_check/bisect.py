@@ -46,7 +46,7 @@ def run_variant(v: dict, inputs: dict, a, device) -> dict:
     import torch
 
     import model
-    from pipelines import train
+    from pipelines import recipe
 
     torch.manual_seed(0)
     net = model.build("alexnet2012", inputs["num_classes"], v["init"]).to(device)
@@ -54,8 +54,8 @@ def run_variant(v: dict, inputs: dict, a, device) -> dict:
         net = net.to(memory_format=torch.channels_last)
     step_net = torch.compile(net) if v["compile"] else net
     params = dict(lr=v["lr"], momentum=0.9, weight_decay=5e-4)
-    opt = train.sgd(net.parameters(), **params) if v["fused"] else torch.optim.SGD(net.parameters(), **params)
-    amp = train.amp_dtype(v["amp"], gpu=device.type == "cuda")
+    opt = recipe.sgd(net.parameters(), **params) if v["fused"] else torch.optim.SGD(net.parameters(), **params)
+    amp = recipe.amp_dtype(v["amp"], gpu=device.type == "cuda")
     tf = model.TrainTransform.from_stats(inputs["stats"], crop=a.crop, alphastd=0.1)
     losses, t0 = [], time.perf_counter()
     epoch = 0
@@ -64,7 +64,7 @@ def run_variant(v: dict, inputs: dict, a, device) -> dict:
         for x, y in batches_of(inputs["train_shards"], tf, a, epoch, v["decode"], device, a.steps - len(losses)):
             if v["channels_last"]:
                 x = x.contiguous(memory_format=torch.channels_last)
-            _, loss = train.train_step(step_net, opt, tf.photometric(x), y, amp)
+            _, loss = recipe.train_step(step_net, opt, tf.photometric(x), y, amp)
             losses.append(loss.detach().float())
     values = torch.stack(losses).cpu().tolist()  # one read at the end: the steps stay asynchronous
     bad = next((i + 1 for i, x in enumerate(values) if not math.isfinite(x)), None)

@@ -59,35 +59,55 @@ def run(args: dict) -> dict:
             _step(f"sample: a small ImageNet-format dataset in {src}")
             sample.run(sample.SampleConfig(out=src, **SAMPLE))
         pipeline = opening.result()
-    source = storage.join(src, "tarballs")
-    s = {}
-    stage = dict(experiment=TRAIN["experiment"], parent_run_id=pipeline)
     try:
-        _step(f"index: {source} -> {data}")
-        s["index"] = tracking.track_stage(
-            "index", IndexConfig(source=source, data=data, samples_per_shard=SAMPLES_PER_SHARD), index.run, **stage
-        )
-        ensure_ray(dashboard=True)  # one local Ray for shard, stats and train; train wants the dashboard
-        _step("shard: one Ray task per shard")
-        s["shard"] = tracking.track_stage("shard", ShardConfig(data=data, resize=RESIZE), shard.run, **stage)
-        _step("stats: mean, std and RGB eigen-decomposition over the training shards")
-        s["stats"] = tracking.track_stage("stats", StatsConfig(data=data), stats.run, **stage)
-        _step(
-            f"train: AlexNet (2012) on {TRAIN['workers']} Ray Train CPU workers, {TRAIN['epochs']} epochs, "
-            f"{CROP} px crops"
-        )
-        s["train"] = train.run(TrainConfig(data=data, crop=CROP, gpu=False, **TRAIN), parent_run_id=pipeline)
-        _step("evaluate: centre crop and the paper's 10 crops on the val shards")
-        s["evaluate"] = evaluate.run(EvaluateConfig(data=data, run_id=s["train"]["run_id"], gpu=False))
-        s["evaluate10"] = evaluate.run(EvaluateConfig(data=data, run_id=s["train"]["run_id"], ten_crop=True, gpu=False))
+        s = _stages(storage.join(src, "tarballs"), data, pipeline)
     except BaseException as e:
         tracking.end_run(pipeline, "FAILED" if isinstance(e, Exception) else "KILLED")
         raise
-
     tracking.end_run(pipeline)
     print("\n" + status.format_table(status.run(StatusConfig(data=data))), file=sys.stderr)
     uri = tracking.tracking_uri()
-    # Commands that work from any folder: absolute paths, the store named in them.
+    e, e10 = s["evaluate"], s["evaluate10"]
+    print(_summary_text(s, data, uri, time.monotonic() - t0), file=sys.stderr)
+    return {
+        "stage": "demo",
+        "data": data,
+        "seconds": round(time.monotonic() - t0, 2),
+        "top1": e["top1"],
+        "top5": e["top5"],
+        "top1_10crop": e10["top1"],
+        "top5_10crop": e10["top5"],
+        "run_id": s["train"]["run_id"],
+        "checkpoint": s["train"]["checkpoint"],
+        "tracking_uri": uri,
+    }
+
+
+def _stages(source: str, data: str, pipeline: str) -> dict:
+    """index, shard, stats, train and both evaluations, each nested under the pipeline's run."""
+    s = {}
+    stage = dict(experiment=TRAIN["experiment"], parent_run_id=pipeline)
+    _step(f"index: {source} -> {data}")
+    s["index"] = tracking.track_stage(
+        "index", IndexConfig(source=source, data=data, samples_per_shard=SAMPLES_PER_SHARD), index.run, **stage
+    )
+    ensure_ray(dashboard=True)  # one local Ray for shard, stats and train; train wants the dashboard
+    _step("shard: one Ray task per shard")
+    s["shard"] = tracking.track_stage("shard", ShardConfig(data=data, resize=RESIZE), shard.run, **stage)
+    _step("stats: mean, std and RGB eigen-decomposition over the training shards")
+    s["stats"] = tracking.track_stage("stats", StatsConfig(data=data), stats.run, **stage)
+    _step(
+        f"train: AlexNet (2012) on {TRAIN['workers']} Ray Train CPU workers, {TRAIN['epochs']} epochs, {CROP} px crops"
+    )
+    s["train"] = train.run(TrainConfig(data=data, crop=CROP, gpu=False, **TRAIN), parent_run_id=pipeline)
+    _step("evaluate: centre crop and the paper's 10 crops on the val shards")
+    s["evaluate"] = evaluate.run(EvaluateConfig(data=data, run_id=s["train"]["run_id"], gpu=False))
+    s["evaluate10"] = evaluate.run(EvaluateConfig(data=data, run_id=s["train"]["run_id"], ten_crop=True, gpu=False))
+    return s
+
+
+def _summary_text(s: dict, data: str, uri: str, seconds: float) -> str:
+    """What the demo did and where to look, with commands that work from any folder."""
     bin_dir = Path(sys.executable).parent
     cli = (
         str(bin_dir / "alexnet-pipelines")
@@ -102,8 +122,7 @@ def run(args: dict) -> dict:
     again = f"MLFLOW_TRACKING_URI={uri} {cli} evaluate --data {data} --run-id {s['train']['run_id']} --ten-crop"
     e, e10 = s["evaluate"], s["evaluate10"]
     quarantined = f"{s['shard']['rejected']} damaged inputs quarantined in {contract.index_paths(data)['rejected']}"
-    print(
-        f"""
+    return f"""
 == summary
 val top-1 {e["top1"]:.1%}, top-5 {e["top5"]:.1%} (centre crop); \
 10-crop top-1 {e10["top1"]:.1%}, top-5 {e10["top5"]:.1%}
@@ -114,18 +133,4 @@ MLflow run:  {s["train"]["run_id"]} \
 (experiment '{TRAIN["experiment"]}', nested with the stage runs under run 'pipeline')
 MLflow UI:   {ui}
 evaluate:    {again}
-took {time.monotonic() - t0:.0f} s""",
-        file=sys.stderr,
-    )
-    return {
-        "stage": "demo",
-        "data": data,
-        "seconds": round(time.monotonic() - t0, 2),
-        "top1": e["top1"],
-        "top5": e["top5"],
-        "top1_10crop": e10["top1"],
-        "top5_10crop": e10["top5"],
-        "run_id": s["train"]["run_id"],
-        "checkpoint": s["train"]["checkpoint"],
-        "tracking_uri": uri,
-    }
+took {seconds:.0f} s"""

@@ -183,80 +183,63 @@ def _record(
 ) -> str:
     """This evaluation as a run of its own, nested under the training run: its metrics, the
     per-class accuracy, the confusion matrix and the most confused pairs with example keys."""
-    from collections import Counter
-
     classes = contract.read_classes(cfg.data)
     name = "evaluate-10crop" if cfg.ten_crop else "evaluate"
-    run_id = tracking.start_child_run(
-        cfg.run_id,
-        name,
-        "evaluate",
-        tags={
-            "pipelines.evaluates": cfg.run_id,
-            "pipelines.checkpoint": ckpt_dir,
-            "pipelines.data": cfg.data,
-            **tracking.allowed_stale_tag(stale),
-        },
-    )
+    tags = {"pipelines.evaluates": cfg.run_id, "pipelines.checkpoint": ckpt_dir, "pipelines.data": cfg.data}
+    run_id = tracking.start_child_run(cfg.run_id, name, "evaluate", tags={**tags, **tracking.allowed_stale_tag(stale)})
     try:
-        tracking.log_params(
-            run_id,
-            {
-                "ten_crop": cfg.ten_crop,
-                "epoch": state["epoch"],
-                "images": counts["images"],
-                "checkpoint": ckpt_dir,
-                "data": cfg.data,
-            },
-        )
+        params = {"ten_crop": cfg.ten_crop, "epoch": state["epoch"], "images": counts["images"]}
+        tracking.log_params(run_id, {**params, "checkpoint": ckpt_dir, "data": cfg.data})
         tracking.log_metrics_once(run_id, {"top1": top1, "top5": top5, "seconds": seconds}, step=state["epoch"])
-        n = len(classes)
-        seen, right = (
-            Counter(counts["labels"]),
-            Counter(y for y, p in zip(counts["labels"], counts["predicted"]) if y == p),
-        )
-        tracking.log_table(
-            run_id,
-            [
-                {
-                    "class_id": c,
-                    "wnid": classes[c]["wnid"],
-                    "name": classes[c]["name"],
-                    "images": seen[c],
-                    "top1": right[c] / seen[c] if seen[c] else None,
-                }
-                for c in range(n)
-            ],
-            "per_class_accuracy.json",
-        )
-        pairs = Counter((y, p) for y, p in zip(counts["labels"], counts["predicted"]) if y != p)
-        examples: dict = {}
-        for key, y, p in zip(counts["keys"], counts["labels"], counts["predicted"]):
-            if y != p and len(examples.setdefault((y, p), [])) < 5:
-                examples[(y, p)].append(key)
-        tracking.log_table(
-            run_id,
-            [
-                {
-                    "true": classes[y]["name"],
-                    "true_wnid": classes[y]["wnid"],
-                    "predicted": classes[p]["name"],
-                    "predicted_wnid": classes[p]["wnid"],
-                    "images": k,
-                    "examples": " ".join(examples[(y, p)]),
-                }
-                for (y, p), k in pairs.most_common(50)
-            ],
-            "most_confused.json",
-        )
-        tracking.log_figure(
-            run_id, _confusion_figure(counts["labels"], counts["predicted"], classes), "confusion_matrix.png"
-        )
+        tracking.log_table(run_id, _per_class(classes, counts), "per_class_accuracy.json")
+        tracking.log_table(run_id, _most_confused(classes, counts), "most_confused.json")
+        figure = _confusion_figure(counts["labels"], counts["predicted"], classes)
+        tracking.log_figure(run_id, figure, "confusion_matrix.png")
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise
     tracking.end_run(run_id, "FINISHED")
     return run_id
+
+
+def _per_class(classes: list[dict], counts: dict) -> list[dict]:
+    """Each class's val images and top-1 accuracy (None for a class with no val image)."""
+    from collections import Counter
+
+    seen = Counter(counts["labels"])
+    right = Counter(y for y, p in zip(counts["labels"], counts["predicted"]) if y == p)
+    return [
+        {
+            "class_id": c,
+            "wnid": classes[c]["wnid"],
+            "name": classes[c]["name"],
+            "images": seen[c],
+            "top1": right[c] / seen[c] if seen[c] else None,
+        }
+        for c in range(len(classes))
+    ]
+
+
+def _most_confused(classes: list[dict], counts: dict, top: int = 50, examples_each: int = 5) -> list[dict]:
+    """The ``top`` (true, predicted) pairs by images, each with up to ``examples_each`` keys."""
+    from collections import Counter
+
+    pairs = Counter((y, p) for y, p in zip(counts["labels"], counts["predicted"]) if y != p)
+    examples: dict = {}
+    for key, y, p in zip(counts["keys"], counts["labels"], counts["predicted"]):
+        if y != p and len(examples.setdefault((y, p), [])) < examples_each:
+            examples[(y, p)].append(key)
+    return [
+        {
+            "true": classes[y]["name"],
+            "true_wnid": classes[y]["wnid"],
+            "predicted": classes[p]["name"],
+            "predicted_wnid": classes[p]["wnid"],
+            "images": k,
+            "examples": " ".join(examples[(y, p)]),
+        }
+        for (y, p), k in pairs.most_common(top)
+    ]
 
 
 def _confusion_figure(labels: list[int], predicted: list[int], classes: list[dict]):

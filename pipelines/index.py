@@ -328,21 +328,20 @@ def _on_ray(parts: list, threads: int, gets: list[int], nodes: dict):
     pending: deque = deque()
     in_flight = 0
 
-    def take():
-        nonlocal in_flight
+    def take() -> tuple[list, int]:
+        """The next part's items, and 1 if they came from a task (0: listed, read here)."""
         part = pending.popleft()
         if isinstance(part, Item):
-            return [part]
-        in_flight -= 1
+            return [part], 0
         try:
             done = ray.get(part)
-            gets[0] += done["gets"]
-            nodes[done["node"]] = nodes.get(done["node"], 0) + 1
-            return done["result"]
         except Exception as e:  # noqa: BLE001 - a StageError inside the task is the user's error
             if isinstance(getattr(e, "cause", None), StageError):
                 raise e.cause from None
             raise
+        gets[0] += done["gets"]
+        nodes[done["node"]] = nodes.get(done["node"], 0) + 1
+        return done["result"], 1
 
     for part in parts:
         if isinstance(part, Unit):
@@ -351,9 +350,11 @@ def _on_ray(parts: list, threads: int, gets: list[int], nodes: dict):
         else:
             pending.append(part)
         while in_flight > window:
-            yield from take()
+            items, finished = take()
+            in_flight -= finished
+            yield from items
     while pending:
-        yield from take()
+        yield from take()[0]
 
 
 def _limit(table, per_class: int):
@@ -394,9 +395,6 @@ def check(cfg: IndexConfig):
 
 
 def _run(cfg: IndexConfig) -> dict:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     t0 = time.monotonic()
     src = check(cfg)
     out = index_paths(cfg.data)
@@ -410,77 +408,22 @@ def _run(cfg: IndexConfig) -> dict:
         "assignment": ASSIGNMENT,
     }
     fingerprint = src.fingerprint()
+    done = _made_before(cfg, out, params, fingerprint)
+    if done is not None:
+        summary = dict(done, skipped=True, seconds=round(time.monotonic() - t0, 2))
+        _maybe_strict(cfg.strict, summary)
+        return summary
 
-    if not cfg.force and storage.exists(out["record"]):
-        record = storage.read_json(out["record"])
-        if (
-            record.get("params") == params
-            and record.get("source_fingerprint") == fingerprint
-            and all(storage.exists(out[s]) for s in SPLITS)
-        ):
-            summary = dict(record["summary"], skipped=True, seconds=round(time.monotonic() - t0, 2))
-            _maybe_strict(cfg.strict, summary)
-            return summary
-
-    classes = src.classes()
-    if cfg.classes:
-        if cfg.classes > len(classes):
-            raise StageError(f"--classes {cfg.classes}: the source has only {len(classes)} classes.")
-        classes = classes[: cfg.classes]
-    label = {c["wnid"]: i for i, c in enumerate(classes)}
-    wanted = set(label)
-
-    counts, digests, all_rejects, tasks, gets, nodes = {}, {}, [], 0, [0], {}
-    gets_before = storage.request_counts().get("GetObject", 0)
+    classes = _chosen_classes(cfg, src)
+    reads = {"tasks": 0, "gets": [0], "nodes": {}, "gets_before": storage.request_counts().get("GetObject", 0)}
+    counts, digests, all_rejects = {}, {}, []
     for split in SPLITS:
-        parts = list(src.plan(split, wanted))
-        units = [p for p in parts if isinstance(p, Unit)]
-        on_ray = _use_ray(cfg, units)
-        tasks += len(units) if on_ray else 0
-        items = _on_ray(parts, cfg.read_threads, gets, nodes) if on_ray else expand(parts, cfg.read_threads)
-        rows, rejects = _collect(items, label, f"index {split}")
-        for r in rejects:
-            r["split"] = split
-        if cfg.limit:
-            rows = _limit(rows, cfg.limit)
-        order = _position_order(rows, cfg.seed, cfg.samples_per_shard)
-        pa.default_memory_pool().release_unused()  # the sort's temporaries, before the write's
-        digests[split] = _write_rows(out[split], rows, order, cfg.samples_per_shard)
-        counts[split] = rows.num_rows
-        counts[f"{split}_rejected"] = len(rejects)
+        rows, rejects, digests[split] = _index_split(cfg, src, split, classes, out[split], reads)
+        counts.update({split: rows, f"{split}_rejected": len(rejects)})
         all_rejects += rejects
-        missing = wanted - set(pc.unique(pc.cast(rows["wnid"], "string")).to_pylist())
-        del rows, order
-        # pyarrow's allocator keeps freed memory for reuse; the next split's Python objects
-        # cannot use it, so give it back before reading that split.
-        pa.default_memory_pool().release_unused()
-        if counts[split] and missing:
-            print(
-                f"index {split}: warning: {len(missing)} classes have no images (e.g. {sorted(missing)[:3]})",
-                file=sys.stderr,
-            )
-
     storage.write_json(out["classes"], [{"index": i, **c} for i, c in enumerate(classes)])
     write_rejects(cfg.data, "index", all_rejects)
-    seconds = time.monotonic() - t0
-    images = counts["train"] + counts["val"]
-    summary = {
-        "stage": "index",
-        "data": cfg.data,
-        "layout": src.layout,
-        "classes": len(classes),
-        **counts,
-        "rejected": len(all_rejects),
-        "skipped": False,
-        "seconds": round(seconds, 2),
-        "images_per_second": round(images / max(seconds, 1e-9), 1),
-        "ray_tasks": tasks,  # class tars / val tar / chunks of files read as Ray tasks (0: in this process)
-        "nodes": [{"node": k, "units": v} for k, v in sorted(nodes.items(), key=lambda kv: -kv[1])],
-        # S3 GET requests to read the source (this process and the tasks; listings not counted)
-        "source_gets": gets[0] + storage.request_counts().get("GetObject", 0) - gets_before,
-        "input_digest": fingerprint,
-        "output_digest": digest(digests),
-    }
+    summary = _summary(cfg, src, classes, counts, all_rejects, reads, fingerprint, digests, t0)
     storage.write_json(
         out["record"],
         {
@@ -495,6 +438,84 @@ def _run(cfg: IndexConfig) -> dict:
     )
     _maybe_strict(cfg.strict, summary)
     return summary
+
+
+def _made_before(cfg: IndexConfig, out: dict, params: dict, fingerprint: str) -> dict | None:
+    """The summary of an earlier run with these parameters over this same source (None with --force)."""
+    if cfg.force or not storage.exists(out["record"]):
+        return None
+    record = storage.read_json(out["record"])
+    same = record.get("params") == params and record.get("source_fingerprint") == fingerprint
+    return record["summary"] if same and all(storage.exists(out[s]) for s in SPLITS) else None
+
+
+def _chosen_classes(cfg: IndexConfig, src) -> list[dict]:
+    classes = src.classes()
+    if cfg.classes:
+        if cfg.classes > len(classes):
+            raise StageError(f"--classes {cfg.classes}: the source has only {len(classes)} classes.")
+        classes = classes[: cfg.classes]
+    return classes
+
+
+def _index_split(cfg: IndexConfig, src, split: str, classes: list[dict], url: str, reads: dict) -> tuple:
+    """Read one split's images (Ray tasks or this process), order them, and write its parquet
+    file: (images indexed, their rejects, the split's digest). ``reads`` counts tasks and GETs."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    label = {c["wnid"]: i for i, c in enumerate(classes)}
+    wanted = set(label)
+    parts = list(src.plan(split, wanted))
+    units = [p for p in parts if isinstance(p, Unit)]
+    on_ray = _use_ray(cfg, units)
+    reads["tasks"] += len(units) if on_ray else 0
+    items = (
+        _on_ray(parts, cfg.read_threads, reads["gets"], reads["nodes"]) if on_ray else expand(parts, cfg.read_threads)
+    )
+    rows, rejects = _collect(items, label, f"index {split}")
+    for r in rejects:
+        r["split"] = split
+    if cfg.limit:
+        rows = _limit(rows, cfg.limit)
+    order = _position_order(rows, cfg.seed, cfg.samples_per_shard)
+    pa.default_memory_pool().release_unused()  # the sort's temporaries, before the write's
+    split_digest = _write_rows(url, rows, order, cfg.samples_per_shard)
+    count = rows.num_rows
+    missing = wanted - set(pc.unique(pc.cast(rows["wnid"], "string")).to_pylist())
+    del rows, order
+    # pyarrow's allocator keeps freed memory for reuse; the next split's Python objects
+    # cannot use it, so give it back before reading that split.
+    pa.default_memory_pool().release_unused()
+    if count and missing:
+        print(
+            f"index {split}: warning: {len(missing)} classes have no images (e.g. {sorted(missing)[:3]})",
+            file=sys.stderr,
+        )
+    return count, rejects, split_digest
+
+
+def _summary(cfg, src, classes, counts, rejects, reads, fingerprint, digests, t0) -> dict:
+    seconds = time.monotonic() - t0
+    images = counts["train"] + counts["val"]
+    nodes = sorted(reads["nodes"].items(), key=lambda kv: -kv[1])
+    return {
+        "stage": "index",
+        "data": cfg.data,
+        "layout": src.layout,
+        "classes": len(classes),
+        **counts,
+        "rejected": len(rejects),
+        "skipped": False,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(images / max(seconds, 1e-9), 1),
+        "ray_tasks": reads["tasks"],  # class tars / val tar / chunks of files read as Ray tasks (0: in this process)
+        "nodes": [{"node": k, "units": v} for k, v in nodes],
+        # S3 GET requests to read the source (this process and the tasks; listings not counted)
+        "source_gets": reads["gets"][0] + storage.request_counts().get("GetObject", 0) - reads["gets_before"],
+        "input_digest": fingerprint,
+        "output_digest": digest(digests),
+    }
 
 
 def _maybe_strict(strict: bool, summary: dict) -> None:

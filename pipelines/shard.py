@@ -419,71 +419,25 @@ def _run(cfg: ShardConfig) -> dict:
     for split in splits:
         storage.remove_stale_temps(shard_dir(cfg.data, split))
         plans[split] = _plan(cfg, split, params)
-
-    # One task each (Ray, or this machine's process pool): (split, shard name, the function, its
-    # arguments, whether it encodes images); the arguments as a function where they are a
-    # shard's row list: built when its task is sent.
-    todo = [
-        (split, name, write_shard, partial(_args, url, rows, params, d, cfg.read_threads), True)
-        for split in splits
-        for name, url, rows, d in plans[split][1]
-    ]
-    todo += [(split, name, add_index, (url, entry), False) for split in splits for name, url, entry in plans[split][2]]
+    todo = _tasks(cfg, splits, plans, params)
     entries = {split: dict(plans[split][0]) for split in splits}
-    failures, written_images, gets, nodes = [], 0, 0, {}
+    done = {"failures": [], "images": 0, "gets": 0, "nodes": {}}
     if todo:
         on_ray = use_ray(cfg.parallel, sum(plans[s][4] for s in splits), cfg.ray_min_bytes)
         with TaskPool(on_ray, cfg.num_cpus, warm=__name__) as pool:
-            failures, written_images, gets, nodes = _shard_all(
+            failures, images, gets, nodes = _shard_all(
                 cfg, pool, todo, splits, plans, entries, params, index_digests, started
             )
-
-    manifests, shard_rejects = {}, []
-    for split in splits:
-        names = plans[split][3]
-        manifests[split] = m = _save_manifest(cfg, split, params, index_digests[split], entries[split], names, started)
-        if m["complete"]:  # shards from an earlier, larger grouping are no longer part of the set
-            # Temp files of tasks lost with their node (Ray reran them elsewhere): this run holds
-            # the root's lease, so no other writer's files are among them.
-            storage.remove_stale_temps(shard_dir(cfg.data, split))
-            for name in storage.list_dir(shard_dir(cfg.data, split)):
-                m_ = re.fullmatch(rf"({split}-\d{{6}})\.(tar|idx\.json)", name)
-                if m_ and f"{m_.group(1)}.tar" not in names:
-                    storage.remove(storage.join(shard_dir(cfg.data, split), name))
-        shard_rejects += [dict(r, split=split) for s in m["shards"] for r in s["rejected"]]
-    write_rejects(cfg.data, "shard", shard_rejects, splits)
-    index_rejects = [r for r in read_rejects(cfg.data) if r["stage"] == "index" and r["split"] in splits]
-
-    seconds = time.monotonic() - t0
-    summary = {
-        "stage": "shard",
-        "data": cfg.data,
-        "splits": list(splits),
-        "shards": sum(len(plans[s][3]) for s in splits),
-        "written": len(todo) - len(failures) - sum(len(plans[s][2]) for s in splits),
-        "indexed": sum(len(plans[s][2]) for s in splits),
-        "skipped": sum(len(plans[s][0]) for s in splits),
-        "failed": len(failures),
-        "samples": sum(m["samples"] for m in manifests.values()),
-        "bytes": sum(m["bytes"] for m in manifests.values()),
-        "rejected": len(shard_rejects) + len(index_rejects),
-        "rejected_here": len(shard_rejects),
-        "rejected_by_index": len(index_rejects),
-        "seconds": round(seconds, 2),
-        "images_per_second": round(written_images / max(seconds, 1e-9), 1),
-        # S3 GET requests the shard tasks sent (0 for a local source), per image they encoded
-        "source_gets": gets,
-        "gets_per_image": round(gets / written_images, 4) if written_images else 0.0,
-        "nodes": sorted(nodes.values(), key=lambda n: -n["shards"]),  # which Ray nodes did the work
-        "input_digest": {s: index_digests[s] for s in splits},
-        "output_digest": {s: manifests[s]["digest"] for s in splits},
+            done = {"failures": failures, "images": images, "gets": gets, "nodes": nodes}
+    manifests = {
+        split: _finish_split(cfg, split, params, index_digests[split], entries[split], plans[split][3], started)
+        for split in splits
     }
-    if cfg.allow_stale:  # check() let a stale index through: the run says which
-        summary["allowed_stale"] = require_current(cfg.data, ["index"], "shard", True)
-    if failures:
+    summary = _summary(cfg, splits, plans, manifests, index_digests, todo, done, t0)
+    if done["failures"]:
         raise StageError(
-            f"{len(failures)} shard(s) failed; the {summary['written']} finished are kept "
-            f"and a rerun redoes only the rest. First: {failures[0]}"
+            f"{len(done['failures'])} shard(s) failed; the {summary['written']} finished are kept "
+            f"and a rerun redoes only the rest. First: {done['failures'][0]}"
         )
     if cfg.strict and summary["rejected"]:
         raise StrictFailure(
@@ -491,4 +445,68 @@ def _run(cfg: ShardConfig) -> dict:
             f"{index_paths(cfg.data)['rejected']}. The shards were written.",
             summary,
         )
+    return summary
+
+
+def _tasks(cfg: ShardConfig, splits, plans: dict, params: dict) -> list[tuple]:
+    """One task each (Ray, or this machine's process pool): (split, shard name, the function,
+    its arguments, whether it encodes images); the arguments as a function where they are a
+    shard's row list: built when its task is sent."""
+    todo = [
+        (split, name, write_shard, partial(_args, url, rows, params, d, cfg.read_threads), True)
+        for split in splits
+        for name, url, rows, d in plans[split][1]
+    ]
+    return todo + [
+        (split, name, add_index, (url, entry), False) for split in splits for name, url, entry in plans[split][2]
+    ]
+
+
+def _finish_split(cfg: ShardConfig, split: str, params, index_digest, entries: dict, names: list[str], started):
+    """The split's manifest, written; once complete, shards of an earlier, larger grouping go."""
+    m = _save_manifest(cfg, split, params, index_digest, entries, names, started)
+    if m["complete"]:
+        # Temp files of tasks lost with their node (Ray reran them elsewhere): this run holds
+        # the root's lease, so no other writer's files are among them.
+        storage.remove_stale_temps(shard_dir(cfg.data, split))
+        for name in storage.list_dir(shard_dir(cfg.data, split)):
+            m_ = re.fullmatch(rf"({split}-\d{{6}})\.(tar|idx\.json)", name)
+            if m_ and f"{m_.group(1)}.tar" not in names:
+                storage.remove(storage.join(shard_dir(cfg.data, split), name))
+    return m
+
+
+def _summary(cfg: ShardConfig, splits, plans: dict, manifests: dict, index_digests: dict, todo, done: dict, t0) -> dict:
+    """The run's counts; also records the splits' rejects in ROOT/index/rejected.jsonl."""
+    shard_rejects = [
+        dict(r, split=split) for split in splits for s in manifests[split]["shards"] for r in s["rejected"]
+    ]
+    write_rejects(cfg.data, "shard", shard_rejects, splits)
+    index_rejects = [r for r in read_rejects(cfg.data) if r["stage"] == "index" and r["split"] in splits]
+    seconds, images, gets = time.monotonic() - t0, done["images"], done["gets"]
+    summary = {
+        "stage": "shard",
+        "data": cfg.data,
+        "splits": list(splits),
+        "shards": sum(len(plans[s][3]) for s in splits),
+        "written": len(todo) - len(done["failures"]) - sum(len(plans[s][2]) for s in splits),
+        "indexed": sum(len(plans[s][2]) for s in splits),
+        "skipped": sum(len(plans[s][0]) for s in splits),
+        "failed": len(done["failures"]),
+        "samples": sum(m["samples"] for m in manifests.values()),
+        "bytes": sum(m["bytes"] for m in manifests.values()),
+        "rejected": len(shard_rejects) + len(index_rejects),
+        "rejected_here": len(shard_rejects),
+        "rejected_by_index": len(index_rejects),
+        "seconds": round(seconds, 2),
+        "images_per_second": round(images / max(seconds, 1e-9), 1),
+        # S3 GET requests the shard tasks sent (0 for a local source), per image they encoded
+        "source_gets": gets,
+        "gets_per_image": round(gets / images, 4) if images else 0.0,
+        "nodes": sorted(done["nodes"].values(), key=lambda n: -n["shards"]),  # which Ray nodes did the work
+        "input_digest": {s: index_digests[s] for s in splits},
+        "output_digest": {s: manifests[s]["digest"] for s in splits},
+    }
+    if cfg.allow_stale:  # check() let a stale index through: the run says which
+        summary["allowed_stale"] = require_current(cfg.data, ["index"], "shard", True)
     return summary

@@ -204,16 +204,40 @@ def _check_amp(cfg: TrainConfig, gpu: bool | None) -> None:
 
 
 def _validate(cfg: TrainConfig) -> None:
+    """Every flag's value, before anything runs: a typo costs no cluster start and no MLflow run."""
+    _validate_choices(cfg)
+    _validate_numbers(cfg)
+    _check_amp(cfg, cfg.gpu)
+
+
+def _validate_choices(cfg: TrainConfig) -> None:
     import model
 
     from . import data
 
+    if cfg.decode not in data.DECODES:
+        raise StageError(
+            f"Unknown decode '{cfg.decode}'. Expected one of: {', '.join(data.DECODES)} "
+            "(auto: on the GPU when training on one, else in the loader workers)."
+        )
+    for flag, value, allowed in (
+        ("--amp", cfg.amp, AMPS),
+        ("--lr-scaling", cfg.lr_scaling, LR_SCALINGS),
+        ("--grad-compression", cfg.grad_compression, GRAD_COMPRESSIONS),
+    ):
+        if value not in allowed:
+            raise StageError(f"Unknown {flag} '{value}'. Expected one of: {', '.join(allowed)}.")
+    if cfg.ledger and storage.is_s3(cfg.ledger):
+        raise StageError(f"--ledger {cfg.ledger}: the sample ledger is a local folder (a debugging aid).")
     if cfg.schedule not in SCHEDULES:
         raise StageError(f"Unknown schedule '{cfg.schedule}'. Expected one of: {', '.join(SCHEDULES)}.")
     if cfg.arch not in model.ARCHS:
         raise StageError(f"Unknown arch '{cfg.arch}'. Expected one of: {', '.join(model.ARCHS)}.")
     if cfg.init not in model.INITS:
         raise StageError(f"Unknown init '{cfg.init}'. Expected one of: {', '.join(model.INITS)}.")
+
+
+def _validate_numbers(cfg: TrainConfig) -> None:
     if cfg.workers < 1 or cfg.epochs < 1:
         raise StageError(f"--workers {cfg.workers} / --epochs {cfg.epochs}: both must be at least 1.")
     for flag, value in (("--lr", cfg.lr), ("--momentum", cfg.momentum), ("--weight-decay", cfg.weight_decay)):
@@ -241,17 +265,8 @@ def _validate(cfg: TrainConfig) -> None:
             f"--progress-every {cfg.progress_every}: must be at least 1 step (leave it out for "
             "a line every tenth of an epoch)."
         )
-    if cfg.ledger and storage.is_s3(cfg.ledger):
-        raise StageError(f"--ledger {cfg.ledger}: the sample ledger is a local folder (a debugging aid).")
     if cfg.crop < 64:
         raise StageError(f"--crop {cfg.crop}: AlexNet needs at least 64 px.")
-    for flag, value, allowed in (
-        ("--amp", cfg.amp, AMPS),
-        ("--lr-scaling", cfg.lr_scaling, LR_SCALINGS),
-        ("--grad-compression", cfg.grad_compression, GRAD_COMPRESSIONS),
-    ):
-        if value not in allowed:
-            raise StageError(f"Unknown {flag} '{value}'. Expected one of: {', '.join(allowed)}.")
     if cfg.warmup_epochs < 0 or cfg.warmup_epochs > cfg.epochs:
         raise StageError(f"--warmup-epochs {cfg.warmup_epochs}: must be from 0 to --epochs ({cfg.epochs}).")
     if cfg.warmup_start is not None and not 0 < cfg.warmup_start <= 1:
@@ -267,21 +282,10 @@ def _validate(cfg: TrainConfig) -> None:
         raise StageError(f"--cpus-per-worker {cfg.cpus_per_worker}: must be above 0.")
     if cfg.batch_per_worker is not None and cfg.batch_per_worker < 1:
         raise StageError(f"--batch-per-worker {cfg.batch_per_worker}: must be at least 1.")
-    _check_amp(cfg, cfg.gpu)
-    if cfg.decode not in data.DECODES:
-        raise StageError(
-            f"Unknown decode '{cfg.decode}'. Expected one of: {', '.join(data.DECODES)} "
-            "(auto: on the GPU when training on one, else in the loader workers)."
-        )
 
 
 def run(cfg: TrainConfig, parent_run_id: str | None = None) -> dict:
     """Train; with ``parent_run_id`` a new run is nested under that run (the demo's pipeline run)."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from . import data
-
     t0 = time.monotonic()
     if cfg.batch_per_worker is not None:  # the global batch of the largest world; smaller ones share it
         cfg = dataclasses.replace(cfg, batch_size=cfg.batch_per_worker * cfg.workers)
@@ -292,7 +296,6 @@ def run(cfg: TrainConfig, parent_run_id: str | None = None) -> dict:
     name = cfg.name or "alexnet-" + time.strftime("%Y%m%d-%H%M%S")
     runs = cfg.storage or storage.join(cfg.data, "runs")
     runs = runs if storage.is_s3(runs) else os.path.abspath(runs)
-    runs_fs, runs_path = storage.pyarrow_filesystem(runs)  # s3:// checkpoints use the AWS_* settings
 
     ray = ensure_ray(dashboard=True)
     gpu = cfg.gpu if cfg.gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
@@ -306,68 +309,69 @@ def run(cfg: TrainConfig, parent_run_id: str | None = None) -> dict:
     if done:  # rerunning a finished run: nothing to train, the model is already logged
         tracking.end_run(run_id, "FINISHED")
         return _summary(cfg, name, run_id, *done[:3], seconds=time.monotonic() - t0, skipped=True, best=done[3])
+    resolved = _record_start(cfg, run_id, name, runs, gpu, cpus, inputs)
+    result = _fit(resolved, inputs, run_id)
+    state, ckpt_dir, best_state, best_dir = _checkpoints(result, runs)
+    model_uri = _record_end(cfg, run_id, state, ckpt_dir, best_state, best_dir, inputs)
+    seconds = time.monotonic() - t0
+    return _summary(
+        cfg, name, run_id, state, ckpt_dir, model_uri, seconds=seconds, gpu=gpu, best=(best_state, best_dir)
+    )
+
+
+def _record_start(cfg: TrainConfig, run_id: str, name: str, runs: str, gpu: bool, cpus: float, inputs: dict):
+    """The run's parameters, datasets, config, classes, stats and lineage; returns the config
+    with every default made concrete (name, checkpoint folder, GPU, decode path, CPUs, autocast)."""
+    from . import data
+
     # Workers train on CUDA exactly when gpu is set, so "auto" resolves here and the run
     # records the decode path it used.
     decode = data.choose_decode(cfg.decode, "cuda" if gpu else "cpu")
     resolved = dataclasses.replace(
         cfg, name=name, storage=runs, gpu=gpu, decode=decode, cpus_per_worker=cpus, amp=resolve_amp(cfg.amp, gpu)
     )
-    conflicts = tracking.log_params(
-        run_id,
-        {
-            **dataclasses.asdict(resolved),
-            **tracking.environment(),
-            "num_classes": inputs["num_classes"],
-            "train_samples": inputs["train_manifest"]["samples"],
-        },
-    )
+    train_m, val_m = inputs["train_manifest"], inputs["val_manifest"]
+    params = {"num_classes": inputs["num_classes"], "train_samples": train_m["samples"]}
+    conflicts = tracking.log_params(run_id, {**dataclasses.asdict(resolved), **tracking.environment(), **params})
     if conflicts:
         print(
             f"train: warning: resuming '{name}' with changed settings, kept the first values of: "
             f"{', '.join(conflicts)}",
             file=sys.stderr,
         )
-    manifest = inputs["train_manifest"]
-    tracking.log_dataset(
-        run_id,
-        name="imagenet-train-shards",
-        digest=manifest["digest"],
-        source=contract.manifest_url(cfg.data, "train"),
-        profile={"samples": manifest["samples"], "shards": len(manifest["shards"])},
-    )
-    val_m = inputs["val_manifest"]  # what val_top1 (and the best checkpoint's choice) was measured on
-    tracking.log_dataset(
-        run_id,
-        name="imagenet-val-shards",
-        digest=val_m["digest"],
-        source=contract.manifest_url(cfg.data, "val"),
-        context="validation",
-        profile={"samples": val_m["samples"], "shards": len(val_m["shards"])},
-    )
+    # val_m is what val_top1 (and the best checkpoint's choice) was measured on
+    for split, m, context in (("train", train_m, "training"), ("val", val_m, "validation")):
+        tracking.log_dataset(
+            run_id,
+            name=f"imagenet-{split}-shards",
+            digest=m["digest"],
+            source=contract.manifest_url(cfg.data, split),
+            profile={"samples": m["samples"], "shards": len(m["shards"])},
+            context=context,
+        )
     tracking.log_yaml(run_id, dataclasses.asdict(resolved), "config.yaml")
     tracking.log_json(run_id, storage.read_json(inputs["classes_url"]), "classes.json")
     tracking.log_json(run_id, storage.read_json(inputs["stats_url"]), "stats.json")
-    makers = tracking.find_stage_runs(manifest["digest"], experiment=None)
+    makers = tracking.find_stage_runs(train_m["digest"], experiment=None)
     if makers:
         tracking.set_tags(run_id, {"pipelines.shard_runs": ",".join(r["run_id"] for r in makers)})
-    tracking.link_lineage(run_id, tracking.lineage(manifest["digest"]), f"`{cfg.data}`")
+    tracking.link_lineage(run_id, tracking.lineage(train_m["digest"]), f"`{cfg.data}`")
     tracking.set_tags(run_id, tracking.allowed_stale_tag(inputs["allowed_stale"]))
+    return resolved
 
+
+LOOP_INPUTS = ("train_shards", "val_shards", "stats", "num_classes", "classes_digest", "wnids", "resize", "keep_aspect")
+
+
+def _fit(cfg: TrainConfig, inputs: dict, run_id: str):
+    """Ray Train's fit of the workers (``cfg`` resolved); the run is FAILED if it raises."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    runs_fs, runs_path = storage.pyarrow_filesystem(cfg.storage)  # s3:// checkpoints use the AWS_* settings
     loop_config = {
-        **dataclasses.asdict(resolved),
-        **{
-            k: inputs[k]
-            for k in (
-                "train_shards",
-                "val_shards",
-                "stats",
-                "num_classes",
-                "classes_digest",
-                "wnids",
-                "resize",
-                "keep_aspect",
-            )
-        },
+        **dataclasses.asdict(cfg),
+        **{k: inputs[k] for k in LOOP_INPUTS},
         "run_id": run_id,
         "tracking_uri": tracking.tracking_uri(),
     }
@@ -377,9 +381,11 @@ def run(cfg: TrainConfig, parent_run_id: str | None = None) -> dict:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": cpus}),
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=cfg.gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
         run_config=RunConfig(
-            name=name,
+            name=cfg.name,
             storage_path=runs_path,
             storage_filesystem=runs_fs,
             # Epoch-end checkpoints score their val_top1, mid-epoch ones -1: the best epochs are
@@ -401,7 +407,7 @@ def run(cfg: TrainConfig, parent_run_id: str | None = None) -> dict:
     watcher = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
     off = {} if on_cluster() or watcher in os.environ else {watcher: "0"}
     os.environ.update(off)
-    storage.remove(storage.join(runs, name, DIVERGED))  # an earlier attempt's note: this one decides anew
+    storage.remove(storage.join(cfg.storage, cfg.name, DIVERGED))  # an earlier attempt's note: this one decides anew
     try:
         result = trainer.fit()
     except BaseException:
@@ -410,54 +416,46 @@ def run(cfg: TrainConfig, parent_run_id: str | None = None) -> dict:
     finally:
         for k in off:
             os.environ.pop(k, None)
-    _check_divergence(runs, name, run_id)
+    _check_divergence(cfg.storage, cfg.name, run_id)
     if result.checkpoint is None:
         tracking.end_run(run_id, "FAILED")
-        raise StageError(f"Training '{name}' ended without a checkpoint; see the worker logs above.")
+        raise StageError(f"Training '{cfg.name}' ended without a checkpoint; see the worker logs above.")
+    return result
+
+
+def _checkpoints(result, runs: str) -> tuple:
+    """(state, folder) of the latest checkpoint (what a rerun resumes from), and of the best
+    epoch by val_top1 (mid-epoch checkpoints score -1), the one the model is made from."""
 
     def where(ckpt) -> str:
-        return f"s3://{ckpt.path}" if runs_fs is not None else ckpt.path
+        return f"s3://{ckpt.path}" if storage.is_s3(runs) else ckpt.path
 
-    ckpt_dir = where(result.checkpoint)  # the latest: what a rerun resumes from
+    ckpt_dir = where(result.checkpoint)
     state = checkpoint.load(ckpt_dir)
-    # The model logged is the best epoch by val_top1 (mid-epoch checkpoints score -1).
     best = result.get_best_checkpoint("checkpoint_score", "max")
     best_dir = where(best) if best is not None else ckpt_dir
     best_state = checkpoint.load(best_dir) if best_dir != ckpt_dir else state
+    return state, ckpt_dir, best_state, best_dir
 
-    # An outage during training held some epochs back: log them now, waiting for the server.
+
+def _record_end(cfg, run_id: str, state: dict, ckpt_dir: str, best_state: dict, best_dir: str, inputs: dict) -> str:
+    """The epochs an outage held back, the model, the run's tags and its end, each waiting for
+    the server as long as PIPELINES_TRACKING_PATIENCE_S; returns the model's URI."""
     patience = float(os.environ.get("PIPELINES_TRACKING_PATIENCE_S", 900))
     _when_tracking_is_back("logging the epochs' metrics", lambda: log_epochs(run_id, state["history"]), patience)
     model_uri = _when_tracking_is_back(
         "logging the model", lambda: _log_classifier(cfg, run_id, best_state, inputs), patience
     )
+    tags = {
+        "pipelines.checkpoint": ckpt_dir,
+        "pipelines.best_checkpoint": best_dir,
+        "pipelines.data": cfg.data,
+        "pipelines.model_uri": model_uri,
+    }
     _when_tracking_is_back(
-        "finishing the run",
-        lambda: (
-            tracking.set_tags(
-                run_id,
-                {
-                    "pipelines.checkpoint": ckpt_dir,
-                    "pipelines.best_checkpoint": best_dir,
-                    "pipelines.data": cfg.data,
-                    "pipelines.model_uri": model_uri,
-                },
-            ),
-            tracking.end_run(run_id, "FINISHED"),
-        ),
-        patience,
+        "finishing the run", lambda: (tracking.set_tags(run_id, tags), tracking.end_run(run_id, "FINISHED")), patience
     )
-    return _summary(
-        cfg,
-        name,
-        run_id,
-        state,
-        ckpt_dir,
-        model_uri,
-        seconds=time.monotonic() - t0,
-        gpu=gpu,
-        best=(best_state, best_dir),
-    )
+    return model_uri
 
 
 def _log_classifier(cfg: TrainConfig, run_id: str, state: dict, inputs: dict) -> str:

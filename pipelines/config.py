@@ -1,170 +1,330 @@
-"""One frozen dataclass per stage: the single home of every default, each with its reason.
+"""One frozen dataclass per stage: the single home of every default, each with its reason, and of
+every command-line flag, declared on its field with ``flag(default, help, ...)``.
 
-The CLI passes only the flags a user gave; everything else comes from here.
+The CLI (pipelines/cli.py) is built from these fields: a field's name gives its flag
+(``keep_aspect`` -> ``--keep-aspect``), its type how the value is read, its default what
+``--help`` shows. The CLI passes only the flags a user gave; everything else comes from here.
+Fields without ``flag`` are settings for code and tests, not for the command line.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field
+
+SPLITS = ("train", "val")
+PARALLEL = ("auto", "ray", "local")
+# Below this much source data a stage run on one machine skips starting a local Ray (~7 s of
+# start-up and shut-down on 2 cores, more than hashing ~4 GB or sharding ~2,000 images takes).
+RAY_MIN_BYTES = 4 << 30
+ALLOW_STALE = "go on when `status` calls an input stale (the run records that it did)"
+
+
+def flag(default=MISSING, help: str = "", **cli):
+    """A field that is also a command-line flag: its default and its help side by side. ``cli``
+    holds what the name and type do not say: ``flags`` (the flag's names, default --field-name),
+    ``choices``, ``metavar``, ``parse`` (a value parser the CLI names: workers, size, list),
+    ``group`` (a section of --help), ``one_of`` (the mutually exclusive group it belongs to;
+    ``required``: one of the group must be given), ``off`` (the help of --no-NAME, for a field
+    that is None unless set either way) and ``nargs`` (a positional argument). ``{field}`` in the
+    help is that field's default, so a default is written once."""
+    return field(default=default, metadata={"help": help, **cli})
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    out: str  # output directory (local path)
-    classes: int = 10  # enough for a visible learning curve, small enough to build in seconds
-    train_per_class: int = 60  # a small AlexNet learns these patterns from ~60 images in a few epochs
-    val_per_class: int = 10  # 100 val images: accuracy in 1% steps
-    size: tuple[int, int] = (160, 120)  # nominal W x H; real images vary, so each varies +-25%
-    seed: int = 0  # every byte written is a function of the seed
-    bad: bool = False  # also write damaged files, to test that readers report, not crash
+    out: str = flag(help="output folder", metavar="DIR")  # a local path
+    # enough for a visible learning curve, small enough to build in seconds
+    classes: int = flag(10, "number of classes")
+    # a small AlexNet learns these patterns from ~60 images in a few epochs
+    train_per_class: int = flag(60, "train images per class")
+    val_per_class: int = flag(10, "val images per class")  # 100 val images: accuracy in 1% steps
+    # nominal W x H; real images vary, so each varies +-25%
+    size: tuple[int, int] = flag((160, 120), "nominal image size WxH", parse="size", metavar="WxH")
+    seed: int = flag(0, "random seed")  # every byte written is a function of the seed
+    # also write damaged files, to test that readers report, not crash
+    bad: bool = flag(False, "also write damaged files (truncated, empty, not an image)")
     # ILSVRC-2012's shape: 1,000 classes and the devkit's full synset tree (1,000 leaves and 860
     # WordNet nodes above them, 1,860 synsets), so scale is measured on the real class count.
-    imagenet: bool = False
-    layouts: tuple[str, ...] = ("tarballs", "kaggle", "folders")  # which of the three to write
+    imagenet: bool = flag(
+        False,
+        "ILSVRC-2012's shape: 1000 classes, the devkit's 1860 synsets, 50 val images per class "
+        "(50,000 ground-truth lines) unless --val-per-class says otherwise",
+    )
+    layouts: tuple[str, ...] = flag(
+        ("tarballs", "kaggle", "folders"), "which layouts to write, comma-separated", parse="list", metavar="LIST"
+    )
     # Processes encoding the images: each starts in ~1 s, so one is quickest for the demo's 700
     # images; the GPU check's tens of thousands of 256 px images want every core.
-    workers: int = 1
-
-
-# Below this much source data a stage run on one machine skips starting a local Ray (~7 s of
-# start-up and shut-down on 2 cores, more than hashing ~4 GB or sharding ~2,000 images takes).
-RAY_MIN_BYTES = 4 << 30
+    workers: int = flag(1, "processes encoding the images (the bytes are the same for any number)")
 
 
 @dataclass(frozen=True)
 class IndexConfig:
-    source: str  # ImageNet as the user holds it: tarballs, Kaggle or folders
-    data: str  # dataset ROOT that every later stage reads and writes
-    layout: str | None = None  # None: detect from the files (sources.detect)
-    classes: int | None = None  # first N classes in sorted-WNID order, for small runs
-    limit: int | None = None  # at most N images per class and split, for small runs
-    seed: int = 0  # fixes which shard each image goes to
-    samples_per_shard: int = 4096  # ~100 MB shards at 256 px q90: sequential reads, >= 300 train shards to spread
-    strict: bool = False  # any rejected input fails the stage (after writing its outputs)
-    force: bool = False  # redo even when the source and parameters are unchanged
-    read_threads: int = 16  # hashing loose files is I/O-bound; threads overlap the reads
-    parallel: str = "auto"  # ray: one Ray task per class tar / 1,024 loose files; local: this process;
-    #                              auto: ray on a cluster (RAY_ADDRESS) or for sources over ray_min_bytes
+    # ImageNet as the user holds it: tarballs, Kaggle or folders
+    source: str = flag(help="ImageNet folder: original tarballs, Kaggle or train/<wnid>/", metavar="SRC")
+    data: str = flag(help="dataset ROOT to write", metavar="ROOT")  # that every later stage reads and writes
+    # None: detect from the files (sources.detect)
+    layout: str | None = flag(
+        None, "skip detection (default: detected from the files)", choices=["ilsvrc-tar", "kaggle", "folder"]
+    )
+    # first N classes in sorted-WNID order, for small runs
+    classes: int | None = flag(None, "keep the first N classes (sorted WNIDs; default: all)")
+    limit: int | None = flag(None, "at most N images per class and split (default: all)")  # for small runs
+    seed: int = flag(0, "seed of the shard assignment")  # fixes which shard each image goes to
+    # ~100 MB shards at 256 px q90: sequential reads, >= 300 train shards to spread
+    samples_per_shard: int = flag(4096, "images per shard")
+    # hashing loose files is I/O-bound; threads overlap the reads
+    read_threads: int = flag(16, "parallel reads of loose files")
+    # ray: one Ray task per class tar / 1,024 loose files; local: this process;
+    # auto: ray on a cluster (RAY_ADDRESS) or for sources over ray_min_bytes
+    parallel: str = flag(
+        "auto", "read the source in Ray tasks (one per class tar / 1,024 files) or in this process", choices=PARALLEL
+    )
+    # any rejected input fails the stage (after writing its outputs)
+    strict: bool = flag(False, "fail (exit 1) if any input is rejected")
+    force: bool = flag(False, "redo even if nothing changed")  # even when the source and parameters are unchanged
     ray_min_bytes: int = RAY_MIN_BYTES
 
 
 @dataclass(frozen=True)
 class ShardConfig:
-    data: str
-    split: str = "all"  # train, val or all
-    resize: int = 256  # paper section 2: shorter side to 256, then the central 256x256
-    keep_aspect: bool = False  # keep the whole image (shorter side = resize) instead of the paper's crop
-    quality: int = 90  # JPEG quality: visually lossless at 256 px, ~30 KB an image
-    samples_per_shard: int | None = None  # None: the grouping the index stage chose
-    strict: bool = False
-    verify: bool = False  # re-checksum existing shards instead of trusting size (slow)
-    allow_stale: bool = False  # read inputs `status` calls stale (the run records that it did)
+    data: str = flag(help="dataset ROOT", metavar="ROOT")
+    split: str = flag("all", "which split", choices=["train", "val", "all"])
+    resize: int = flag(256, "shorter side in px")  # paper section 2: shorter side to 256, then the central 256x256
+    keep_aspect: bool = flag(
+        False, "keep the whole image (shorter side = --resize) instead of the central square crop"
+    )  # instead of the paper's crop
+    quality: int = flag(90, "JPEG quality")  # visually lossless at 256 px, ~30 KB an image
+    # ranged reads in flight per task: S3 latency overlaps the decoding
+    read_threads: int = flag(8, "source reads in flight per shard task (merged ranged GETs on S3)")
+    # None: the grouping the index stage chose
+    samples_per_shard: int | None = flag(None, "regroup; default: the index's grouping")
+    # ray: one Ray task per shard; local: a pool of this machine's processes; auto: ray on a
+    # cluster (RAY_ADDRESS), inside a running Ray, or for sources over ray_min_bytes; else local
+    parallel: str = flag(
+        "auto",
+        "run the shard tasks on Ray or in a pool of this machine's processes; auto: Ray on a cluster "
+        "(RAY_ADDRESS) or for over 4 GB of source, else local processes (no Ray start-up)",
+        choices=PARALLEL,
+    )
+    strict: bool = flag(False, "fail (exit 1) if any input is rejected")
+    # re-checksum existing shards instead of trusting size (slow)
+    verify: bool = flag(False, "re-checksum existing shards")
+    allow_stale: bool = flag(False, ALLOW_STALE)
     num_cpus: float = 1.0  # per shard task: decode/resize/encode is one core's work
-    read_threads: int = 8  # ranged reads in flight per task: S3 latency overlaps the decoding
-    parallel: str = "auto"  # ray: one Ray task per shard; local: a pool of this machine's processes;
-    #                              auto: ray on a cluster (RAY_ADDRESS), inside a running Ray, or for
-    #                              sources over ray_min_bytes; else local
     ray_min_bytes: int = RAY_MIN_BYTES
 
 
 @dataclass(frozen=True)
 class StatsConfig:
-    data: str
-    force: bool = False
-    allow_stale: bool = False  # read inputs `status` calls stale (the run records that it did)
+    data: str = flag(help="dataset ROOT", metavar="ROOT")
+    force: bool = flag(False, "recompute even if the shards are unchanged")
+    allow_stale: bool = flag(False, ALLOW_STALE)
+    # as ShardConfig's: Ray, or this machine's processes for small data
+    parallel: str = flag(
+        "auto",
+        "one task per shard on Ray or in a pool of this machine's processes; auto as for shard",
+        choices=PARALLEL,
+    )
     num_cpus: float = 1.0
-    parallel: str = "auto"  # as ShardConfig's: Ray, or this machine's processes for small data
     ray_min_bytes: int = RAY_MIN_BYTES
 
 
 @dataclass(frozen=True)
 class StatusConfig:
-    data: str
-    check_source: bool = True  # re-list the source to see if the index is stale (slow on huge folders)
-    verify: bool = False  # re-checksum every shard: catches damage that keeps a file's size (reads them all)
+    data: str = flag(help="dataset ROOT", metavar="ROOT")
+    # re-checksum every shard: catches damage that keeps a file's size (reads them all)
+    verify: bool = flag(False, "re-checksum every shard (reads them all): finds damage that kept a file's size")
+    # re-list the source to see if the index is stale (slow on huge folders)
+    check_source: bool = flag(True, "do not re-list the source (faster on huge folders)", flags=("--no-source-check",))
 
 
-SPLITS = ("train", "val")
+GPU_RECIPE = "throughput on many GPUs (the defaults are the paper's recipe)"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: str
-    workers: int = 2  # Ray Train data-parallel workers (the paper trained on 2 GPUs)
+    data: str = flag(help="dataset ROOT (shards, classes.json, stats.json)", metavar="ROOT")
+    # Ray Train data-parallel workers (the paper trained on 2 GPUs)
+    workers: int = flag(
+        2,
+        "data-parallel workers: N, or MIN-MAX for elastic training that goes on with fewer after a node loss",
+        parse="workers",
+        metavar="N|MIN-MAX",
+    )
     min_workers: int | None = None  # --workers MIN-MAX: elastic, go on with as few as MIN after a node loss
-    gpu: bool | None = None  # None: use GPUs when the cluster has them
-    epochs: int = 90  # paper section 5: "roughly 90 cycles"
-    batch_size: int = 128  # global batch, split across workers (section 5)
-    crop: int = 224  # random 224x224 patches of the 256x256 images (section 4.1)
-    lr: float = 0.01  # section 5
-    momentum: float = 0.9  # section 5
-    weight_decay: float = 5e-4  # section 5
-    schedule: str = "plateau"  # section 5: lr / 10 when the validation error stops improving
-    patience: int = 2  # plateau: epochs without a better val error before dividing lr by 10
-    step_size: int = 30  # step: lr / 10 every 30 epochs (torchvision's reference recipe)
+    gpu: bool | None = flag(None, "train on GPUs (default: when the cluster has them)", off="train on CPUs")
+    epochs: int = flag(90, "epochs")  # paper section 5: "roughly 90 cycles"
+    batch_size: int = flag(128, "global batch size", one_of="batch")  # split across workers (section 5)
+    # sets the global batch to N x workers (x MAX of --workers MIN-MAX)
+    batch_per_worker: int | None = flag(
+        None, "batch per worker: sets the global batch to N x workers (x MAX of an elastic MIN-MAX)", one_of="batch"
+    )
+    crop: int = flag(224, "training crop in px")  # random 224x224 patches of the 256x256 images (section 4.1)
+    lr: float = flag(0.01, "initial learning rate")  # section 5
+    momentum: float = flag(0.9, "SGD momentum")  # section 5
+    weight_decay: float = flag(5e-4, "weight decay")  # section 5
+    # section 5: lr / 10 when the validation error stops improving
+    schedule: str = flag("plateau", "lr schedule", choices=["plateau", "step", "cosine"])
+    # plateau: epochs without a better val error before dividing lr by 10
+    patience: int = flag(2, "plateau: epochs without improvement")
+    # step: lr / 10 every 30 epochs (torchvision's reference recipe)
+    step_size: int = flag(30, "step: epochs between lr / 10")
     min_lr: float = 1e-5  # the paper divided 0.01 by 10 three times, then stopped
-    arch: str = "alexnet2012"  # the paper's two-tower net; alexnet-torchvision for comparison
-    init: str = "paper"  # section 5; 'kaiming' learns on small data (see model/__init__.py)
-    lighting: float = 0.1  # PCA colour augmentation alpha std (section 4.1)
-    seed: int = 0  # weights, shard order, shuffle buffers and crops
-    name: str | None = None  # the run's name; rerunning a name resumes it (default: a timestamp)
-    experiment: str = "alexnet"  # MLflow experiment
-    storage: str | None = None  # checkpoints: default ROOT/runs
-    keep_checkpoints: int = 2  # the best by val_top1 (Ray also keeps the latest, for resuming)
-    max_failures: int = 3  # worker restarts from the last checkpoint before the run fails
-    loader_workers: int | None = None  # per training worker; None: the worker's CPUs with a GPU, 1 on CPU
-    shuffle_buffer: int = 2000  # samples a loader worker shuffles among; ~60 MB of JPEG bytes at 256 px
-    checkpoint_every: int | None = None  # steps between mid-epoch checkpoints; None: every ~checkpoint_interval_s
-    progress_every: int | None = None  # steps between progress lines inside an epoch; None: a tenth of an epoch
+    # the paper's two-tower net; alexnet-torchvision for comparison
+    arch: str = flag("alexnet2012", "network", choices=["alexnet2012", "alexnet-torchvision"])
+    # section 5; 'kaiming' learns on small data (see model/__init__.py)
+    init: str = flag("paper", "weight initialisation", choices=["paper", "kaiming"])
+    lighting: float = flag(0.1, "PCA lighting alpha std (0 turns it off)")  # colour augmentation (section 4.1)
+    seed: int = flag(0, "random seed")  # weights, shard order, shuffle buffers and crops
+    # the run's name; rerunning a name resumes it (default: a timestamp)
+    name: str | None = flag(None, "run name; rerunning a name resumes it", metavar="NAME")
+    experiment: str = flag("alexnet", "MLflow experiment", metavar="EXP")
+    storage: str | None = flag(None, "where checkpoints go (default: ROOT/runs)", metavar="DIR")
+    # the best by val_top1 (Ray also keeps the latest, for resuming)
+    keep_checkpoints: int = flag(2, "best checkpoints kept")
+    # worker restarts from the last checkpoint before the run fails
+    max_failures: int = flag(3, "worker restarts allowed")
+    # per training worker; None: the worker's CPUs with a GPU, 1 on CPU
+    loader_workers: int | None = flag(None, "data loader processes per worker")
+    # samples a loader worker shuffles among; ~60 MB of JPEG bytes at 256 px
+    shuffle_buffer: int = flag(2000, "shuffle buffer in samples")
+    # steps between mid-epoch checkpoints; None: every ~checkpoint_interval_s
+    checkpoint_every: int | None = flag(
+        None, "steps between mid-epoch checkpoints (default: measured, about every {checkpoint_interval_s:.0f} s)"
+    )
+    # steps between progress lines inside an epoch; None: a tenth of an epoch
+    progress_every: int | None = flag(
+        None, "steps between progress lines inside an epoch (default: a tenth of an epoch)"
+    )
     # 10 min: AlexNet's checkpoint (weights + momentum, ~0.5 GB) takes well under 30 s to write
     # to disk or S3, so under 5% of the time, and a preempted node loses at most 10 min of work.
     checkpoint_interval_s: float = 600.0
-    ledger: str | None = None  # debug: a local folder where each rank records the sample keys of each step
-    decode: str = "auto"  # JPEG decoding: auto = on the GPU (nvjpeg) when training on one, else worker
+    # debug: a local folder where each rank records the sample keys of each step
+    ledger: str | None = flag(
+        None, "debug: a local folder where each rank records the keys of every step", metavar="DIR"
+    )
+    # JPEG decoding: auto = on the GPU (nvjpeg) when training on one, else worker
+    decode: str = flag(
+        "auto",
+        "where JPEGs are decoded: device = in one batched call on the training device (nvjpeg on a GPU), "
+        "worker = in the loader processes, auto = device on a GPU, else worker",
+        choices=["auto", "worker", "device"],
+    )
     # --- throughput on many GPUs (the paper's recipe is the defaults above; see README "Recipes") ---
-    amp: str = "auto"  # autocast: auto = bf16 on a GPU (tensor cores, no loss scaling), off on CPUs
-    compile: bool = False  # torch.compile the network: minutes of compilation, then faster steps
-    channels_last: bool | None = None  # None: on GPUs, whose tensor-core convolutions read NHWC
-    batch_per_worker: int | None = None  # sets the global batch to N x workers (x MAX of --workers MIN-MAX)
-    lr_scaling: str = "none"  # linear: lr = --lr x batch / lr_reference_batch (Goyal et al. 2017)
-    lr_reference_batch: int = 128  # the batch the paper's lr 0.01 was set for (section 5)
-    warmup_epochs: int = 0  # the lr rises step by step to its peak over the first N epochs
-    warmup_start: float | None = None  # fraction of the peak lr at the first step; None: see train.warmup_from
-    grad_compression: str = "none"  # bf16 / fp16: DDP all-reduces gradients in half the bytes
+    # autocast: auto = bf16 on a GPU (tensor cores, no loss scaling), off on CPUs
+    amp: str = flag(
+        "auto",
+        "autocast: auto = bf16 on a GPU, off on CPUs; fp16 adds loss scaling (GPU only)",
+        choices=["auto", "bf16", "fp16", "off"],
+        group=GPU_RECIPE,
+    )
+    # torch.compile the network: minutes of compilation, then faster steps
+    compile: bool = flag(
+        False, "torch.compile the network (compiles for minutes at start, then faster steps)", group=GPU_RECIPE
+    )
+    # None: on GPUs, whose tensor-core convolutions read NHWC
+    channels_last: bool | None = flag(
+        None,
+        "images and weights in NHWC memory order (default: on GPUs)",
+        off="keep PyTorch's NCHW order",
+        group=GPU_RECIPE,
+    )
+    # linear: lr = --lr x batch / lr_reference_batch (Goyal et al. 2017)
+    lr_scaling: str = flag(
+        "none",
+        "linear: lr = --lr x global batch / --lr-reference-batch (Goyal et al. 2017)",
+        choices=["none", "linear"],
+        group=GPU_RECIPE,
+    )
+    # the batch the paper's lr 0.01 was set for (section 5)
+    lr_reference_batch: int = flag(128, "the batch --lr was set for", group=GPU_RECIPE)
+    # the lr rises step by step to its peak over the first N epochs
+    warmup_epochs: int = flag(
+        0, "the lr rises linearly, step by step, to its peak over the first N epochs", group=GPU_RECIPE
+    )
+    # fraction of the peak lr at the first step; None: see recipe.warmup_from
+    warmup_start: float | None = flag(
+        None,
+        "the first step's fraction of the peak lr (default: --lr / peak when --lr-scaling raised it, else 0.1)",
+        group=GPU_RECIPE,
+    )
+    # bf16 / fp16: DDP all-reduces gradients in half the bytes
+    grad_compression: str = flag(
+        "none",
+        "all-reduce the gradients in half precision: half the bytes between workers",
+        choices=["none", "bf16", "fp16"],
+        group=GPU_RECIPE,
+    )
     # CPUs reserved per training worker; None: on CPUs, the cluster's CPUs shared among the workers
     # (at most 8); on GPUs, the fewest CPUs per GPU of any GPU node (at most 8), so that a worker
     # fits one GPU's share of a 4-vCPU-per-GPU instance. The loader workers default to it on a GPU.
-    cpus_per_worker: float | None = None
+    cpus_per_worker: float | None = flag(
+        None,
+        "CPUs each training worker reserves (default: on GPUs, each GPU node's CPUs per GPU, at most "
+        "{max_cpus_per_worker:g}; "
+        "on CPUs, the cluster's CPUs shared among the workers)",
+        group=GPU_RECIPE,
+    )
     max_cpus_per_worker: float = 8.0  # the defaults' cap: a GPU worker's loader decodes with up to 8 processes
-    allow_stale: bool = False  # read inputs `status` calls stale (the run records that it did)
-    register: str | None = None  # register the final model under this name in the registry
-    alias: str = "champion"  # with --register: the registry alias moved to this run's model version
+    # register the final model under this name in the registry
+    register: str | None = flag(
+        None,
+        "register the model (the best epoch's, by val_top1) under this name in the MLflow registry",
+        metavar="NAME",
+    )
+    # with --register: the registry alias moved to this run's model version
+    alias: str = flag("champion", "with --register: the alias moved to the new version", metavar="ALIAS")
+    allow_stale: bool = flag(
+        False,
+        "train on shards or stats `status` calls stale, or on val shards made unlike the train shards "
+        "(the run records that it did)",
+    )
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    data: str
-    run_id: str | None = None  # the training run: its last checkpoint, metrics logged back to it
-    checkpoint: str | None = None  # or a checkpoint folder (holding state.pt)
-    ten_crop: bool = False  # section 4.1: 4 corners + centre, each mirrored, softmax averaged
-    batch_size: int = 64
-    loader_workers: int = 2
+    data: str = flag(help="dataset ROOT", metavar="ROOT")
+    # the training run: its last checkpoint, metrics logged back to it
+    run_id: str | None = flag(None, "MLflow run id of a training run", one_of="model", required=True)
+    # or a checkpoint folder (holding state.pt)
+    checkpoint: str | None = flag(None, "checkpoint folder (holds state.pt)", one_of="model")
+    # section 4.1: 4 corners + centre, each mirrored, softmax averaged
+    ten_crop: bool = flag(False, "the paper's 10-crop test")
+    batch_size: int = flag(64, "images per batch")
+    loader_workers: int = flag(2, "data loader processes")
     gpu: bool | None = None  # None: a GPU when this process or the cluster has one
-    allow_stale: bool = False  # read inputs `status` calls stale (the run records that it did)
+    allow_stale: bool = flag(
+        False,
+        "evaluate on val shards `status` calls stale, or made unlike the model's training shards "
+        "(the evaluation records that it did)",
+    )
 
 
 @dataclass(frozen=True)
 class SubmitConfig:
-    args: tuple[str, ...] = ()  # the stage and its arguments, as after `python -m pipelines`
-    address: str | None = None  # the dashboard's HTTP address; default RAY_ADDRESS
-    wait: bool = True  # follow the logs and exit with the job's status
-    list: bool = False
-    logs: str | None = None
-    stop: str | None = None
+    address: str | None = flag(
+        None, "Ray dashboard address, http://HEAD:8265 (default: RAY_ADDRESS)", metavar="URL"
+    )  # the dashboard's HTTP address
+    # follow the logs and exit with the job's status
+    wait: bool = flag(True, "return once the job is submitted", flags=("--no-wait",))
+    list: bool = flag(False, "list the cluster's jobs", one_of="job")
+    logs: str | None = flag(None, "print a job's logs", one_of="job", metavar="JOB_ID")
+    stop: str | None = flag(None, "stop a job", one_of="job", metavar="JOB_ID")
+    # the stage and its arguments, as after `python -m pipelines`
+    args: tuple[str, ...] = flag((), "-- <stage> <args...>", nargs="...")
 
 
 @dataclass(frozen=True)
 class PredictConfig:
-    images: tuple[str, ...]  # image files (JPEG, PNG), local or s3://
-    model: str | None = None  # a model URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model
-    run_id: str | None = None  # or a training run: its logged model
+    # image files (JPEG, PNG), local or s3://
+    images: tuple[str, ...] = flag(help="image files (JPEG, PNG), local or s3://", nargs="+", metavar="IMAGE")
+    # a model URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model
+    model: str | None = flag(
+        None,
+        "a model URI: models:/NAME@ALIAS (e.g. models:/alexnet-demo@champion), models:/NAME/VERSION",
+        one_of="model",
+        required=True,
+        metavar="URI",
+    )
+    run_id: str | None = flag(None, "a training run: its logged model", one_of="model", metavar="ID")  # or a run

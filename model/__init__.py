@@ -1,8 +1,9 @@
 """AlexNet and its transforms. Imports torch/torchvision only: no Ray, MLflow or storage here.
 
-    from model import build
-    net = build("alexnet2012", num_classes=1000, init="paper")
+from model import build
+net = build("alexnet2012", num_classes=1000, init="paper")
 """
+
 import contextlib
 
 import torch
@@ -22,8 +23,9 @@ ARCHS = ("alexnet2012", "alexnet-torchvision")
 INITS = ("paper", "kaiming")
 
 
-def build(arch: str = "alexnet2012", num_classes: int = 1000, init: str | None = "paper",
-          device: str | None = None) -> nn.Module:
+def build(
+    arch: str = "alexnet2012", num_classes: int = 1000, init: str | None = "paper", device: str | None = None
+) -> nn.Module:
     """Return an untrained network that maps N x 3 x H x W (H, W >= 64) to N x num_classes logits.
     ``device``: where its parameters are made; "meta" gives shapes without memory or values, for
     weights loaded next with ``load_state_dict(..., assign=True)``. ``init=None`` leaves
@@ -54,5 +56,16 @@ def topk_hits(scores: torch.Tensor, labels: torch.Tensor, k: int = 5) -> tuple[t
     return (top[:, 0] == labels).sum(), (top == labels[:, None]).any(1).sum()
 
 
-__all__ = ["topk_hits", "ARCHS", "INITS", "AlexNet2012", "EvalTransform", "Lighting", "TrainTransform",
-           "build", "kaiming_init_", "paper_init_", "ten_crop_predict"]
+__all__ = [
+    "topk_hits",
+    "ARCHS",
+    "INITS",
+    "AlexNet2012",
+    "EvalTransform",
+    "Lighting",
+    "TrainTransform",
+    "build",
+    "kaiming_init_",
+    "paper_init_",
+    "ten_crop_predict",
+]

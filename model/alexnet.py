@@ -7,6 +7,7 @@ Section numbers below refer to the paper. The two-GPU split of section 3.2 is ex
 grouped convolutions: a layer whose kernels see only the maps on their own GPU is `groups=2`,
 a layer that talks across GPUs is a plain convolution.
 """
+
 from collections import OrderedDict
 
 import torch
@@ -30,42 +31,50 @@ class AlexNet2012(nn.Module):
 
     def __init__(self, num_classes: int = 1000, dropout: float = 0.5):
         super().__init__()
-        self.features = nn.Sequential(OrderedDict([
-            # Figure 2 says 224 px in, 55 x 55 out, which does not add up for 11x11 stride 4
-            # without padding ((224 - 11) / 4 + 1 = 54.25). Padding 2 gives exactly 55 x 55 (as
-            # torchvision does); 227 px without padding would too. conv1 is split over the two
-            # GPUs but each half sees all three input channels, so it is an ordinary conv.
-            ("conv1", nn.Conv2d(3, 96, kernel_size=11, stride=4, padding=2)),
-            ("relu1", nn.ReLU(inplace=True)),
-            ("norm1", _lrn()),                                  # section 3.3
-            ("pool1", nn.MaxPool2d(kernel_size=3, stride=2)),   # overlapping pooling, 3.4
-            # conv2 kernels see only the 48 conv1 maps on their own GPU (section 3.5).
-            ("conv2", nn.Conv2d(96, 256, kernel_size=5, padding=2, groups=2)),
-            ("relu2", nn.ReLU(inplace=True)),
-            ("norm2", _lrn()),
-            ("pool2", nn.MaxPool2d(kernel_size=3, stride=2)),
-            # conv3 is where the GPUs communicate: full connectivity to all 256 conv2 maps.
-            ("conv3", nn.Conv2d(256, 384, kernel_size=3, padding=1)),
-            ("relu3", nn.ReLU(inplace=True)),
-            ("conv4", nn.Conv2d(384, 384, kernel_size=3, padding=1, groups=2)),
-            ("relu4", nn.ReLU(inplace=True)),
-            ("conv5", nn.Conv2d(384, 256, kernel_size=3, padding=1, groups=2)),
-            ("relu5", nn.ReLU(inplace=True)),
-            ("pool5", nn.MaxPool2d(kernel_size=3, stride=2)),
-        ]))
+        self.features = nn.Sequential(
+            OrderedDict(
+                [
+                    # Figure 2 says 224 px in, 55 x 55 out, which does not add up for 11x11 stride 4
+                    # without padding ((224 - 11) / 4 + 1 = 54.25). Padding 2 gives exactly 55 x 55 (as
+                    # torchvision does); 227 px without padding would too. conv1 is split over the two
+                    # GPUs but each half sees all three input channels, so it is an ordinary conv.
+                    ("conv1", nn.Conv2d(3, 96, kernel_size=11, stride=4, padding=2)),
+                    ("relu1", nn.ReLU(inplace=True)),
+                    ("norm1", _lrn()),  # section 3.3
+                    ("pool1", nn.MaxPool2d(kernel_size=3, stride=2)),  # overlapping pooling, 3.4
+                    # conv2 kernels see only the 48 conv1 maps on their own GPU (section 3.5).
+                    ("conv2", nn.Conv2d(96, 256, kernel_size=5, padding=2, groups=2)),
+                    ("relu2", nn.ReLU(inplace=True)),
+                    ("norm2", _lrn()),
+                    ("pool2", nn.MaxPool2d(kernel_size=3, stride=2)),
+                    # conv3 is where the GPUs communicate: full connectivity to all 256 conv2 maps.
+                    ("conv3", nn.Conv2d(256, 384, kernel_size=3, padding=1)),
+                    ("relu3", nn.ReLU(inplace=True)),
+                    ("conv4", nn.Conv2d(384, 384, kernel_size=3, padding=1, groups=2)),
+                    ("relu4", nn.ReLU(inplace=True)),
+                    ("conv5", nn.Conv2d(384, 256, kernel_size=3, padding=1, groups=2)),
+                    ("relu5", nn.ReLU(inplace=True)),
+                    ("pool5", nn.MaxPool2d(kernel_size=3, stride=2)),
+                ]
+            )
+        )
         # 224 px input gives 6 x 6 here already (a no-op); smaller crops (down to 64 px -> 1 x 1)
         # are stretched to 6 x 6 so the same fc6 works in the small CI mode.
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
         # Dropout before fc6 and fc7 (section 4.2), placed as torchvision's alexnet does.
-        self.classifier = nn.Sequential(OrderedDict([
-            ("drop6", nn.Dropout(dropout)),
-            ("fc6", nn.Linear(256 * 6 * 6, 4096)),
-            ("relu6", nn.ReLU(inplace=True)),
-            ("drop7", nn.Dropout(dropout)),
-            ("fc7", nn.Linear(4096, 4096)),
-            ("relu7", nn.ReLU(inplace=True)),
-            ("fc8", nn.Linear(4096, num_classes)),  # softmax lives in the loss
-        ]))
+        self.classifier = nn.Sequential(
+            OrderedDict(
+                [
+                    ("drop6", nn.Dropout(dropout)),
+                    ("fc6", nn.Linear(256 * 6 * 6, 4096)),
+                    ("relu6", nn.ReLU(inplace=True)),
+                    ("drop7", nn.Dropout(dropout)),
+                    ("fc7", nn.Linear(4096, 4096)),
+                    ("relu7", nn.ReLU(inplace=True)),
+                    ("fc8", nn.Linear(4096, num_classes)),  # softmax lives in the loss
+                ]
+            )
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
@@ -111,4 +120,3 @@ def kaiming_init_(model: nn.Module) -> nn.Module:
     nn.init.normal_(layers[-1].weight, mean=0.0, std=0.01)  # small logits: loss starts at ln(classes)
     nn.init.zeros_(layers[-1].bias)
     return model
-

@@ -13,6 +13,7 @@ geometric(img) = apply(img, params(h, w)): params() makes every random draw from
 size alone and apply() cuts the patches on whatever device the image is on, so a loader can
 draw in its workers and decode + crop a whole batch on the GPU (pipelines/data.py, decode="device").
 """
+
 import torch
 from torch import nn
 
@@ -27,8 +28,10 @@ def _as3(values, name: str) -> torch.Tensor:
 def _require(stats: dict, keys) -> None:
     missing = [k for k in keys if k not in stats]
     if missing:
-        raise ValueError(f"stats is missing {', '.join(missing)}; expected keys {', '.join(keys)} "
-                         "(as written to ROOT/stats.json by the stats stage).")
+        raise ValueError(
+            f"stats is missing {', '.join(missing)}; expected keys {', '.join(keys)} "
+            "(as written to ROOT/stats.json by the stats stage)."
+        )
 
 
 class Lighting:
@@ -50,8 +53,10 @@ class Lighting:
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         if not img.is_floating_point() or img.ndim not in (3, 4) or img.shape[-3] != 3:
-            raise ValueError(f"Lighting expects a float 3xHxW image or Nx3xHxW batch in 0..1, "
-                             f"got {img.dtype} of shape {tuple(img.shape)}.")
+            raise ValueError(
+                f"Lighting expects a float 3xHxW image or Nx3xHxW batch in 0..1, "
+                f"got {img.dtype} of shape {tuple(img.shape)}."
+            )
         if self.alphastd == 0:
             return img
         shift = self.shift(img.shape[0] if img.ndim == 4 else 1, img.device).to(img.dtype)[:, :, None, None]
@@ -74,16 +79,19 @@ class _Normalize:
     def __init__(self, mean, std):
         self.mean, self.std = _as3(mean, "mean"), _as3(std, "std")
         if (self.mean > 1).any():
-            raise ValueError(f"mean {self.mean.tolist()} looks like 0..255 pixel values; "
-                             "these transforms expect statistics of pixels scaled to 0..1.")
+            raise ValueError(
+                f"mean {self.mean.tolist()} looks like 0..255 pixel values; "
+                "these transforms expect statistics of pixels scaled to 0..1."
+            )
         if (self.std <= 0).any():
             raise ValueError(f"std must be positive, got {self.std.tolist()}.")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.to(x.device)[:, None, None]) / self.std.to(x.device)[:, None, None]
 
-    def from_uint8(self, x: torch.Tensor, shift: torch.Tensor | None = None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+    def from_uint8(
+        self, x: torch.Tensor, shift: torch.Tensor | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """uint8 pixels -> normalise(x / 255 + shift) as one multiply-add per pixel.
 
         The same arithmetic as /255, Lighting and __call__ in sequence, fused:
@@ -103,14 +111,16 @@ class _Normalize:
 
 def _check_size(h: int, w: int, crop: int) -> None:
     if h < crop or w < crop:
-        raise ValueError(f"image is {h}x{w}, smaller than the {crop} px crop; "
-                         "the shards should hold 256x256 images (section 2).")
+        raise ValueError(
+            f"image is {h}x{w}, smaller than the {crop} px crop; the shards should hold 256x256 images (section 2)."
+        )
 
 
 def _check_image(img: torch.Tensor, crop: int) -> tuple[int, int]:
     if img.dtype != torch.uint8 or img.ndim != 3:
-        raise ValueError(f"expected a uint8 CxHxW image (torchvision.io.decode_jpeg), "
-                         f"got {img.dtype} of shape {tuple(img.shape)}.")
+        raise ValueError(
+            f"expected a uint8 CxHxW image (torchvision.io.decode_jpeg), got {img.dtype} of shape {tuple(img.shape)}."
+        )
     h, w = img.shape[-2:]
     _check_size(h, w, crop)
     return h, w
@@ -123,8 +133,17 @@ class TrainTransform:
     (CPU) torch.Generator to make the crops, flips and lighting reproducible.
     """
 
-    def __init__(self, crop: int = 224, *, mean, std, eigval, eigvec, alphastd: float = 0.1,
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        crop: int = 224,
+        *,
+        mean,
+        std,
+        eigval,
+        eigvec,
+        alphastd: float = 0.1,
+        generator: torch.Generator | None = None,
+    ):
         self.crop = crop
         self.generator = generator
         self.lighting = Lighting(eigval, eigvec, alphastd, generator)
@@ -133,8 +152,7 @@ class TrainTransform:
     @classmethod
     def from_stats(cls, stats: dict, crop: int = 224, **kwargs) -> "TrainTransform":
         _require(stats, ("mean", "std", "eigval", "eigvec"))
-        return cls(crop, mean=stats["mean"], std=stats["std"], eigval=stats["eigval"],
-                   eigvec=stats["eigvec"], **kwargs)
+        return cls(crop, mean=stats["mean"], std=stats["std"], eigval=stats["eigval"], eigvec=stats["eigvec"], **kwargs)
 
     def geometric(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 3xHxW -> uint8 3 x crop x crop: the random patch and reflection.
@@ -162,7 +180,7 @@ class TrainTransform:
         """uint8 3xHxW (on any device) -> the crop x crop patch that ``params`` names."""
         _check_image(img, self.crop)
         (top, left, flip), c = params, self.crop
-        x = img[:, top:top + c, left:left + c]
+        x = img[:, top : top + c, left : left + c]
         return x.flip(-1) if flip else x
 
     def photometric(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -215,9 +233,16 @@ class EvalTransform:
         c = self.crop
         top, left = (h - c) // 2, (w - c) // 2
         if not self.ten_crop:
-            return img[:, top:top + c, left:left + c]
-        five = torch.stack([img[:, :c, :c], img[:, :c, w - c:], img[:, h - c:, :c],
-                            img[:, h - c:, w - c:], img[:, top:top + c, left:left + c]])
+            return img[:, top : top + c, left : left + c]
+        five = torch.stack(
+            [
+                img[:, :c, :c],
+                img[:, :c, w - c :],
+                img[:, h - c :, :c],
+                img[:, h - c :, w - c :],
+                img[:, top : top + c, left : left + c],
+            ]
+        )
         return torch.cat([five, five.flip(-1)])
 
     def photometric(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,8 +253,9 @@ class EvalTransform:
         return self.photometric(self.geometric(img))
 
 
-def ten_crop_predict(model: nn.Module, crops: torch.Tensor,
-                     memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+def ten_crop_predict(
+    model: nn.Module, crops: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format
+) -> torch.Tensor:
     """N x K x C x H x W crops (K = 10 from EvalTransform) -> N x classes mean softmax.
 
     Section 4.1: "averaging the predictions made by the network's softmax layer on the ten

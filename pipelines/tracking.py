@@ -1,4 +1,6 @@
-"""MLflow: runs, params, metrics, artifacts, lineage. Every MLflow call of the project lives here.
+"""MLflow: where runs go, runs, params, metrics, artifacts, and a stage run's bookkeeping. Every
+MLflow call of the project lives here, in pipelines/lineage.py (which runs made what a run read)
+or in pipelines/registry.py (the logged model and its registered versions).
 
     MLFLOW_TRACKING_URI=http://mlflow:5000 python -m pipelines ...   # a server
     python -m pipelines ...                     # default: sqlite:///$PWD/mlflow.db, artifacts in $PWD/mlartifacts
@@ -18,7 +20,6 @@ import os
 import platform
 import re
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +27,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .common import digest
 from .errors import StageError, StrictFailure
 
 RUN_NAME_TAG = "pipelines.run_name"
@@ -79,13 +79,13 @@ def configure() -> str:
     return uri
 
 
-def _client():
+def mlflow_client():
     from mlflow import MlflowClient
 
     return MlflowClient(configure())
 
 
-def _is_server(uri: str) -> bool:
+def is_server_uri(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
@@ -99,7 +99,7 @@ def _local_artifact_root(uri: str) -> Path | None:
     return None  # a server or a database elsewhere: the server decides (it proxies artifacts)
 
 
-def _redact_url(text: str) -> str:
+def redact_url(text: str) -> str:
     return _URL_USERINFO.sub(r"\1***@", text)
 
 
@@ -107,9 +107,9 @@ def check_reachable(timeout: float = 3.0) -> None:
     """Fail fast with the fix when a tracking server is configured but down; MLflow itself
     would retry each request for minutes before giving up."""
     uri = tracking_uri()
-    if not _is_server(uri):
+    if not is_server_uri(uri):
         return
-    shown = _redact_url(uri)
+    shown = redact_url(uri)
     fix = "Start it, or unset MLFLOW_TRACKING_URI to use the local SQLite store."
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
@@ -166,7 +166,7 @@ def experiment_id(name: str) -> str:
     """The id of experiment ``name``, creating it (with an absolute artifact location on a local store)."""
     from mlflow.exceptions import MlflowException
 
-    client = _client()
+    client = mlflow_client()
     exp = client.get_experiment_by_name(name)
     if exp is None:
         root = _local_artifact_root(tracking_uri())
@@ -224,7 +224,7 @@ def start_or_resume_run(experiment: str, run_name: str, tags: dict | None = None
     This is what keeps one training run one MLflow run across worker restarts and reruns of
     the same ``--name``. A resumed run is set back to RUNNING.
     """
-    client = _client()
+    client = mlflow_client()
     exp_id = experiment_id(experiment)
     all_tags = {**_clean_strings(tags or {}), RUN_NAME_TAG: run_name}
     found = client.search_runs(
@@ -243,14 +243,14 @@ def start_or_resume_run(experiment: str, run_name: str, tags: dict | None = None
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     if status not in STATUSES:
         raise ValueError(f"Unknown run status {status!r}. Expected one of: {', '.join(STATUSES)}.")
-    _client().set_terminated(run_id, status)
+    mlflow_client().set_terminated(run_id, status)
 
 
 def set_tags(run_id: str, tags: dict) -> None:
     """Set (or overwrite) run tags; nested dicts become dotted keys, secrets are masked."""
     from mlflow.entities import RunTag
 
-    client = _client()
+    client = mlflow_client()
     items = [RunTag(k, v) for k, v in _clean_strings(tags).items()]
     for i in range(0, len(items), _BATCH):
         client.log_batch(run_id, tags=items[i : i + _BATCH])
@@ -273,11 +273,11 @@ def get_tags(run_id: str) -> dict[str, str]:
     from mlflow.exceptions import MlflowException
 
     try:
-        return dict(_client().get_run(run_id).data.tags)
+        return dict(mlflow_client().get_run(run_id).data.tags)
     except MlflowException as e:
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        raise StageError(f"Run {run_id} is not in the MLflow store {_redact_url(uri)}. {fix}") from None
+        raise StageError(f"Run {run_id} is not in the MLflow store {redact_url(uri)}. {fix}") from None
 
 
 # --- params and metrics ---------------------------------------------------------------------
@@ -298,16 +298,16 @@ def _flatten(obj: Mapping, prefix: str = "") -> dict[str, Any]:
 
 def _clean_strings(values: Mapping) -> dict[str, str]:
     """Flattened, stringified, secrets masked, credentials cut out of URLs."""
-    return {k: MASK if _SECRET.search(k) else _redact_url(str(v)) for k, v in _flatten(values).items()}
+    return {k: MASK if _SECRET.search(k) else redact_url(str(v)) for k, v in _flatten(values).items()}
 
 
-def _mask_tree(obj):
+def mask_secrets(obj):
     """The same masking inside a JSON-like value (summaries written as artifacts)."""
     if isinstance(obj, Mapping):
-        return {k: MASK if isinstance(k, str) and _SECRET.search(k) else _mask_tree(v) for k, v in obj.items()}
+        return {k: MASK if isinstance(k, str) and _SECRET.search(k) else mask_secrets(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_mask_tree(v) for v in obj]
-    return _redact_url(obj) if isinstance(obj, str) else obj
+        return [mask_secrets(v) for v in obj]
+    return redact_url(obj) if isinstance(obj, str) else obj
 
 
 def log_params(run_id: str, params: dict) -> list[str]:
@@ -318,7 +318,7 @@ def log_params(run_id: str, params: dict) -> list[str]:
     """
     from mlflow.entities import Param
 
-    client = _client()
+    client = mlflow_client()
     have = client.get_run(run_id).data.params
     new, conflicts = [], []
     for key, value in _clean_strings(params).items():
@@ -337,7 +337,7 @@ def _numeric(value) -> bool:
 
 
 def logged_steps(run_id: str, key: str) -> list[int]:
-    return sorted({m.step for m in _client().get_metric_history(run_id, key)})
+    return sorted({m.step for m in mlflow_client().get_metric_history(run_id, key)})
 
 
 def log_metrics_once(run_id: str, metrics: dict, step: int) -> dict:
@@ -345,7 +345,7 @@ def log_metrics_once(run_id: str, metrics: dict, step: int) -> dict:
     worker that replays an epoch does not draw the curve twice. Returns what was logged."""
     from mlflow.entities import Metric
 
-    client = _client()
+    client = mlflow_client()
     now = int(time.time() * 1000)
     logged = {k: float(v) for k, v in metrics.items() if _numeric(v) and step not in logged_steps(run_id, k)}
     batch = [Metric(k, v, now, step) for k, v in logged.items()]
@@ -357,7 +357,7 @@ def log_metrics_once(run_id: str, metrics: dict, step: int) -> dict:
 # --- artifacts ------------------------------------------------------------------------------
 
 
-def _json_default(obj):
+def json_default(obj):
     if hasattr(obj, "tolist"):  # numpy scalars and arrays, torch tensors: numbers, not "0.5"
         return obj.tolist()
     return str(obj)  # Paths, datetimes
@@ -367,7 +367,7 @@ def start_pipeline_run(experiment: str, run_name: str, command: str, tags: dict 
     """A run that stands for a whole pipeline (``command``, e.g. demo): its stage runs are created
     with it as parent."""
     return (
-        _client()
+        mlflow_client()
         .create_run(
             experiment_id(experiment),
             run_name=run_name,
@@ -382,7 +382,7 @@ def start_child_run(parent_run_id: str, run_name: str, stage: str, tags: dict | 
     parent's row): an evaluation of a training run is a run of its own, every time."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    client = _client()
+    client = mlflow_client()
     parent = client.get_run(parent_run_id)
     return client.create_run(
         parent.info.experiment_id,
@@ -400,172 +400,28 @@ def log_table(run_id: str, rows: list[dict], artifact_file: str) -> None:
     """Rows as an MLflow table (the UI's artifact view and Evaluation tab show it)."""
     import pandas as pd
 
-    _client().log_table(run_id, data=pd.DataFrame(rows), artifact_file=artifact_file)
+    mlflow_client().log_table(run_id, data=pd.DataFrame(rows), artifact_file=artifact_file)
 
 
 def log_figure(run_id: str, figure, artifact_file: str) -> None:
-    _client().log_figure(run_id, figure, artifact_file)
+    mlflow_client().log_figure(run_id, figure, artifact_file)
 
 
 def log_json(run_id: str, obj, artifact_file: str) -> None:
-    _client().log_text(run_id, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n", artifact_file)
+    mlflow_client().log_text(
+        run_id, json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n", artifact_file
+    )
 
 
 def log_yaml(run_id: str, obj, artifact_file: str) -> None:
     import yaml
 
-    plain = json.loads(json.dumps(obj, default=_json_default))  # safe_dump knows no numpy or Paths
-    _client().log_text(run_id, yaml.safe_dump(plain, sort_keys=False), artifact_file)
+    plain = json.loads(json.dumps(obj, default=json_default))  # safe_dump knows no numpy or Paths
+    mlflow_client().log_text(run_id, yaml.safe_dump(plain, sort_keys=False), artifact_file)
 
 
 def log_file(run_id: str, local_path: str, artifact_path: str | None = None) -> None:
-    _client().log_artifact(run_id, str(local_path), artifact_path)
-
-
-def log_dataset(
-    run_id: str, name: str, digest: str, source: str, context: str = "training", profile: dict | None = None
-) -> None:
-    """Record that the run read dataset ``name`` (e.g. the train shards) with this manifest digest.
-
-    ``source`` is where the manifest lives (``ROOT/shards/train.json``); it is stored as MLflow's
-    dataset sources store it (``{"uri": ...}``), typed s3, http or local.
-    """
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
-
-    source = str(source)
-    if source.startswith("s3://"):
-        source_type, source_json = "s3", {"uri": source}
-    elif _is_server(source):
-        source_type, source_json = "http", {"url": _redact_url(source)}
-    else:
-        source_type, source_json = "local", {"uri": str(Path(source).resolve())}
-    dataset = Dataset(
-        name=name,
-        digest=digest[:MAX_DATASET_DIGEST],
-        source_type=source_type,
-        source=json.dumps(source_json),
-        profile=json.dumps({**_mask_tree(profile or {}), "digest": digest}, default=_json_default),
-    )
-    _client().log_inputs(
-        run_id,
-        datasets=[
-            DatasetInput(
-                dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("pipelines.digest", digest)]
-            )
-        ],
-    )
-
-
-def log_classifier(
-    run_id: str,
-    artifacts: dict,
-    input_example,
-    output_example,
-    register: str | None = None,
-    alias: str | None = None,
-    name: str = "model",
-) -> str:
-    """Log the image classifier (pipelines/classifier.py) into run ``run_id``; with ``register``
-    also a version of that registered model, and ``alias`` pointed at it. ``output_example`` is
-    what the model makes of ``input_example``: the signature is stated from the two (MLflow would
-    infer it with an INFO line and a warning about integer columns). Returns its URI:
-    ``models:/NAME@ALIAS`` when registered with an alias, else the logged model's ``models:/`` URI."""
-    import contextlib
-    import io
-    import warnings
-
-    import mlflow.pyfunc
-    from mlflow.models import Model, infer_signature
-
-    from . import classifier
-
-    client = _client()
-    run = client.get_run(run_id)
-    # As in log_model: the LoggedModel made here, so it lands in the run's experiment.
-    logged = client.create_logged_model(
-        experiment_id=run.info.experiment_id, name=name, source_run_id=run_id, params=run.data.params
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "integer columns may hold missing values"
-        signature = infer_signature(input_example, output_example)
-        # MLflow prints its registration steps itself (eprint); the summary and this stage's line say it.
-        with contextlib.redirect_stderr(io.StringIO()):
-            info = Model.log(
-                None,
-                mlflow.pyfunc,
-                name=name,
-                run_id=run_id,
-                model_id=logged.model_id,
-                registered_model_name=register,
-                python_model=classifier.__file__,
-                artifacts=artifacts,
-                code_paths=classifier.code_paths(),
-                input_example=input_example,
-                signature=signature,
-                pip_requirements=[f"{p}=={_version(p)}" for p in ("torch", "torchvision", "pillow", "numpy", "pandas")],
-            )
-    if register and alias:
-        client.set_registered_model_alias(register, alias, info.registered_model_version)
-        print(
-            f"train: model registered as {register} version {info.registered_model_version}, alias @{alias}",
-            file=sys.stderr,
-        )
-        return f"models:/{register}@{alias}"
-    return info.model_uri
-
-
-def log_model(
-    run_id: str,
-    model,
-    input_example,
-    register: str | None = None,
-    name: str = "model",
-    serialization_format: str = "pt2",
-) -> str:
-    """Log ``model`` into run ``run_id`` as an MLflow model (a LoggedModel); return its ``models:/`` URI.
-
-    The input example gives the signature. ``register`` also creates a version of that
-    registered model. The default "pt2" format (torch.export) loads without our ``model/``
-    code and without unpickling, but loads as a traced graph for inference: resume training
-    from checkpoints, not from here.
-    """
-    import copy
-
-    import mlflow.pytorch
-    import numpy as np
-    import torch
-
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # Ray Train's prepare_model
-        model = model.module
-    # torch.export traces the module as it is: in train mode dropout would be baked into the
-    # graph, and a pt2 archive's weights cannot move device on load (mlflow/pytorch/__init__.py).
-    model = copy.deepcopy(model).to("cpu").eval()
-    if serialization_format == "pt2" and tuple(getattr(input_example, "shape", ()))[:1] == (1,):
-        # torch.export fixes a size-1 dimension as a constant (mlflow/pytorch/__init__.py): a
-        # batch-of-one example would give a model that only takes batches of one, although its
-        # signature says (-1, ...).
-        input_example = np.repeat(np.asarray(input_example), 2, axis=0)
-    client = _client()
-    run = client.get_run(run_id)
-    # Created here because Model.log, given only a run_id and no active run, files the LoggedModel
-    # (and its artifacts) under the *current* experiment, "Default", not the run's
-    # (mlflow/tracking/fluent.py _create_logged_model). Params copied as Model.log would.
-    logged = client.create_logged_model(
-        experiment_id=run.info.experiment_id, name=name, source_run_id=run_id, params=run.data.params
-    )
-    info = mlflow.pytorch.log_model(
-        model,
-        name=name,
-        input_example=input_example,
-        registered_model_name=register,
-        serialization_format=serialization_format,
-        model_id=logged.model_id,
-        run_id=run_id,
-        # Stated rather than inferred: inference re-imports the model in a subprocess (~12 s).
-        pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
-    )
-    return info.model_uri
+    mlflow_client().log_artifact(run_id, str(local_path), artifact_path)
 
 
 # --- how a run was made ---------------------------------------------------------------------
@@ -579,7 +435,7 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def _version(dist: str) -> str:
+def package_version(dist: str) -> str:
     from importlib import metadata
 
     for name in (dist, f"{dist}-skinny"):  # mlflow may be installed as mlflow-skinny
@@ -604,13 +460,13 @@ def environment() -> dict:
             "git_sha": os.environ["PIPELINES_GIT_SHA"],
             "git_dirty": os.environ.get("PIPELINES_GIT_DIRTY", "unknown") == "true",
             "python": platform.python_version(),
-            "versions": {p: _version(p) for p in PACKAGES},
+            "versions": {p: package_version(p) for p in PACKAGES},
         }
     return {
         "git_sha": sha or "unknown",
         "git_dirty": bool(status) if status is not None else None,
         "python": platform.python_version(),
-        "versions": {p: _version(p) for p in PACKAGES},
+        "versions": {p: package_version(p) for p in PACKAGES},
     }
 
 
@@ -643,7 +499,7 @@ def _record_summary(run_id: str, summary: dict) -> None:
         tags["pipelines.data"] = summary["data"]
     tags.update(allowed_stale_tag(summary.get("allowed_stale")))
     set_tags(run_id, tags)
-    log_json(run_id, _mask_tree(summary), "summary.json")
+    log_json(run_id, mask_secrets(summary), "summary.json")
 
 
 def allowed_stale_tag(reasons: list[str] | None) -> dict:
@@ -700,7 +556,7 @@ def track_stage(
 
     def open_run() -> str:
         run_id = (
-            _client()
+            mlflow_client()
             .create_run(
                 experiment_id(experiment), run_name=stage, tags={**standard_tags(stage), **_clean_strings(tags)}
             )
@@ -728,91 +584,3 @@ def track_stage(
 def _fail(run_id: str, error: BaseException, status: str) -> None:
     set_tags(run_id, {"pipelines.error": f"{type(error).__name__}: {error}"})
     end_run(run_id, status)
-
-
-def find_stage_runs(output_digest: str, experiment: str | None = "preprocessing", key: str = "output") -> list[dict]:
-    """Stage runs (newest first) that wrote ``output_digest`` (``key="input"``: that read it), e.g.
-    the shard run behind a training run's manifest (``key="input"`` matches a single input digest,
-    as stats records); ``experiment=None`` searches every experiment
-    (the demo keeps its stage runs in its own). [{"run_id", "stage", "status", "experiment_id",
-    "input_digest"}]; a failed strict run did write its output."""
-    client = _client()
-    if experiment is None:
-        ids = [e.experiment_id for e in client.search_experiments()]
-    else:
-        exp = client.get_experiment_by_name(experiment)
-        ids = [exp.experiment_id] if exp is not None else []
-    if not ids or not re.fullmatch(r"[\w.:+-]+", output_digest):
-        return []
-    # MLflow search has no OR over tag keys; the combined tag narrows in the store, the loop is exact.
-    query = (
-        f"tags.`{OUTPUT_DIGESTS_TAG}` LIKE '%{output_digest}%'"
-        if key == "output"
-        else f"tags.`pipelines.input_digest` = '{output_digest}'"
-    )
-    found, token = [], None
-    while True:
-        page = client.search_runs(
-            ids, query, order_by=["attributes.start_time DESC"], max_results=1000, page_token=token
-        )
-        for run in page:
-            t = run.data.tags
-            if any(
-                v == output_digest
-                for k, v in t.items()
-                if k == f"pipelines.{key}_digest" or k.startswith(f"pipelines.{key}_digest.")
-            ):
-                found.append(
-                    {
-                        "run_id": run.info.run_id,
-                        "stage": t.get(STAGE_TAG),
-                        "status": run.info.status,
-                        "experiment_id": run.info.experiment_id,
-                        "input_digest": _digest_from_tags(t, "input"),
-                    }
-                )
-        token = page.token
-        if not token:
-            return found
-
-
-def _digest_from_tags(tags: dict, key: str):
-    """The ``input``/``output`` digest a run's tags record: a string, or {split: digest}."""
-    if f"pipelines.{key}_digest" in tags:
-        return tags[f"pipelines.{key}_digest"]
-    prefix = f"pipelines.{key}_digest."
-    return {k[len(prefix) :]: v for k, v in tags.items() if k.startswith(prefix)} or None
-
-
-def lineage(manifest_digest: str) -> dict[str, dict]:
-    """The newest index, shard and stats runs behind a train manifest (in any experiment):
-    the shard run that wrote it, the index run that wrote what that shard run read, the stats
-    run that read it. {stage: run} for those found."""
-    found = {}
-    shard_runs = find_stage_runs(manifest_digest, experiment=None)
-    if shard_runs:
-        found["shard"] = shard_runs[0]
-        # The shard run read the index's {split: digest}; the index run's output digest is their digest.
-        read = shard_runs[0]["input_digest"]
-        index_runs = find_stage_runs(read if isinstance(read, str) else digest(read or {}), experiment=None)
-        if index_runs:
-            found["index"] = index_runs[0]
-    stats_runs = [r for r in find_stage_runs(manifest_digest, experiment=None, key="input") if r["stage"] == "stats"]
-    if stats_runs:
-        found["stats"] = stats_runs[0]
-    return found
-
-
-def link_lineage(run_id: str, runs: dict[str, dict], datasets: str) -> None:
-    """Tags naming the stage runs, and a description the MLflow UI shows on the run's page with
-    a link to each (the UI nests runs only inside one experiment; a link works across them)."""
-    if not runs:
-        return
-    links = ", ".join(f"[{stage}](#/experiments/{r['experiment_id']}/runs/{r['run_id']})" for stage, r in runs.items())
-    set_tags(
-        run_id,
-        {
-            **{f"pipelines.{stage}_run": r["run_id"] for stage, r in runs.items()},
-            "mlflow.note.content": f"Trained on {datasets}. Made by the stage runs: {links}.",
-        },
-    )

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from . import checkpoint, contract, storage, tracking
+from . import checkpoint, contract, lineage, registry, storage, tracking
 from .cluster import ensure_ray, on_cluster
 from .config import TrainConfig
 from .errors import StageError
@@ -341,7 +341,7 @@ def _record_start(cfg: TrainConfig, run_id: str, name: str, runs: str, gpu: bool
         )
     # val_m is what val_top1 (and the best checkpoint's choice) was measured on
     for split, m, context in (("train", train_m, "training"), ("val", val_m, "validation")):
-        tracking.log_dataset(
+        lineage.log_dataset(
             run_id,
             name=f"imagenet-{split}-shards",
             digest=m["digest"],
@@ -352,10 +352,10 @@ def _record_start(cfg: TrainConfig, run_id: str, name: str, runs: str, gpu: bool
     tracking.log_yaml(run_id, dataclasses.asdict(resolved), "config.yaml")
     tracking.log_json(run_id, storage.read_json(inputs["classes_url"]), "classes.json")
     tracking.log_json(run_id, storage.read_json(inputs["stats_url"]), "stats.json")
-    makers = tracking.find_stage_runs(train_m["digest"], experiment=None)
+    makers = lineage.find_stage_runs(train_m["digest"], experiment=None)
     if makers:
         tracking.set_tags(run_id, {"pipelines.shard_runs": ",".join(r["run_id"] for r in makers)})
-    tracking.link_lineage(run_id, tracking.lineage(train_m["digest"]), f"`{cfg.data}`")
+    lineage.link_lineage(run_id, lineage.lineage(train_m["digest"]), f"`{cfg.data}`")
     tracking.set_tags(run_id, tracking.allowed_stale_tag(inputs["allowed_stale"]))
     return resolved
 
@@ -488,7 +488,7 @@ def _log_classifier(cfg: TrainConfig, run_id: str, state: dict, inputs: dict) ->
     )
     with tempfile.TemporaryDirectory() as tmp:
         files = classifier.artifacts(state, geometry, classes, stats_, tmp)
-        return tracking.log_classifier(run_id, files, example, output, register=cfg.register, alias=cfg.alias)
+        return registry.log_classifier(run_id, files, example, output, register=cfg.register, alias=cfg.alias)
 
 
 def _finished(run_id: str, epochs: int):

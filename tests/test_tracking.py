@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from pipelines import tracking
+from pipelines import lineage, tracking
 from pipelines.errors import StageError, StrictFailure
 
 
@@ -99,8 +99,8 @@ def test_log_dataset_records_digest_and_source(client, exp, tmp_path):
     run_id = tracking.start_or_resume_run(exp, "lineage")
     digest = "ab" * 32  # a sha256: longer than MLflow's dataset digest column
     source = str(tmp_path / "shards" / "train.json")
-    tracking.log_dataset(run_id, "imagenet-train", digest, source, profile={"samples": 32})
-    tracking.log_dataset(run_id, "imagenet-train", digest, source)  # a resumed run logs it again
+    lineage.log_dataset(run_id, "imagenet-train", digest, source, profile={"samples": 32})
+    lineage.log_dataset(run_id, "imagenet-train", digest, source)  # a resumed run logs it again
     inputs = client.get_run(run_id).inputs.dataset_inputs
     assert len(inputs) == 1
     ds = inputs[0].dataset
@@ -109,31 +109,6 @@ def test_log_dataset_records_digest_and_source(client, exp, tmp_path):
     assert json.loads(ds.profile) == {"samples": 32, "digest": digest}
     tags = {t.key: t.value for t in inputs[0].tags}
     assert tags == {"mlflow.data.context": "training", "pipelines.digest": digest}
-
-
-def test_log_model_is_loadable_and_registered(client, exp):
-    import mlflow
-    import torch
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout(0.5))
-    model.train()  # as at the end of an epoch: the logged model must still be the eval-mode one
-    run_id = tracking.start_or_resume_run(exp, "model")
-    example = np.random.default_rng(0).random((1, 4), dtype=np.float32)  # a batch of one, as train.py gives
-    uri = tracking.log_model(run_id, model, example, register=f"alexnet-{exp}")
-
-    assert mlflow.active_run() is None
-    assert client.get_run(run_id).info.status == "RUNNING"
-    info = mlflow.models.get_model_info(uri)
-    assert info.signature is not None and info.run_id == run_id
-    logged = client.get_logged_model(uri.removeprefix("models:/"))
-    assert logged.experiment_id == client.get_run(run_id).info.experiment_id
-    loaded = mlflow.pytorch.load_model(uri)
-    x = torch.from_numpy(np.random.default_rng(1).random((5, 4), dtype=np.float32))  # any batch size
-    with torch.no_grad():
-        assert torch.allclose(loaded(x), model.eval()(x))
-    versions = client.search_model_versions(f"name='alexnet-{exp}'")
-    assert [(str(v.version), v.source, v.status) for v in versions] == [("1", uri, "READY")]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +167,7 @@ def test_track_stage_records_the_run(client, exp, store_dir, tmp_path, monkeypat
     on_disk = store_dir / "mlartifacts" / exp / run.info.run_id / "artifacts" / "summary.json"
     assert json.loads(on_disk.read_text())["counts"] == {"train": 32, "val": 8}
 
-    assert tracking.find_stage_runs("val-digest-1", experiment=exp) == [
+    assert lineage.find_stage_runs("val-digest-1", experiment=exp) == [
         {
             "run_id": run.info.run_id,
             "stage": "shard",
@@ -201,9 +176,9 @@ def test_track_stage_records_the_run(client, exp, store_dir, tmp_path, monkeypat
             "input_digest": {"train": "i1", "val": "i2"},
         }
     ]
-    assert [r["run_id"] for r in tracking.find_stage_runs("val-digest-1", experiment=None)] == [run.info.run_id]
-    assert tracking.find_stage_runs("val-digest", experiment=exp) == []  # exact, not a substring
-    assert tracking.find_stage_runs("val-digest-1", experiment="no-such-experiment") == []
+    assert [r["run_id"] for r in lineage.find_stage_runs("val-digest-1", experiment=None)] == [run.info.run_id]
+    assert lineage.find_stage_runs("val-digest", experiment=exp) == []  # exact, not a substring
+    assert lineage.find_stage_runs("val-digest-1", experiment="no-such-experiment") == []
 
 
 def test_track_stage_marks_failures(client, exp, tmp_path):
@@ -226,7 +201,7 @@ def test_track_stage_marks_failures(client, exp, tmp_path):
     parent = tracking.start_or_resume_run(exp, "demo")
     with pytest.raises(StrictFailure):
         tracking.track_stage("index", cfg, strict, experiment=exp, parent_run_id=parent)
-    (found,) = tracking.find_stage_runs("out-strict", experiment=exp)
+    (found,) = lineage.find_stage_runs("out-strict", experiment=exp)
     run = client.get_run(found["run_id"])
     assert found["status"] == "FAILED" and run.data.metrics["rejected"] == 2
     assert run.data.tags["mlflow.parentRunId"] == parent

@@ -211,7 +211,7 @@ class TrainConfig:
         "worker = in the loader processes, auto = device on a GPU, else worker",
         choices=["auto", "worker", "device"],
     )
-    # --- throughput on many GPUs (the paper's recipe is the defaults above; see README "Recipes") ---
+    # --- throughput on many GPUs (the paper's recipe is the defaults above; see docs/training.md, "Recipes") ---
     # autocast: auto = bf16 on a GPU (tensor cores, no loss scaling), off on CPUs
     amp: str = flag(
         "auto",

@@ -3,7 +3,7 @@
     python -m pipelines sample --out /tmp/imagenet-sample
 
 One run writes the same images in the three layouts people hold ILSVRC-2012 in (each
-described in the README's "Sources"), so every reader in `pipelines/sources.py` can be
+described in docs/stages.md, "Sources"), so every reader in `pipelines/sources.py` can be
 tested on identical bytes:
 
     out/tarballs/ILSVRC2012_img_train.tar        tar of per-class tars n0xxxxxxx.tar

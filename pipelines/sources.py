@@ -1,5 +1,5 @@
 """Readers for ImageNet as people hold it: the original tarballs + devkit, Kaggle's CLS-LOC
-layout, and ImageFolder-style folders (the README's "Sources" describes each).
+layout, and ImageFolder-style folders (docs/stages.md, "Sources", describes each).
 
 Each reader lists the images of a split as ``Item``s: where the bytes are (a file, or a byte
 range inside a tar: tar members are stored uncompressed, so an image inside

@@ -1,7 +1,7 @@
 """Everything real at once: a multi-node Ray (a head with no CPUs, as infra/ray/cluster.yaml's,
 and 1-CPU worker nodes joined to it), a SeaweedFS S3 holding the data and the checkpoints, an
 MLflow server with its artifacts in that S3. Every stage is submitted from a shell as a Ray
-job to the head's dashboard, as README "Run on a cluster" says.
+job to the head's dashboard, as docs/cluster.md says.
 
 The nodes hold no static key: their environment names an AWS profile whose
 ``credential_process`` prints the current key of a file with a short ``Expiration``, the way

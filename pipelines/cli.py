@@ -17,7 +17,7 @@ from . import config
 from .errors import StageError, StrictFailure
 
 TRACKED = ("index", "shard", "stats")
-RAY_STAGES = ("shard", "stats", "train", "demo")
+RAY_STAGES = ("shard", "stats", "prepare", "train", "demo")
 _UNSET = argparse.SUPPRESS  # flags not given stay out of the config, so config.py's defaults win
 
 
@@ -108,6 +108,7 @@ STAGES = {  # each stage's config class and its one-line help, in the order --he
     "index": (config.IndexConfig, "source -> classes.json + index/{train,val}.parquet"),
     "shard": (config.ShardConfig, "index -> webdataset shards (one task per shard, on Ray or local processes)"),
     "stats": (config.StatsConfig, "training shards -> stats.json (mean, std, RGB eigen-decomposition)"),
+    "prepare": (config.PrepareConfig, "index, shard and stats in one process, each its own MLflow run under one"),
     "status": (config.StatusConfig, "each stage of a dataset: done, stale or missing"),
     "train": (config.TrainConfig, "the 2012 AlexNet on Ray Train workers, tracked in MLflow"),
     "evaluate": (config.EvaluateConfig, "a checkpoint on the val shards: top-1 / top-5"),
@@ -133,6 +134,7 @@ is a run in MLflow. Each stage reads and writes files under a dataset ROOT (a fo
 s3://bucket/prefix) and ends with one JSON line on stdout.
 
   index -> shard -> stats -> train -> evaluate      (status shows where a ROOT stands)
+  prepare = index -> shard -> stats, in one process
 
 exit codes: 0 done, 1 --strict and inputs were rejected, 2 a usage or input error."""
 
@@ -143,6 +145,8 @@ EXAMPLES = {
     "shard": "python -m pipelines shard --data /data/alexnet            # 256x256 q90, as the paper\n"
     "  python -m pipelines shard --data /data/alexnet --split val --verify",
     "stats": "python -m pipelines stats --data /data/alexnet",
+    "prepare": "python -m pipelines prepare --source /data/imagenet --data /data/alexnet\n"
+    "  python -m pipelines prepare --source /data/imagenet --data /tmp/small --classes 100 --resize 144",
     "status": "python -m pipelines status --data /data/alexnet 2>/dev/null | jq .states",
     "train": "python -m pipelines train --data /data/alexnet --gpu --workers 8 --name run1\n"
     "  python -m pipelines train --data /data/alexnet --gpu --workers 4-8 --name run1   # elastic",

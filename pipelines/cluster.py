@@ -3,6 +3,7 @@ machine's processes for small data) the stages submit to."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -149,7 +150,7 @@ def prestart_local_pool(parallel: str, source_bytes, ray_min_bytes: int, num_cpu
     their imports (torch: ~2.5 s) overlap the driver's MLflow start-up instead of following it.
     ``source_bytes`` is called only when the answer depends on it. The TaskPool made later
     with the same ``num_cpus`` and ``warm`` takes these workers; a pool not taken is shut down."""
-    if use_ray(parallel, source_bytes, ray_min_bytes):
+    if _started_for(num_cpus, warm) or use_ray(parallel, source_bytes, ray_min_bytes):
         return
     pool, workers = _local_pool(num_cpus, warm)
     for _ in range(workers):  # a pool spawns its processes as work arrives: one no-op each
@@ -163,6 +164,35 @@ def prestart_local_pool(parallel: str, source_bytes, ray_min_bytes: int, num_cpu
 def _drop_prestarted() -> None:
     while _prestarted:
         _prestarted.popitem()[1][0].shutdown(wait=False, cancel_futures=True)
+
+
+_shared = [False]  # inside local_workers_shared: pools are handed on, not shut down
+
+
+@contextlib.contextmanager
+def local_workers_shared():
+    """Stages run one after another in this process (prepare) share one pool of local workers:
+    each stage's TaskPool takes it and hands it on, instead of starting and stopping its own
+    (a worker's start, importing torch, is about a second of a core)."""
+    _shared[0] = True
+    try:
+        yield
+    finally:
+        _shared[0] = False
+        _drop_prestarted()
+
+
+def _started_for(num_cpus: float, warm: str) -> tuple | None:
+    """The key of a started pool for these tasks: the one started for them, or while shared, any
+    of their size (a worker imports a stage's module the first time it runs one of its tasks)."""
+    if (num_cpus, warm) in _prestarted:
+        return (num_cpus, warm)
+    return next((k for k in _prestarted if _shared[0] and k[0] == num_cpus), None)
+
+
+def _take_prestarted(num_cpus: float, warm: str):
+    key = _started_for(num_cpus, warm)
+    return _prestarted.pop(key) if key else None
 
 
 def _ray_initialized() -> bool:
@@ -184,8 +214,9 @@ class TaskPool:
             # At least 32 so an autoscaling cluster that starts small sees enough demand to grow.
             self.window = max(32, 2 * int(self.ray.cluster_resources().get("CPU", 1)))
             return
-        self._pool, workers = _prestarted.pop((num_cpus, warm), None) or _local_pool(num_cpus, warm)
-        self.window = 2 * workers
+        self._pool, self._workers = _take_prestarted(num_cpus, warm) or _local_pool(num_cpus, warm)
+        self._key = (num_cpus, warm)
+        self.window = 2 * self._workers
 
     def submit(self, fn, args: tuple):
         if self.ray is not None:
@@ -202,15 +233,17 @@ class TaskPool:
     def result(self, handle) -> dict:
         return self.ray.get(handle) if self.ray is not None else handle.result()
 
-    def close(self) -> None:
-        if self.ray is None:
+    def close(self, hand_on: bool = False) -> None:
+        if self.ray is None and hand_on and _shared[0]:
+            _prestarted[self._key] = (self._pool, self._workers)  # the next stage takes it
+        elif self.ray is None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, error_type, *_):
+        self.close(hand_on=error_type is None)  # a pool a failure may have broken is not handed on
 
 
 def check_parallel(parallel: str) -> None:

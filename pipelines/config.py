@@ -130,6 +130,32 @@ class StatsConfig:
     ray_min_bytes: int = RAY_MIN_BYTES
 
 
+def same_as(cls, name: str):
+    """A field declared as ``cls``'s field ``name`` is: its default, flag and help, written once."""
+    f = cls.__dataclass_fields__[name]
+    return field(default=f.default, default_factory=f.default_factory, metadata=f.metadata)
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    # index, shard and stats in one process: each field is one of those stages' own
+    source: str = same_as(IndexConfig, "source")
+    data: str = same_as(IndexConfig, "data")
+    layout: str | None = same_as(IndexConfig, "layout")
+    classes: int | None = same_as(IndexConfig, "classes")
+    limit: int | None = same_as(IndexConfig, "limit")
+    seed: int = same_as(IndexConfig, "seed")
+    samples_per_shard: int = same_as(IndexConfig, "samples_per_shard")
+    resize: int = same_as(ShardConfig, "resize")
+    keep_aspect: bool = same_as(ShardConfig, "keep_aspect")
+    quality: int = same_as(ShardConfig, "quality")
+    parallel: str = same_as(ShardConfig, "parallel")
+    strict: bool = same_as(ShardConfig, "strict")
+    # the index and the stats; the shard stage redoes what its inputs changed, as it always does
+    force: bool = flag(False, "redo the index and the stats even if nothing changed")
+    ray_min_bytes: int = RAY_MIN_BYTES
+
+
 @dataclass(frozen=True)
 class StatusConfig:
     data: str = flag(help="dataset ROOT", metavar="ROOT")

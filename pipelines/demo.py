@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import contract, evaluate, index, sample, shard, stats, status, storage, tracking, train
+from . import contract, evaluate, prepare, sample, status, storage, tracking, train
 from .cluster import ensure_ray
 from .config import EvaluateConfig, IndexConfig, ShardConfig, StatsConfig, StatusConfig, TrainConfig
 
@@ -85,17 +85,13 @@ def run(args: dict) -> dict:
 
 def _stages(source: str, data: str, pipeline: str) -> dict:
     """index, shard, stats, train and both evaluations, each nested under the pipeline's run."""
-    s = {}
-    stage = dict(experiment=TRAIN["experiment"], parent_run_id=pipeline)
-    _step(f"index: {source} -> {data}")
-    s["index"] = tracking.track_stage(
-        "index", IndexConfig(source=source, data=data, samples_per_shard=SAMPLES_PER_SHARD), index.run, **stage
-    )
     ensure_ray(dashboard=True)  # one local Ray for shard, stats and train; train wants the dashboard
-    _step("shard: one Ray task per shard")
-    s["shard"] = tracking.track_stage("shard", ShardConfig(data=data, resize=RESIZE), shard.run, **stage)
-    _step("stats: mean, std and RGB eigen-decomposition over the training shards")
-    s["stats"] = tracking.track_stage("stats", StatsConfig(data=data), stats.run, **stage)
+    configs = {
+        "index": IndexConfig(source=source, data=data, samples_per_shard=SAMPLES_PER_SHARD),
+        "shard": ShardConfig(data=data, resize=RESIZE),
+        "stats": StatsConfig(data=data),
+    }
+    s = prepare.stages(configs, pipeline, experiment=TRAIN["experiment"])
     _step(
         f"train: AlexNet (2012) on {TRAIN['workers']} Ray Train CPU workers, {TRAIN['epochs']} epochs, {CROP} px crops"
     )

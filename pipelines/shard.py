@@ -351,8 +351,19 @@ def _save_manifest(cfg, split, params, index_digest, entries: dict, names: list[
 
 def check(cfg: ShardConfig) -> tuple[str, ...]:
     """Every flag, and that the index is there, before any work or MLflow run; the splits."""
+    check_flags(cfg)
+    if read_index_record(cfg.data) is None:
+        raise StageError(
+            f"No index in '{cfg.data}': run the index stage first "
+            f"(python -m pipelines index --source SRC --data {cfg.data})."
+        )
+    require_current(cfg.data, ["index"], "shard", cfg.allow_stale)
+    return SPLITS if cfg.split == "all" else (cfg.split,)
+
+
+def check_flags(cfg: ShardConfig) -> None:
+    """The flags alone, which need no index yet (prepare checks them before its index)."""
     storage.check_url(cfg.data)
-    splits = SPLITS if cfg.split == "all" else (cfg.split,)
     if cfg.split not in (*SPLITS, "all"):
         raise StageError(f"Unknown split '{cfg.split}'. Expected one of: train, val, all.")
     if cfg.resize < 32:
@@ -364,13 +375,6 @@ def check(cfg: ShardConfig) -> tuple[str, ...]:
     if cfg.read_threads < 1:
         raise StageError(f"--read-threads {cfg.read_threads}: must be at least 1.")
     check_parallel(cfg.parallel)
-    if read_index_record(cfg.data) is None:
-        raise StageError(
-            f"No index in '{cfg.data}': run the index stage first "
-            f"(python -m pipelines index --source SRC --data {cfg.data})."
-        )
-    require_current(cfg.data, ["index"], "shard", cfg.allow_stale)
-    return splits
 
 
 def _params(cfg: ShardConfig) -> dict:

@@ -24,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -527,14 +528,15 @@ def on_a_thread(fn: Callable, *args):
 
 
 def track_stage(
-    stage: str, cfg, fn: Callable, experiment: str = "preprocessing", parent_run_id: str | None = None
+    stage: str, cfg, fn: Callable, experiment: str = "preprocessing", parent_run_id: str | Future | None = None
 ) -> dict:
     """``summary = fn(cfg)`` inside an MLflow run of its own; returns the summary plus ``mlflow_run_id``.
 
     Params: the config and :func:`environment`. Metrics: the summary's numbers. Tags: stage,
     input/output digests, the dataset ROOT. The run ends FAILED (re-raising) when ``fn`` raises;
     a StrictFailure's summary is recorded first, since its work is complete. With
-    ``parent_run_id`` the run is nested under it (the UI nests runs of the same experiment only).
+    ``parent_run_id`` the run is nested under it (the UI nests runs of the same experiment only);
+    it may be the future of a parent run still opening, waited for on the stage run's thread.
 
     The run is opened on a thread while ``fn`` works: importing MLflow and opening its store take
     ~2 s of one core (on SQLite, half of it SQLAlchemy's mappers), which a stage run from the
@@ -551,10 +553,11 @@ def track_stage(
     tags = {STAGE_TAG: stage}
     if config.get("data") is not None:
         tags["pipelines.data"] = config["data"]
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
 
     def open_run() -> str:
+        parent = parent_run_id.result() if isinstance(parent_run_id, Future) else parent_run_id
+        if parent:
+            tags["mlflow.parentRunId"] = parent
         run_id = (
             mlflow_client()
             .create_run(

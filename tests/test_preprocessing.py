@@ -381,3 +381,79 @@ def test_local_workers_start_before_the_mlflow_run_only_when_they_will_work(samp
         assert not cluster._prestarted
     finally:
         cluster._drop_prestarted()
+
+
+def _mlflow_runs(experiment: str) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"]) if exp else []
+
+
+def test_prepare_makes_what_the_three_stages_make_in_one_process_each_its_own_run(built, sample_src, tmp_path):
+    """`prepare` runs index, shard and stats in one process: the same shards byte for byte and
+    the same stats as the stages run one by one, each stage an MLflow run of its own nested under
+    one 'prepare' run; a rerun redoes nothing; --strict judges every rejected input at the end."""
+    root = tmp_path / "prepared"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+    def prepare(*extra) -> tuple[int, dict, str]:
+        p = subprocess.run(
+            [sys.executable, "-m", "pipelines", "prepare", "--source", str(sample_src / "tarballs")]
+            + ["--data", str(root), "--samples-per-shard", str(SPS), *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert "Traceback" not in p.stderr, p.stderr[-3000:]
+        return p.returncode, json.loads(p.stdout.strip().splitlines()[-1]), p.stderr
+
+    code, first, err = prepare()
+    assert code == 0, err[-3000:]
+    assert [n["node"].startswith("local:") for n in first["shard"]["nodes"]] == [True]  # one process, no Ray
+    for split in ("train", "val"):
+        mine = json.loads((root / "shards" / f"{split}.json").read_text())
+        theirs = json.loads((built["ilsvrc-tar"] / "shards" / f"{split}.json").read_text())
+        assert mine["digest"] == theirs["digest"] and [s["checksum"] for s in mine["shards"]] == [
+            s["checksum"] for s in theirs["shards"]
+        ]
+    by_stages = stats.run(StatsConfig(data=str(built["ilsvrc-tar"]), parallel="ray"))
+    assert first["stats"]["output_digest"] == by_stages["output_digest"]
+    assert set(_states(root).values()) == {"done"}
+
+    runs = {r.info.run_id: r for r in _mlflow_runs("preprocessing")}
+    parent = runs[first["mlflow_run_id"]]
+    assert (parent.info.run_name, parent.info.status) == ("prepare", "FINISHED")
+    for stage in ("index", "shard", "stats"):
+        child = runs[first[stage]["mlflow_run_id"]]
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert (child.data.tags["pipelines.stage"], child.info.status) == (stage, "FINISHED")
+
+    code, again, err = prepare("--strict")  # the sample's damaged files were rejected
+    assert code == 1 and "--strict: " in err and f"{first['shard']['rejected']} inputs were rejected" in err
+    assert again["index"]["skipped"] and again["shard"]["written"] == 0 and again["stats"]["skipped"]
+    assert first["shard"]["rejected"] == len(rejects(root)) > 0
+    assert _mlflow_runs("preprocessing")[-4].info.status == "FAILED"  # the strict run's 'prepare'
+
+
+def test_stages_in_one_process_share_their_local_workers():
+    """Inside local_workers_shared a stage's pool of local processes is handed to the next stage
+    instead of being shut down, and shut down on leaving; a pool a failure may have broken is
+    shut down at once, not handed on."""
+    from pipelines import cluster
+
+    with cluster.local_workers_shared():
+        with cluster.TaskPool(False, 1.0, "pipelines.shard") as pool:
+            pid = pool.result(pool.submit(os.getpid, ()))["result"]
+            first = pool._pool
+        with cluster.TaskPool(False, 1.0, "pipelines.stats") as pool:
+            assert pool._pool is first and pid in first._processes  # the same workers
+        assert list(cluster._prestarted) == [(1.0, "pipelines.stats")]
+    assert not cluster._prestarted and first._shutdown_thread
+
+    with cluster.local_workers_shared():
+        with pytest.raises(RuntimeError), cluster.TaskPool(False, 1.0, "pipelines.shard") as pool:
+            raise RuntimeError("a task failed")
+        assert not cluster._prestarted and pool._pool._shutdown_thread

@@ -63,6 +63,12 @@ CASES = [
     (["shard", "--data", "{root}", "--quality", "101"], "--quality 101"),
     (["shard", "--data", "{root}", "--split", "tests"], "invalid choice: 'tests'"),
     (["stats", "--data", "{root}"], "training shards in '{root}' are missing"),
+    (["prepare", "--source", "{tmp}/nope", "--data", "{tmp}/new"], "{tmp}/nope' does not exist"),
+    (["prepare", "--source", "{src}/folders", "--data", "{tmp}/new", "--resize", "10"], "--resize 10"),
+    (
+        ["prepare", "--source", "{src}/folders", "--data", "{tmp}/new", "--samples-per-shard", "0"],
+        "--samples-per-shard 0",
+    ),
     (["sample", "--out", "{tmp}/new", "--train-per-class", "0"], "--train-per-class 0"),
     (["sample", "--out", "{tmp}/new", "--size", "100"], "Bad --size '100'"),
     (["sample", "--out", "{tmp}/new", "--classes", "1"], "--classes 1"),

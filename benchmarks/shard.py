@@ -13,6 +13,12 @@ process start to exit (so Ray's start-up is included where Ray is used), interle
                  the same runs' rate from the first finished shard to the last, timed here from
                  the stage's progress lines: without the fixed cost (imports, Ray and its
                  workers' start-up, MLflow), which a real ImageNet run (1.28M images) amortises
+  pipelines index+shard
+                 the whole job a user runs from a folder of JPEGs, as every peer's time includes
+                 its own listing and labelling: `index` then `shard --split train`, two processes
+  pipelines prepare
+                 `python -m pipelines prepare`: index, shard and stats in one process; its index +
+                 shard is the time its stats heading appears, and the whole (with stats) is a row too
   baseline       one process, written the way people write it: PIL open + convert, resize the
                  shorter side to 256, centre crop, JPEG encode, webdataset.ShardWriter
   ray-data       Ray Data, all cores: read_images -> map(resize, crop, encode) -> write_webdataset
@@ -23,7 +29,8 @@ and, in this process, one core, no I/O:
   floor          the stage's own per-image work (pipelines.images.prepare_image) in a tight loop
   floor-pil      the baseline's per-image work in a tight loop
 
-Every contender writes quality-90 256x256 JPEGs of the same images with the same shard size.
+Every contender writes quality-90 256x256 JPEGs of the same images with the same shard size;
+the table says who decodes each one's JPEGs.
 
 Then a cold-start profile of the stage (``startup_profile`` in the JSON; ``--no-profile`` skips
 it): one more run of the same command, with timestamps written by the CLI's own calls (MLflow,
@@ -49,6 +56,19 @@ import time
 from . import common
 
 RESIZE, QUALITY = 256, 90
+# Who decodes each contender's JPEGs (by the first word of its name)
+DECODERS = {
+    "pipelines": "torchvision (libjpeg-turbo)",
+    "pipelines-ray": "torchvision (libjpeg-turbo)",
+    "baseline": "PIL",
+    "ray-data": "PIL (read_images)",
+    "litdata": "PIL",
+    "floor": "torchvision (libjpeg-turbo)",
+    "floor-pil": "PIL",
+}
+PREPARE_TO_SHARD = "pipelines prepare, to the end of its shard stage"
+# The rows that time the whole job from a folder of JPEGs, listing and labelling included
+WHOLE_JOB = {"pipelines index+shard", PREPARE_TO_SHARD, "baseline", "ray-data", "litdata"}
 
 
 # --- the contenders that run in their own process ------------------------------------------------
@@ -191,26 +211,36 @@ def _env(cache: str) -> dict:
     }
 
 
-def _process(argv: list[str], cache: str, clean: list[str], marks: list | None = None):
-    """Run ``argv`` to completion; ``marks`` collects (time, images done) from the stage's progress
-    lines ('shard: 3/12 shards, 750 images, ...'), stamped here as they arrive."""
+def _process(argv: list, cache: str, clean: list[str], marks: list | None = None, seen: dict | None = None):
+    """Run ``argv`` (or a list of argvs, one after another) to completion; ``marks`` collects
+    (time, images done) from the stage's progress lines ('shard: 3/12 shards, 750 images, ...'),
+    and ``seen`` the time each of its keys (a line's start) first appears, stamped as they arrive."""
+    commands = argv if isinstance(argv[0], list) else [argv]
 
     def go() -> int:
         for p in clean:
             shutil.rmtree(p, ignore_errors=True)
         t0 = time.perf_counter()
-        p = subprocess.Popen(argv, env=_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        tail = []
-        for line in p.stderr:
-            tail = (tail + [line])[-40:]
-            m = re.match(r"shard: \d+/\d+ shards, (\d+) images", line)
-            if m and marks is not None:
-                marks.append((time.perf_counter() - t0, int(m.group(1))))
-        if p.wait() != 0:
-            raise RuntimeError(f"{' '.join(argv)} failed ({p.returncode}):\n{''.join(tail)}")
+        for command in commands:
+            _follow(command, cache, t0, marks, seen)
         return 1
 
     return go
+
+
+def _follow(argv: list[str], cache: str, t0: float, marks: list | None, seen: dict | None) -> None:
+    p = subprocess.Popen(argv, env=_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    tail = []
+    for line in p.stderr:
+        tail = (tail + [line])[-40:]
+        m = re.match(r"shard: \d+/\d+ shards, (\d+) images", line)
+        if m and marks is not None:
+            marks.append((time.perf_counter() - t0, int(m.group(1))))
+        for start in seen or {}:
+            if line.startswith(start) and seen[start] is None:
+                seen[start] = time.perf_counter() - t0
+    if p.wait() != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({p.returncode}):\n{''.join(tail)}")
 
 
 def _count_tar_members(folder: str) -> int:
@@ -398,6 +428,8 @@ def main(argv=None) -> dict:
     work = os.path.join(a.cache, "out")
     me = [sys.executable, "-m", "benchmarks.shard", "--cache", a.cache]
     marks: list[list] = []
+    cli = [sys.executable, "-m", "pipelines"]
+    full, prepared, stats_begin = os.path.join(work, "index+shard"), os.path.join(work, "prepare"), []
     contenders = {
         "pipelines": lambda: (
             marks.append([]),
@@ -414,6 +446,26 @@ def main(argv=None) -> dict:
             a.cache,
             [os.path.join(data, "shards")],
         ),
+        # The whole job, as every peer's time includes its own listing and labelling: the index
+        # and shard stages as a user types them, then prepare (index, shard and stats in one
+        # process; the time its stats heading appears is its index + shard).
+        "pipelines index+shard": _process(
+            [
+                [*cli, "index", "--source", src, "--data", full, "--samples-per-shard", str(a.samples_per_shard)],
+                [*cli, "shard", "--split", "train", "--data", full],
+            ],
+            a.cache,
+            [full],
+        ),
+        "pipelines prepare": lambda: (
+            stats_begin.append({"== stats": None}),
+            _process(
+                [*cli, "prepare", "--source", src, "--data", prepared, "--samples-per-shard", str(a.samples_per_shard)],
+                a.cache,
+                [prepared],
+                seen=stats_begin[-1],
+            )(),
+        )[1],
         "baseline": _process(
             me + ["_run", "baseline", src, os.path.join(work, "baseline"), str(a.samples_per_shard)],
             a.cache,
@@ -457,6 +509,8 @@ def main(argv=None) -> dict:
     written = {
         "pipelines": count(os.path.join(data, "shards", "train")),
         "pipelines-ray": count(os.path.join(data, "shards", "train")),  # ran after pipelines, same place
+        "pipelines index+shard": count(os.path.join(full, "shards", "train")),
+        "pipelines prepare": count(os.path.join(prepared, "shards", "train")),
         "baseline": count(os.path.join(work, "baseline")),
         "ray-data": count(os.path.join(work, "ray-data")),
     }
@@ -478,6 +532,9 @@ def main(argv=None) -> dict:
         "pipelines": n / t["pipelines"],
         "pipelines, once started": started,
         "pipelines-ray": n / t["pipelines-ray"],
+        "pipelines index+shard": n / t["pipelines index+shard"],
+        PREPARE_TO_SHARD: n / common.median([b["== stats"] for b in stats_begin]),
+        "pipelines prepare (index, shard and stats)": n / t["pipelines prepare"],
         "baseline": n / t["baseline"],
         "ray-data": n / t["ray-data"],
         **({"litdata": n / t["litdata"]} if "litdata" in t else {}),
@@ -490,7 +547,9 @@ def main(argv=None) -> dict:
             "cores": 1 if k in single else cores,
             "images/s": v,
             "images/s/core": v if k in single else v / cores,
+            "decoder": DECODERS[k.split(" ")[0].rstrip(",")],
             "pipelines x": rate["pipelines"] / v if k != "pipelines, once started" else None,
+            "index+shard x": rate["pipelines index+shard"] / v if k in WHOLE_JOB else None,
         }
         for k, v in rate.items()
     ]
@@ -505,6 +564,11 @@ def main(argv=None) -> dict:
             [st / cores / fl for st, fl in zip(started_each, floor_rates["floor"])]
         ),
         "floor_vs_floor_pil": rate["floor"] / rate["floor-pil"],
+        # the whole job from process start: each peer lists and labels inside its own time
+        "index_shard_vs_baseline": rate["pipelines index+shard"] / rate["baseline"],
+        "index_shard_vs_litdata": rate["pipelines index+shard"] / rate["litdata"] if "litdata" in rate else None,
+        "prepare_index_shard_vs_baseline": rate[PREPARE_TO_SHARD] / rate["baseline"],
+        "prepare_index_shard_vs_litdata": rate[PREPARE_TO_SHARD] / rate["litdata"] if "litdata" in rate else None,
     }
     record = common.report(
         a.name,
@@ -512,7 +576,7 @@ def main(argv=None) -> dict:
         f"{a.samples_per_shard}; median of {a.repeats}; wall time from process start (the stage's fixed "
         f"start-up, {startup:.1f} s here, is included except in 'once started')",
         rows,
-        ["contender", "cores", "images/s", "images/s/core", "pipelines x"],
+        ["contender", "decoder", "cores", "images/s", "images/s/core", "pipelines x", "index+shard x"],
         {
             "images": n,
             "seconds": seconds,

@@ -21,6 +21,7 @@ import functools
 import hashlib
 import io
 import json
+import os
 
 from . import storage
 from .common import digest
@@ -297,3 +298,57 @@ def require_classes(data: str, model_config: dict, model_wnids: list[str] | None
         + (f"; {'; '.join(pairs)}" if pairs else "")
         + f". {reader} it with the dataset ROOT it was trained on."
     )
+
+
+# --- what a reader of shards gets ---------------------------------------------------------------
+def complete_shards(data: str, split: str, whole_root: bool = False) -> dict:
+    """The split's manifest, once its shards are all made and each has its sample index (the
+    loaders read samples through them); else a StageError naming the command that makes them
+    (``whole_root``: shard every split, for a reader of both)."""
+    fix = f"python -m pipelines shard --data {data}" + ("" if whole_root else f" --split {split}")
+    m = read_manifest(data, split)
+    if m is None or not m["complete"]:
+        raise StageError(f"The {split} shards in '{data}' are missing or incomplete: run {fix}")
+    unindexed = [s["name"] for s in m["shards"] if "index" not in s]
+    if unindexed:  # shards from before sample indexes
+        raise StageError(
+            f"{len(unindexed)} {split} shard(s) in '{data}' have no sample index (first: {unindexed[0]}): "
+            f"run {fix}, which adds the indexes without re-encoding any image."
+        )
+    return m
+
+
+def shard_urls(data: str, split: str, manifest: dict) -> list[tuple[str, int]]:
+    """(url, samples) of each of the split's shards, in the manifest's order; local paths absolute
+    (Ray workers run in folders of their own)."""
+    folder = shard_dir(data, split)
+    if not storage.is_s3(folder):
+        folder = os.path.abspath(folder)
+    return [(storage.join(folder, s["name"]), s["samples"]) for s in manifest["shards"]]
+
+
+def read_training_inputs(data: str, allow_stale: bool) -> dict:
+    """What training reads from ROOT, checked before any worker starts: both splits' complete
+    shards and the stats, all current (``allow_stale``: the reasons they are not come back as
+    ``allowed_stale``), and the classes."""
+    manifests = {split: complete_shards(data, split, whole_root=True) for split in SPLITS}
+    stats = read_stats(data)
+    if stats is None:
+        raise StageError(f"'{stats_url(data)}' is missing: run python -m pipelines stats --data {data}")
+    stale = require_current(data, ["shard train", "shard val", "stats"], "train", allow_stale)
+    classes = read_classes(data)
+    return {
+        "train_shards": shard_urls(data, "train", manifests["train"]),
+        "val_shards": shard_urls(data, "val", manifests["val"]),
+        "stats": {k: stats[k] for k in ("mean", "std", "eigval", "eigvec")},
+        "num_classes": len(classes),
+        "classes_digest": classes_digest(classes),
+        "wnids": [c["wnid"] for c in classes],
+        "resize": manifests["train"]["params"]["resize"],
+        "keep_aspect": manifests["train"]["params"]["keep_aspect"],
+        "train_manifest": manifests["train"],
+        "val_manifest": manifests["val"],
+        "allowed_stale": stale,
+        "classes_url": classes_url(data),
+        "stats_url": stats_url(data),
+    }

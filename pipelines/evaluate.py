@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from . import checkpoint, contract, storage, tracking
+from . import checkpoint, contract, tracking
 from .cluster import on_cluster
 from .common import Progress
 from .config import EvaluateConfig
@@ -89,17 +89,7 @@ def _val_shards(cfg: EvaluateConfig, state: dict) -> tuple[dict, list[str]]:
     """The val manifest, once the shards are complete and current, the model's classes are
     ROOT's, and the shards were made as the model's training shards were (or --allow-stale:
     then what differs comes back, for the evaluation to record)."""
-    m = contract.read_manifest(cfg.data, "val")
-    if m is None or not m["complete"]:
-        raise StageError(
-            f"The val shards in '{cfg.data}' are missing or incomplete: run "
-            f"python -m pipelines shard --data {cfg.data} --split val"
-        )
-    if any("index" not in s for s in m["shards"]):
-        raise StageError(
-            f"The val shards in '{cfg.data}' have no sample index: run python -m pipelines shard "
-            f"--data {cfg.data} --split val (it adds them without re-encoding any image)."
-        )
+    m = contract.complete_shards(cfg.data, "val")
     contract.require_classes(cfg.data, state["config"], state.get("wnids"), "Evaluate")
     stale = contract.require_current(cfg.data, ["shard val"], "evaluate", cfg.allow_stale)
     made, here = state["config"].get("resize"), m["params"]["resize"]
@@ -130,7 +120,7 @@ def run(cfg: EvaluateConfig) -> dict:
     ckpt_dir = _checkpoint_dir(cfg)
     state = checkpoint.load(ckpt_dir)
     m, stale = _val_shards(cfg, state)
-    urls = [(storage.join(contract.shard_dir(cfg.data, "val"), s["name"]), s["samples"]) for s in m["shards"]]
+    urls = contract.shard_urls(cfg.data, "val", m)
     import torch
 
     args = (state, urls, cfg.ten_crop, cfg.batch_size, cfg.loader_workers)

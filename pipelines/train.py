@@ -70,50 +70,9 @@ def _when_tracking_is_back(what: str, fn, patience_s: float):
 # --- the driver -------------------------------------------------------------------------------
 def _inputs(cfg: TrainConfig) -> dict:
     """Everything the workers need from ROOT, checked before any worker starts."""
-    train_m, val_m = contract.read_manifest(cfg.data, "train"), contract.read_manifest(cfg.data, "val")
-    for split, m in (("train", train_m), ("val", val_m)):
-        if m is None or not m["complete"]:
-            raise StageError(
-                f"The {split} shards in '{cfg.data}' are missing or incomplete: run "
-                f"python -m pipelines shard --data {cfg.data}"
-            )
-    st = contract.read_stats(cfg.data)
-    if st is None:
-        raise StageError(
-            f"'{contract.stats_url(cfg.data)}' is missing: run python -m pipelines stats --data {cfg.data}"
-        )
-    stale = contract.require_current(cfg.data, ["shard train", "shard val", "stats"], "train", cfg.allow_stale)
-    stale += _check_geometry(cfg, train_m, val_m)
-    for split, m in (("train", train_m), ("val", val_m)):
-        unindexed = [s["name"] for s in m["shards"] if "index" not in s]
-        if unindexed:  # shards from before sample indexes: the loader reads samples through them
-            raise StageError(
-                f"{len(unindexed)} {split} shard(s) in '{cfg.data}' have no sample index (first: "
-                f"{unindexed[0]}): run python -m pipelines shard --data {cfg.data}, which adds "
-                "the indexes without re-encoding any image."
-            )
-    classes = contract.read_classes(cfg.data)
-
-    def located(split: str, m: dict) -> list[tuple[str, int]]:
-        folder = contract.shard_dir(cfg.data, split)
-        absolute = os.path.abspath if not storage.is_s3(cfg.data) else (lambda p: p)
-        return [(absolute(storage.join(folder, s["name"])), s["samples"]) for s in m["shards"]]
-
-    return {
-        "train_shards": located("train", train_m),
-        "val_shards": located("val", val_m),
-        "stats": {k: st[k] for k in ("mean", "std", "eigval", "eigvec")},
-        "num_classes": len(classes),
-        "classes_digest": contract.classes_digest(classes),
-        "wnids": [c["wnid"] for c in classes],
-        "resize": train_m["params"]["resize"],
-        "keep_aspect": train_m["params"]["keep_aspect"],
-        "train_manifest": train_m,
-        "val_manifest": val_m,
-        "allowed_stale": stale,
-        "classes_url": contract.classes_url(cfg.data),
-        "stats_url": contract.stats_url(cfg.data),
-    }
+    inputs = contract.read_training_inputs(cfg.data, cfg.allow_stale)
+    inputs["allowed_stale"] += _check_geometry(cfg, inputs["train_manifest"], inputs["val_manifest"])
+    return inputs
 
 
 def _check_geometry(cfg: TrainConfig, train_m: dict, val_m: dict) -> list[str]:

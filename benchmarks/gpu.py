@@ -151,7 +151,7 @@ def write_shards(folder: str, images: int, shards: int) -> list[tuple[str, int]]
         open(os.path.join(tag, "ready"), "w").close()
     for name in names:  # the loader reads through each shard's sample index, as the shard stage writes it
         if tarindex.read(name) is None:
-            tarindex.write(name, tarindex.scan(name, "sha256:unchecked"))
+            tarindex.write(name, tarindex.scan(name))
     return list(zip(names, counts))
 
 

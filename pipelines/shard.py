@@ -157,15 +157,17 @@ def write_shard(url: str, rows: list[tuple], params: dict, input_digest: str, re
     }
 
 
-def add_index(url: str, entry: dict) -> dict:
-    """Give a shard made before sample indexes existed its index, from its tar headers (no image
-    is decoded or re-encoded); returns its manifest entry with the index named."""
-    doc = tarindex.scan(url, entry["checksum"])
-    if doc["samples"] != entry["samples"]:
-        raise StageError(
-            f"{url} holds {doc['samples']} samples, its manifest says {entry['samples']}: "
-            "delete the shard and rerun the shard stage to remake it."
-        )
+def add_index(url: str, entry: dict, remake: tuple) -> dict:
+    """Give a shard made before sample indexes existed (or whose index was lost) its index, from
+    its tar headers, re-encoding nothing; returns its manifest entry with the index named. The
+    scan hashes the tar it reads: a tar whose bytes are not the manifest's (damaged in place,
+    its size kept) is remade from the source by ``write_shard(*remake)`` instead, never indexed."""
+    try:
+        doc = tarindex.scan(url)
+    except (tarfile.TarError, ValueError, UnicodeDecodeError) as e:
+        doc = {"checksum": f"unreadable: {e}"}
+    if doc["checksum"] != entry["checksum"] or doc["samples"] != entry["samples"]:
+        return {**write_shard(*remake), "remade": True}
     tarindex.write(url, doc)
     return {**entry, "index": storage.basename(tarindex.index_url(url))}
 
@@ -197,16 +199,17 @@ def _plan(cfg: ShardConfig, split: str, params: dict):
             if _indexed(url, entry, cfg.verify):
                 keep[name] = entry
             else:  # a shard from before sample indexes, or its index lost: scan it, keep the tar
-                reindex.append((name, url, entry))
+                reindex.append((name, url, entry, (first, end), d))
         else:
             make.append((name, url, (first, end), d))
     pa.default_memory_pool().release_unused()  # the first pass's buffers, before the second read
     source_bytes = 0
-    if make:  # what the tasks read by, read as their tasks are sent
+    if make or reindex:  # what the tasks read by (a reindex, to remake a damaged tar), read as they are sent
         located = _Located(cfg.data, split)
         ends = np.concatenate([[0], np.cumsum(located.sizes())])
         source_bytes = sum(int(ends[e] - ends[f]) for _, _, (f, e), _ in make)
         make = [(name, url, partial(located.rows, f, e), d) for name, url, (f, e), d in make]
+        reindex = [(name, url, e, partial(located.rows, f, end), d) for name, url, e, (f, end), d in reindex]
     return keep, make, reindex, names, source_bytes
 
 
@@ -270,11 +273,15 @@ def _args(url, rows, params, d, threads) -> tuple:
     return url, rows(), params, d, threads
 
 
+def _reindex_args(url, entry, rows, params, d, threads) -> tuple:
+    return url, entry, _args(url, rows, params, d, threads)
+
+
 def _shard_all(cfg, pool, todo, splits, plans, entries, params, index_digests, started):
     """Run the shard tasks, at most ``pool.window`` in flight (the queue holds each shard's row
     list only once its task is sent); record each finished shard in the manifest within about a
-    second. Returns (failures, images written, S3 GETs, {node: counts})."""
-    failures, written_images, gets, nodes = [], 0, 0, {}
+    second. Returns {failures, images written, S3 GETs, {node: counts}, shards remade on rescan}."""
+    failures, written_images, gets, nodes, remade = [], 0, 0, {}, []
     progress = Progress("shard", len(todo))
     pending, queue, last_save, unsaved = {}, list(todo), 0.0, False
     while queue or pending:
@@ -292,6 +299,9 @@ def _shard_all(cfg, pool, todo, splits, plans, entries, params, index_digests, s
                 progress.update(1, 0)
                 continue
             entry = entries[split][name] = done_task["result"]
+            if entry.pop("remade", False):  # a tar found damaged on rescan, remade from the source
+                remade.append(f"{split}/{name}")
+                encodes = True
             gets += done_task["gets"]
             node = nodes.setdefault(
                 done_task["node"], {"node": done_task["node"], "ip": done_task["ip"], "shards": 0, "images": 0}
@@ -308,7 +318,7 @@ def _shard_all(cfg, pool, todo, splits, plans, entries, params, index_digests, s
             for split in splits:
                 _save_manifest(cfg, split, params, index_digests[split], entries[split], plans[split][3], started)
             last_save, unsaved = time.monotonic(), False
-    return failures, written_images, gets, nodes
+    return {"failures": failures, "images": written_images, "gets": gets, "nodes": nodes, "remade": remade}
 
 
 def _indexed(url: str, entry: dict, verify: bool) -> bool:
@@ -425,14 +435,11 @@ def _run(cfg: ShardConfig) -> dict:
         plans[split] = _plan(cfg, split, params)
     todo = _tasks(cfg, splits, plans, params)
     entries = {split: dict(plans[split][0]) for split in splits}
-    done = {"failures": [], "images": 0, "gets": 0, "nodes": {}}
+    done = {"failures": [], "images": 0, "gets": 0, "nodes": {}, "remade": []}
     if todo:
         on_ray = use_ray(cfg.parallel, sum(plans[s][4] for s in splits), cfg.ray_min_bytes)
         with TaskPool(on_ray, cfg.num_cpus, warm=__name__) as pool:
-            failures, images, gets, nodes = _shard_all(
-                cfg, pool, todo, splits, plans, entries, params, index_digests, started
-            )
-            done = {"failures": failures, "images": images, "gets": gets, "nodes": nodes}
+            done = _shard_all(cfg, pool, todo, splits, plans, entries, params, index_digests, started)
     manifests = {
         split: _finish_split(cfg, split, params, index_digests[split], entries[split], plans[split][3], started)
         for split in splits
@@ -462,7 +469,9 @@ def _tasks(cfg: ShardConfig, splits, plans: dict, params: dict) -> list[tuple]:
         for name, url, rows, d in plans[split][1]
     ]
     return todo + [
-        (split, name, add_index, (url, entry), False) for split in splits for name, url, entry in plans[split][2]
+        (split, name, add_index, partial(_reindex_args, url, entry, rows, params, d, cfg.read_threads), False)
+        for split in splits
+        for name, url, entry, rows, d in plans[split][2]
     ]
 
 
@@ -493,8 +502,10 @@ def _summary(cfg: ShardConfig, splits, plans: dict, manifests: dict, index_diges
         "data": cfg.data,
         "splits": list(splits),
         "shards": sum(len(plans[s][3]) for s in splits),
-        "written": len(todo) - len(done["failures"]) - sum(len(plans[s][2]) for s in splits),
-        "indexed": sum(len(plans[s][2]) for s in splits),
+        "written": len(todo) - len(done["failures"]) - sum(len(plans[s][2]) for s in splits) + len(done["remade"]),
+        "indexed": sum(len(plans[s][2]) for s in splits) - len(done["remade"]),
+        # tars whose bytes were not their manifest's when rescanned for an index: remade from the source
+        "remade_damaged": done["remade"],
         "skipped": sum(len(plans[s][0]) for s in splits),
         "failed": len(done["failures"]),
         "samples": sum(m["samples"] for m in manifests.values()),

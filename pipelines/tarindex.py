@@ -15,6 +15,7 @@ shards made before it existed, a shard rerun scans the tar and writes it, re-enc
 
 from __future__ import annotations
 
+import hashlib
 import tarfile
 
 from . import storage
@@ -64,20 +65,43 @@ class Builder:
         }
 
 
-def scan(tar_url: str, checksum: str) -> dict:
-    """The index of an existing shard, from its tar headers (one sequential read, nothing decoded)."""
+class _Hashing:
+    """A file read through, its sha256 taken as it goes: a scan hashes the bytes it reads."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha.update(data)
+        return data
+
+    def checksum(self) -> str:
+        while self.read(1 << 22):  # the end-of-archive blocks and the rest
+            pass
+        return f"sha256:{self.sha.hexdigest()}"
+
+
+def scan(tar_url: str) -> dict:
+    """The index of an existing shard, from its tar headers (one sequential read, nothing
+    decoded), with the checksum of the bytes it read: whoever keeps it compares that with the
+    manifest's, so an index never vouches for bytes nobody checked. A damaged header raises
+    tarfile.ReadError."""
     b = Builder()
     key, label, start, end = None, None, 0, 0
-    with storage.open_read(tar_url) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for m in tar:
-            k, ext = sample_of(m.name)
-            if k != key:
-                if key is not None:
-                    b.add(key, label, start, end)
-                key, label, start = k, None, m.offset
-            if ext == "cls":
-                label = int(tar.extractfile(m).read())
-            end = m.offset_data + -(-m.size // BLOCK) * BLOCK
+    with storage.open_read(tar_url) as f:
+        hashing = _Hashing(f)
+        with tarfile.open(fileobj=hashing, mode="r|") as tar:
+            for m in tar:
+                k, ext = sample_of(m.name)
+                if k != key:
+                    if key is not None:
+                        b.add(key, label, start, end)
+                    key, label, start = k, None, m.offset
+                if ext == "cls":
+                    label = int(tar.extractfile(m).read())
+                end = m.offset_data + -(-m.size // BLOCK) * BLOCK
+        checksum = hashing.checksum()
     if key is not None:
         b.add(key, label, start, end)
     if any(lab is None for lab in b.labels):

@@ -50,7 +50,7 @@ def write_shard_tar(path, samples) -> str:
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
-    tarindex.write(str(path), tarindex.scan(str(path), "sha256:unchecked"))
+    tarindex.write(str(path), tarindex.scan(str(path)))
     return str(path)
 
 

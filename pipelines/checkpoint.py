@@ -14,23 +14,52 @@ bucket cannot run code in the process that loads it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import zipfile
 
 from . import storage
 from .errors import StageError
 
 STATE_FILE = "state.pt"
+CHECKSUM_FILE = "state.pt.sha256"  # "sha256:<hex>" of state.pt, written with it
+
+
+class Damaged(StageError):
+    """A checkpoint whose bytes are not the ones written (truncated, changed), or unreadable."""
 
 
 def save(state: dict, folder: str) -> str:
-    """Write ``state`` into a local folder (the run's own, or one Ray Train uploads from); returns the file."""
+    """Write ``state`` into a local folder (the run's own, or one Ray Train uploads from), with its
+    checksum beside it; returns the file."""
     import torch
 
     path = os.path.join(folder, STATE_FILE)
     torch.save(state, path + ".partial")
+    with open(os.path.join(folder, CHECKSUM_FILE), "w") as f:
+        f.write(_sha256(open(path + ".partial", "rb")))
     os.replace(path + ".partial", path)  # a process killed mid-write leaves no file by the name loaders look for
     return path
+
+
+def _sha256(f) -> str:
+    with f:
+        sha = hashlib.sha256()
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+    return f"sha256:{sha.hexdigest()}"
+
+
+def _verify(folder: str, url: str, data: bytes | None) -> None:
+    """The file's bytes are the ones written (checkpoints from before checksums: nothing to compare)."""
+    sidecar = storage.join(folder, CHECKSUM_FILE)
+    if not storage.exists(sidecar):
+        return
+    written = storage.read_bytes(sidecar).decode().strip()
+    found = _sha256(io.BytesIO(data) if data is not None else open(url, "rb"))
+    if found != written:
+        raise Damaged(f"'{url}' is damaged: its sha256 is {found[7:19]}..., it was written as {written[7:19]}...")
 
 
 def exists(folder: str) -> bool:
@@ -38,7 +67,8 @@ def exists(folder: str) -> bool:
 
 
 def load(folder: str) -> dict:
-    """A checkpoint's state, from a local folder or an s3:// one."""
+    """A checkpoint's state, from a local folder or an s3:// one, once its bytes are checked
+    against the checksum written with them; a damaged one raises Damaged, naming it."""
     import torch
 
     url = storage.join(folder, STATE_FILE)
@@ -46,12 +76,15 @@ def load(folder: str) -> dict:
         raise StageError(f"'{folder}' holds no {STATE_FILE}: not a checkpoint of this project.")
     import pickle
 
-    # A local file is mapped, not read: a tensor's bytes are read when it is used, so taking the
-    # model's weights (evaluation, logging the model) skips the optimiser's half of the file.
+    # A local file is mapped, not read into memory: a tensor's bytes are read when it is used.
     # Checkpoints are written once into new folders, never rewritten in place.
-    source, mapped = (url, True) if not storage.is_s3(url) else (io.BytesIO(storage.read_bytes(url)), False)
+    data = storage.read_bytes(url) if storage.is_s3(url) else None
+    _verify(folder, url, data)
+    source, mapped = (url, True) if data is None else (io.BytesIO(data), False)
     try:
         return torch.load(source, map_location="cpu", weights_only=True, mmap=mapped)
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:  # no checksum to compare (older), and cut short
+        raise Damaged(f"'{url}' is damaged: {(str(e).splitlines() or [type(e).__name__])[0][:200]}") from e
     except pickle.UnpicklingError as e:
         # torch's message suggests weights_only=False, which would run whatever the file holds.
         raise StageError(

@@ -391,10 +391,16 @@ def _checkpoints(result, runs: str) -> tuple:
 
     ckpt_dir = where(result.checkpoint)
     state = checkpoint.load(ckpt_dir)
-    best = result.get_best_checkpoint("checkpoint_score", "max")
-    best_dir = where(best) if best is not None else ckpt_dir
-    best_state = checkpoint.load(best_dir) if best_dir != ckpt_dir else state
-    return state, ckpt_dir, best_state, best_dir
+    ranked = sorted(result.best_checkpoints or [], key=lambda cm: cm[1].get("checkpoint_score", -1), reverse=True)
+    for best, _ in ranked:  # a damaged one (a disk fault since it was written) is passed over, saying so
+        best_dir = where(best)
+        if best_dir == ckpt_dir:
+            return state, ckpt_dir, state, ckpt_dir
+        try:
+            return state, ckpt_dir, checkpoint.load(best_dir), best_dir
+        except checkpoint.Damaged as e:
+            print(f"warning: {e}; the model is made from the next best checkpoint", file=sys.stderr, flush=True)
+    return state, ckpt_dir, state, ckpt_dir
 
 
 def _record_end(cfg, run_id: str, state: dict, ckpt_dir: str, best_state: dict, best_dir: str, inputs: dict) -> str:
@@ -457,11 +463,14 @@ def _finished(run_id: str, epochs: int):
         return None
     if not checkpoint.exists(tags["pipelines.checkpoint"]):
         return None
-    state = checkpoint.load(tags["pipelines.checkpoint"])
-    if state["epoch"] < epochs:
-        return None
     best = tags.get("pipelines.best_checkpoint", tags["pipelines.checkpoint"])
-    return state, tags["pipelines.checkpoint"], tags["pipelines.model_uri"], (checkpoint.load(best), best)
+    try:
+        state = checkpoint.load(tags["pipelines.checkpoint"])
+        if state["epoch"] < epochs:
+            return None
+        return state, tags["pipelines.checkpoint"], tags["pipelines.model_uri"], (checkpoint.load(best), best)
+    except checkpoint.Damaged:  # training resumes from the newest intact checkpoint (the worker says which)
+        return None
 
 
 def _by_node(workers: list[dict]) -> list[dict]:

@@ -25,6 +25,7 @@ import time
 
 from . import checkpoint, recipe, storage, tracking
 from .common import fmt_seconds, now_iso
+from .errors import StageError
 
 # Workers log through logging, not print: Ray Train tees print() when MLflow has wrapped
 # stderr, and every line would reach the driver twice.
@@ -39,6 +40,7 @@ METRICS = (
     "images_per_second",
     "data_wait_fraction",
 )
+RESUMED_PAST_DAMAGED = "pipelines.resumed_past_damaged"  # a run tag: the damaged checkpoint it skipped
 DIVERGED = "diverged.json"  # in the run's folder: a worker's note that the loss was not finite
 STATE_CONFIG = ("arch", "num_classes", "crop", "init", "seed", "classes_digest", "resize", "keep_aspect")
 
@@ -60,8 +62,9 @@ class Worker:
         _quiet_ray_train_loggers()
         self._build()
         self.history, self.position = [], {"epoch": 1, "segments": [], "sums": None}
+        self.fell_back = None  # set by _resume when the latest checkpoint was damaged
         self._resume(ray.train.get_checkpoint())
-        self.mlflow = MlflowLog(c, self.history) if self.rank == 0 else None
+        self.mlflow = MlflowLog(c, self.history, self.fell_back) if self.rank == 0 else None
         self.placement = _placement(self.rank, self.world)
         self._data()
         self.ledger = Ledger(c.get("ledger"), self.rank, self.world, int(_agree(time.time() * 1000, self.device)))
@@ -177,8 +180,7 @@ class Worker:
         """The weights, optimiser, schedule, history and position of Ray Train's latest checkpoint."""
         if not ckpt:
             return
-        with ckpt.as_directory() as d:
-            state = checkpoint.load(d)
+        state = self._newest_intact(ckpt)
         self.raw.load_state_dict(state["model"])
         recipe.load_optimizer(self.opt, state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
@@ -188,6 +190,33 @@ class Worker:
         done = sum(s[2] for s in self.position["segments"])
         at = f", at step {done} of epoch {self.position['epoch']}" if done else ""
         log.info("rank %d resumed after epoch %d%s, on %d workers", self.rank, state["epoch"], at, self.world)
+
+    def _newest_intact(self, ckpt) -> dict:
+        """The state of Ray Train's latest checkpoint or, when that one is damaged (a disk or copy
+        fault), of the newest intact one before it in the run's folder, saying so."""
+        try:
+            with ckpt.as_directory() as d:
+                return checkpoint.load(d)
+        except checkpoint.Damaged as e:
+            damaged = e
+        folder = storage.join(self.c["storage"], self.c["name"])
+        latest = os.path.basename(ckpt.path.rstrip("/"))
+        older = sorted(
+            (n for n in storage.list_dir(folder) if n.startswith("checkpoint_") and n < latest), reverse=True
+        )
+        for name in older:
+            try:
+                state = checkpoint.load(storage.join(folder, name))
+            except checkpoint.Damaged:
+                continue
+            self.fell_back = f"{damaged}; resumed from the newest intact one, {name} (epoch {state['epoch']})"
+            if self.rank == 0:
+                log.warning("%s", self.fell_back)
+            return state
+        raise StageError(
+            f"{damaged}; no intact checkpoint of run '{self.c['name']}' is older. Train under another --name "
+            "to start afresh."
+        )
 
     def _data(self) -> None:
         """Transforms, this rank's share of a batch, its loader processes and decode path."""
@@ -487,7 +516,7 @@ class MlflowLog:
     own (one, so epochs arrive in order) so that no rank waits for MLflow, and MLflow's system
     metrics. An outage only delays the logging (_log_history)."""
 
-    def __init__(self, c: dict, history: list[dict]):
+    def __init__(self, c: dict, history: list[dict], fell_back: str | None = None):
         os.environ["MLFLOW_TRACKING_URI"] = c["tracking_uri"]
         # Fail fast while the server is away (MLflow would otherwise retry for minutes inside
         # one call and stall training); _log_history catches up at the next epoch.
@@ -495,6 +524,8 @@ class MlflowLog:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.run_id = c["run_id"]
         _log_history(self.run_id, history)  # epochs a crash left unlogged
+        if fell_back:  # the run says it skipped a damaged checkpoint, for whoever reads it later
+            _when_reachable(tracking.set_tags, self.run_id, {RESUMED_PAST_DAMAGED: fell_back[:4000]})
         self.monitor = _system_metrics(self.run_id, c["tracking_uri"])
         self.thread, self.pending = concurrent.futures.ThreadPoolExecutor(1, "mlflow-log"), None
 
@@ -735,6 +766,16 @@ def _log_history(run_id: str, history: list[dict]) -> bool:
             sum(m["epoch"] not in _logged for m in history),
         )
         return False
+
+
+def _when_reachable(fn, *args) -> None:
+    """``fn(*args)``, MLflow work that can wait: an outage is said, not raised."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - an outage: training goes on; anything else: raised
+        if not tracking.is_outage(e):
+            raise
+        log.warning("MLflow not reachable (%s): %s skipped", str(e).splitlines()[0][:200], fn.__name__)
 
 
 def log_epochs(run_id: str, history: list[dict]) -> None:

@@ -83,3 +83,24 @@ def test_a_model_logged_with_an_older_model_package_still_loads(tmp_path, monkey
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         assert torch.equal(net(x), back(x))
+
+
+def test_a_checkpoint_changed_or_cut_short_is_named_damaged(tmp_path):
+    """The checksum written with state.pt catches a change that keeps its size; a file without
+    one (older checkpoints) cut short is damaged too; never a torch traceback."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    checkpoint.save({"model": {"w": torch.arange(100_000.0)}, "epoch": 1}, str(folder))
+    path = folder / checkpoint.STATE_FILE
+    good = path.read_bytes()
+    changed = bytearray(good)
+    changed[len(good) // 2] ^= 0xFF  # one byte inside the tensor's data: the zip still reads
+    path.write_bytes(bytes(changed))
+    with pytest.raises(checkpoint.Damaged, match="is damaged: its sha256 is"):
+        checkpoint.load(str(folder))
+    (folder / checkpoint.CHECKSUM_FILE).unlink()
+    path.write_bytes(good[: len(good) // 3])
+    with pytest.raises(checkpoint.Damaged, match="is damaged"):
+        checkpoint.load(str(folder))
+    path.write_bytes(good)
+    assert checkpoint.load(str(folder))["epoch"] == 1

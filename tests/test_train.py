@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +38,11 @@ METRICS = (
 def first_run(dataset, tracking_store, tmp_path_factory):
     ledger = str(tmp_path_factory.mktemp("ledger"))
     return {**train.run(TrainConfig(data=dataset, epochs=3, name="resumable", ledger=ledger, **FIT)), "ledger": ledger}
+
+
+def _best_checkpoint(run: dict) -> str:
+    """The run's best checkpoint now (a rerun of the name keeps its best few, not the first run's)."""
+    return MlflowClient().get_run(run["run_id"]).data.tags["pipelines.best_checkpoint"]
 
 
 def _history(client, run_id, key):
@@ -106,9 +112,18 @@ def test_training_learns_and_tracks_every_epoch_once(first_run, dataset):
 
 
 def test_rerunning_the_name_resumes_at_the_next_epoch(first_run, dataset):
+    # The newest checkpoint truncated on disk (a disk or copy fault), its size halved: loading it
+    # names it, and the rerun resumes from the newest intact one, says so on the run, and still
+    # ends bit for bit as the uninterrupted run (below).
+    newest = Path(first_run["checkpoint"]) / checkpoint.STATE_FILE
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    with pytest.raises(checkpoint.Damaged, match=f"'{newest}' is damaged"):
+        checkpoint.load(first_run["checkpoint"])
     again = train.run(TrainConfig(data=dataset, epochs=4, name="resumable", **FIT))
     assert again["run_id"] == first_run["run_id"] and again["epochs"] == 4
     client = MlflowClient()
+    said = client.get_run(again["run_id"]).data.tags["pipelines.resumed_past_damaged"]
+    assert f"'{newest}' is damaged" in said and "resumed from the newest intact one, checkpoint_" in said, said
     for key in METRICS:
         assert [s for s, _ in _history(client, again["run_id"], key)] == [1, 2, 3, 4], key
     assert client.get_run(again["run_id"]).info.status == "FINISHED"
@@ -188,7 +203,7 @@ def test_gpu_style_evaluation_bf16_and_channels_last_scores_as_the_plain_cpu_pat
     ten-crop predictions agree with float32's on the val images (a GPU run changes only the device)."""
     from pipelines import evaluate, storage
 
-    state = checkpoint.load(first_run["best_checkpoint"])
+    state = checkpoint.load(_best_checkpoint(first_run))
     m = contract.read_manifest(dataset, "val")
     urls = [(storage.join(contract.shard_dir(dataset, "val"), s["name"]), s["samples"]) for s in m["shards"]]
     plain = evaluate.evaluate(state, urls, True, 8, 1, gpu=False)
@@ -217,7 +232,8 @@ def test_evaluate_refuses_a_model_of_other_classes_and_val_shards_made_unlike_it
     from pipelines.sample import SampleConfig
     from pipelines.sample import run as make_sample
 
-    model_digest = checkpoint.load(first_run["best_checkpoint"])["config"]["classes_digest"]
+    best = _best_checkpoint(first_run)
+    model_digest = checkpoint.load(best)["config"]["classes_digest"]
     assert model_digest == contract.classes_digest(contract.read_classes(dataset))
     client = MlflowClient()
     children = f"tags.`mlflow.parentRunId` = '{first_run['run_id']}'"
@@ -246,10 +262,10 @@ def test_evaluate_refuses_a_model_of_other_classes_and_val_shards_made_unlike_it
     copy = tmp_path / "resharded"
     shutil.copytree(dataset, copy, ignore=shutil.ignore_patterns("runs"))
     shard.run(ShardConfig(data=str(copy), split="val", resize=64, parallel="local"))
-    p = _evaluate_cli(copy, "--checkpoint", first_run["best_checkpoint"])
+    p = _evaluate_cli(copy, "--checkpoint", best)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert "trained on shards made with resize 72" in p.stderr and "--split val --resize 72" in p.stderr, p.stderr
-    p = _evaluate_cli(copy, "--checkpoint", first_run["best_checkpoint"], "--allow-stale")
+    p = _evaluate_cli(copy, "--checkpoint", best, "--allow-stale")
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["images"] == 24 and "were made with resize 64" in out["allowed_stale"][0]

@@ -2,7 +2,8 @@
 
 Each subcommand builds its stage's config from the flags given (defaults live in config.py),
 calls ``<stage>.run(cfg)``, and prints the returned summary as one final JSON line.
-Exit codes: 0 done, 1 ``--strict`` and inputs were rejected, 2 a usage or input error.
+Exit codes: 0 done, 1 ``--strict`` and inputs were rejected, 2 a usage or input error, 130
+interrupted (Ctrl-C or SIGTERM: what was finished is kept, and the same command goes on).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 
 from . import config
@@ -136,7 +138,7 @@ s3://bucket/prefix) and ends with one JSON line on stdout.
   index -> shard -> stats -> train -> evaluate      (status shows where a ROOT stands)
   prepare = index -> shard -> stats, in one process
 
-exit codes: 0 done, 1 --strict and inputs were rejected, 2 a usage or input error."""
+exit codes: 0 done, 1 --strict and inputs were rejected, 2 a usage or input error, 130 interrupted."""
 
 EXAMPLES = {
     "sample": "python -m pipelines sample --out /tmp/sample --classes 10",
@@ -189,6 +191,24 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+# What an interrupted stage leaves, for the one line it prints (a stage may say more itself)
+INTERRUPTED = {
+    "": "what was finished is kept; the same command goes on from there.",
+    "train": "the run keeps its checkpoints; the same command (same --name) resumes from the last one.",
+    "demo": "what was finished is kept; `make demo` goes on from there.",
+    "submit": "the job was left running.",
+}
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a cluster stopping a job, `kill`) stops a stage as Ctrl-C does: cleanly."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv=None) -> int:
     import importlib
 
@@ -211,6 +231,7 @@ def main(argv=None) -> int:
     if "args" in args:  # submit: everything after '--', as a tuple
         args["args"] = tuple(a for i, a in enumerate(args["args"]) if not (i == 0 and a == "--"))
     stage = module.__name__.rsplit(".", 1)[-1]
+    _stop_on_sigterm()
     try:
         cfg = cls(**args) if cls else args
         # A wrong or dead RAY_ADDRESS is named now, not after a run began (index and evaluate
@@ -237,6 +258,11 @@ def main(argv=None) -> int:
     except StageError as e:
         print(f"error: {e}", file=errors)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM from a cluster stopping the job
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C while Ray and MLflow close: at once
+        said = f" ({e})" if str(e) else ""  # the signal, or what the stage had done
+        print(f"{stage}: interrupted{said}: {INTERRUPTED.get(stage, INTERRUPTED[''])}", file=errors, flush=True)
+        return 130
     if stage == "status":  # the table for people on stderr; stdout stays one JSON line for scripts
         print(module.format_table(summary), file=sys.stderr)
     print(json.dumps(summary), flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 
 from .errors import StageError
@@ -114,6 +115,9 @@ def _counted(fn, args: tuple, node: str, ip: str) -> dict:
 def _warm_worker(module: str) -> None:
     # One thread per worker, as Ray gives a 1-CPU task; the imports happen while the driver plans.
     os.environ["OMP_NUM_THREADS"] = "1"
+    # Ctrl-C in a terminal reaches every process of its group: the driver decides what stops
+    # (it lets the tasks in flight finish, or stops the workers), never a traceback per worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if os.environ.get("PIPELINES_QUIET"):  # --quiet: nothing from the workers (a task's error still
         devnull = os.open(os.devnull, os.O_WRONLY)  # reaches the driver with its result)
         os.dup2(devnull, 2)
@@ -243,7 +247,17 @@ class TaskPool:
         return self
 
     def __exit__(self, error_type, *_):
+        if error_type is not None and issubclass(error_type, KeyboardInterrupt):
+            self.stop()
         self.close(hand_on=error_type is None)  # a pool a failure may have broken is not handed on
+
+    def stop(self) -> None:
+        """Stop the local workers at once, mid-task (Ctrl-C): a task writes under a temporary name
+        and renames when done, so nothing half-written stays under a final name, and the next
+        run removes the temporary files. (Ray's tasks end with the driver.)"""
+        if self.ray is None:
+            for process in list(self._pool._processes.values()):  # no public way before Python 3.14
+                process.kill()
 
 
 def check_parallel(parallel: str) -> None:

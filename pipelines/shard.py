@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import sys
 import tarfile
 import time
 from functools import partial
@@ -277,48 +278,89 @@ def _reindex_args(url, entry, rows, params, d, threads) -> tuple:
     return url, entry, _args(url, rows, params, d, threads)
 
 
-def _shard_all(cfg, pool, todo, splits, plans, entries, params, index_digests, started):
+class _Tally:
+    """What the shard tasks did: failures, images encoded, S3 GETs, {node: counts}, tars remade
+    on rescan; and the progress line."""
+
+    def __init__(self, tasks: int):
+        self.failures, self.images, self.gets, self.nodes, self.remade = [], 0, 0, {}, []
+        self.done, self.progress = 0, Progress("shard", tasks)
+
+    def take(self, pool, handle, task: tuple, entries: dict) -> bool:
+        """A finished task's result into ``entries`` (True), or its failure, named (False)."""
+        split, name, encodes = task
+        self.done += 1
+        try:
+            done_task = pool.result(handle)
+        except Exception as e:  # noqa: BLE001 - reported at the end with the shard's name
+            self.failures.append(f"{split}/{name}: {type(e).__name__}: {(str(e).splitlines() or [''])[-1][:300]}")
+            self.progress.update(1, 0)
+            return False
+        entry = entries[split][name] = done_task["result"]
+        if entry.pop("remade", False):  # a tar found damaged on rescan, remade from the source
+            self.remade.append(f"{split}/{name}")
+            encodes = True
+        self.gets += done_task["gets"]
+        node = self.nodes.setdefault(
+            done_task["node"], {"node": done_task["node"], "ip": done_task["ip"], "shards": 0, "images": 0}
+        )
+        images = entry["samples"] + len(entry["rejected"]) if encodes else 0
+        self.images += images
+        node["shards"] += 1
+        node["images"] += images
+        self.progress.update(1, images)
+        return True
+
+    def result(self) -> dict:
+        return {
+            "failures": self.failures,
+            "images": self.images,
+            "gets": self.gets,
+            "nodes": self.nodes,
+            "remade": self.remade,
+        }
+
+
+def _shard_all(cfg, pool, todo, splits, plans, entries, params, index_digests, started) -> dict:
     """Run the shard tasks, at most ``pool.window`` in flight (the queue holds each shard's row
     list only once its task is sent); record each finished shard in the manifest within about a
-    second. Returns {failures, images written, S3 GETs, {node: counts}, shards remade on rescan}."""
-    failures, written_images, gets, nodes, remade = [], 0, 0, {}, []
-    progress = Progress("shard", len(todo))
-    pending, queue, last_save, unsaved = {}, list(todo), 0.0, False
+    second. Ctrl-C (or SIGTERM) sends no more tasks, records the ones in flight as they finish,
+    then raises KeyboardInterrupt saying how far it got; a second Ctrl-C stops at once."""
+    tally = _Tally(len(todo))
+    pending, queue, last_save, unsaved, stopping = {}, list(todo), 0.0, False, False
+
+    def save() -> None:
+        for split in splits:
+            _save_manifest(cfg, split, params, index_digests[split], entries[split], plans[split][3], started)
+
     while queue or pending:
-        while queue and len(pending) < pool.window:
-            split, name, fn, args, encodes = queue.pop(0)
-            pending[pool.submit(fn, args() if callable(args) else args)] = (split, name, encodes)
-        # Wakes at least once a second, so a finished shard is recorded within about a second
-        # even while the next one takes minutes.
-        for handle in pool.done(pending):
-            split, name, encodes = pending.pop(handle)
-            try:
-                done_task = pool.result(handle)
-            except Exception as e:  # noqa: BLE001 - reported below with the shard's name
-                failures.append(f"{split}/{name}: {type(e).__name__}: {(str(e).splitlines() or [''])[-1][:300]}")
-                progress.update(1, 0)
-                continue
-            entry = entries[split][name] = done_task["result"]
-            if entry.pop("remade", False):  # a tar found damaged on rescan, remade from the source
-                remade.append(f"{split}/{name}")
-                encodes = True
-            gets += done_task["gets"]
-            node = nodes.setdefault(
-                done_task["node"], {"node": done_task["node"], "ip": done_task["ip"], "shards": 0, "images": 0}
+        try:
+            while queue and len(pending) < pool.window:
+                split, name, fn, args, encodes = queue.pop(0)
+                pending[pool.submit(fn, args() if callable(args) else args)] = (split, name, encodes)
+            # Wakes at least once a second, so a finished shard is recorded within about a second
+            # even while the next one takes minutes.
+            for handle in pool.done(pending):
+                unsaved = tally.take(pool, handle, pending.pop(handle), entries) or unsaved
+            # Record finished shards as they come (at most once a second), so a killed driver
+            # loses about a second of work: the rerun redoes only shards not in the manifest.
+            if unsaved and time.monotonic() - last_save >= 1:
+                save()
+                last_save, unsaved = time.monotonic(), False
+        except KeyboardInterrupt:
+            if stopping:
+                raise
+            stopping, queue = True, []
+            print(
+                f"\nshard: stopping: the {len(pending)} shard(s) in flight finish and are recorded "
+                "(Ctrl-C again to stop at once)",
+                file=sys.stderr,
+                flush=True,
             )
-            unsaved = True
-            images = entry["samples"] + len(entry["rejected"]) if encodes else 0
-            written_images += images
-            node["shards"] += 1
-            node["images"] += images
-            progress.update(1, images)
-        # Record finished shards as they come (at most once a second), so a killed driver
-        # loses about a second of work: the rerun redoes only shards not in the manifest.
-        if unsaved and time.monotonic() - last_save >= 1:
-            for split in splits:
-                _save_manifest(cfg, split, params, index_digests[split], entries[split], plans[split][3], started)
-            last_save, unsaved = time.monotonic(), False
-    return {"failures": failures, "images": written_images, "gets": gets, "nodes": nodes, "remade": remade}
+    if stopping:
+        save()
+        raise KeyboardInterrupt(f"{tally.done - len(tally.failures)} of {len(todo)} shard tasks done and recorded")
+    return tally.result()
 
 
 def _indexed(url: str, entry: dict, verify: bool) -> bool:

@@ -101,6 +101,48 @@ def test_shard_stage_killed_twice_then_rerun_matches_an_uninterrupted_run(big_in
     assert leftovers == []
 
 
+@pytest.mark.parametrize("parallel", ["local", "ray"])
+def test_ctrl_c_stops_the_shard_stage_with_one_line_and_exit_130_and_a_rerun_finishes_the_same_bytes(
+    big_index, parallel, tmp_path, request
+):
+    """Ctrl-C as a terminal sends it, to the whole process group (the stage and its local
+    workers), once the run has recorded a shard of its own: no new task starts, the ones in
+    flight finish and are recorded, the lease is released, and the stage exits 130 with one line
+    saying how far it got and how to go on. The rerun makes the rest: the reference's bytes."""
+    reference = _index(big_index, "reference")
+    shard.run(ShardConfig(data=str(reference), parallel="local"))
+    want = _checksums(reference)
+    root = _index(big_index, f"ctrl-c-{parallel}")
+    manifest, err = root / "shards" / "train.json", tmp_path / "stderr"
+    env = None
+    if parallel == "ray":  # the tasks on a running Ray, as a submitted job's are
+        env = dict(os.environ, RAY_ADDRESS=request.getfixturevalue("ray_local").get_runtime_context().gcs_address)
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipelines", "shard", "--data", str(root), "--parallel", parallel],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            start_new_session=True,  # a group of its own, as a terminal's foreground job is
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and _recorded(manifest) == 0:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    said = err.read_text()
+    assert proc.returncode == 130, said[-3000:]
+    assert "Traceback" not in said and out == b"", said[-3000:]
+    [line] = [x for x in said.splitlines() if "interrupted" in x]
+    assert line.startswith("shard: interrupted (") and "shard tasks done and recorded" in line, line
+    recorded = _recorded(manifest)
+    assert 0 < recorded < sum(1 for n in want if n.startswith("train")), recorded
+    assert not (root / ".lease.json").exists()  # released: the rerun needs no wait
+    summary = shard.run(ShardConfig(data=str(root), parallel="local"))
+    assert summary["skipped"] >= recorded and _checksums(root) == want
+
+
 def test_a_second_shard_run_on_the_same_root_is_refused_while_the_first_runs(big_index, ray_local):
     """Two writers on one ROOT would delete each other's temp files: the second stops at once,
     naming the first, and the first finishes untouched."""

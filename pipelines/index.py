@@ -421,6 +421,7 @@ def _run(cfg: IndexConfig) -> dict:
         rows, rejects, digests[split] = _index_split(cfg, src, split, classes, out[split], reads)
         counts.update({split: rows, f"{split}_rejected": len(rejects)})
         all_rejects += rejects
+    lease.check(cfg.data)  # still this run's ROOT: a run that lost its lease writes nothing more
     storage.write_json(out["classes"], [{"index": i, **c} for i, c in enumerate(classes)])
     write_rejects(cfg.data, "index", all_rejects)
     summary = _summary(cfg, src, classes, counts, all_rejects, reads, fingerprint, digests, t0)
@@ -480,6 +481,7 @@ def _index_split(cfg: IndexConfig, src, split: str, classes: list[dict], url: st
         rows = _limit(rows, cfg.limit)
     order = _position_order(rows, cfg.seed, cfg.samples_per_shard)
     pa.default_memory_pool().release_unused()  # the sort's temporaries, before the write's
+    lease.check(cfg.data)
     split_digest = _write_rows(url, rows, order, cfg.samples_per_shard)
     count = rows.num_rows
     missing = wanted - set(pc.unique(pc.cast(rows["wnid"], "string")).to_pylist())

@@ -378,6 +378,7 @@ def _intact(url: str, entry: dict, verify: bool) -> bool:
 
 def _save_manifest(cfg, split, params, index_digest, entries: dict, names: list[str], started) -> dict:
     """Write <split>.json; untouched when this run changed nothing in the split."""
+    lease.check(cfg.data)  # still this run's ROOT: a run that lost its lease writes nothing more
     shards = [entries[n] for n in names if n in entries]
     old = read_manifest(cfg.data, split)
     if old and old["shards"] == shards and old["params"] == params:
@@ -471,6 +472,7 @@ def _run(cfg: ShardConfig) -> dict:
     plans = {}
     # Temp files a killed run left: of the manifests (ROOT/shards) and of the shards. This run
     # holds the root's lease, so no other writer's files are among them.
+    lease.check(cfg.data)
     storage.remove_stale_temps(storage.join(cfg.data, "shards"))
     for split in splits:
         storage.remove_stale_temps(shard_dir(cfg.data, split))
@@ -523,6 +525,7 @@ def _finish_split(cfg: ShardConfig, split: str, params, index_digest, entries: d
     if m["complete"]:
         # Temp files of tasks lost with their node (Ray reran them elsewhere): this run holds
         # the root's lease, so no other writer's files are among them.
+        lease.check(cfg.data)
         storage.remove_stale_temps(shard_dir(cfg.data, split))
         for name in storage.list_dir(shard_dir(cfg.data, split)):
             m_ = re.fullmatch(rf"({split}-\d{{6}})\.(tar|idx\.json)", name)
@@ -536,6 +539,7 @@ def _summary(cfg: ShardConfig, splits, plans: dict, manifests: dict, index_diges
     shard_rejects = [
         dict(r, split=split) for split in splits for s in manifests[split]["shards"] for r in s["rejected"]
     ]
+    lease.check(cfg.data)
     write_rejects(cfg.data, "shard", shard_rejects, splits)
     index_rejects = [r for r in read_rejects(cfg.data) if r["stage"] == "index" and r["split"] in splits]
     seconds, images, gets = time.monotonic() - t0, done["images"], done["gets"]

@@ -141,5 +141,6 @@ def _run(cfg: StatsConfig) -> dict:
     }
     if cfg.allow_stale:  # check() let them through: the run says which
         summary["allowed_stale"] = require_current(cfg.data, ["shard train"], "stats", True)
+    lease.check(cfg.data)  # still this run's ROOT: a run that lost its lease writes nothing more
     storage.write_json(out, {**result, "input_digest": manifest["digest"], "ran_at": now_iso(), "summary": summary})
     return summary

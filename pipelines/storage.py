@@ -442,6 +442,59 @@ def write_if_absent(url: str, data: bytes) -> bool:
     return True
 
 
+@_explained
+def read_versioned(url: str) -> tuple[bytes, str] | None:
+    """(bytes, version) of ``url``, or None if it is absent. The version changes with every write:
+    the ETag on S3; on a local disk the file's inode and change time (writes here are renames
+    of new files)."""
+    if is_s3(url):
+        from botocore.exceptions import ClientError
+
+        bucket, key = _split(url)
+        try:
+            r = s3_client().get_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+        return r["Body"].read(), r["ETag"]
+    try:
+        with open(url, "rb") as f:
+            st = os.fstat(f.fileno())
+            return f.read(), f"{st.st_ino}:{st.st_ctime_ns}"
+    except FileNotFoundError:
+        return None
+
+
+@_explained
+def replace_if(url: str, data: bytes, version: str) -> str | None:
+    """Replace ``url`` with ``data`` only if it is still at ``version`` (compare-and-swap); the new
+    version, or None if another writer changed or removed it first. S3: ``If-Match`` on the ETag
+    (the store refuses a stale one). Local disk: under an exclusive lock on ``url + ".lock"``, so
+    that of two processes replacing one version only the first does."""
+    if is_s3(url):
+        from botocore.exceptions import ClientError
+
+        bucket, key = _split(url)
+        try:
+            return s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfMatch=version)["ETag"]
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+                return None
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+    import fcntl
+
+    with open(url + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        now = read_versioned(url)
+        if now is None or now[1] != version:
+            return None
+        write_bytes(url, data)
+        return read_versioned(url)[1]
+
+
 def json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=1) + "\n").encode()
 

@@ -143,6 +143,53 @@ def test_ctrl_c_stops_the_shard_stage_with_one_line_and_exit_130_and_a_rerun_fin
     assert summary["skipped"] >= recorded and _checksums(root) == want
 
 
+def test_a_shard_run_paused_past_the_stale_time_loses_its_lease_and_writes_nothing_more(big_index, tmp_path):
+    """Run A (its whole process group) SIGSTOPped once it has recorded a shard; once its lease is
+    stale by its own last heartbeat, run B takes it over and makes every shard. A is resumed: it
+    finds its lease taken, stops without writing a manifest or deleting a file, and exits 2
+    naming B; B's manifests and shards are left exactly as B made them."""
+    reference = _index(big_index, "reference")
+    shard.run(ShardConfig(data=str(reference), parallel="local"))
+    want = _checksums(reference)
+    root = _index(big_index, "paused")
+    env = dict(os.environ, PIPELINES_LEASE_STALE_S="3")
+    manifest, lease_file = root / "shards" / "train.json", root / ".lease.json"
+    a = subprocess.Popen(
+        [sys.executable, "-m", "pipelines", "shard", "--data", str(root), "--parallel", "local"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and a.poll() is None and _recorded(manifest) == 0:
+            time.sleep(0.02)
+        os.killpg(a.pid, signal.SIGSTOP)
+        assert a.poll() is None and _recorded(manifest) > 0, "A ended before it could be paused"
+        beat = json.loads(lease_file.read_text())["heartbeat_s"]
+        while time.time() - beat <= 3:  # until A's lease is stale by its own last heartbeat
+            time.sleep(0.05)
+        b = subprocess.run(
+            [sys.executable, "-m", "pipelines", "shard", "--data", str(root), "--parallel", "local"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert b.returncode == 0 and "took over the lease of a 'shard' run" in b.stderr, b.stderr[-3000:]
+        made = {p: p.read_bytes() for p in (root / "shards").rglob("*") if p.is_file()}
+    finally:
+        os.killpg(a.pid, signal.SIGCONT)
+    _, a_err = a.communicate(timeout=120)
+    a_err = a_err.decode()
+    assert a.returncode == 2 and "Traceback" not in a_err, a_err[-3000:]
+    assert "lost its lease on" in a_err and "stopped before writing anything more" in a_err, a_err[-3000:]
+    assert _checksums(root) == want
+    after = {p: p.read_bytes() for p in (root / "shards").rglob("*") if p.is_file() and ".tmp-" not in p.name}
+    assert after == {p: v for p, v in made.items() if ".tmp-" not in p.name}  # B's files, as B left them
+
+
 def test_a_second_shard_run_on_the_same_root_is_refused_while_the_first_runs(big_index, ray_local):
     """Two writers on one ROOT would delete each other's temp files: the second stops at once,
     naming the first, and the first finishes untouched."""

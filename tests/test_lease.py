@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -61,6 +62,58 @@ def test_a_lease_from_another_machine_is_taken_over_only_when_its_heartbeat_is_s
     _lease(tmp_path, host="another-node", heartbeat_s=time.time() - 61)
     with lease.hold(str(tmp_path), "shard"):
         assert json.loads((tmp_path / lease.NAME).read_text())["holder"] != "other"
+
+
+def _race_for_a_stale_lease(root: str, racers: int = 8) -> tuple[list, list]:
+    """``racers`` threads, released at one moment, each taking the stale lease at ``root`` (each
+    opens the lock of its own, as separate processes do): (the winners, the refusals)."""
+    start, won, refused = threading.Barrier(racers), [], []
+
+    def race():
+        mine = lease.Lease(root, "shard")
+        start.wait()
+        try:
+            mine.take()
+            won.append(mine)
+        except StageError as e:
+            refused.append(str(e))
+
+    threads = [threading.Thread(target=race) for _ in range(racers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return won, refused
+
+
+def test_of_runs_that_judge_one_lease_stale_at_the_same_moment_only_one_goes_on(tmp_path):
+    _lease(tmp_path, host="another-node", heartbeat_s=time.time() - 3600)
+    won, refused = _race_for_a_stale_lease(str(tmp_path))
+    assert len(won) == 1 and len(refused) == 7, refused
+    assert all("Another 'shard' run holds" in r for r in refused)
+    doc = json.loads((tmp_path / lease.NAME).read_text())
+    assert doc["holder"] == won[0].me["holder"] and doc["generation"] == 2
+    assert won[0].beat()  # the winner's heartbeat finds its own version
+
+
+def test_a_holder_whose_lease_was_taken_learns_it_and_writes_nothing(tmp_path, monkeypatch):
+    """A holder paused past the stale time: the run that takes over replaces its version, so the
+    old holder's next heartbeat fails, and its next check (before any write) raises, naming it."""
+    monkeypatch.setenv("PIPELINES_LEASE_STALE_S", "0.5")
+    old = lease.Lease(str(tmp_path), "shard")
+    old.take()  # no heartbeat thread: this holder is as good as paused
+    beat = json.loads((tmp_path / lease.NAME).read_text())["heartbeat_s"]
+    while time.time() - beat <= 0.5:  # until its lease is stale by its own record
+        time.sleep(0.05)
+    assert lease._read(old.url)[1] == old.version
+    new = lease.Lease(str(tmp_path), "stats")
+    new.take()
+    assert lease._read(old.url)[1] != old.version
+    assert not old.beat() and "a 'stats' run" in old.lost
+    old.beaten = 0.0
+    with pytest.raises(lease.LeaseLost, match="lost its lease on .* to a 'stats' run .* stopped before writing"):
+        old.check()
+    assert json.loads((tmp_path / lease.NAME).read_text())["holder"] == new.me["holder"]
 
 
 @pytest.mark.fault

@@ -144,5 +144,11 @@ def test_on_s3_the_second_create_is_refused(tmp_path, monkeypatch):
                     pass
         with lease.hold(root, "stats"):  # released: free again
             pass
+        # A stale lease raced for by 8 runs at once: If-Match on its ETag lets one replace it.
+        stale = {"holder": "other", "stage": "shard", "host": "another-node", "pid": 1, "heartbeat_s": 0}
+        lease.storage.write_bytes(f"{root}/{lease.NAME}", json.dumps(stale).encode())
+        won, refused = _race_for_a_stale_lease(root)
+        assert len(won) == 1 and len(refused) == 7, refused
+        assert won[0].beat()
     finally:
         s3.stop()

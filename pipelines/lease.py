@@ -126,7 +126,7 @@ class Lease:
                 raise StageError(
                     f"Another '{held.get('stage')}' run holds '{self.root}' (started {held.get('started')} on "
                     f"{held.get('host')}, process {held.get('pid')}, last heartbeat {held.get('heartbeat')}). "
-                    "Two runs on one dataset root would overwrite each other's files: wait for it to finish. If "
+                    "Two runs writing there would overwrite each other's files: wait for it to finish. If "
                     f"it was killed, its lease is taken over {_stale_after():.0f} s after its last heartbeat, "
                     f"or delete {self.url}."
                 )

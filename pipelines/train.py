@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from . import checkpoint, contract, lineage, registry, storage, tracking
+from . import checkpoint, contract, lease, lineage, registry, storage, tracking
 from .cluster import ensure_ray, on_cluster
 from .config import TrainConfig
 from .errors import StageError
@@ -261,6 +261,13 @@ def run(cfg: TrainConfig, parent_run_id: str | None = None) -> dict:
     _check_amp(cfg, gpu)
     cpus = cpus_per_worker(cfg, ray.nodes(), gpu)
     _check_capacity(cfg, ray.cluster_resources(), gpu, cpus)  # before the MLflow run: a typo leaves no run
+    # One training run per name at a time: a second would share the first's checkpoints and MLflow run.
+    with lease.hold(storage.join(runs, name), "train"):
+        return _train(cfg, parent_run_id, name, runs, gpu, cpus, inputs, t0)
+
+
+def _train(cfg: TrainConfig, parent_run_id, name: str, runs: str, gpu: bool, cpus: float, inputs: dict, t0) -> dict:
+    """The MLflow run (new, or the name's to resume), the fit, the model, the summary."""
     run_id = tracking.start_or_resume_run(cfg.experiment, name, tags={"pipelines.stage": "train"})
     if parent_run_id and "mlflow.parentRunId" not in tracking.get_tags(run_id):
         tracking.set_tags(run_id, {"mlflow.parentRunId": parent_run_id})  # a resumed run keeps its place

@@ -165,6 +165,21 @@ def test_evaluate_cli_reports_and_logs_ten_crop(first_run, dataset):
     assert logged["eval_10crop_top1"] == pytest.approx(out["top1"])
 
 
+def test_a_second_training_run_of_one_name_is_refused_while_the_first_runs(dataset, tmp_path):
+    """A run of a name holds a lease on its checkpoint folder (as the first run's process holds it
+    here): a second run of that name stops before any MLflow run, naming the first."""
+    from pipelines import lease
+    from pipelines.errors import StageError
+
+    runs = tmp_path / "runs"
+    with lease.hold(str(runs / "busy"), "train"):
+        with pytest.raises(StageError, match=r"Another 'train' run holds .*busy.* process \d+.*wait for it to finish"):
+            train.run(TrainConfig(data=dataset, epochs=1, name="busy", storage=str(runs), **FIT))
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("test")
+    assert exp is None or not client.search_runs([exp.experiment_id], "attributes.run_name = 'busy'")
+
+
 def test_more_workers_than_the_local_ray_has_cpus_is_refused_before_any_run(dataset):
     """Nothing can add nodes to a Ray started for the run: Ray Train would wait forever."""
     from pipelines.errors import StageError

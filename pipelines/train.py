@@ -376,8 +376,8 @@ def _fit(cfg: TrainConfig, inputs: dict, run_id: str):
     storage.remove(storage.join(cfg.storage, cfg.name, DIVERGED))  # an earlier attempt's note: this one decides anew
     try:
         result = trainer.fit()
-    except BaseException:
-        tracking.end_run(run_id, "FAILED")
+    except BaseException as e:  # Ctrl-C too: the run must not stay RUNNING; a rerun of the name resumes it
+        tracking.end_run(run_id, "FAILED" if isinstance(e, Exception) else "KILLED")
         raise
     finally:
         for k in off:

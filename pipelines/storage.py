@@ -47,7 +47,7 @@ def basename(url: str) -> str:
 
 
 # --- S3 ---------------------------------------------------------------------------------------
-_clients: dict[int, object] = {}
+_clients: dict[tuple, object] = {}
 _requests: dict[str, int] = {}  # S3 API calls this process made, by operation (GetObject, ...)
 
 
@@ -64,7 +64,9 @@ def _count(event_name: str, **_) -> None:
 
 def s3_client():
     """One boto3 client per process (clients are not fork-safe: loader workers make their own)."""
-    pid = os.getpid()
+    # Per process, and per the settings that pick the store and the identity (tests, and a job
+    # that changes them, get a client that follows)
+    pid = (os.getpid(), *(os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_ACCESS_KEY_ID")))
     if pid not in _clients:
         import boto3
         from botocore.config import Config
@@ -100,40 +102,70 @@ def check_url(url: str) -> None:
         raise StageError("An empty path was given: pass a folder or s3://bucket/prefix.")
 
 
+# S3's answers to credentials it does not accept: rotated, revoked or expired keys among them
+REFUSED = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken", "TokenRefreshRequired")
+
+
 def _explained(fn):
-    """Turn S3 failures into errors that name the URL, the endpoint and the fix (never a secret)."""
+    """Turn S3 failures into errors that name the URL, the endpoint and the fix (never a secret).
+    A refusal of the credentials is retried once with a client that reads the credential chain
+    afresh: a key revoked at once (the answer to a leak) is then replaced by the one the node's
+    profile or role hands out now, instead of failing every request until the old one expires."""
 
     @wraps(fn)
     def wrapper(url, *args, **kwargs):
         if not is_s3(url):
             return fn(url, *args, **kwargs)
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
-        endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
-        try:
-            return fn(url, *args, **kwargs)
-        except NoCredentialsError:
-            raise StageError(
-                f"No S3 credentials for '{url}': set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)."
-            ) from None
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "")
-            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"):
-                raise StageError(
-                    f"S3 at {endpoint} refused the credentials for '{url}' ({code}): check "
-                    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket policy."
-                ) from None
-            if code in ("NoSuchBucket",):
-                raise StageError(f"Bucket of '{url}' does not exist at {endpoint}: create it first.") from None
-            raise
-        except BotoCoreError as e:
-            if "Could not connect" in str(e) or "Connect timeout" in str(e):
-                raise StageError(
-                    f"Cannot reach S3 at {endpoint} for '{url}': is the server up and AWS_ENDPOINT_URL right?"
-                ) from None
-            raise
+        for last in (False, True):
+            try:
+                return fn(url, *args, **kwargs)
+            except Exception as e:
+                if last or not _refused(e):
+                    explained = _explain(e, url)
+                    if explained is e:
+                        raise
+                    raise explained from None
+                _clients.clear()  # the next client resolves the credentials anew
 
     return wrapper
+
+
+def _refused(e: Exception) -> bool:
+    from botocore.exceptions import ClientError
+
+    return isinstance(e, ClientError) and e.response.get("Error", {}).get("Code", "") in (*REFUSED, "403", "Forbidden")
+
+
+def _key_hint() -> str:
+    """The access key in use, by its last 4 characters (an ID, never the secret), for errors."""
+    try:
+        key = s3_client()._get_credentials().access_key
+        return f"the key ending {key[-4:]}"
+    except Exception:  # noqa: BLE001 - no key to name
+        return "the credentials found"
+
+
+def _explain(e: Exception, url: str) -> Exception:
+    """A StageError naming what went wrong and the fix, or ``e`` itself when there is none to give."""
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
+    if isinstance(e, NoCredentialsError):
+        return StageError(
+            f"No S3 credentials for '{url}': set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)."
+        )
+    if isinstance(e, ClientError):
+        code = e.response.get("Error", {}).get("Code", "")
+        if _refused(e):
+            return StageError(
+                f"S3 at {endpoint} refused the credentials for '{url}' ({code}; {_key_hint()}, read afresh once): "
+                "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket policy."
+            )
+        if code in ("NoSuchBucket",):
+            return StageError(f"Bucket of '{url}' does not exist at {endpoint}: create it first.")
+    if isinstance(e, BotoCoreError) and ("Could not connect" in str(e) or "Connect timeout" in str(e)):
+        return StageError(f"Cannot reach S3 at {endpoint} for '{url}': is the server up and AWS_ENDPOINT_URL right?")
+    return e
 
 
 def _head(url: str) -> dict | None:

@@ -70,7 +70,7 @@ class NodeKeys:
     """The nodes' S3 identity, as a cloud gives it: an AWS profile whose credential_process
     prints the key of the moment (from a file an operator rotates) with an expiry."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, lifetime_s: float = KEY_LIFETIME_S):
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.keys = folder, []
         self.key_file = folder / "current-key"
@@ -78,7 +78,7 @@ class NodeKeys:
         script.write_text(
             f"read id secret < {self.key_file}\n"
             'printf \'{"Version": 1, "AccessKeyId": "%s", "SecretAccessKey": "%s", "Expiration": "%s"}\\n\' '
-            f'"$id" "$secret" "$(date -u -d \'+{KEY_LIFETIME_S} seconds\' +%Y-%m-%dT%H:%M:%SZ)"\n'
+            f'"$id" "$secret" "$(date -u -d \'+{lifetime_s:.0f} seconds\' +%Y-%m-%dT%H:%M:%SZ)"\n'
         )
         (folder / "config").write_text(f"[profile node]\ncredential_process = sh {script}\n")
         (folder / "credentials").write_text("")  # not ~/.aws/credentials: nothing static anywhere

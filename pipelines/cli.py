@@ -153,7 +153,8 @@ EXAMPLES = {
     "train": "python -m pipelines train --data /data/alexnet --gpu --workers 8 --name run1\n"
     "  python -m pipelines train --data /data/alexnet --gpu --workers 4-8 --name run1   # elastic",
     "evaluate": "python -m pipelines evaluate --data /data/alexnet --run-id RUN_ID --ten-crop",
-    "submit": "python -m pipelines submit -- shard --data s3://bucket/alexnet\n  python -m pipelines submit --list",
+    "submit": "python -m pipelines submit -- shard --data s3://bucket/alexnet\n  python -m pipelines submit --list\n"
+    "  python -m pipelines submit --follow JOB_ID",
     "demo": "python -m pipelines demo --out demo",
     "predict": "python -m pipelines predict --model models:/alexnet-demo@champion photo.jpg",
 }
@@ -196,7 +197,7 @@ INTERRUPTED = {
     "": "what was finished is kept; the same command goes on from there.",
     "train": "the run keeps its checkpoints; the same command (same --name) resumes from the last one.",
     "demo": "what was finished is kept; `make demo` goes on from there.",
-    "submit": "the job was left running.",
+    "submit": "",  # submit says itself whether the job goes on
 }
 
 
@@ -260,8 +261,9 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM from a cluster stopping the job
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C while Ray and MLflow close: at once
-        said = f" ({e})" if str(e) else ""  # the signal, or what the stage had done
-        print(f"{stage}: interrupted{said}: {INTERRUPTED.get(stage, INTERRUPTED[''])}", file=errors, flush=True)
+        said = [str(e)] if str(e) else []  # the signal, or what the stage had done
+        said += [INTERRUPTED.get(stage, INTERRUPTED[""])]
+        print(f"{stage}: interrupted: {'; '.join(x for x in said if x)}", file=errors, flush=True)
         return 130
     if stage == "status":  # the table for people on stderr; stdout stays one JSON line for scripts
         print(module.format_table(summary), file=sys.stderr)

@@ -336,7 +336,12 @@ class SubmitConfig:
     wait: bool = flag(True, "return once the job is submitted", flags=("--no-wait",))
     list: bool = flag(False, "list the cluster's jobs", one_of="job")
     logs: str | None = flag(None, "print a job's logs", one_of="job", metavar="JOB_ID")
+    follow: str | None = flag(
+        None, "follow a job's logs to its end and exit with its exit code", one_of="job", metavar="JOB_ID"
+    )
     stop: str | None = flag(None, "stop a job", one_of="job", metavar="JOB_ID")
+    # Ctrl-C while following a job leaves it running (it may hold hours of work), unless asked
+    stop_on_interrupt: bool = flag(False, "Ctrl-C while following the job stops it too (default: it goes on)")
     # the stage and its arguments, as after `python -m pipelines`
     args: tuple[str, ...] = flag((), "-- <stage> <args...>", nargs="...")
 

@@ -162,6 +162,8 @@ def run(cfg: SubmitConfig) -> dict:
     if cfg.stop:
         stopped = _call(address, client.stop_job, cfg.stop)
         return {"stage": "submit", "job_id": cfg.stop, "stopped": bool(stopped)}
+    if cfg.follow:
+        return _until_done(cfg, address, client, cfg.follow, _call(address, client.get_job_info, cfg.follow).entrypoint)
 
     if not cfg.args or cfg.args[0] not in STAGES:
         got = cfg.args[0] if cfg.args else "nothing"
@@ -177,7 +179,22 @@ def run(cfg: SubmitConfig) -> dict:
     print(f"submitted {job_id}: {entrypoint}", file=sys.stderr, flush=True)
     if not cfg.wait:
         return {"stage": "submit", "job_id": job_id, "status": "PENDING", "entrypoint": entrypoint}
-    asyncio.run(_follow(client, job_id))
+    return _until_done(cfg, address, client, job_id, entrypoint)
+
+
+def _until_done(cfg: SubmitConfig, address: str, client, job_id: str, entrypoint: str) -> dict:
+    """Follow the job's logs to its end; its summary, with the job's exit code. Ctrl-C leaves the
+    job running and says how to follow or stop it (--stop-on-interrupt stops it)."""
+    try:
+        asyncio.run(_follow(client, job_id))
+    except KeyboardInterrupt:
+        if cfg.stop_on_interrupt:
+            _call(address, client.stop_job, job_id)
+            raise KeyboardInterrupt(f"job {job_id} stopped (--stop-on-interrupt)") from None
+        raise KeyboardInterrupt(
+            f"job {job_id} goes on; follow it: python -m pipelines submit --follow {job_id}; "
+            f"stop it: python -m pipelines submit --stop {job_id}"
+        ) from None
     info = _call(address, client.get_job_info, job_id)
     while str(info.status.value) not in DONE:  # the log stream can end a moment before the status
         time.sleep(0.5)

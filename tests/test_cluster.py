@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -231,3 +232,25 @@ def test_unreachable_tracking_server_stops_a_stage_before_any_work(stack):
     )
     assert proc.returncode == 2 and "http://127.0.0.1:9 is not reachable" in proc.stderr
     assert _keys(stack, "unreached") == []
+
+
+def test_ctrl_c_on_submit_leaves_the_job_running_and_names_the_commands_that_follow_or_stop_it(stack, tmp_path):
+    """Ctrl-C while submit follows a job: exit 130, one line naming the job and the two commands;
+    the job goes on, and `submit --follow JOB` sees it to its end with its exit code."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines", "submit", "--", "sample", "--out", str(tmp_path / "s"), "--classes", "4"],
+        env=stack["env"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    submitted = proc.stderr.readline()  # submit's first line, once the cluster accepted the job
+    assert submitted.startswith("submitted "), submitted
+    job_id = submitted.split()[1].rstrip(":")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    [line] = [x for x in err.splitlines() if "interrupted" in x]
+    assert f"job {job_id} goes on" in line and f"submit --follow {job_id}" in line and f"submit --stop {job_id}" in line
+    followed, summary = _pipelines(stack, "submit", "--follow", job_id, timeout=300)
+    assert followed.returncode == 0 and summary["status"] == "SUCCEEDED", followed.stderr[-3000:]

@@ -135,7 +135,7 @@ def test_ctrl_c_stops_the_shard_stage_with_one_line_and_exit_130_and_a_rerun_fin
     assert proc.returncode == 130, said[-3000:]
     assert "Traceback" not in said and out == b"", said[-3000:]
     [line] = [x for x in said.splitlines() if "interrupted" in x]
-    assert line.startswith("shard: interrupted (") and "shard tasks done and recorded" in line, line
+    assert line.startswith("shard: interrupted: ") and "shard tasks done and recorded; what was finished" in line, line
     recorded = _recorded(manifest)
     assert 0 < recorded < sum(1 for n in want if n.startswith("train")), recorded
     assert not (root / ".lease.json").exists()  # released: the rerun needs no wait

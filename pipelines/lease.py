@@ -4,12 +4,12 @@
         ...   # a second index/shard/stats on the same ROOT stops with an error naming this one
 
 The lease is ``ROOT/.lease.json`` ({"holder", "stage", "host", "pid", "started", "generation",
-"heartbeat"}), created with an exclusive write (O_EXCL on a local disk; ``If-None-Match: *`` on
-S3, which refuses a second create). Every later write is a compare-and-swap on the version the
-writer last saw (S3: ``If-Match`` on the ETag; a local disk: a lock around read, compare and
-rename): the heartbeat every HEARTBEAT_S seconds, and a takeover. It is released when the stage
-ends, by an error or Ctrl-C too. A holder that died without releasing it (SIGKILL, a lost node)
-leaves a stale lease, taken over:
+"heartbeat"}), created with an exclusive write (on a local disk a hard link to a file written
+whole; ``If-None-Match: *`` on S3, which refuses a second create). Every later write is a
+compare-and-swap on the version the writer last saw (S3: ``If-Match`` on the ETag; a local
+disk: a lock around read, compare and rename): the heartbeat every HEARTBEAT_S seconds, and a
+takeover. It is released when the stage ends, by an error or Ctrl-C too. A holder that died
+without releasing it (SIGKILL, a lost node) leaves a stale lease, taken over:
   - at once, when the holder ran on this machine and its process is gone;
   - otherwise after STALE_S seconds without a heartbeat (PIPELINES_LEASE_STALE_S overrides it).
 Of two runs that judge one lease stale at the same moment, one replaces the version both read;
@@ -182,9 +182,7 @@ def check(root: str) -> None:
 @contextmanager
 def hold(root: str, stage: str):
     """Hold ROOT's lease for the block, or raise StageError naming the run that holds it."""
-    held = Lease(root, stage)
-    held.take()
-    stop = threading.Event()
+    held, stop = Lease(root, stage), threading.Event()
 
     def beat():
         while not stop.wait(_beat_every()):
@@ -195,20 +193,23 @@ def hold(root: str, stage: str):
                 pass
 
     thread = threading.Thread(target=beat, name="lease-heartbeat", daemon=True)
-    thread.start()
-    _held[root] = held
-    try:
-        yield held
-    except Exception as e:
-        # A write that failed because the run that took over removed its temporary file (this
-        # run was paused between its check and the write): say what happened, not the symptom.
-        if not isinstance(e, LeaseLost) and (held.lost is not None or not held.beat()):
-            raise LeaseLost(held.lost_message()) from e
-        raise
+    try:  # from the create on: Ctrl-C at any point after it still releases the lease
+        held.take()
+        thread.start()
+        _held[root] = held
+        try:
+            yield held
+        except Exception as e:
+            # A write that failed because the run that took over removed its temporary file (this
+            # run was paused between its check and the write): say what happened, not the symptom.
+            if not isinstance(e, LeaseLost) and (held.lost is not None or not held.beat()):
+                raise LeaseLost(held.lost_message()) from e
+            raise
     finally:
         _held.pop(root, None)
         stop.set()
-        thread.join(5)
-        now, version = _read(held.url)
-        if now is not None and version == held.version:
+        if thread.is_alive():
+            thread.join(5)
+        now, _ = _read(held.url)
+        if now is not None and now.get("holder") == held.me["holder"]:
             storage.remove(held.url)

@@ -451,7 +451,7 @@ def write_if_changed(url: str, data: bytes) -> bool:
 @_explained
 def write_if_absent(url: str, data: bytes) -> bool:
     """Create ``url`` with ``data`` only if nothing is there; False if something is. Exclusive:
-    O_EXCL on a local disk, ``If-None-Match: *`` on S3 (the store refuses a second create)."""
+    a hard link on a local disk, ``If-None-Match: *`` on S3 (the store refuses a second create)."""
     if is_s3(url):
         from botocore.exceptions import ClientError
 
@@ -465,12 +465,16 @@ def write_if_absent(url: str, data: bytes) -> bool:
         return True
     path = Path(url)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Written whole under a temporary name, then linked to its name (link refuses an existing
+    # one): a reader never sees the file half-written, even if this process dies mid-write.
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
+    tmp.write_bytes(data)
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        os.link(tmp, path)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    finally:
+        tmp.unlink()
     return True
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -141,6 +142,42 @@ def test_ctrl_c_stops_the_shard_stage_with_one_line_and_exit_130_and_a_rerun_fin
     assert not (root / ".lease.json").exists()  # released: the rerun needs no wait
     summary = shard.run(ShardConfig(data=str(root), parallel="local"))
     assert summary["skipped"] >= recorded and _checksums(root) == want
+
+
+def test_ctrl_c_stops_the_index_stage_with_one_line_and_exit_130_and_a_rerun_writes_the_same_index(tmp_path):
+    """Ctrl-C to the index stage, as a terminal sends it, once it holds ROOT's lease and reads a
+    source of 48,000 files: exit 130, one line, no traceback, nothing half-written, the lease
+    released; the rerun writes the index an uninterrupted run writes."""
+    src = tmp_path / "src"
+    make_sample(SampleConfig(out=str(tmp_path / "sample"), classes=4, train_per_class=4, val_per_class=1))
+    shutil.copytree(tmp_path / "sample" / "folders", src)
+    for folder in (src / "train").iterdir():  # many files, cheaply: links to the class's images
+        images = sorted(folder.iterdir())
+        for i in range(12_000):
+            os.link(images[i % len(images)], folder / f"{folder.name}_{900000 + i}.JPEG")
+    root, lease_file = tmp_path / "root", tmp_path / "root" / ".lease.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines", "index", "--source", str(src), "--data", str(root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not lease_file.exists():
+        time.sleep(0.01)
+    assert proc.poll() is None, "the index ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and out == "" and "Traceback" not in err, err[-3000:]
+    assert [x for x in err.splitlines() if "interrupted" in x] == [
+        "index: interrupted: what was finished is kept; the same command goes on from there."
+    ]
+    assert not lease_file.exists() and not (root / "index" / "index.json").exists(), (err, lease_file.read_text())
+    assert [p for p in root.rglob("*") if p.is_file() and not p.name.endswith(".lock")] == []  # nothing half-written
+    rerun = index.run(IndexConfig(source=str(src), data=str(root)))
+    whole = index.run(IndexConfig(source=str(src), data=str(tmp_path / "whole")))
+    assert rerun["train"] == whole["train"] == 48_016 and rerun["output_digest"] == whole["output_digest"]
 
 
 def test_a_shard_run_paused_past_the_stale_time_loses_its_lease_and_writes_nothing_more(big_index, tmp_path):

@@ -602,7 +602,8 @@ def test_the_warmup_raises_the_lr_step_by_step_to_the_scaled_peak(uninterrupted)
 
 
 def test_driver_killed_mid_epoch_resumes_at_the_step_bitwise(one_shard, uninterrupted, tmp_path):
-    """SIGKILL of the driver in the middle of epoch 2 (after a mid-epoch checkpoint); the rerun
+    """Ctrl-C to the driver in epoch 1 (after a checkpoint): exit 130, one line, the run KILLED.
+    The rerun is SIGKILLed in the middle of epoch 2 (after a mid-epoch checkpoint); the next rerun
     of the same --name resumes at that step and ends with the uninterrupted run's weights, bit
     for bit, the same ledger, and one MLflow run with every epoch logged once."""
     from pipelines import checkpoint
@@ -625,6 +626,32 @@ def test_driver_killed_mid_epoch_resumes_at_the_step_bitwise(one_shard, uninterr
         str(tmp_path / "ledger"),
     ]
     env = dict(os.environ, RAY_ADDRESS=os.environ.get("RAY_ADDRESS") or _gcs())
+    snap = tmp_path / "runs" / "killed-driver" / "checkpoint_manager_snapshot.json"
+
+    def latest_registered() -> dict:
+        try:
+            return json.loads(snap.read_text())["latest_checkpoint_result"]["metrics"] or {}
+        except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+            return {}
+
+    first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(lambda: latest_registered().get("epoch") == 1, "a checkpoint of epoch 1 registered", every=0.05)
+        first.send_signal(signal.SIGINT)  # Ctrl-C: the driver's process (the workers are the cluster's)
+        out, err = first.communicate(timeout=180)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 130 and "Traceback" not in err, err[-4000:]
+    assert [x for x in err.splitlines() if "interrupted" in x] == [
+        "train: interrupted: the run keeps its checkpoints; the same command (same --name) resumes from the last one."
+    ], err[-4000:]
+    client = MlflowClient()
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("plan").experiment_id], "attributes.run_name = 'killed-driver'"
+    )
+    assert run.info.status == "KILLED"
+
     proc = subprocess.Popen(
         args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
@@ -633,11 +660,7 @@ def test_driver_killed_mid_epoch_resumes_at_the_step_bitwise(one_shard, uninterr
         def mid_epoch_two():
             """Ray Train has registered a checkpoint from the middle of epoch 2 (its snapshot in
             the run's storage names it): a kill now must resume there, not at an epoch start."""
-            snap = tmp_path / "runs" / "killed-driver" / "checkpoint_manager_snapshot.json"
-            try:
-                latest = json.loads(snap.read_text())["latest_checkpoint_result"]["metrics"]
-            except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
-                return False
+            latest = latest_registered()
             return latest.get("epoch") == 2 and "step" in latest
 
         _wait(mid_epoch_two, "a mid-epoch-2 checkpoint registered", every=0.05)
@@ -664,7 +687,6 @@ def test_driver_killed_mid_epoch_resumes_at_the_step_bitwise(one_shard, uninterr
     for name, tensor in want["model"].items():
         assert torch.equal(got["model"][name], tensor), name
     assert read_ledger(tmp_path / "ledger") == read_ledger(uninterrupted["ledger"])
-    client = MlflowClient()
     [run] = client.search_runs(
         [client.get_experiment_by_name("plan").experiment_id], "attributes.run_name = 'killed-driver'"
     )

@@ -75,6 +75,9 @@ def configure() -> str:
 
     # A new SQLite store announces its table creation at INFO: not news to the user.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    # Ending a run on a tracking server prints "View run ... at: URL" to stdout, where each stage
+    # promises one JSON line only (which holds the run's id); the summaries say where runs are.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     return uri

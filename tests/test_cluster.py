@@ -254,3 +254,12 @@ def test_ctrl_c_on_submit_leaves_the_job_running_and_names_the_commands_that_fol
     assert f"job {job_id} goes on" in line and f"submit --follow {job_id}" in line and f"submit --stop {job_id}" in line
     followed, summary = _pipelines(stack, "submit", "--follow", job_id, timeout=300)
     assert followed.returncode == 0 and summary["status"] == "SUCCEEDED", followed.stderr[-3000:]
+
+
+def test_a_stage_tracked_on_the_server_prints_one_json_line_on_stdout(stack, pipeline):
+    """MLflow prints "View run ... at: URL" to stdout when a run on a server ends: the stages
+    keep stdout to their one JSON line (a rerun of the index, skipped, still opens and ends a run)."""
+    args = ("index", "--source", f"s3://{sv.BUCKET}/src/tarballs", "--data", ROOT, "--samples-per-shard", "30")
+    proc, summary = _pipelines(stack, *args)
+    assert proc.returncode == 0 and summary["skipped"], proc.stderr[-3000:]
+    assert len(proc.stdout.strip().splitlines()) == 1, proc.stdout

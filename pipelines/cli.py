@@ -210,6 +210,19 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+def _shape(args: dict) -> None:
+    """The parsed flags in the shape the config fields take."""
+    if isinstance(args.get("workers"), tuple):  # train --workers MIN-MAX
+        args["min_workers"], args["workers"] = args["workers"]
+    if args.get("imagenet"):  # sample --imagenet: the real class count and val size, unless given
+        args.setdefault("classes", 1000)
+        args.setdefault("val_per_class", 50)
+    if "images" in args:  # predict
+        args["images"] = tuple(args["images"])
+    if "args" in args:  # submit: everything after '--', as a tuple
+        args["args"] = tuple(a for i, a in enumerate(args["args"]) if not (i == 0 and a == "--"))
+
+
 def main(argv=None) -> int:
     import importlib
 
@@ -222,15 +235,7 @@ def main(argv=None) -> int:
         sys.stderr = open(os.devnull, "w")
     cls, module = args.pop("config"), importlib.import_module(f"pipelines.{args.pop('module')}")
     args.pop("command")
-    if isinstance(args.get("workers"), tuple):  # train --workers MIN-MAX
-        args["min_workers"], args["workers"] = args["workers"]
-    if args.get("imagenet"):  # sample --imagenet: the real class count and val size, unless given
-        args.setdefault("classes", 1000)
-        args.setdefault("val_per_class", 50)
-    if "images" in args:  # predict
-        args["images"] = tuple(args["images"])
-    if "args" in args:  # submit: everything after '--', as a tuple
-        args["args"] = tuple(a for i, a in enumerate(args["args"]) if not (i == 0 and a == "--"))
+    _shape(args)
     stage = module.__name__.rsplit(".", 1)[-1]
     _stop_on_sigterm()
     try:

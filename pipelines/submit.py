@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from .cluster import forwarded_env
+from .common import fmt_seconds
 from .config import SubmitConfig
 from .errors import StageError
 
@@ -47,7 +48,13 @@ DONE = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def _client(address: str):
+    import logging
+
     from ray.job_submission import JobSubmissionClient
+
+    # Ray's client announces each step of packaging and uploading the project, and the log
+    # stream's close, at INFO: submit says in its own lines what was submitted and how it ended.
+    logging.getLogger("ray").setLevel(logging.WARNING)
 
     try:
         return JobSubmissionClient(address)
@@ -111,10 +118,35 @@ def runtime_env() -> dict:
     return {"working_dir": str(PROJECT), "excludes": EXCLUDES, "env_vars": env}
 
 
-async def _follow(client, job_id: str) -> None:
+async def _follow(client, job_id: str, tail: list[str]) -> None:
+    """The job's log lines to stdout as they come; its last lines kept in ``tail``."""
     async for chunk in client.tail_job_logs(job_id):
         sys.stdout.write(chunk)
         sys.stdout.flush()
+        tail[:] = (tail + chunk.splitlines())[-20:]
+
+
+def _run_link(tail: list[str]) -> str:
+    """Where the job's MLflow run is, from the stage's own last line (a JSON summary), if it has one."""
+    import json
+
+    for line in reversed(tail):
+        try:
+            summary = json.loads(line)
+        except ValueError:
+            continue
+        run_id = (summary.get("mlflow_run_id") or summary.get("run_id")) if isinstance(summary, dict) else None
+        if not run_id:
+            return ""
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "").rstrip("/")
+        try:  # the UI's address of a run holds its experiment
+            from . import tracking
+
+            experiment = tracking.mlflow_client().get_run(run_id).info.experiment_id
+            return f"; MLflow run {uri}/#/experiments/{experiment}/runs/{run_id}"
+        except Exception:  # noqa: BLE001 - the server is away: the id still finds it
+            return f"; MLflow run {run_id}"
+    return ""
 
 
 TRACKED = ("index", "shard", "stats", "train", "evaluate")  # the stages that record MLflow runs
@@ -185,8 +217,9 @@ def run(cfg: SubmitConfig) -> dict:
 def _until_done(cfg: SubmitConfig, address: str, client, job_id: str, entrypoint: str) -> dict:
     """Follow the job's logs to its end; its summary, with the job's exit code. Ctrl-C leaves the
     job running and says how to follow or stop it (--stop-on-interrupt stops it)."""
+    t0, tail = time.monotonic(), []
     try:
-        asyncio.run(_follow(client, job_id))
+        asyncio.run(_follow(client, job_id, tail))
     except KeyboardInterrupt:
         if cfg.stop_on_interrupt:
             _call(address, client.stop_job, job_id)
@@ -202,6 +235,7 @@ def _until_done(cfg: SubmitConfig, address: str, client, job_id: str, entrypoint
     status = str(info.status.value)
     code = getattr(info, "driver_exit_code", None)
     exit_code = 0 if status == "SUCCEEDED" else (code if code not in (None, 0) else 1)
+    print(f"{job_id}: {status} after {fmt_seconds(time.monotonic() - t0)}{_run_link(tail)}", file=sys.stderr)
     return {
         "stage": "submit",
         "job_id": job_id,

@@ -80,6 +80,9 @@ def _submit(stack, *stage_args, timeout=600) -> subprocess.CompletedProcess:
     OUTPUTS.append(proc.stdout + proc.stderr)
     assert proc.returncode == 0, f"{stage_args[0]} job failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     assert summary["status"] == "SUCCEEDED"
+    # submit's own lines: one when the job is submitted, one when it ends (Ray's client says nothing)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("submitted ") and ": SUCCEEDED after " in lines[1], lines
     return proc
 
 

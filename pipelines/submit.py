@@ -14,6 +14,7 @@ follows the job's logs and exits with the job's exit code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import sys
@@ -52,9 +53,12 @@ def _client(address: str):
 
     from ray.job_submission import JobSubmissionClient
 
-    # Ray's client announces each step of packaging and uploading the project, and the log
-    # stream's close, at INFO: submit says in its own lines what was submitted and how it ended.
-    logging.getLogger("ray").setLevel(logging.WARNING)
+    # Ray's client announces each step of packaging and uploading the project, the log stream's
+    # close, and (at WARNING) that it leaves .git out, which EXCLUDES does anyway: submit says in
+    # its own lines what was submitted and how it ended. Ray's errors still show.
+    # (Ray's job client modules set their own loggers to INFO: each is set back here.)
+    for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
     try:
         return JobSubmissionClient(address)
@@ -195,7 +199,9 @@ def run(cfg: SubmitConfig) -> dict:
         stopped = _call(address, client.stop_job, cfg.stop)
         return {"stage": "submit", "job_id": cfg.stop, "stopped": bool(stopped)}
     if cfg.follow:
-        return _until_done(cfg, address, client, cfg.follow, _call(address, client.get_job_info, cfg.follow).entrypoint)
+        entrypoint = _call(address, client.get_job_info, cfg.follow).entrypoint
+        with _left_running(cfg, address, client, cfg.follow):
+            return _until_done(address, client, cfg.follow, entrypoint)
 
     if not cfg.args or cfg.args[0] not in STAGES:
         got = cfg.args[0] if cfg.args else "nothing"
@@ -208,18 +214,19 @@ def run(cfg: SubmitConfig) -> dict:
         address,
         lambda: client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(), metadata={"stage": cfg.args[0]}),
     )
-    print(f"submitted {job_id}: {entrypoint}", file=sys.stderr, flush=True)
-    if not cfg.wait:
-        return {"stage": "submit", "job_id": job_id, "status": "PENDING", "entrypoint": entrypoint}
-    return _until_done(cfg, address, client, job_id, entrypoint)
+    with _left_running(cfg, address, client, job_id):
+        print(f"submitted {job_id}: {entrypoint}", file=sys.stderr, flush=True)
+        if not cfg.wait:
+            return {"stage": "submit", "job_id": job_id, "status": "PENDING", "entrypoint": entrypoint}
+        return _until_done(address, client, job_id, entrypoint)
 
 
-def _until_done(cfg: SubmitConfig, address: str, client, job_id: str, entrypoint: str) -> dict:
-    """Follow the job's logs to its end; its summary, with the job's exit code. Ctrl-C leaves the
-    job running and says how to follow or stop it (--stop-on-interrupt stops it)."""
-    t0, tail = time.monotonic(), []
+@contextlib.contextmanager
+def _left_running(cfg: SubmitConfig, address: str, client, job_id: str):
+    """Ctrl-C while a job is followed leaves it running and says how to follow or stop it
+    (--stop-on-interrupt stops it): the job may hold hours of work."""
     try:
-        asyncio.run(_follow(client, job_id, tail))
+        yield
     except KeyboardInterrupt:
         if cfg.stop_on_interrupt:
             _call(address, client.stop_job, job_id)
@@ -228,6 +235,12 @@ def _until_done(cfg: SubmitConfig, address: str, client, job_id: str, entrypoint
             f"job {job_id} goes on; follow it: python -m pipelines submit --follow {job_id}; "
             f"stop it: python -m pipelines submit --stop {job_id}"
         ) from None
+
+
+def _until_done(address: str, client, job_id: str, entrypoint: str) -> dict:
+    """Follow the job's logs to its end; its summary, with the job's exit code."""
+    t0, tail = time.monotonic(), []
+    asyncio.run(_follow(client, job_id, tail))
     info = _call(address, client.get_job_info, job_id)
     while str(info.status.value) not in DONE:  # the log stream can end a moment before the status
         time.sleep(0.5)

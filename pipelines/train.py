@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 
 from . import checkpoint, contract, lease, lineage, registry, storage, tracking
@@ -375,7 +376,7 @@ def _fit(cfg: TrainConfig, inputs: dict, run_id: str):
     os.environ.update(off)
     storage.remove(storage.join(cfg.storage, cfg.name, DIVERGED))  # an earlier attempt's note: this one decides anew
     try:
-        result = trainer.fit()
+        result = _off_the_main_thread(trainer.fit)
     except BaseException as e:  # Ctrl-C too: the run must not stay RUNNING; a rerun of the name resumes it
         tracking.end_run(run_id, "FAILED" if isinstance(e, Exception) else "KILLED")
         raise
@@ -387,6 +388,29 @@ def _fit(cfg: TrainConfig, inputs: dict, run_id: str):
         tracking.end_run(run_id, "FAILED")
         raise StageError(f"Training '{cfg.name}' ended without a checkpoint; see the worker logs above.")
     return result
+
+
+def _off_the_main_thread(fn):
+    """``fn()`` on a thread of its own, waited for here. Ctrl-C (and SIGTERM) then reach this
+    thread as KeyboardInterrupt, as in every stage: the run ends KILLED, one line says how to
+    resume, exit 130. (Ray Train's fit registers its own SIGINT handler when it runs on the main
+    thread: that one aborts the workers, each printing a traceback, and the process exits 1.)
+    The thread is a daemon: the workers end with this driver."""
+    out: dict = {}
+
+    def target():
+        try:
+            out["result"] = fn()
+        except BaseException as e:  # noqa: BLE001 - raised again in the waiting thread
+            out["error"] = e
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # a timed wait: a signal's KeyboardInterrupt is raised here at once
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
 
 
 def _checkpoints(result, runs: str) -> tuple:

@@ -82,7 +82,7 @@ def _submit(stack, *stage_args, timeout=600) -> subprocess.CompletedProcess:
     assert summary["status"] == "SUCCEEDED"
     # submit's own lines: one when the job is submitted, one when it ends (Ray's client says nothing)
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("submitted ") and ": SUCCEEDED after " in lines[1], lines
+    assert len(lines) == 2 and lines[0].startswith("submitted ") and ": SUCCEEDED after " in lines[1], "\n".join(lines)
     return proc
 
 

@@ -79,3 +79,12 @@ def epoch_keys(ledger: dict, epoch: int) -> list[str]:
     return [
         k for step in sorted(ledger[epoch]) for rank in sorted(ledger[epoch][step]) for k in ledger[epoch][step][rank]
     ]
+
+
+def sigint_as_a_terminal_gives_it() -> None:
+    """A child's preexec_fn: SIGINT back to its default. A test run as a background job of a
+    script (CI's shell, nohup) inherits SIGINT ignored, and a Python started so never turns
+    Ctrl-C into KeyboardInterrupt; a user's terminal does."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

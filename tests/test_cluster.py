@@ -17,6 +17,7 @@ from pipelines.sample import SampleConfig
 from pipelines.sample import run as make_sample
 
 from . import services as sv
+from .helpers import sigint_as_a_terminal_gives_it
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 ROOT = f"s3://{sv.BUCKET}/root"
@@ -246,6 +247,7 @@ def test_ctrl_c_on_submit_leaves_the_job_running_and_names_the_commands_that_fol
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=sigint_as_a_terminal_gives_it,
     )
     submitted = proc.stderr.readline()  # submit's first line, once the cluster accepted the job
     assert submitted.startswith("submitted "), submitted

@@ -22,6 +22,7 @@ from pipelines.sample import run as make_sample
 from pipelines.worker import METRICS
 
 from . import services as sv
+from .helpers import sigint_as_a_terminal_gives_it
 from .multinode import signal_all, wait_stopped
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
@@ -125,6 +126,7 @@ def test_ctrl_c_stops_the_shard_stage_with_one_line_and_exit_130_and_a_rerun_fin
             stdout=subprocess.PIPE,
             stderr=stderr,
             start_new_session=True,  # a group of its own, as a terminal's foreground job is
+            preexec_fn=sigint_as_a_terminal_gives_it,
         )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None and _recorded(manifest) == 0:
@@ -162,6 +164,7 @@ def test_ctrl_c_stops_the_index_stage_with_one_line_and_exit_130_and_a_rerun_wri
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=sigint_as_a_terminal_gives_it,
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None and not lease_file.exists():
@@ -634,7 +637,14 @@ def test_driver_killed_mid_epoch_resumes_at_the_step_bitwise(one_shard, uninterr
         except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
             return {}
 
-    first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        args,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=sigint_as_a_terminal_gives_it,
+    )
     try:
         _wait(lambda: latest_registered().get("epoch") == 1, "a checkpoint of epoch 1 registered", every=0.05)
         first.send_signal(signal.SIGINT)  # Ctrl-C: the driver's process (the workers are the cluster's)

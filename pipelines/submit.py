@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -237,10 +238,22 @@ def _left_running(cfg: SubmitConfig, address: str, client, job_id: str):
         ) from None
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _until_done(address: str, client, job_id: str, entrypoint: str) -> dict:
     """Follow the job's logs to its end; its summary, with the job's exit code."""
     t0, tail = time.monotonic(), []
-    asyncio.run(_follow(client, job_id, tail))
+    # Ctrl-C is raised as KeyboardInterrupt here, whatever the log stream is doing: asyncio's own
+    # handler only cancels the task, and a stream that ends quietly on cancel would swallow it.
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt)
+    try:
+        asyncio.run(_follow(client, job_id, tail))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     info = _call(address, client.get_job_info, job_id)
     while str(info.status.value) not in DONE:  # the log stream can end a moment before the status
         time.sleep(0.5)

@@ -166,6 +166,7 @@ class SeaweedFS:
         p = self.ports
         cmd = [
             str(VENV_BIN / "weed"),
+            f"-logdir={self.tmp}",  # its own log files, which otherwise pile up in /tmp
             "mini",
             f"-dir={self.tmp / 'data'}",
             "-ip=127.0.0.1",

@@ -45,4 +45,4 @@ stop ray "ray start" 30
 stop mlflow "mlflow server" 20 group
 # SeaweedFS needs more than 20 s to exit on SIGTERM: a short wait, then SIGKILL. That loses
 # nothing it acknowledged: acknowledged writes are already in its files (the kernel's to flush).
-stop weed "weed mini" 3
+stop weed "weed -logdir=" 3

@@ -92,9 +92,10 @@ PY
 S3_URL=http://$STACK_HOST:$STACK_S3_PORT
 g=$STACK_WEED_GRPC_BASE
 # -ip.bind keeps every listener (master, volume, filer, S3, admin) on loopback; WebDAV and the
-# Iceberg/Lance catalogs are off (unused); telemetry off (nothing leaves the machine).
-start weed "weed mini" STACK_S3_PORT STACK_WEED_MASTER_PORT STACK_WEED_VOLUME_PORT STACK_WEED_FILER_PORT STACK_WEED_ADMIN_PORT -- \
-    "$VENV/bin/weed" mini -dir="$STACK_DIR/weed" -ip="$STACK_HOST" -ip.bind="$STACK_HOST" \
+# Iceberg/Lance catalogs are off (unused); telemetry off (nothing leaves the machine); its log
+# files go beside its data, not into /tmp where they would pile up.
+start weed "weed -logdir=" STACK_S3_PORT STACK_WEED_MASTER_PORT STACK_WEED_VOLUME_PORT STACK_WEED_FILER_PORT STACK_WEED_ADMIN_PORT -- \
+    "$VENV/bin/weed" -logdir="$STACK_DIR" mini -dir="$STACK_DIR/weed" -ip="$STACK_HOST" -ip.bind="$STACK_HOST" \
     -bucket="$STACK_BUCKET" -s3.config="$STACK_DIR/s3.json" \
     -s3.port="$STACK_S3_PORT" -s3.port.grpc=$((g + 1)) \
     -master.port="$STACK_WEED_MASTER_PORT" -master.port.grpc=$((g + 2)) \
@@ -119,7 +120,7 @@ except botocore.exceptions.ClientError as e:
 sys.exit("SeaweedFS accepted a wrong secret: the identities in .stack/s3.json are not in force")
 PY
 }
-wait_for weed "weed mini" 60 "bucket s3://$STACK_BUCKET with key $STACK_S3_ACCESS_KEY, wrong secret refused" s3_check
+wait_for weed "weed -logdir=" 60 "bucket s3://$STACK_BUCKET with key $STACK_S3_ACCESS_KEY, wrong secret refused" s3_check
 
 # --- MLflow tracking server --------------------------------------------------------------------
 # SQLite backend store in .stack; artifacts are served through the server (--serve-artifacts is

@@ -226,6 +226,17 @@ class TrainConfig:
     # 10 min: AlexNet's checkpoint (weights + momentum, ~0.5 GB) takes well under 30 s to write
     # to disk or S3, so under 5% of the time, and a preempted node loses at most 10 min of work.
     checkpoint_interval_s: float = 600.0
+    # A stall: no rank finished a step for max(10 step times, this); 2 min outlasts a slow
+    # checkpoint or validation and a worker group's restart, and is far below NCCL's 30 min.
+    stall_after_s: float = flag(
+        120.0, "report a stall after max(10 step times, S) without progress", flags=("--stall-after",), metavar="S"
+    )
+    # what a stall does after its report (pipelines/stall.py)
+    stall_action: str = flag(
+        "report",
+        "after a stall's report: keep waiting, or kill the silent ranks and restart from the last checkpoint",
+        choices=["report", "restart"],
+    )
     # debug: a local folder where each rank records the sample keys of each step
     ledger: str | None = flag(
         None, "debug: a local folder where each rank records the keys of every step", metavar="DIR"

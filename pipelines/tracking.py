@@ -411,6 +411,10 @@ def log_figure(run_id: str, figure, artifact_file: str) -> None:
     mlflow_client().log_figure(run_id, figure, artifact_file)
 
 
+def log_text(run_id: str, text: str, artifact_file: str) -> None:
+    mlflow_client().log_text(run_id, text, artifact_file)
+
+
 def log_json(run_id: str, obj, artifact_file: str) -> None:
     mlflow_client().log_text(
         run_id, json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n", artifact_file

@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 
-from . import checkpoint, contract, lease, lineage, registry, storage, tracking
+from . import checkpoint, contract, lease, lineage, registry, stall, storage, tracking
 from .cluster import ensure_ray, on_cluster
 from .config import TrainConfig
 from .errors import StageError
@@ -184,6 +184,7 @@ def _validate_choices(cfg: TrainConfig) -> None:
         ("--amp", cfg.amp, AMPS),
         ("--lr-scaling", cfg.lr_scaling, LR_SCALINGS),
         ("--grad-compression", cfg.grad_compression, GRAD_COMPRESSIONS),
+        ("--stall-action", cfg.stall_action, stall.ACTIONS),
     ):
         if value not in allowed:
             raise StageError(f"Unknown {flag} '{value}'. Expected one of: {', '.join(allowed)}.")
@@ -240,6 +241,8 @@ def _validate_numbers(cfg: TrainConfig) -> None:
         )
     if cfg.cpus_per_worker is not None and not cfg.cpus_per_worker > 0:
         raise StageError(f"--cpus-per-worker {cfg.cpus_per_worker}: must be above 0.")
+    if not cfg.stall_after_s > 0:
+        raise StageError(f"--stall-after {cfg.stall_after_s}: must be above 0 seconds (the default is 120).")
     if cfg.batch_per_worker is not None and cfg.batch_per_worker < 1:
         raise StageError(f"--batch-per-worker {cfg.batch_per_worker}: must be at least 1.")
 
@@ -374,12 +377,8 @@ def _fit(cfg: TrainConfig, inputs: dict, run_id: str):
     watcher = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
     off = {} if on_cluster() or watcher in os.environ else {watcher: "0"}
     os.environ.update(off)
-    storage.remove(storage.join(cfg.storage, cfg.name, DIVERGED))  # an earlier attempt's note: this one decides anew
     try:
-        result = _off_the_main_thread(trainer.fit)
-    except BaseException as e:  # Ctrl-C too: the run must not stay RUNNING; a rerun of the name resumes it
-        tracking.end_run(run_id, "FAILED" if isinstance(e, Exception) else "KILLED")
-        raise
+        result = _watched(trainer.fit, cfg, run_id)
     finally:
         for k in off:
             os.environ.pop(k, None)
@@ -388,6 +387,22 @@ def _fit(cfg: TrainConfig, inputs: dict, run_id: str):
         tracking.end_run(run_id, "FAILED")
         raise StageError(f"Training '{cfg.name}' ended without a checkpoint; see the worker logs above.")
     return result
+
+
+def _watched(fit, cfg: TrainConfig, run_id: str):
+    """``fit()`` with the stall watch (pipelines/stall.py) beside it; the run is FAILED, or
+    KILLED on Ctrl-C, if it raises (it must not stay RUNNING; a rerun of the name resumes it)."""
+    run_dir = storage.join(cfg.storage, cfg.name)
+    storage.remove(storage.join(run_dir, DIVERGED))  # an earlier attempt's note: this one decides anew
+    stall.clear(run_dir)
+    watch = stall.Watch(run_dir, run_id, cfg.stall_after_s, cfg.stall_action).start()
+    try:
+        return _off_the_main_thread(fit)
+    except BaseException as e:
+        tracking.end_run(run_id, "FAILED" if isinstance(e, Exception) else "KILLED")
+        raise
+    finally:
+        watch.stop()
 
 
 def _off_the_main_thread(fn):

@@ -23,7 +23,7 @@ import os
 import tempfile
 import time
 
-from . import checkpoint, recipe, storage, tracking
+from . import checkpoint, recipe, stall, storage, tracking
 from .common import fmt_seconds, now_iso
 from .errors import StageError
 
@@ -59,6 +59,8 @@ class Worker:
         self.c = c
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        run_dir, node = storage.join(c["storage"], c["name"]), ray.get_runtime_context().get_node_id()
+        self.heartbeat = stall.Heartbeat(run_dir, self.rank, self.world, c["stall_after_s"], node)
         _quiet_ray_train_loggers()
         self._build()
         self.history, self.position = [], {"epoch": 1, "segments": [], "sums": None}
@@ -87,7 +89,7 @@ class Worker:
         if not math.isfinite(total["loss"]):
             _note_divergence(self.c, epoch, total["loss"] / max(total["images"], 1), self.rank)
             return False
-        val = self._validate()
+        val = self._validate(epoch)
         self._step_schedule(val)
         metrics = _epoch_metrics(epoch, total, val, last_lr, timing, seg)
         self.history.append(metrics)
@@ -308,6 +310,7 @@ class Worker:
     def _after_step(self, epoch: int, seg, earlier, sums, progress, step: int, keys) -> None:
         """The ledger, the progress line, and a mid-epoch checkpoint when the cadence says so."""
         self.ledger.write(epoch, step, keys)
+        self.heartbeat.progress("train", epoch, step, keys)
         self.trained += 1
         if progress is not None:
             progress.step(step, self.trained)
@@ -331,7 +334,7 @@ class Worker:
             "images": _agree(self.trained * self.per_rank, self.device, op="sum"),  # this attempt's part
         }
 
-    def _validate(self) -> dict:
+    def _validate(self, epoch: int) -> dict:
         sums = validate(
             self.raw,
             self.c["val_shards"],
@@ -345,6 +348,7 @@ class Worker:
             channels_last=self.nhwc,
             decode=self.decode,
             amp=self.amp,
+            after_batch=lambda: self.heartbeat.progress("validate", epoch),
         )
         return sums.all_reduce().values()
 
@@ -360,6 +364,7 @@ class Worker:
         """Every rank calls it; rank 0 writes the checkpoint (mid-epoch: segments and sums set)."""
         import ray.train
 
+        self.heartbeat.progress("checkpoint", epoch)
         if self.rank != 0:
             ray.train.report(metrics)
             return
@@ -589,9 +594,11 @@ def validate(
     channels_last: bool,
     decode: str,
     amp=None,
+    after_batch=None,
 ) -> Sums:
     """This rank's share of the val samples (every sample once across ranks), centre crop:
-    loss sum, top-1 and top-5 hits, images. The caller all-reduces."""
+    loss sum, top-1 and top-5 hits, images. The caller all-reduces. ``after_batch()`` runs after
+    each batch (the stall heartbeat)."""
     import torch
     import torch.nn.functional as F
 
@@ -620,6 +627,8 @@ def validate(
                 out = net(x).float()
             top1, top5 = model.topk_hits(out, y)
             sums.add(loss=F.cross_entropy(out, y, reduction="sum").double(), top1=top1, top5=top5, images=len(y))
+            if after_batch is not None:
+                after_batch()
     return sums
 
 

@@ -117,7 +117,9 @@ def _warm_worker(module: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     # Ctrl-C in a terminal reaches every process of its group: the driver decides what stops
     # (it lets the tasks in flight finish, or stops the workers), never a traceback per worker.
+    # The worker was started with SIGINT blocked (_submit): ignored now, a held one is dropped.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if os.environ.get("PIPELINES_QUIET"):  # --quiet: nothing from the workers (a task's error still
         devnull = os.open(os.devnull, os.O_WRONLY)  # reaches the driver with its result)
         os.dup2(devnull, 2)
@@ -132,6 +134,17 @@ def _warm_worker(module: str) -> None:
     import gc
 
     gc.freeze()
+
+
+def _submit(pool, fn, *args):
+    """``pool.submit``, with SIGINT held back while it may start a worker: the worker inherits the
+    blocked signal through exec, so a Ctrl-C cannot kill it half-started (with a traceback of its
+    imports) before _warm_worker ignores it. Held back here, not lost: it arrives as this returns."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _local_pool(num_cpus: float, warm: str):
@@ -158,7 +171,7 @@ def prestart_local_pool(parallel: str, source_bytes, ray_min_bytes: int, num_cpu
         return
     pool, workers = _local_pool(num_cpus, warm)
     for _ in range(workers):  # a pool spawns its processes as work arrives: one no-op each
-        pool.submit(os.getpid)
+        _submit(pool, os.getpid)
     _prestarted[(num_cpus, warm)] = (pool, workers)
     import atexit
 
@@ -225,7 +238,7 @@ class TaskPool:
     def submit(self, fn, args: tuple):
         if self.ray is not None:
             return self._remote.remote(fn, args)
-        return self._pool.submit(local_task, fn, args)
+        return _submit(self._pool, local_task, fn, args)
 
     def done(self, pending) -> list:
         if self.ray is not None:

@@ -117,14 +117,13 @@ def _run(cfg: StatsConfig) -> dict:
 
     urls = [storage.join(shard_dir(cfg.data, "train"), s["name"]) for s in manifest["shards"]]
     progress = Progress("stats", len(urls))
-    parts = []
+    parts = [None] * len(urls)  # in the shards' order, whatever order they finish in: float sums
     with TaskPool(use_ray(cfg.parallel, manifest["bytes"], cfg.ray_min_bytes), cfg.num_cpus, warm=__name__) as pool:
-        pending = {pool.submit(shard_sums, (u,)) for u in urls}  # a shard's sums are a few numbers
+        # in another order round differently, and a rerun must write the same bytes
+        pending = {pool.submit(shard_sums, (u,)): i for i, u in enumerate(urls)}  # a shard's sums are a few numbers
         while pending:
             for handle in pool.done(pending):
-                pending.discard(handle)
-                part = pool.result(handle)["result"]
-                parts.append(part)
+                part = parts[pending.pop(handle)] = pool.result(handle)["result"]
                 progress.update(1, part[0])
     result = reduce_sums(parts)
     seconds = time.monotonic() - t0

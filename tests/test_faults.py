@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,8 +16,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipelines import index, shard
-from pipelines.config import IndexConfig, ShardConfig
+from pipelines import index, shard, stats
+from pipelines.config import IndexConfig, ShardConfig, StatsConfig
 from pipelines.sample import SampleConfig
 from pipelines.sample import run as make_sample
 from pipelines.worker import METRICS
@@ -181,6 +182,42 @@ def test_ctrl_c_stops_the_index_stage_with_one_line_and_exit_130_and_a_rerun_wri
     rerun = index.run(IndexConfig(source=str(src), data=str(root)))
     whole = index.run(IndexConfig(source=str(src), data=str(tmp_path / "whole")))
     assert rerun["train"] == whole["train"] == 48_016 and rerun["output_digest"] == whole["output_digest"]
+
+
+def test_ctrl_c_stops_the_stats_stage_with_one_line_and_exit_130_and_a_rerun_writes_the_same_stats(big_index, tmp_path):
+    """Ctrl-C to the stats stage (the stage and its local workers, as a terminal sends it) while
+    it reads the shards: it is frozen once it holds ROOT's lease, found still at work (no stats
+    written), and interrupted as it thaws. Exit 130, one line, no traceback, no stats.json, the
+    lease released; the rerun writes the stats an uninterrupted run writes."""
+    reference = _index(big_index, "reference")
+    shard.run(ShardConfig(data=str(reference), parallel="local"))
+    root = tmp_path / "root"
+    shutil.copytree(reference, root, ignore=shutil.ignore_patterns("stats.json", ".lease.json*"))
+    lease_file, out_file = root / ".lease.json", root / "stats.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines", "stats", "--data", str(root), "--parallel", "local"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=sigint_as_a_terminal_gives_it,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not lease_file.exists():
+        time.sleep(0.001)
+    os.killpg(proc.pid, signal.SIGSTOP)
+    assert proc.poll() is None and not out_file.exists(), "the stats ended before they could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)  # delivered as the group thaws
+    os.killpg(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and out == "" and "Traceback" not in err, err[-3000:]
+    assert [x for x in err.splitlines() if "interrupted" in x] == [
+        "stats: interrupted: what was finished is kept; the same command goes on from there."
+    ]
+    assert not lease_file.exists() and not out_file.exists(), err
+    rerun = stats.run(StatsConfig(data=str(root), parallel="local"))
+    whole = stats.run(StatsConfig(data=str(reference), parallel="local"))
+    assert rerun["output_digest"] == whole["output_digest"] and rerun["images"] == whole["images"] > 0
 
 
 def test_a_shard_run_paused_past_the_stale_time_loses_its_lease_and_writes_nothing_more(big_index, tmp_path):
@@ -368,7 +405,9 @@ def _ledger_pid(ledger: Path, rank: int) -> int | None:
     return max(entries, key=lambda e: (e["attempt"], e["epoch"], e["step"]))["pid"] if entries else None
 
 
-def test_a_killed_training_worker_restarts_from_the_checkpoint_in_the_same_run(dataset, ray_local, tmp_path):
+def test_a_killed_then_a_hung_training_worker_each_restart_from_the_checkpoint_in_the_same_run(
+    dataset, ray_local, tmp_path
+):
     store = f"sqlite:///{tmp_path}/mlflow.db"
     env = dict(os.environ, MLFLOW_TRACKING_URI=store, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     proc = subprocess.Popen(
@@ -397,15 +436,21 @@ def test_a_killed_training_worker_restarts_from_the_checkpoint_in_the_same_run(d
             "--storage",
             str(tmp_path / "runs"),
             "--max-failures",
-            "2",
+            "3",
             "--ledger",
             str(tmp_path / "ledger"),
+            # the default is 120 s; 10 s keeps the test short (the report's timing is the same)
+            "--stall-after",
+            "10",
+            "--stall-action",
+            "restart",
         ],
         env=env,
         stdout=(tmp_path / "train.log").open("w"),
         stderr=subprocess.STDOUT,
         text=True,
     )
+    hung = None
     try:
         client = MlflowClient(tracking_uri=store)
 
@@ -415,17 +460,32 @@ def test_a_killed_training_worker_restarts_from_the_checkpoint_in_the_same_run(d
         _wait(lambda: _registered_epochs(tmp_path / "runs" / "killed-worker"), "epoch 1's checkpoint registered")
         victim = _wait(lambda: _ledger_pid(tmp_path / "ledger", 1), "rank 1's process in the ledger")
         os.kill(victim, signal.SIGKILL)  # mid-epoch 2
+        # Then the restarted group's rank 1 hangs (stopped, as by a dead mount): the stall report
+        # names it, and --stall-action restart restarts the group once more.
+        hung = _wait(lambda: (pid := _ledger_pid(tmp_path / "ledger", 1)) != victim and pid, "the new rank 1 training")
+        os.kill(hung, signal.SIGSTOP)
+        report_file = tmp_path / "runs" / "killed-worker" / "stall-report.txt"
+        report = _wait(lambda: report_file.exists() and report_file.read_text(), "the stall report", timeout=150)
+        hung_line = next(line for line in report.splitlines() if line.lstrip().startswith("rank 1 "))
+        assert f"pid {hung}" in hung_line and "SILENT" in hung_line, report
+        assert "waits in" in next(line for line in report.splitlines() if line.lstrip().startswith("rank 0 ")), report
         assert proc.wait(900) == 0, (tmp_path / "train.log").read_text()[-4000:]
         out = (tmp_path / "train.log").read_text()
-        assert "resumed after epoch" in out, out[-4000:]  # the new worker group started from a checkpoint
+        assert out.count("resumed after epoch") >= 2, out[-4000:]  # each new worker group started from a checkpoint
+        assert f"rank 1 (pid {hung}): killed" in out, out[-4000:]
         run = client.get_run(run_id)
         for key in METRICS:
             assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3], key
         assert run.info.status == "FINISHED" and "pipelines.model_uri" in run.data.tags
         assert len(client.search_runs([run.info.experiment_id])) == 1  # one training run, one MLflow run
+        logged = client.download_artifacts(run_id, "stall-report.txt", str(tmp_path / "dl"))
+        assert Path(logged).read_text() == report_file.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
+        if hung:  # never leave a stopped process behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hung, signal.SIGKILL)
 
 
 def test_s3_outage_during_shard_upload_then_rerun_completes(big_index, ray_local, tmp_path):

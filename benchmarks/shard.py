@@ -272,7 +272,7 @@ def wrap(mod, name):
         finally:
             mark(name + " end")
     setattr(mod, name, g)
-for mod, name in ((tr, "_client"), (tr, "log_params"), (sh, "prestart_local_pool")):
+for mod, name in ((tr, "mlflow_client"), (tr, "log_params"), (sh, "prestart_local_pool")):
     wrap(mod, name)
 class TracedPool(sh.TaskPool):  # where the stage's tasks run: a local Ray, or a local process pool
     def __init__(self, *a, **k):
@@ -365,8 +365,8 @@ def startup_profile(data: str, cache: str) -> dict:
     beside = [
         {"phase": name, "from": a - t0, "to": b - t0}
         for name, a, b in (
-            ("MLflow: import mlflow, open the store", at("_client begin"), at("_client end")),
-            ("MLflow: experiment, run, params", at("_client end"), at("log_params end")),
+            ("MLflow: import mlflow, open the store", at("mlflow_client begin"), at("mlflow_client end")),
+            ("MLflow: experiment, run, params", at("mlflow_client end"), at("log_params end")),
         )
         if a and b
     ]

@@ -135,3 +135,19 @@ def test_loader_floor_and_report_rows(tmp_path, monkeypatch):
     assert r["vs_webdataset"] == pytest.approx(2.0) and r["vs_torchvision"] == pytest.approx(4.0)
     assert r["per_core_vs_decode_floor"] == pytest.approx(800 / cores / rows["floor"]["images/s"])
     assert json.loads((tmp_path / "loader.json").read_text())["ratios"] == r
+
+
+def test_the_shard_benchmarks_startup_profile_traces_the_stage_it_wraps(tmp_path):
+    """The profile wraps the stage's own functions by name: a rename in the stage must fail here,
+    not at the end of the 20,000-image benchmark."""
+    from benchmarks import shard as bench
+
+    cache = str(tmp_path / "cache")
+    _, data, jpgs = bench._dataset(40, 2, 10, cache)
+    p = bench.startup_profile(data, cache)
+    phases = [x["phase"] for x in p["phases"]]
+    assert p["tasks"] == 4 and phases[0].startswith("python start"), phases
+    assert any(x.startswith("first finished shard") for x in phases), phases
+    mlflow = ["MLflow: import mlflow, open the store", "MLflow: experiment, run, params"]
+    assert [x["phase"] for x in p["beside"]] == mlflow
+    assert len(jpgs) == 40

@@ -53,6 +53,7 @@ def _beat(run_dir: Path, rank: int) -> dict | None:
         return None
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("action", ["report", "restart"])
 def test_a_stopped_rank_is_named_silent_and_the_waiting_rank_shows_where_it_waits(tmp_path, monkeypatch, action):
     monkeypatch.setattr(stall, "BEAT_S", 0.2)

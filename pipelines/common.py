@@ -1,4 +1,5 @@
-"""Small pieces every stage shares: digests, timestamps, and progress lines."""
+"""Small pieces every stage shares: digests, timestamps, progress lines, and waiting for work on
+another thread so that Ctrl-C is heard at once."""
 
 from __future__ import annotations
 
@@ -7,7 +8,30 @@ import datetime as _dt
 import hashlib
 import json
 import sys
+import threading
 import time
+
+
+def off_the_main_thread(fn, name: str):
+    """``fn()`` on a daemon thread of its own, waited for here: Ctrl-C (and SIGTERM, which the
+    CLI turns into it) is raised in this thread at once, whatever ``fn`` is doing (a Ray call,
+    an asyncio loop), and never inside ``fn``'s own machinery. ``fn`` is abandoned: it ends
+    with the process."""
+    out: dict = {}
+
+    def target():
+        try:
+            out["result"] = fn()
+        except BaseException as e:  # noqa: BLE001 - raised again in the waiting thread
+            out["error"] = e
+
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # a timed wait: a signal's KeyboardInterrupt is raised here at once
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
 
 
 def digest(obj) -> str:

@@ -17,13 +17,12 @@ import asyncio
 import contextlib
 import os
 import shlex
-import signal
 import sys
 import time
 from pathlib import Path
 
 from .cluster import forwarded_env
-from .common import fmt_seconds
+from .common import fmt_seconds, off_the_main_thread
 from .config import SubmitConfig
 from .errors import StageError
 
@@ -238,22 +237,14 @@ def _left_running(cfg: SubmitConfig, address: str, client, job_id: str):
         ) from None
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def _until_done(address: str, client, job_id: str, entrypoint: str) -> dict:
     """Follow the job's logs to its end; its summary, with the job's exit code."""
     t0, tail = time.monotonic(), []
-    # Ctrl-C is raised as KeyboardInterrupt here, whatever the log stream is doing: asyncio's own
-    # handler only cancels the task, and a stream that ends quietly on cancel would swallow it.
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _interrupt)
-    try:
-        asyncio.run(_follow(client, job_id, tail))
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    # The log stream's event loop runs on a thread of its own, so Ctrl-C is raised here at once
+    # and never inside it: asyncio's own handler only cancels the task (a stream that ends
+    # quietly on cancel swallowed the interrupt), and one raised inside the loop could leave
+    # its clean-up printing tracebacks.
+    off_the_main_thread(lambda: asyncio.run(_follow(client, job_id, tail)), "job-logs")
     info = _call(address, client.get_job_info, job_id)
     while str(info.status.value) not in DONE:  # the log stream can end a moment before the status
         time.sleep(0.5)

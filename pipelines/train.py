@@ -19,11 +19,11 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 
 from . import checkpoint, contract, lease, lineage, registry, stall, storage, tracking
 from .cluster import ensure_ray, on_cluster
+from .common import off_the_main_thread
 from .config import TrainConfig
 from .errors import StageError
 from .recipe import AMPS, GRAD_COMPRESSIONS, LR_SCALINGS, SCHEDULES, resolve_amp
@@ -397,35 +397,15 @@ def _watched(fit, cfg: TrainConfig, run_id: str):
     stall.clear(run_dir)
     watch = stall.Watch(run_dir, run_id, cfg.stall_after_s, cfg.stall_action).start()
     try:
-        return _off_the_main_thread(fit)
+        # Off the main thread: Ray Train's fit registers its own SIGINT handler when it runs on
+        # the main thread, which aborts the workers (a traceback each) and exits 1. Here Ctrl-C
+        # ends the run KILLED with one line, as in every stage; the workers end with the driver.
+        return off_the_main_thread(fit, "ray-train-fit")
     except BaseException as e:
         tracking.end_run(run_id, "FAILED" if isinstance(e, Exception) else "KILLED")
         raise
     finally:
         watch.stop()
-
-
-def _off_the_main_thread(fn):
-    """``fn()`` on a thread of its own, waited for here. Ctrl-C (and SIGTERM) then reach this
-    thread as KeyboardInterrupt, as in every stage: the run ends KILLED, one line says how to
-    resume, exit 130. (Ray Train's fit registers its own SIGINT handler when it runs on the main
-    thread: that one aborts the workers, each printing a traceback, and the process exits 1.)
-    The thread is a daemon: the workers end with this driver."""
-    out: dict = {}
-
-    def target():
-        try:
-            out["result"] = fn()
-        except BaseException as e:  # noqa: BLE001 - raised again in the waiting thread
-            out["error"] = e
-
-    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.5)  # a timed wait: a signal's KeyboardInterrupt is raised here at once
-    if "error" in out:
-        raise out["error"]
-    return out["result"]
 
 
 def _checkpoints(result, runs: str) -> tuple:

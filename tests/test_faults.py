@@ -147,6 +147,26 @@ def test_ctrl_c_stops_the_shard_stage_with_one_line_and_exit_130_and_a_rerun_fin
     assert summary["skipped"] >= recorded and _checksums(root) == want
 
 
+def _in_a_terminal(*args: str) -> subprocess.Popen:
+    """A stage in a process group of its own with SIGINT at its default, as a terminal's
+    foreground job is (Ctrl-C reaches the group)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipelines", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=sigint_as_a_terminal_gives_it,
+    )
+
+
+def _until_exists(path: Path, proc: subprocess.Popen, every: float = 0.01, timeout: float = 120) -> None:
+    """Poll for ``path`` while ``proc`` runs (it may end first: the caller checks)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None and not path.exists():
+        time.sleep(every)
+
+
 def test_ctrl_c_stops_the_index_stage_with_one_line_and_exit_130_and_a_rerun_writes_the_same_index(tmp_path):
     """Ctrl-C to the index stage, as a terminal sends it, once it holds ROOT's lease and reads a
     source of 48,000 files: exit 130, one line, no traceback, nothing half-written, the lease
@@ -159,17 +179,8 @@ def test_ctrl_c_stops_the_index_stage_with_one_line_and_exit_130_and_a_rerun_wri
         for i in range(12_000):
             os.link(images[i % len(images)], folder / f"{folder.name}_{900000 + i}.JPEG")
     root, lease_file = tmp_path / "root", tmp_path / "root" / ".lease.json"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines", "index", "--source", str(src), "--data", str(root)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        preexec_fn=sigint_as_a_terminal_gives_it,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and not lease_file.exists():
-        time.sleep(0.01)
+    proc = _in_a_terminal("index", "--source", str(src), "--data", str(root))
+    _until_exists(lease_file, proc)
     assert proc.poll() is None, "the index ended before it could be interrupted"
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
@@ -194,17 +205,8 @@ def test_ctrl_c_stops_the_stats_stage_with_one_line_and_exit_130_and_a_rerun_wri
     root = tmp_path / "root"
     shutil.copytree(reference, root, ignore=shutil.ignore_patterns("stats.json", ".lease.json*"))
     lease_file, out_file = root / ".lease.json", root / "stats.json"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines", "stats", "--data", str(root), "--parallel", "local"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        preexec_fn=sigint_as_a_terminal_gives_it,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and not lease_file.exists():
-        time.sleep(0.001)
+    proc = _in_a_terminal("stats", "--data", str(root), "--parallel", "local")
+    _until_exists(lease_file, proc, every=0.001)
     os.killpg(proc.pid, signal.SIGSTOP)
     assert proc.poll() is None and not out_file.exists(), "the stats ended before they could be interrupted"
     os.killpg(proc.pid, signal.SIGINT)  # delivered as the group thaws

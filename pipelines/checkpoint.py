@@ -43,6 +43,15 @@ def save(state: dict, folder: str) -> str:
     return path
 
 
+def upload(folder: str, url: str) -> None:
+    """Copy a checkpoint saved in a local folder to ``url`` (s3://), its state before its
+    checksum. Each file is uploaded whole or not at all, and a failure raises here, where the
+    caller sees it."""
+    for name in sorted(os.listdir(folder)):  # state.pt, then state.pt.sha256
+        with open(os.path.join(folder, name), "rb") as f:
+            storage.upload(storage.join(url, name), f)
+
+
 def _sha256(f) -> str:
     with f:
         sha = hashlib.sha256()

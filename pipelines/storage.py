@@ -217,14 +217,10 @@ class _S3Reader(io.RawIOBase):
         n = min(len(buf), self.size - self.pos)
         if n <= 0:
             return 0
-        body = (
-            s3_client()
-            .get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={self.pos}-{self.pos + n - 1}")["Body"]
-            .read()
-        )
-        buf[: len(body)] = body
-        self.pos += len(body)
-        return len(body)
+        body = read_range(self.url, self.pos, n)  # a refused key is read afresh here too: reads can be long
+        buf[:n] = body
+        self.pos += n
+        return n
 
 
 # --- the interface ----------------------------------------------------------------------------
@@ -404,8 +400,7 @@ def atomic_write(url: str) -> Iterator[IO[bytes]]:
         with tempfile.TemporaryFile() as f:
             yield f
             f.flush()
-            f.seek(0)
-            _upload(url, f)
+            upload(url, f)
         return
     final = Path(url)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -422,16 +417,42 @@ def atomic_write(url: str) -> Iterator[IO[bytes]]:
 
 
 @_explained
-def _upload(url: str, f) -> None:
+def upload(url: str, f) -> None:
+    """The file object ``f``, from its start, as the S3 object ``url``: one PUT, or parts retried
+    one by one; the object appears only when the whole has arrived."""
     from boto3.s3.transfer import TransferConfig
 
     bucket, key = _split(url)
+    f.seek(0)  # from the start again when a refused first try is retried
     s3_client().upload_fileobj(
-        f,
+        _Lent(f),
         bucket,
         key,
         Config=TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD),
     )
+
+
+class _Lent:
+    """A file lent to boto3, which closes the file it uploads, failed or not: its owner closes
+    it, and a retry reads it again."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def read(self, n: int = -1) -> bytes:
+        return self.f.read(n)
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def close(self) -> None:
+        pass
 
 
 def write_bytes(url: str, data: bytes) -> None:
@@ -506,8 +527,8 @@ def read_versioned(url: str) -> tuple[bytes, str] | None:
 def replace_if(url: str, data: bytes, version: str) -> str | None:
     """Replace ``url`` with ``data`` only if it is still at ``version`` (compare-and-swap); the new
     version, or None if another writer changed or removed it first. S3: ``If-Match`` on the ETag
-    (the store refuses a stale one). Local disk: under an exclusive lock on ``url + ".lock"``, so
-    that of two processes replacing one version only the first does."""
+    (the store refuses a stale one). Local disk: under an exclusive lock on a hidden
+    ``.NAME.lock`` beside it, so that of two processes replacing one version only the first does."""
     if is_s3(url):
         from botocore.exceptions import ClientError
 
@@ -522,7 +543,8 @@ def replace_if(url: str, data: bytes, version: str) -> str | None:
             raise
     import fcntl
 
-    with open(url + ".lock", "a") as lock:
+    lock_path = Path(url).with_name(f".{Path(url).name}.lock")
+    with open(lock_path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         now = read_versioned(url)
         if now is None or now[1] != version:
@@ -548,6 +570,26 @@ def remove(url: str) -> None:
     s3_client().delete_object(Bucket=bucket, Key=key)
 
 
+@_explained
+def remove_tree(url: str) -> int:
+    """Delete ``url`` and everything below it; how many files went. Missing is not an error."""
+    if not is_s3(url):
+        import shutil
+
+        n = sum(len(files) for _, _, files in os.walk(url))
+        shutil.rmtree(url, ignore_errors=True)
+        return n
+    bucket, n = _split(url)[0], 0
+    for _, page in _list(url, delimiter=False):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]  # a page holds at most 1000, as delete takes
+        if keys:
+            s3_client().delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+            n += len(keys)
+    # Stores with real folders (SeaweedFS) keep an emptied one as a "key/" marker object
+    s3_client().delete_object(Bucket=bucket, Key=_split(url)[1] + "/")
+    return n
+
+
 def remove_stale_temps(url: str) -> int:
     """Delete temp files a killed writer left in folder ``url``; returns how many.
 
@@ -561,21 +603,3 @@ def remove_stale_temps(url: str) -> int:
             remove(join(url, name))
             n += 1
     return n
-
-
-def pyarrow_filesystem(url: str):
-    """(pyarrow filesystem, path) for libraries that take one (Ray Train's checkpoint storage);
-    (None, url) for a local path. It carries the endpoint and region, never credentials: it is
-    pickled to every worker, and each resolves the AWS credential chain of its own node (which
-    refreshes expiring credentials) instead of keys frozen on the driver."""
-    if not is_s3(url):
-        return None, url
-    import boto3
-    from pyarrow import fs
-
-    kwargs = {"region": boto3.session.Session().region_name or "us-east-1"}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
-    return fs.S3FileSystem(**kwargs), str(url)[len("s3://") :]

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from . import checkpoint, contract, lease, lineage, registry, stall, storage, tracking
+from . import arrowfs, checkpoint, contract, lease, lineage, registry, stall, storage, tracking
 from .cluster import ensure_ray, on_cluster
 from .common import off_the_main_thread
 from .config import TrainConfig
@@ -338,7 +338,8 @@ def _fit(cfg: TrainConfig, inputs: dict, run_id: str):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    runs_fs, runs_path = storage.pyarrow_filesystem(cfg.storage)  # s3:// checkpoints use the AWS_* settings
+    # s3:// checkpoints go through the project's S3 layer: its AWS_* settings, and a refused key read afresh
+    runs_fs, runs_path = arrowfs.filesystem(cfg.storage)
     loop_config = {
         **dataclasses.asdict(cfg),
         **{k: inputs[k] for k in LOOP_INPUTS},

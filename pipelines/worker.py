@@ -23,7 +23,7 @@ import os
 import tempfile
 import time
 
-from . import checkpoint, recipe, stall, storage, tracking
+from . import arrowfs, checkpoint, recipe, stall, storage, tracking
 from .common import fmt_seconds, now_iso
 from .errors import StageError
 
@@ -374,10 +374,14 @@ class Worker:
         # the training it describes. (Ray's ASYNC upload lets training run on while a 0.5 GB
         # upload goes to S3: a node lost then resumes from further back.)
         c = self.c
-        if not c.get("storage") or storage.is_s3(c["storage"]):  # written here, uploaded by Ray Train
+        if not c.get("storage") or storage.is_s3(c["storage"]):  # written here, then uploaded
             with tempfile.TemporaryDirectory() as d:
                 checkpoint.save(state, d)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                ray.train.report(
+                    metrics,
+                    checkpoint=ray.train.Checkpoint.from_directory(d),
+                    checkpoint_upload_fn=_upload_to(c["storage"], c["name"]) if c.get("storage") else None,
+                )
         else:
             # Straight into the run's folder, where Ray Train would otherwise copy it from a
             # temporary one: the ~0.5 GB written once rather than written, read and written again.
@@ -442,6 +446,22 @@ def _quiet_ray_train_loggers() -> None:
     for logger_name in list(logging.root.manager.loggerDict):
         if logger_name.endswith(".py") and f"{os.sep}ray{os.sep}train{os.sep}" in logger_name:
             logging.getLogger(logger_name).setLevel(logging.WARNING)
+
+
+def _upload_to(runs: str, name: str):
+    """Ray Train's upload of a checkpoint to the S3 run folder ``runs/name``, by the project's
+    S3 layer. Ray's own copy (``pyarrow.fs.copy_files``) drops an error raised when a Python
+    filesystem's file is closed, so a refused last upload would register a checkpoint that is
+    not there; this one raises it."""
+    import ray.train
+
+    def upload(local: ray.train.Checkpoint, folder: str) -> ray.train.Checkpoint:
+        url = storage.join(runs, name, folder)
+        checkpoint.upload(local.path, url)
+        fs, path = arrowfs.filesystem(url)
+        return ray.train.Checkpoint(path, filesystem=fs)
+
+    return upload
 
 
 def _placement(rank: int, world: int) -> list[dict]:

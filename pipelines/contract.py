@@ -163,13 +163,16 @@ def read_rejects(data: str) -> list[dict]:
     return [json.loads(line) for line in storage.read_bytes(url).decode().splitlines() if line.strip()]
 
 
-def write_rejects(data: str, stage: str, entries: list[dict], splits=SPLITS) -> None:
-    """Replace ``stage``'s lines for ``splits`` in rejected.jsonl, keeping every other line."""
+def rejects_url(data: str) -> str:
+    return index_paths(data)["rejected"]
+
+
+def rejects_with(data: str, stage: str, entries: list[dict], splits=SPLITS) -> bytes:
+    """rejected.jsonl with ``stage``'s lines for ``splits`` replaced by ``entries``, every other
+    line kept: the bytes for the stage to write."""
     kept = [r for r in read_rejects(data) if not (r["stage"] == stage and r["split"] in splits)]
     lines = kept + [dict(e, stage=stage) for e in entries]
-    storage.write_if_changed(
-        index_paths(data)["rejected"], "".join(json.dumps(r, sort_keys=True) + "\n" for r in lines).encode()
-    )
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in lines).encode()
 
 
 # --- is it current? -----------------------------------------------------------------------------

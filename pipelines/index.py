@@ -29,7 +29,7 @@ from . import lease, storage
 from .cluster import check_parallel, counted_task, ensure_ray, on_cluster
 from .common import digest, now_iso, raise_if_background_failed
 from .config import SPLITS, IndexConfig
-from .contract import ASSIGNMENT, BATCH, content_id, index_paths, write_rejects
+from .contract import ASSIGNMENT, BATCH, content_id, index_paths, rejects_with
 from .errors import StageError, StrictFailure
 from .sources import Item, Unit, expand, open_source, read_unit, where
 
@@ -398,6 +398,7 @@ def _run(cfg: IndexConfig) -> dict:
     t0 = time.monotonic()
     src = check(cfg)
     out = index_paths(cfg.data)
+    lease.remember(cfg.data, out["classes"], out["rejected"], out["record"])
     params = {
         "source": cfg.source,
         "layout": src.layout,
@@ -421,22 +422,20 @@ def _run(cfg: IndexConfig) -> dict:
         rows, rejects, digests[split] = _index_split(cfg, src, split, classes, out[split], reads)
         counts.update({split: rows, f"{split}_rejected": len(rejects)})
         all_rejects += rejects
-    lease.check(cfg.data)  # still this run's ROOT: a run that lost its lease writes nothing more
-    storage.write_json(out["classes"], [{"index": i, **c} for i, c in enumerate(classes)])
-    write_rejects(cfg.data, "index", all_rejects)
+    # Each written only if still the version this run found at its start (pipelines/lease.py)
+    lease.write(cfg.data, out["classes"], storage.json_bytes([{"index": i, **c} for i, c in enumerate(classes)]))
+    lease.write(cfg.data, out["rejected"], rejects_with(cfg.data, "index", all_rejects))
     summary = _summary(cfg, src, classes, counts, all_rejects, reads, fingerprint, digests, t0)
-    storage.write_json(
-        out["record"],
-        {
-            "stage": "index",
-            "params": params,
-            "source_fingerprint": fingerprint,
-            "digests": digests,
-            "classes_digest": digest(classes),
-            "ran_at": now_iso(),
-            "summary": summary,
-        },
-    )
+    record = {
+        "stage": "index",
+        "params": params,
+        "source_fingerprint": fingerprint,
+        "digests": digests,
+        "classes_digest": digest(classes),
+        "ran_at": now_iso(),
+        "summary": summary,
+    }
+    lease.write(cfg.data, out["record"], storage.json_bytes(record))
     _maybe_strict(cfg.strict, summary)
     return summary
 

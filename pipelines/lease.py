@@ -15,7 +15,10 @@ without releasing it (SIGKILL, a lost node) leaves a stale lease, taken over:
 Of two runs that judge one lease stale at the same moment, one replaces the version both read;
 the other finds it changed. A holder judged stale while alive (paused, cut off) learns it at its
 next heartbeat or its next ``check`` (every stage calls it before writing a document or deleting
-a file) and stops before writing anything more, naming the run that took over.
+a file) and stops before writing anything more, naming the run that took over. A stage's
+documents (manifests, stats, the index record) are written by ``write``, a compare-and-swap on
+the version the run read at its start: a run paused between its check and its write, and
+taken over meanwhile, finds the document changed and writes nothing.
 Two runs on one root would otherwise corrupt each other: the shard stage's clean-up of a killed
 run's temporary files would delete the files the other run is writing.
 """
@@ -102,6 +105,7 @@ class Lease:
             "started": now_iso(),
         }
         self.version, self.generation, self.lost, self.beaten = None, 1, None, time.monotonic()
+        self.versions: dict[str, str | None] = {}  # document -> its version as this run last saw it
         self._lock = threading.Lock()
 
     def doc(self, generation: int) -> bytes:
@@ -157,6 +161,31 @@ class Lease:
         if self.lost is not None:
             raise LeaseLost(self.lost_message())
 
+    def remember(self, urls) -> None:
+        """The versions of the documents this run will replace, read under the lease before any
+        work: its writes of them compare against these."""
+        for url in urls:
+            found = storage.read_versioned(url)
+            self.versions[url] = found[1] if found else None
+
+    def write(self, url: str, data: bytes) -> None:
+        """Replace a remembered document only if it is still the version this run last read or
+        wrote (compare-and-swap). A ``check`` just before is not enough: a run paused between it
+        and the write, and taken over meanwhile, would write over the new holder's document."""
+        self.check()
+        expected = self.versions[url]  # a KeyError here: the stage did not remember it at its start
+        found = storage.read_versioned(url)
+        if found is not None and found == (data, expected):
+            return  # unchanged: a rerun that changes nothing touches nothing
+        if expected is None:
+            new = storage.read_versioned(url)[1] if storage.write_if_absent(url, data) else None
+        else:
+            new = storage.replace_if(url, data, expected)
+        if new is None:
+            self.lost = f"a run that wrote '{url}' meanwhile"
+            raise LeaseLost(self.lost_message())
+        self.versions[url] = new
+
     def lost_message(self) -> str:
         return (
             f"This {self.me['stage']} run lost its lease on '{self.root}' to {self.lost} (it was paused or "
@@ -177,6 +206,21 @@ def check(root: str) -> None:
     (a StageError naming the run that took it if not). Nothing to check outside ``hold``."""
     if root in _held:
         _held[root].check()
+
+
+def remember(root: str, *urls: str) -> None:
+    """At a stage's start, under ROOT's lease: the documents it will write with ``write``."""
+    if root in _held:
+        _held[root].remember(urls)
+
+
+def write(root: str, url: str, data: bytes) -> None:
+    """Write a document under ROOT fenced by the lease (``Lease.write``); outside ``hold``, as
+    ``storage.write_if_changed``."""
+    if root in _held:
+        _held[root].write(url, data)
+    else:
+        storage.write_if_changed(url, data)
 
 
 @contextmanager

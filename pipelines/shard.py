@@ -37,10 +37,11 @@ from .contract import (
     read_index_record,
     read_manifest,
     read_rejects,
+    rejects_url,
+    rejects_with,
     require_current,
     shard_dir,
     shard_name,
-    write_rejects,
 )
 from .errors import StageError, StrictFailure
 from .images import decode_problem, prepare_image
@@ -398,38 +399,8 @@ def _save_manifest(cfg, split, params, index_digest, entries: dict, names: list[
         "ran_at": started,
         "shards": shards,
     }
-    _write_fenced(cfg, manifest_url(cfg.data, split), storage.json_bytes(manifest))
+    lease.write(cfg.data, manifest_url(cfg.data, split), storage.json_bytes(manifest))
     return manifest
-
-
-_versions: dict[str, str | None] = {}  # manifest URL -> its version this run last read or wrote
-
-
-def _remember_manifests(cfg: ShardConfig, splits) -> None:
-    """The manifests' versions as this run finds them, under its lease, before any work."""
-    for split in splits:
-        found = storage.read_versioned(manifest_url(cfg.data, split))
-        _versions[manifest_url(cfg.data, split)] = found[1] if found else None
-
-
-def _write_fenced(cfg: ShardConfig, url: str, data: bytes) -> None:
-    """Replace the manifest only if it is still the version this run last read or wrote (a
-    compare-and-swap). The lease check just before is not enough: a run paused between that
-    check and this write, and taken over meanwhile, would write over the new holder's manifest."""
-    expected = _versions.get(url)
-    found = storage.read_versioned(url)
-    if found is not None and found[1] == expected and found[0] == data:
-        return  # unchanged: a rerun that changes nothing touches nothing
-    if expected is None:
-        new = storage.read_versioned(url)[1] if storage.write_if_absent(url, data) else None
-    else:
-        new = storage.replace_if(url, data, expected)
-    if new is None:
-        raise lease.LeaseLost(
-            f"This shard run lost its lease on '{cfg.data}': another run wrote '{url}' while this one "
-            "was paused or cut off. It stopped before writing anything more; the other run goes on."
-        )
-    _versions[url] = new
 
 
 def check(cfg: ShardConfig) -> tuple[str, ...]:
@@ -503,7 +474,7 @@ def _run(cfg: ShardConfig) -> dict:
     # Temp files a killed run left: of the manifests (ROOT/shards) and of the shards. This run
     # holds the root's lease, so no other writer's files are among them.
     lease.check(cfg.data)
-    _remember_manifests(cfg, splits)
+    lease.remember(cfg.data, *(manifest_url(cfg.data, split) for split in splits), rejects_url(cfg.data))
     storage.remove_stale_temps(storage.join(cfg.data, "shards"))
     for split in splits:
         storage.remove_stale_temps(shard_dir(cfg.data, split))
@@ -570,8 +541,7 @@ def _summary(cfg: ShardConfig, splits, plans: dict, manifests: dict, index_diges
     shard_rejects = [
         dict(r, split=split) for split in splits for s in manifests[split]["shards"] for r in s["rejected"]
     ]
-    lease.check(cfg.data)
-    write_rejects(cfg.data, "shard", shard_rejects, splits)
+    lease.write(cfg.data, rejects_url(cfg.data), rejects_with(cfg.data, "shard", shard_rejects, splits))
     index_rejects = [r for r in read_rejects(cfg.data) if r["stage"] == "index" and r["split"] in splits]
     seconds, images, gets = time.monotonic() - t0, done["images"], done["gets"]
     summary = {

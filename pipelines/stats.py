@@ -111,6 +111,7 @@ def _run(cfg: StatsConfig) -> dict:
     t0 = time.monotonic()
     manifest = check(cfg)
     out = stats_url(cfg.data)
+    lease.remember(cfg.data, out)
     old = _made_before(cfg, manifest)
     if old is not None:
         return dict(old["summary"], skipped=True, seconds=round(time.monotonic() - t0, 2))
@@ -140,6 +141,6 @@ def _run(cfg: StatsConfig) -> dict:
     }
     if cfg.allow_stale:  # check() let them through: the run says which
         summary["allowed_stale"] = require_current(cfg.data, ["shard train"], "stats", True)
-    lease.check(cfg.data)  # still this run's ROOT: a run that lost its lease writes nothing more
-    storage.write_json(out, {**result, "input_digest": manifest["digest"], "ran_at": now_iso(), "summary": summary})
+    doc = {**result, "input_digest": manifest["digest"], "ran_at": now_iso(), "summary": summary}
+    lease.write(cfg.data, out, storage.json_bytes(doc))  # only if still the stats.json this run found at its start
     return summary

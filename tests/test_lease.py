@@ -116,6 +116,41 @@ def test_a_holder_whose_lease_was_taken_learns_it_and_writes_nothing(tmp_path, m
     assert json.loads((tmp_path / lease.NAME).read_text())["holder"] == new.me["holder"]
 
 
+def test_a_holder_paused_between_its_check_and_its_write_writes_no_document_over_the_new_holders(tmp_path, monkeypatch):
+    """The window a check cannot close: the old holder checked its lease (fresh), was paused,
+    and was taken over; the new holder wrote the stage's documents. The old holder's writes,
+    a compare-and-swap on the versions it read at its start, find them changed: it raises
+    and both documents keep the new holder's bytes. A rewrite of the same bytes changes nothing."""
+    monkeypatch.setenv("PIPELINES_LEASE_STALE_S", "0.5")
+    made, fresh = tmp_path / "stats.json", tmp_path / "index" / "index.json"
+    made.write_bytes(b"from a run before both")
+    old = lease.Lease(str(tmp_path), "stats")
+    old.take()
+    old.remember([str(made), str(fresh)])
+    beat = json.loads((tmp_path / lease.NAME).read_text())["heartbeat_s"]
+    while time.time() - beat <= 0.5:  # the old holder, paused, goes stale by its own record
+        time.sleep(0.05)
+    new = lease.Lease(str(tmp_path), "stats")
+    new.take()
+    new.remember([str(made), str(fresh)])
+    fresh.parent.mkdir()
+    new.write(str(made), b"the new holder's")
+    new.write(str(fresh), b"the new holder's")
+    version = new.versions[str(made)]
+    new.write(str(made), b"the new holder's")
+    assert new.versions[str(made)] == version  # the same bytes: not written again
+
+    monkeypatch.setattr(lease, "_beat_every", lambda: 3600.0)  # its check, just before the pause, found it fresh
+    with pytest.raises(lease.LeaseLost, match=f"lost its lease on .* wrote '{fresh}' meanwhile.*stopped before"):
+        old.write(str(fresh), b"the old holder's")  # absent at its start: created meanwhile
+    with pytest.raises(lease.LeaseLost, match="lost its lease on .* stopped before"):
+        old.write(str(made), b"the old holder's")  # lost is lost: no second try
+    old.lost = None
+    with pytest.raises(lease.LeaseLost, match=f"lost its lease on .* wrote '{made}' meanwhile.*stopped before"):
+        old.write(str(made), b"the old holder's")  # replaced meanwhile
+    assert made.read_bytes() == fresh.read_bytes() == b"the new holder's"
+
+
 @pytest.mark.fault
 def test_the_heartbeat_keeps_a_long_run_from_looking_stale(tmp_path, monkeypatch):
     monkeypatch.setattr(lease, "HEARTBEAT_S", 0.2)

@@ -12,6 +12,8 @@ import pytest
 from pipelines.sample import SampleConfig
 from pipelines.sample import run as make_sample
 
+from .helpers import RECOVERY
+
 LAYOUTS = {"ilsvrc-tar": "tarballs", "kaggle": "kaggle", "folder": "folders"}
 
 
@@ -90,3 +92,18 @@ def one_shard(tmp_path_factory, ray_local, tracking_store):
     stats.run(StatsConfig(data=root))
     assert [s["samples"] for s in json.loads((Path(root) / "shards" / "train.json").read_text())["shards"]] == [120]
     return root
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The recovery times the fault tests recorded (``helpers.recovered``), one line each."""
+    rows = [
+        (value, name[len(RECOVERY) :], report.nodeid)
+        for report in terminalreporter.stats.get("passed", [])
+        if report.when == "call"
+        for name, value in report.user_properties
+        if name.startswith(RECOVERY)
+    ]
+    if rows:
+        terminalreporter.section("recovery times (injection or end of the fault to recovery)")
+        for seconds, fault, test in rows:
+            terminalreporter.write_line(f"{seconds:7.1f} s  {fault}  [{test.split('::')[-1][:60]}]")

@@ -23,6 +23,8 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from tests.helpers import RECOVERY
+
 DEFAULT_SELECTION = ["-m", "fault"]
 BIG = 16 * 1024**2  # what a failed round's temporary files keep: everything smaller (logs, manifests)
 
@@ -84,7 +86,12 @@ def _outcomes(junit: Path) -> dict[str, dict]:
             if "skipped" in tags
             else "passed"
         )
-        results[test_id] = {"outcome": outcome, "seconds": float(case.get("time", 0))}
+        recovery = {
+            p.get("name")[len(RECOVERY) :]: float(p.get("value"))
+            for p in case.iter("property")
+            if p.get("name", "").startswith(RECOVERY)
+        }
+        results[test_id] = {"outcome": outcome, "seconds": float(case.get("time", 0)), "recovery": recovery}
     return results
 
 
@@ -106,6 +113,22 @@ def table(rounds: list[dict[str, dict]]) -> tuple[str, bool]:
         rows.append(f"{bad}/{len(rounds)}  {median:>5}  {t}{'  (' + note + ')' if note else ''}")
     head = "failed  median s  test"
     return "\n".join([head, *rows]), clean
+
+
+def recovery_table(rounds: list[dict[str, dict]]) -> str:
+    """Each recovery time the fault tests recorded (``helpers.recovered``): median, least and
+    most over the rounds that passed."""
+    times: dict[str, list[float]] = {}
+    for r in rounds:
+        for result in r.values():
+            if result["outcome"] == "passed":
+                for fault, seconds in result.get("recovery", {}).items():
+                    times.setdefault(fault, []).append(seconds)
+    rows = [
+        f"{statistics.median(v):7.1f}  {min(v):7.1f}  {max(v):7.1f}  {len(v):>2}  {fault}"
+        for fault, v in sorted(times.items())
+    ]
+    return "\n".join(["recovery s: median    least     most   n  fault", *rows]) if rows else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  failed: {t} (output: {out / f'round-{k}' / 'pytest.log'})", flush=True)
     text, clean = table(rounds)
     print(text)
+    print(recovery_table(rounds))
     (out / "flakes.json").write_text(json.dumps({"selection": selection, "rounds": rounds}, indent=1))
     return 0 if clean else 1
 

@@ -75,6 +75,19 @@ def read_ledger(folder) -> dict[int, dict[int, dict[int, list[str]]]]:
     return out
 
 
+def ledger_worlds(folder: Path) -> set[int]:
+    """The world sizes a sample ledger has seen so far, read while the workers write it (a line
+    still being written is skipped)."""
+    seen = set()
+    for path in Path(folder).glob("rank*.jsonl"):
+        for line in path.read_text().splitlines():
+            try:
+                seen.add(json.loads(line)["world"])
+            except ValueError:
+                pass
+    return seen
+
+
 def epoch_keys(ledger: dict, epoch: int) -> list[str]:
     return [
         k for step in sorted(ledger[epoch]) for rank in sorted(ledger[epoch][step]) for k in ledger[epoch][step][rank]
@@ -88,3 +101,17 @@ def sigint_as_a_terminal_gives_it() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+RECOVERY = "recovery_s: "  # the prefix of the test properties that hold a recovery time
+
+
+def recovered(record_property, fault: str, since: float) -> float:
+    """Record the seconds from ``since`` (``time.monotonic()`` when ``fault`` was injected, or
+    when it ended) to now, the moment the test saw the recovery it waits for. pytest's summary
+    and ``make flakes`` list them; nothing asserts on them (a timed test fails by chance)."""
+    import time
+
+    took = time.monotonic() - since
+    record_property(RECOVERY + fault, round(took, 1))
+    return took

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from pipelines.worker import METRICS
 
-from .helpers import epoch_keys, read_ledger
+from .helpers import epoch_keys, ledger_worlds, read_ledger, recovered
 from .multinode import FAST_TRAIN_RESTART, ray_cluster
 from .services import wait_for
 
@@ -48,7 +48,7 @@ def _latest_checkpoint(runs):
         return {}
 
 
-def test_a_lost_node_leaves_training_on_fewer_workers_with_each_sample_once(one_shard, tmp_path):
+def test_a_lost_node_leaves_training_on_fewer_workers_with_each_sample_once(one_shard, tmp_path, record_property):
     ledger, runs = tmp_path / "ledger", tmp_path / "runs"
     with ray_cluster(tmp_path / "cluster", [{"num_cpus": 1}] * 3) as cluster:
         env = {**os.environ, **cluster.env, **FAST_TRAIN_RESTART}
@@ -101,9 +101,14 @@ def test_a_lost_node_leaves_training_on_fewer_workers_with_each_sample_once(one_
             assert {e["world"] for e in first} == {3}, "did not start on three workers"
             victim = cluster.node_of(next(e["pid"] for e in first if e["rank"] == 2))
             assert victim >= 0
+            lost = time.monotonic()
             cluster.kill_node(victim)  # SIGKILL of its raylet and every process on it; it stays gone
             killed_at = max(e["step"] for e in _entries(ledger) if e["epoch"] == 1)
             assert killed_at < 6, "killed too late: epoch 1 had finished"
+            while 2 not in ledger_worlds(ledger):
+                assert driver.poll() is None and time.monotonic() < deadline + 600, log()
+                time.sleep(0.1)
+            recovered(record_property, "Ray node SIGKILLed mid-epoch: to the first step on the workers left", lost)
             assert driver.wait(600) == 0, log()
         finally:
             if driver.poll() is None:

@@ -23,7 +23,7 @@ from pipelines.sample import run as make_sample
 from pipelines.worker import METRICS
 
 from . import services as sv
-from .helpers import sigint_as_a_terminal_gives_it
+from .helpers import recovered, sigint_as_a_terminal_gives_it
 from .multinode import signal_all, wait_stopped
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
@@ -84,7 +84,7 @@ def _kill_shard_run_midway(root: Path, env: dict, total: int) -> int:
     return recorded
 
 
-def test_shard_stage_killed_twice_then_rerun_matches_an_uninterrupted_run(big_index, ray_local):
+def test_shard_stage_killed_twice_then_rerun_matches_an_uninterrupted_run(big_index, ray_local, record_property):
     reference = _index(big_index, "reference")
     shard.run(ShardConfig(data=str(reference)))
     want = _checksums(reference)
@@ -96,7 +96,9 @@ def test_shard_stage_killed_twice_then_rerun_matches_an_uninterrupted_run(big_in
     recorded = _kill_shard_run_midway(root, env, total_train)  # killed again, later in the work
     # Killed writers may leave hidden temp files; no reader ever sees one under a shard's name.
     assert all(p.name.startswith(".") for p in (root / "shards" / "train").iterdir() if ".tmp-" in p.name)
+    t = time.monotonic()
     summary = shard.run(ShardConfig(data=str(root)))
+    recovered(record_property, "shard SIGKILLed twice: the rerun, from its start to every shard made", t)
     assert summary["skipped"] >= recorded  # everything recorded before the kill was kept, not redone
     assert summary["written"] + summary["skipped"] == len(want)
     assert _checksums(root) == want  # same bytes as the run nobody killed
@@ -106,7 +108,7 @@ def test_shard_stage_killed_twice_then_rerun_matches_an_uninterrupted_run(big_in
 
 @pytest.mark.parametrize("parallel", ["local", "ray"])
 def test_ctrl_c_stops_the_shard_stage_with_one_line_and_exit_130_and_a_rerun_finishes_the_same_bytes(
-    big_index, parallel, tmp_path, request
+    big_index, parallel, tmp_path, request, record_property
 ):
     """Ctrl-C as a terminal sends it, to the whole process group (the stage and its local
     workers), once the run has recorded a shard of its own: no new task starts, the ones in
@@ -133,8 +135,10 @@ def test_ctrl_c_stops_the_shard_stage_with_one_line_and_exit_130_and_a_rerun_fin
         while time.monotonic() < deadline and proc.poll() is None and _recorded(manifest) == 0:
             time.sleep(0.02)
         assert proc.poll() is None, "the run ended before it could be interrupted"
+        t = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
+        recovered(record_property, f"Ctrl-C to shard ({parallel}): to its exit", t)
     said = err.read_text()
     assert proc.returncode == 130, said[-3000:]
     assert "Traceback" not in said and out == b"", said[-3000:]
@@ -167,7 +171,9 @@ def _until_exists(path: Path, proc: subprocess.Popen, every: float = 0.01, timeo
         time.sleep(every)
 
 
-def test_ctrl_c_stops_the_index_stage_with_one_line_and_exit_130_and_a_rerun_writes_the_same_index(tmp_path):
+def test_ctrl_c_stops_the_index_stage_with_one_line_and_exit_130_and_a_rerun_writes_the_same_index(
+    tmp_path, record_property
+):
     """Ctrl-C to the index stage, as a terminal sends it, once it holds ROOT's lease and reads a
     source of 48,000 files: exit 130, one line, no traceback, nothing half-written, the lease
     released; the rerun writes the index an uninterrupted run writes."""
@@ -182,8 +188,10 @@ def test_ctrl_c_stops_the_index_stage_with_one_line_and_exit_130_and_a_rerun_wri
     proc = _in_a_terminal("index", "--source", str(src), "--data", str(root))
     _until_exists(lease_file, proc)
     assert proc.poll() is None, "the index ended before it could be interrupted"
+    t = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
+    recovered(record_property, "Ctrl-C to index: to its exit", t)
     assert proc.returncode == 130 and out == "" and "Traceback" not in err, err[-3000:]
     assert [x for x in err.splitlines() if "interrupted" in x] == [
         "index: interrupted: what was finished is kept; the same command goes on from there."
@@ -195,7 +203,9 @@ def test_ctrl_c_stops_the_index_stage_with_one_line_and_exit_130_and_a_rerun_wri
     assert rerun["train"] == whole["train"] == 48_016 and rerun["output_digest"] == whole["output_digest"]
 
 
-def test_ctrl_c_stops_the_stats_stage_with_one_line_and_exit_130_and_a_rerun_writes_the_same_stats(big_index, tmp_path):
+def test_ctrl_c_stops_the_stats_stage_with_one_line_and_exit_130_and_a_rerun_writes_the_same_stats(
+    big_index, tmp_path, record_property
+):
     """Ctrl-C to the stats stage (the stage and its local workers, as a terminal sends it) while
     it reads the shards: it is frozen once it holds ROOT's lease, found still at work (no stats
     written), and interrupted as it thaws. Exit 130, one line, no traceback, no stats.json, the
@@ -210,8 +220,10 @@ def test_ctrl_c_stops_the_stats_stage_with_one_line_and_exit_130_and_a_rerun_wri
     os.killpg(proc.pid, signal.SIGSTOP)
     assert proc.poll() is None and not out_file.exists(), "the stats ended before they could be interrupted"
     os.killpg(proc.pid, signal.SIGINT)  # delivered as the group thaws
+    t = time.monotonic()
     os.killpg(proc.pid, signal.SIGCONT)
     out, err = proc.communicate(timeout=120)
+    recovered(record_property, "Ctrl-C to stats: to its exit", t)
     assert proc.returncode == 130 and out == "" and "Traceback" not in err, err[-3000:]
     assert [x for x in err.splitlines() if "interrupted" in x] == [
         "stats: interrupted: what was finished is kept; the same command goes on from there."
@@ -222,7 +234,9 @@ def test_ctrl_c_stops_the_stats_stage_with_one_line_and_exit_130_and_a_rerun_wri
     assert rerun["output_digest"] == whole["output_digest"] and rerun["images"] == whole["images"] > 0
 
 
-def test_a_shard_run_paused_past_the_stale_time_loses_its_lease_and_writes_nothing_more(big_index, tmp_path):
+def test_a_shard_run_paused_past_the_stale_time_loses_its_lease_and_writes_nothing_more(
+    big_index, tmp_path, record_property
+):
     """Run A (its whole process group) SIGSTOPped once it has recorded a shard; once its lease is
     stale by its own last heartbeat, run B takes it over and makes every shard. A is resumed: it
     finds its lease taken, stops without writing a manifest or deleting a file, and exits 2
@@ -259,8 +273,10 @@ def test_a_shard_run_paused_past_the_stale_time_loses_its_lease_and_writes_nothi
         assert b.returncode == 0 and "took over the lease of a 'shard' run" in b.stderr, b.stderr[-3000:]
         made = {p: p.read_bytes() for p in (root / "shards").rglob("*") if p.is_file()}
     finally:
+        resumed = time.monotonic()
         os.killpg(a.pid, signal.SIGCONT)
     _, a_err = a.communicate(timeout=120)
+    recovered(record_property, "shard paused past its lease's stale time: from its resume to its stop", resumed)
     a_err = a_err.decode()
     assert a.returncode == 2 and "Traceback" not in a_err, a_err[-3000:]
     assert "lost its lease on" in a_err and "stopped before writing anything more" in a_err, a_err[-3000:]
@@ -330,7 +346,7 @@ def _run_with_epoch_one(client, experiment: str) -> str | None:
     return found[0].info.run_id if steps == [1] else None
 
 
-def test_tracking_server_outage_mid_training_loses_no_metric(dataset, ray_local, tmp_path):
+def test_tracking_server_outage_mid_training_loses_no_metric(dataset, ray_local, tmp_path, record_property):
     server = sv.MlflowServer(tmp_path / "mlflow")
     server.start()
     env = dict(os.environ, MLFLOW_TRACKING_URI=server.uri, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
@@ -371,10 +387,14 @@ def test_tracking_server_outage_mid_training_loses_no_metric(dataset, ray_local,
         client = MlflowClient(tracking_uri=server.uri)
 
         run_id = _wait(lambda: _run_with_epoch_one(client, "outage"), "epoch 1 in MLflow")
+        logged = len(client.get_metric_history(run_id, METRICS[0]))
         server.stop()  # the tracking server goes away mid-training...
         # ...until the worker has failed to log an epoch's metrics to it, and gone on training
         _wait(lambda: "MLflow not reachable" in output(), "the worker's word that MLflow is not reachable")
+        back = time.monotonic()
         server.start()  # ...and comes back on the same port and store
+        _wait(lambda: len(client.get_metric_history(run_id, METRICS[0])) > logged, "an epoch logged after the outage")
+        recovered(record_property, "MLflow server stopped mid-training: from its return to the next epoch logged", back)
         assert proc.wait(900) == 0, output()[-4000:]
         run = client.get_run(run_id)
         for key in METRICS:
@@ -408,7 +428,7 @@ def _ledger_pid(ledger: Path, rank: int) -> int | None:
 
 
 def test_a_killed_then_a_hung_training_worker_each_restart_from_the_checkpoint_in_the_same_run(
-    dataset, ray_local, tmp_path
+    dataset, ray_local, tmp_path, record_property
 ):
     store = f"sqlite:///{tmp_path}/mlflow.db"
     env = dict(os.environ, MLFLOW_TRACKING_URI=store, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
@@ -461,13 +481,20 @@ def test_a_killed_then_a_hung_training_worker_each_restart_from_the_checkpoint_i
         # in between, the group would rightly start over from epoch 1.
         _wait(lambda: _registered_epochs(tmp_path / "runs" / "killed-worker"), "epoch 1's checkpoint registered")
         victim = _wait(lambda: _ledger_pid(tmp_path / "ledger", 1), "rank 1's process in the ledger")
+        killed = time.monotonic()
         os.kill(victim, signal.SIGKILL)  # mid-epoch 2
         # Then the restarted group's rank 1 hangs (stopped, as by a dead mount): the stall report
         # names it, and --stall-action restart restarts the group once more.
         hung = _wait(lambda: (pid := _ledger_pid(tmp_path / "ledger", 1)) != victim and pid, "the new rank 1 training")
+        recovered(record_property, "training worker SIGKILLed: to its restarted group's next step", killed)
+        stopped = time.monotonic()
         os.kill(hung, signal.SIGSTOP)
         report_file = tmp_path / "runs" / "killed-worker" / "stall-report.txt"
         report = _wait(lambda: report_file.exists() and report_file.read_text(), "the stall report", timeout=150)
+        hang = "training worker SIGSTOPped (--stall-after 10)"
+        recovered(record_property, f"{hang}: to the stall report", stopped)
+        _wait(lambda: _ledger_pid(tmp_path / "ledger", 1) not in (hung, victim), "rank 1 training after the restart")
+        recovered(record_property, f"{hang}: to its restarted group's next step", stopped)
         hung_line = next(line for line in report.splitlines() if line.lstrip().startswith("rank 1 "))
         assert f"pid {hung}" in hung_line and "SILENT" in hung_line, report
         assert "waits in" in next(line for line in report.splitlines() if line.lstrip().startswith("rank 0 ")), report
@@ -490,7 +517,7 @@ def test_a_killed_then_a_hung_training_worker_each_restart_from_the_checkpoint_i
                 os.kill(hung, signal.SIGKILL)
 
 
-def test_s3_outage_during_shard_upload_then_rerun_completes(big_index, ray_local, tmp_path):
+def test_s3_outage_during_shard_upload_then_rerun_completes(big_index, ray_local, tmp_path, record_property):
     """SeaweedFS is killed while shards upload and comes back: the stage finishes after retries
     or stops with a clear error; either way a rerun completes with the reference bytes."""
     reference = big_index / "reference"
@@ -547,7 +574,10 @@ def test_s3_outage_during_shard_upload_then_rerun_completes(big_index, ray_local
         s3.stop()  # the store goes away mid-upload...
         time.sleep(5)
         s3.start()  # ...and comes back with its data
+        back = time.monotonic()
         out, err = proc.communicate(timeout=600)
+        how = "finished" if proc.returncode == 0 else "stopped with an error"
+        recovered(record_property, f"S3 stopped for 5 s mid-shard: from its return until the stage {how}", back)
         if proc.returncode != 0:  # gave up during the outage: it must say why, plainly
             assert proc.returncode == 2 and "S3" in err, err[-3000:]
         # Before any rerun: every shard object under its final name is whole, byte for byte the
@@ -666,7 +696,7 @@ def test_the_warmup_raises_the_lr_step_by_step_to_the_scaled_peak(uninterrupted)
     assert [(m.step, round(m.value, 9)) for m in history] == [(1, 0.015), (2, 0.02), (3, 0.02)]
 
 
-def test_driver_killed_mid_epoch_resumes_at_the_step_bitwise(one_shard, uninterrupted, tmp_path):
+def test_driver_killed_mid_epoch_resumes_at_the_step_bitwise(one_shard, uninterrupted, tmp_path, record_property):
     """Ctrl-C to the driver in epoch 1 (after a checkpoint): exit 130, one line, the run KILLED.
     The rerun is SIGKILLed in the middle of epoch 2 (after a mid-epoch checkpoint); the next rerun
     of the same --name resumes at that step and ends with the uninterrupted run's weights, bit
@@ -709,8 +739,10 @@ def test_driver_killed_mid_epoch_resumes_at_the_step_bitwise(one_shard, uninterr
     )
     try:
         _wait(lambda: latest_registered().get("epoch") == 1, "a checkpoint of epoch 1 registered", every=0.05)
+        t = time.monotonic()
         first.send_signal(signal.SIGINT)  # Ctrl-C: the driver's process (the workers are the cluster's)
         out, err = first.communicate(timeout=180)
+        recovered(record_property, "Ctrl-C to train: to its exit", t)
     finally:
         if first.poll() is None:
             first.kill()

@@ -14,8 +14,8 @@ from pathlib import Path
 ROUNDS = Path(__file__).with_name("rounds")
 
 
-def test_steady():
-    pass
+def test_steady(record_property):
+    record_property("recovery_s: a fault", 1.5)  # as helpers.recovered records one
 
 
 def test_fails_in_the_second_round(tmp_path):
@@ -42,6 +42,8 @@ def test_a_test_failing_in_one_round_of_three_is_counted_once(tmp_path, capsys):
     }
     assert rows == {"test_sometimes.py::test_fails_in_the_second_round": "1/3", "test_sometimes.py::test_steady": "0/3"}
     assert "round 2/3: 2 tests, 1 failed" in printed
+    [recovery] = [line.split() for line in printed.splitlines() if line.endswith("a fault")]
+    assert recovery == ["1.5", "1.5", "1.5", "3", "a", "fault"]  # median, least, most over 3 rounds
     recorded = json.loads((out / "flakes.json").read_text())["rounds"]
     assert [r["test_sometimes.py::test_fails_in_the_second_round"]["outcome"] for r in recorded] == [
         "passed",

@@ -34,7 +34,7 @@ from pipelines.sample import run as make_sample
 from pipelines.worker import METRICS
 
 from . import services as sv
-from .helpers import epoch_keys, read_ledger
+from .helpers import epoch_keys, ledger_worlds, read_ledger, recovered
 from .multinode import CLUSTER_ENV, FAST_TRAIN_RESTART, ray_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
@@ -411,7 +411,7 @@ def _stamp(world, key: str) -> datetime:
     return s3.head_object(Bucket=BUCKET, Key=key)["LastModified"]
 
 
-def test_training_on_s3_goes_on_through_a_rotation_of_the_nodes_key(world, stages):
+def test_training_on_s3_goes_on_through_a_rotation_of_the_nodes_key(world, stages, record_property):
     """Two Ray Train workers on two nodes, checkpoints to S3 through the nodes' AWS chain.
     Once a checkpoint written with the old key is registered: a new key is issued on the server
     and handed out by the nodes' credential_process, and the old key is revoked at once, an
@@ -446,6 +446,7 @@ def test_training_on_s3_goes_on_through_a_rotation_of_the_nodes_key(world, stage
     keys.hand_out(new)
     server.identities([keys.identity([new])])  # revoked while every process still holds it
     _wait_key(world, old, accepted=False)  # the old key is really gone
+    refused = time.monotonic()
     revoked = _stamp(world, "stamps/revoked")
     registered = _latest_checkpoint(world, prefix)
     assert proc.poll() is None and registered.get("epoch", 0) < ROTATION_EPOCHS, (
@@ -453,6 +454,7 @@ def test_training_on_s3_goes_on_through_a_rotation_of_the_nodes_key(world, stage
     )
     # The event itself: a checkpoint object completed in a later second of the store's clock.
     _wait_while_running(proc, lambda: _state_files_after(world, prefix, revoked), "a checkpoint after the revocation")
+    recovered(record_property, "the nodes' S3 key revoked mid-training: to the next checkpoint in the bucket", refused)
     _, summary, done = _finish(world, proc)
 
     assert summary["checkpoint"].startswith(f"s3://{BUCKET}/{prefix}/checkpoint_")
@@ -474,7 +476,9 @@ def _state_files_after(world, prefix: str, moment: datetime) -> list[str]:
     return [k for k, o in _keys(world, prefix + "/").items() if k.endswith("/state.pt") and o["LastModified"] > moment]
 
 
-def test_a_node_lost_mid_epoch_on_s3_leaves_training_on_one_worker_in_the_same_run(world, stages, tmp_path):
+def test_a_node_lost_mid_epoch_on_s3_leaves_training_on_one_worker_in_the_same_run(
+    world, stages, tmp_path, record_property
+):
     """--workers 1-2 on two nodes; once a mid-epoch checkpoint of epoch 1 is registered in the
     bucket, the node of rank 1 is SIGKILLed and stays gone. Ray Train restarts on the worker
     left from that checkpoint; the run finishes in the same MLflow run, each epoch logged once,
@@ -510,9 +514,12 @@ def test_a_node_lost_mid_epoch_on_s3_leaves_training_on_one_worker_in_the_same_r
     assert {e["world"] for e in first} == {2}, "did not start on two workers"
     victim = cluster.node_of(next(e["pid"] for e in first if e["rank"] == 1))
     assert victim is not None and victim >= 0
+    lost = time.monotonic()
     cluster.kill_node(victim)
     final_before = read_ledger(ledger)
     assert max(final_before[1]) < 4, "killed too late: epoch 1 had finished"
+    _wait_while_running(proc, lambda: 1 in ledger_worlds(ledger), "a step on the worker left", every=0.1)
+    recovered(record_property, "Ray node SIGKILLed mid-epoch, checkpoints on S3: to a step on the worker left", lost)
     text, summary, _ = _finish(world, proc)
 
     assert summary["epochs"] == 2 and summary["checkpoint"].startswith(f"{storage}/node-lost/checkpoint_")

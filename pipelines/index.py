@@ -422,10 +422,11 @@ def _run(cfg: IndexConfig) -> dict:
         rows, rejects, digests[split] = _index_split(cfg, src, split, classes, out[split], reads)
         counts.update({split: rows, f"{split}_rejected": len(rejects)})
         all_rejects += rejects
+    # The summary first: its count of GETs is the reading's, not the documents' below
+    summary = _summary(cfg, src, classes, counts, all_rejects, reads, fingerprint, digests, t0)
     # Each written only if still the version this run found at its start (pipelines/lease.py)
     lease.write(cfg.data, out["classes"], storage.json_bytes([{"index": i, **c} for i, c in enumerate(classes)]))
     lease.write(cfg.data, out["rejected"], rejects_with(cfg.data, "index", all_rejects))
-    summary = _summary(cfg, src, classes, counts, all_rejects, reads, fingerprint, digests, t0)
     record = {
         "stage": "index",
         "params": params,

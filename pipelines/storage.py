@@ -579,14 +579,14 @@ def remove_tree(url: str) -> int:
         n = sum(len(files) for _, _, files in os.walk(url))
         shutil.rmtree(url, ignore_errors=True)
         return n
-    bucket, n = _split(url)[0], 0
+    (bucket, key), n = _split(url), 0
     for _, page in _list(url, delimiter=False):
         keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]  # a page holds at most 1000, as delete takes
         if keys:
             s3_client().delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
             n += len(keys)
     # Stores with real folders (SeaweedFS) keep an emptied one as a "key/" marker object
-    s3_client().delete_object(Bucket=bucket, Key=_split(url)[1] + "/")
+    s3_client().delete_object(Bucket=bucket, Key=key + "/")
     return n
 
 

@@ -378,6 +378,8 @@ def _fit(cfg: TrainConfig, inputs: dict, run_id: str):
     watcher = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
     off = {} if on_cluster() or watcher in os.environ else {watcher: "0"}
     os.environ.update(off)
+    if cfg.min_workers is not None:
+        _take_over_reservation(storage.join(cfg.storage, cfg.name), trainer.train_run_context.run_id)
     try:
         result = _watched(trainer.fit, cfg, run_id)
     finally:
@@ -388,6 +390,37 @@ def _fit(cfg: TrainConfig, inputs: dict, run_id: str):
         tracking.end_run(run_id, "FAILED")
         raise StageError(f"Training '{cfg.name}' ended without a checkpoint; see the worker logs above.")
     return result
+
+
+RESERVATION = ".ray-train-run"  # in the run's folder: the Ray Train run id of its latest elastic fit
+
+
+def _take_over_reservation(run_dir: str, ray_run_id: str) -> None:
+    """An elastic fit reserves the cluster's workers with Ray's autoscaling coordinator, and a
+    fit whose driver died (SIGKILL, a lost head node) keeps that reservation until it expires,
+    3 minutes later: the run's rerun would wait that long for its first worker. The rerun holds
+    the run's lease, so no earlier fit of this name is alive: its reservation is cancelled, and
+    this fit's id noted for the next. Ray's coordinator is internal API: if it moved, the rerun
+    only waits, saying so."""
+    url = storage.join(run_dir, RESERVATION)
+    earlier = storage.read_bytes(url).decode() if storage.exists(url) else None
+    if earlier:
+        import ray
+
+        try:
+            from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+                get_or_create_autoscaling_coordinator,
+            )
+
+            coordinator = get_or_create_autoscaling_coordinator()
+            ray.get(coordinator.cancel_request.remote(requester_id=f"train-{earlier}"), timeout=30)
+        except Exception as e:  # noqa: BLE001 - an optimisation: without it the rerun waits, no more
+            print(
+                f"train: could not release the workers an earlier fit of this run reserved ({e}); "
+                "Ray frees them within 3 minutes",
+                file=sys.stderr,
+            )
+    storage.write_bytes(url, ray_run_id.encode())
 
 
 def _watched(fit, cfg: TrainConfig, run_id: str):

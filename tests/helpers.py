@@ -75,17 +75,22 @@ def read_ledger(folder) -> dict[int, dict[int, dict[int, list[str]]]]:
     return out
 
 
-def ledger_worlds(folder: Path) -> set[int]:
-    """The world sizes a sample ledger has seen so far, read while the workers write it (a line
-    still being written is skipped)."""
-    seen = set()
+def ledger_entries(folder: Path) -> list[dict]:
+    """Every entry of a sample ledger so far, read while the workers write it (a line still
+    being written is skipped)."""
+    entries = []
     for path in Path(folder).glob("rank*.jsonl"):
         for line in path.read_text().splitlines():
             try:
-                seen.add(json.loads(line)["world"])
+                entries.append(json.loads(line))
             except ValueError:
                 pass
-    return seen
+    return entries
+
+
+def ledger_worlds(folder: Path) -> set[int]:
+    """The world sizes a sample ledger has seen so far."""
+    return {e["world"] for e in ledger_entries(folder)}
 
 
 def epoch_keys(ledger: dict, epoch: int) -> list[str]:

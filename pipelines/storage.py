@@ -68,8 +68,14 @@ def s3_client():
     # that changes them, get a client that follows)
     pid = (os.getpid(), *(os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_ACCESS_KEY_ID")))
     if pid not in _clients:
+        import logging
+
         import boto3
         from botocore.config import Config
+
+        # botocore says at INFO where each client's endpoint came from (AWS_ENDPOINT_URL): a
+        # line per training worker and loader process in a job's output, which says nothing new.
+        logging.getLogger("botocore.configprovider").setLevel(logging.WARNING)
 
         # 'adaptive' retries transient errors and throttling with backoff (boto3's retry modes).
         client = boto3.session.Session().client(

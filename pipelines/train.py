@@ -403,7 +403,8 @@ def _take_over_reservation(run_dir: str, ray_run_id: str) -> None:
     this fit's id noted for the next. Ray's coordinator is internal API: if it moved, the rerun
     only waits, saying so."""
     url = storage.join(run_dir, RESERVATION)
-    earlier = storage.read_bytes(url).decode() if storage.exists(url) else None
+    found = storage.read_versioned(url)  # one request: (bytes, version), or None
+    earlier = found[0].decode() if found else None
     if earlier:
         import ray
 

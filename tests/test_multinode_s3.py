@@ -404,13 +404,19 @@ def test_a_node_lost_mid_shard_on_s3_leaves_the_shards_byte_identical(world, sta
     assert not [k for k in objects if ".tmp-" in k]
 
 
-def _latest_checkpoint(world, prefix: str) -> dict:
-    """The metrics of the latest checkpoint Ray Train has registered under ``prefix`` (in the bucket)."""
+def _latest_result(world, prefix: str) -> dict:
+    """The latest checkpoint Ray Train has registered under ``prefix`` (in the bucket), as its
+    snapshot names it: {"checkpoint_dir_name", "metrics"}; {} before the first."""
     data = _get(world, f"{prefix}/checkpoint_manager_snapshot.json")
     try:
-        return json.loads(data)["latest_checkpoint_result"]["metrics"] if data else {}
+        return (json.loads(data)["latest_checkpoint_result"] or {}) if data else {}
     except (json.JSONDecodeError, KeyError, TypeError):
         return {}
+
+
+def _latest_checkpoint(world, prefix: str) -> dict:
+    """The metrics of the latest registered checkpoint under ``prefix``."""
+    return _latest_result(world, prefix).get("metrics") or {}
 
 
 def _one_finished_run(world, summary: dict, name: str, epochs: int = 2) -> None:
@@ -539,13 +545,7 @@ class Storm:
         return _wait_while_running(self.proc, check, what, timeout, every=0.5)
 
     def latest(self) -> dict:
-        """Ray Train's latest registered checkpoint: {"checkpoint_dir_name", "metrics"}."""
-        try:
-            return json.loads(_get(self.world, f"{self.PREFIX}/checkpoint_manager_snapshot.json"))[
-                "latest_checkpoint_result"
-            ]
-        except (TypeError, KeyError, json.JSONDecodeError):  # none yet
-            return {}
+        return _latest_result(self.world, self.PREFIX)
 
     def at_next_checkpoint(self) -> None:
         seen = self.latest().get("checkpoint_dir_name")

@@ -43,13 +43,23 @@ def save(state: dict, folder: str) -> str:
     return path
 
 
-def upload(folder: str, url: str) -> None:
-    """Copy a checkpoint saved in a local folder to ``url`` (s3://), its state before its
-    checksum. Each file is uploaded whole or not at all, and a failure raises here, where the
-    caller sees it."""
-    for name in sorted(os.listdir(folder)):  # state.pt, then state.pt.sha256
-        with open(os.path.join(folder, name), "rb") as f:
-            storage.upload(storage.join(url, name), f)
+def serialize(state: dict) -> tuple[io.BytesIO, str]:
+    """``state`` as the bytes of state.pt and their checksum, in memory: a checkpoint bound for
+    S3 never touches the local disk (0.5 GB written there took ~4.5 s at the ~100 MB/s of a
+    cloud block volume, and was read back to be hashed and uploaded)."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf, f"sha256:{hashlib.sha256(buf.getbuffer()).hexdigest()}"
+
+
+def upload(data: io.BytesIO, checksum: str, url: str) -> None:
+    """A serialized checkpoint to the folder ``url`` (s3://), its state before its checksum.
+    Each object is uploaded whole or not at all, and a failure raises here, where the caller
+    sees it."""
+    storage.upload(storage.join(url, STATE_FILE), data)
+    storage.upload(storage.join(url, CHECKSUM_FILE), io.BytesIO(checksum.encode()))
 
 
 def _sha256(f) -> str:

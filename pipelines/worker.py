@@ -374,13 +374,18 @@ class Worker:
         # the training it describes. (Ray's ASYNC upload lets training run on while a 0.5 GB
         # upload goes to S3: a node lost then resumes from further back.)
         c = self.c
-        if not c.get("storage") or storage.is_s3(c["storage"]):  # written here, then uploaded
+        if not c.get("storage"):  # Ray Train's default storage: written here, then copied by Ray
             with tempfile.TemporaryDirectory() as d:
                 checkpoint.save(state, d)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        elif storage.is_s3(c["storage"]):
+            # Serialized in memory and uploaded from there; Ray Train's report still names a local
+            # folder, which stays empty.
+            with tempfile.TemporaryDirectory() as d:
                 ray.train.report(
                     metrics,
                     checkpoint=ray.train.Checkpoint.from_directory(d),
-                    checkpoint_upload_fn=_upload_to(c["storage"], c["name"]) if c.get("storage") else None,
+                    checkpoint_upload_fn=_upload_to(c["storage"], c["name"], *checkpoint.serialize(state)),
                 )
         else:
             # Straight into the run's folder, where Ray Train would otherwise copy it from a
@@ -448,16 +453,16 @@ def _quiet_ray_train_loggers() -> None:
             logging.getLogger(logger_name).setLevel(logging.WARNING)
 
 
-def _upload_to(runs: str, name: str):
-    """Ray Train's upload of a checkpoint to the S3 run folder ``runs/name``, by the project's
-    S3 layer. Ray's own copy (``pyarrow.fs.copy_files``) drops an error raised when a Python
-    filesystem's file is closed, so a refused last upload would register a checkpoint that is
-    not there; this one raises it."""
+def _upload_to(runs: str, name: str, data, checksum: str):
+    """Ray Train's upload of a checkpoint (serialized: ``data``, ``checksum``) to the S3 run
+    folder ``runs/name``, by the project's S3 layer. Ray's own copy (``pyarrow.fs.copy_files``)
+    drops an error raised when a Python filesystem's file is closed, so a refused last upload
+    would register a checkpoint that is not there; this one raises it."""
     import ray.train
 
     def upload(local: ray.train.Checkpoint, folder: str) -> ray.train.Checkpoint:
         url = storage.join(runs, name, folder)
-        checkpoint.upload(local.path, url)
+        checkpoint.upload(data, checksum, url)
         fs, path = arrowfs.filesystem(url)
         return ray.train.Checkpoint(path, filesystem=fs)
 

@@ -36,6 +36,23 @@ def test_round_trip_keeps_tensors_and_plain_values(tmp_path):
     assert {k: v for k, v in back.items() if k != "model"} == {k: v for k, v in state.items() if k != "model"}
 
 
+def test_a_checkpoint_serialized_in_memory_loads_and_verifies_as_a_saved_one(tmp_path):
+    """What an S3 checkpoint uploads (state.pt's bytes and their checksum, never written to the
+    local disk) loads as a saved one does, checked against its checksum; one byte changed and
+    load names it damaged."""
+    state = {"model": {"w": torch.arange(6.0)}, "epoch": 1, "position": {"epoch": 2, "segments": [], "sums": None}}
+    data, checksum = checkpoint.serialize(state)
+    (tmp_path / checkpoint.STATE_FILE).write_bytes(data.getvalue())
+    (tmp_path / checkpoint.CHECKSUM_FILE).write_text(checksum)
+    back = checkpoint.load(str(tmp_path))
+    assert torch.equal(back["model"]["w"], state["model"]["w"]) and back["position"] == state["position"]
+    changed = bytearray(data.getvalue())
+    changed[len(changed) // 2] ^= 1
+    (tmp_path / checkpoint.STATE_FILE).write_bytes(bytes(changed))
+    with pytest.raises(checkpoint.Damaged, match="is damaged: its sha256"):
+        checkpoint.load(str(tmp_path))
+
+
 def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"model": {}, "extra": _Payload(marker)}, tmp_path / checkpoint.STATE_FILE)

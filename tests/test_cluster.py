@@ -89,15 +89,15 @@ def _submit(stack, *stage_args, timeout=600) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def pipeline(stack):
-    """Sample data into the bucket, then index -> shard -> stats -> train, each a Ray job."""
+    """Sample data into the bucket, then prepare (index, shard and stats in one process) and
+    train, each a Ray job. (Each stage as its own job: tests/test_multinode_s3.py.)"""
     local = stack["tmp"] / "sample"
     make_sample(SampleConfig(out=str(local), classes=4, train_per_class=20, val_per_class=5))
     s3 = _s3(stack)
     for path in (local / "tarballs").iterdir():
         s3.upload_file(str(path), sv.BUCKET, f"src/tarballs/{path.name}")
-    _submit(stack, "index", "--source", f"s3://{sv.BUCKET}/src/tarballs", "--data", ROOT, "--samples-per-shard", "30")
-    _submit(stack, "shard", "--data", ROOT, "--resize", "72")
-    _submit(stack, "stats", "--data", ROOT)
+    source = f"s3://{sv.BUCKET}/src/tarballs"
+    _submit(stack, "prepare", "--source", source, "--data", ROOT, "--samples-per-shard", "30", "--resize", "72")
     train = _submit(
         stack,
         "train",
@@ -154,7 +154,7 @@ def test_the_server_holds_the_runs_metrics_and_lineage(stack, pipeline):
     assert run.inputs.dataset_inputs and run.data.tags["pipelines.shard_runs"]
     assert len(run.data.params["git_sha"]) == 40  # the job's copy has no .git: submit passes the SHA
     stage_runs = client.search_runs([client.get_experiment_by_name("preprocessing").experiment_id])
-    assert {r.data.tags["pipelines.stage"] for r in stage_runs} == {"index", "shard", "stats"}
+    assert sorted(r.data.tags["pipelines.stage"] for r in stage_runs) == ["index", "pipeline", "shard", "stats"]
     assert run.data.tags["pipelines.shard_runs"] in {r.info.run_id for r in stage_runs}
 
 
@@ -178,7 +178,7 @@ def test_no_secret_reaches_mlflow(stack, pipeline, tmp_path):
 
 
 def test_no_secret_in_the_jobs_logs_or_the_dataset_files(stack, pipeline):
-    assert len(OUTPUTS) == 4 and all(OUTPUTS)
+    assert len(OUTPUTS) == 2 and all(OUTPUTS)
     for text in OUTPUTS:
         assert sv.SECRET_KEY not in text
     # The jobs' info as the Jobs API (and `ray job list`, the dashboard) shows it: the runtime

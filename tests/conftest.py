@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,35 @@ def tracking_store(tmp_path_factory):
     return store
 
 
+# Training tests' run folders go to memory (/dev/shm) where it has this much room: each
+# checkpoint is ~0.5 GB, and this 2-core machine's disk writes ~100 MB/s once its write cache
+# is full, so one took ~4.5 s there, longer than an epoch of these tests trains.
+IN_MEMORY_ROOM = 12 * 1024**3
+
+
+@pytest.fixture(scope="session")
+def runs_tmp(tmp_path_factory) -> Path:
+    """A scratch folder for training runs: in memory where there is room, else under pytest's."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and shutil.disk_usage(shm).free >= IN_MEMORY_ROOM):
+        yield tmp_path_factory.mktemp("runs")
+        return
+    folder = Path(tempfile.mkdtemp(prefix="pipelines-tests-", dir=shm))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def module_runs(runs_tmp, request) -> Path:
+    """A folder of runs_tmp for one test module's runs, removed once the module is done."""
+    folder = runs_tmp / request.module.__name__.rsplit(".", 1)[-1]
+    folder.mkdir()
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray
@@ -63,7 +94,7 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def dataset(tmp_path_factory, ray_local, tracking_store):
+def dataset(tmp_path_factory, ray_local, tracking_store, runs_tmp):
     """A sharded ROOT for training tests: 4 classes x 30 train / 6 val at 72 px, in 3 train
     shards of 50/50/20 samples (uneven over 2 workers); the shard stage ran as a tracked run."""
     from pipelines import index, shard, stats, tracking
@@ -71,7 +102,7 @@ def dataset(tmp_path_factory, ray_local, tracking_store):
 
     tmp = tmp_path_factory.mktemp("train")
     make_sample(SampleConfig(out=str(tmp / "src"), classes=4, train_per_class=30, val_per_class=6))
-    root = str(tmp / "root")
+    root = str(runs_tmp / "train-root")  # its runs/ holds the checkpoints
     index.run(IndexConfig(source=str(tmp / "src" / "folders"), data=root, samples_per_shard=50))
     tracking.track_stage("shard", ShardConfig(data=root, resize=72), shard.run)  # lineage: a stage run
     stats.run(StatsConfig(data=root))

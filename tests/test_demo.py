@@ -24,8 +24,9 @@ OURS = re.compile(
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("demo")
+def demo(module_runs):
+    tmp = module_runs / "demo"
+    tmp.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     p = subprocess.run(
         [sys.executable, "-m", "pipelines", "demo", "--out", str(tmp / "out")],

@@ -466,11 +466,12 @@ MID_EPOCH = ["--checkpoint-every", "4"]  # of 7 steps an epoch
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(one_shard, tmp_path_factory):
+def uninterrupted(one_shard, module_runs):
     """The reference: 2 workers x 2 loader workers on one shard, never interrupted, with a ledger."""
     from pipelines import cli, train
 
-    tmp = tmp_path_factory.mktemp("uninterrupted")
+    tmp = module_runs / "uninterrupted"
+    tmp.mkdir()
     # The interrupted run's flags (but its mid-epoch checkpoints), parsed as the CLI does, run here.
     args = vars(
         cli.parser().parse_args(
@@ -518,7 +519,7 @@ def test_the_warmup_raises_the_lr_step_by_step_to_the_scaled_peak(uninterrupted)
 
 
 def test_ctrl_c_to_the_driver_mid_epoch_then_a_rerun_resumes_at_the_step_bitwise(
-    one_shard, uninterrupted, tmp_path, record_property
+    one_shard, uninterrupted, module_runs, record_property
 ):
     """Ctrl-C to the driver once a mid-epoch checkpoint of epoch 1 is registered (mid-warm-up):
     exit 130, one line, the run KILLED. The rerun of the same --name resumes at that step and
@@ -529,6 +530,8 @@ def test_ctrl_c_to_the_driver_mid_epoch_then_a_rerun_resumes_at_the_step_bitwise
 
     from .helpers import read_ledger
 
+    tmp_path = module_runs / "interrupted"
+    tmp_path.mkdir()
     args = [
         sys.executable,
         "-m",

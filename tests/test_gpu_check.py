@@ -26,11 +26,12 @@ FILES = {
 
 
 @pytest.mark.slow
-def test_the_gpu_check_rehearsed_on_the_cpu_runs_every_step_and_writes_every_file(tmp_path):
+def test_the_gpu_check_rehearsed_on_the_cpu_runs_every_step_and_writes_every_file(tmp_path, module_runs):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable}
+    work = module_runs / "work"  # the data, the training run's checkpoints and its store
     p = subprocess.run(
-        ["bash", "benchmarks/gpu_check/run.sh", str(out), "--cpu-rehearsal"],
+        ["bash", "benchmarks/gpu_check/run.sh", str(out), "--cpu-rehearsal", "--work", str(work)],
         cwd=ROOT,
         env=env,
         capture_output=True,

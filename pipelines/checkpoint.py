@@ -45,8 +45,8 @@ def save(state: dict, folder: str) -> str:
 
 def serialize(state: dict) -> tuple[io.BytesIO, str]:
     """``state`` as the bytes of state.pt and their checksum, in memory: a checkpoint bound for
-    S3 never touches the local disk (0.5 GB written there took ~4.5 s at the ~100 MB/s of a
-    cloud block volume, and was read back to be hashed and uploaded)."""
+    S3 never touches the local disk (0.5 GB written there took ~4.5 s on a disk of ~100 MB/s,
+    and was read back to be hashed and uploaded)."""
     import torch
 
     buf = io.BytesIO()

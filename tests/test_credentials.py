@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import io
 import os
 import pickle
 
@@ -83,16 +84,12 @@ def test_checkpoints_on_s3_go_on_through_a_key_revoked_before_it_expires(store, 
     s3, keys = store
     run = f"s3://{sv.BUCKET}/ray/run"
     fs, root = arrowfs.filesystem(run + "/")
-    local = tmp_path / "checkpoint"
-    local.mkdir()
     state = os.urandom(storage.MULTIPART_THRESHOLD + (1 << 20))  # uploaded in parts
-    (local / checkpoint.STATE_FILE).write_bytes(state)
-    (local / checkpoint.CHECKSUM_FILE).write_text("sha256:0")
 
-    checkpoint.upload(str(local), f"{run}/checkpoint_1")
+    checkpoint.upload(io.BytesIO(state), "sha256:0", f"{run}/checkpoint_1")
     assert _key_in_use() == keys.keys[0][0]
     new = _revoke_and_replace(s3, keys)
-    checkpoint.upload(str(local), f"{run}/checkpoint_2")
+    checkpoint.upload(io.BytesIO(state), "sha256:0", f"{run}/checkpoint_2")
     assert _key_in_use() == new[0]
 
     for name in ("checkpoint_1", "checkpoint_2"):
@@ -124,7 +121,7 @@ def test_checkpoints_on_s3_go_on_through_a_key_revoked_before_it_expires(store, 
     s3.identities([keys.identity([keys.make()])])  # every key the node has is revoked
     sv.wait_for(lambda: _refused(new, s3.port), "the new key's revocation", 30)
     with pytest.raises(StageError, match=r"refused the credentials for .*checkpoint_3/state.pt"):
-        checkpoint.upload(str(local), f"{run}/checkpoint_3")
+        checkpoint.upload(io.BytesIO(state), "sha256:0", f"{run}/checkpoint_3")
     stream = fs.open_output_stream(f"{root}/snapshot.json")
     stream.write(b"{}")
     with pytest.raises(StageError, match=r"refused the credentials for .*snapshot.json"):

@@ -89,6 +89,7 @@ def test_the_registered_model_classifies_images_as_evaluate_does(demo):
         for _, jpg, label in tarindex.parse_run(Path(url).read_bytes(), url):
             jpgs.append(jpg)
             labels.append(label)
+    session_uri = os.environ["MLFLOW_TRACKING_URI"]  # set_tracking_uri sets the variable too
     mlflow.set_tracking_uri(demo["summary"]["tracking_uri"])
     try:
         model = mlflow.pyfunc.load_model("models:/alexnet-demo@champion")
@@ -102,7 +103,7 @@ def test_the_registered_model_classifies_images_as_evaluate_does(demo):
         with pytest.raises(Exception, match="RGB uint8 array of shape H x W x 3"):
             model.predict(pd.DataFrame({"image": [arrays[0].astype(np.float32)]}))
     finally:
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+        mlflow.set_tracking_uri(session_uri)
     assert list(from_arrays["class_id"]) == list(out["class_id"][:20])
     assert np.allclose(from_arrays["probability"], out["probability"][:20], atol=1e-5)
     hits = sum(int(c) == y for c, y in zip(out["class_id"], labels))

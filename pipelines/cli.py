@@ -19,7 +19,7 @@ from . import config
 from .errors import StageError, StrictFailure
 
 TRACKED = ("index", "shard", "stats")
-RAY_STAGES = ("shard", "stats", "prepare", "train", "demo")
+RAY_STAGES = ("shard", "stats", "prepare", "train", "sweep", "demo")
 _UNSET = argparse.SUPPRESS  # flags not given stay out of the config, so config.py's defaults win
 
 
@@ -48,17 +48,19 @@ PARSERS = {"workers": _workers, "size": _size, "list": lambda t: tuple(x.strip()
 TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
-def add_flags(p: argparse.ArgumentParser, cls) -> None:
-    """The flags of config class ``cls`` (its fields declared with config.flag), in field order."""
+def add_flags(p: argparse.ArgumentParser, cls, skip=(), group: str | None = None) -> None:
+    """The flags of config class ``cls`` (its fields declared with config.flag), in field order;
+    not those named in ``skip``; those of no section of their own in section ``group``."""
     sections, exclusive = {}, {}
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
         m = f.metadata
-        if "help" not in m:
+        if "help" not in m or f.name in skip:
             continue
         where = p
-        if "group" in m:
-            where = sections.setdefault(m["group"], p.add_argument_group(m["group"]))
+        if "group" in m or group:
+            name = m.get("group", group)
+            where = sections.setdefault(name, p.add_argument_group(name))
         if "one_of" in m:
             if m["one_of"] not in exclusive:
                 exclusive[m["one_of"]] = where.add_mutually_exclusive_group(required=m.get("required", False))
@@ -114,6 +116,7 @@ STAGES = {  # each stage's config class and its one-line help, in the order --he
     "status": (config.StatusConfig, "each stage of a dataset: done, stale or missing"),
     "train": (config.TrainConfig, "the 2012 AlexNet on Ray Train workers, tracked in MLflow"),
     "evaluate": (config.EvaluateConfig, "a checkpoint on the val shards: top-1 / top-5"),
+    "sweep": (config.SweepConfig, "Ray Tune over train: trials nested under one MLflow run, ASHA early stopping"),
     "predict": (config.PredictConfig, "images -> their top 5 classes, with a logged or registered model"),
     "submit": (config.SubmitConfig, "run a stage as a Ray job on a cluster and follow it"),
 }
@@ -123,6 +126,9 @@ def _stage_parsers(sub):
     for name, (cls, help) in STAGES.items():
         p = sub.add_parser(name, help=help)
         add_flags(p, cls)
+        if cls is config.SweepConfig:  # every train flag, for what is not searched
+            own = {f.name for f in dataclasses.fields(cls)}
+            add_flags(p, config.TrainConfig, skip=own, group="every trial's training (as train's flags)")
         p.set_defaults(config=cls, module=name)
     p = sub.add_parser("demo", help="sample data -> index -> shard -> stats -> train -> evaluate, all tracked")
     p.add_argument("--out", default="demo", metavar="DIR", help="folder for the demo's data (default: demo)")
@@ -137,6 +143,7 @@ s3://bucket/prefix) and ends with one JSON line on stdout.
 
   index -> shard -> stats -> train -> evaluate      (status shows where a ROOT stands)
   prepare = index -> shard -> stats, in one process
+  sweep = train over a search space, with Ray Tune
 
 exit codes: 0 done, 1 --strict and inputs were rejected, 2 a usage or input error, 130 interrupted."""
 
@@ -157,6 +164,9 @@ EXAMPLES = {
     "  python -m pipelines submit --follow JOB_ID",
     "demo": "python -m pipelines demo --out demo",
     "predict": "python -m pipelines predict --model models:/alexnet-demo@champion photo.jpg",
+    "sweep": "python -m pipelines sweep --data /data/alexnet --name lr-wd --lr log:0.001:0.05 "
+    "--weight-decay 0,0.0005 --trials 8 --epochs 30 --gpu --workers 4\n"
+    "  python -m pipelines sweep --data /data/alexnet --name lr-wd ...   # the same command resumes it",
 }
 
 
@@ -196,6 +206,7 @@ def parser() -> argparse.ArgumentParser:
 INTERRUPTED = {
     "": "what was finished is kept; the same command goes on from there.",
     "train": "the run keeps its checkpoints; the same command (same --name) resumes from the last one.",
+    "sweep": "the trials keep their checkpoints; the same command (same --name) resumes the sweep.",
     "demo": "what was finished is kept; `make demo` goes on from there.",
     "submit": "",  # submit says itself whether the job goes on
 }
@@ -210,7 +221,7 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
-def _shape(args: dict) -> None:
+def _shape(args: dict, cls=None) -> None:
     """The parsed flags in the shape the config fields take."""
     if isinstance(args.get("workers"), tuple):  # train --workers MIN-MAX
         args["min_workers"], args["workers"] = args["workers"]
@@ -221,6 +232,9 @@ def _shape(args: dict) -> None:
         args["images"] = tuple(args["images"])
     if "args" in args:  # submit: everything after '--', as a tuple
         args["args"] = tuple(a for i, a in enumerate(args["args"]) if not (i == 0 and a == "--"))
+    if cls is config.SweepConfig:  # the train flags given, as one field
+        own = {f.name for f in dataclasses.fields(cls)}
+        args["train"] = {k: args.pop(k) for k in list(args) if k not in own}
 
 
 def main(argv=None) -> int:
@@ -235,7 +249,7 @@ def main(argv=None) -> int:
         sys.stderr = open(os.devnull, "w")
     cls, module = args.pop("config"), importlib.import_module(f"pipelines.{args.pop('module')}")
     args.pop("command")
-    _shape(args)
+    _shape(args, cls)
     stage = module.__name__.rsplit(".", 1)[-1]
     _stop_on_sigterm()
     try:

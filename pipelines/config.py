@@ -304,6 +304,10 @@ class TrainConfig:
         group=GPU_RECIPE,
     )
     max_cpus_per_worker: float = 8.0  # the defaults' cap: a GPU worker's loader decodes with up to 8 processes
+    # what one worker costs an hour (a GPU instance's price / its GPUs): the run logs cost/usd
+    price_per_hour: float | None = flag(
+        None, "price of one worker for an hour: the run logs cost/usd beside its worker-hours", metavar="USD"
+    )
     # register the final model under this name in the registry
     register: str | None = flag(
         None,
@@ -317,6 +321,48 @@ class TrainConfig:
         "train on shards or stats `status` calls stale, or on val shards made unlike the train shards "
         "(the run records that it did)",
     )
+
+
+SEARCH = "the search space (each: a grid a,b,c or a draw log:LO:HI / uniform:LO:HI; unsearched: train's flag)"
+
+
+def searched(help: str):
+    """A sweep's flag over one training setting: its space as text, None when not searched."""
+    return flag(None, help, metavar="SPACE", group=SEARCH)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    data: str = same_as(TrainConfig, "data")
+    # the parent run's name and the trials' prefix (NAME-trial-00, ...); a rerun resumes it
+    name: str = flag(help="the sweep's name; rerunning a name resumes it", metavar="NAME")
+    lr: str | None = searched("learning rates, e.g. 0.005,0.01,0.02 or log:0.001:0.05")
+    weight_decay: str | None = searched("weight decays, e.g. 0,0.0005 or log:0.00001:0.001")
+    batch_size: str | None = searched("global batch sizes, e.g. 64,128,256 or log:64:512")
+    crop: str | None = searched("training crops in px, e.g. 192,224")
+    schedule: str | None = searched("lr schedules, e.g. plateau,cosine")
+    # None: every grid point once; draws need a count
+    trials: int | None = flag(None, "trials in all: a multiple of the grid's points (default: each grid point once)")
+    # None: as many as the cluster's GPUs (CPUs) hold at once, at most --trials
+    max_concurrent: int | None = flag(None, "trials at a time (default: as many as the cluster holds at once)")
+    # ASHA (Li et al. 2018): at each rung, a trial whose val_top1 trails the others' stops
+    scheduler: str = flag(
+        "asha",
+        "asha: stop the trials that trail at each rung of epochs; fifo: train every trial to the end",
+        choices=["asha", "fifo"],
+    )
+    grace_epochs: int = flag(1, "asha: epochs every trial trains before it may be stopped")
+    # 2 keeps the better half at each rung (Ray Tune's default, 4, keeps a quarter): fitting small sweeps
+    reduction_factor: int = flag(2, "asha: 1/N of the trials go on at each rung")
+    register: str | None = flag(
+        None, "register the best trial's model (by val_top1) under this name in the MLflow registry", metavar="NAME"
+    )
+    alias: str = same_as(TrainConfig, "alias")
+    # every other training flag the user gave, as TrainConfig fields: the same for every trial
+    train: dict = field(default_factory=dict)
+
+
+SEARCHED = ("lr", "weight_decay", "batch_size", "crop", "schedule")  # SweepConfig's searched fields
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ reads, and whether it is current for the inputs it was made from.
     ROOT/shards/{split}/{split}-NNNNNN.tar   shard   webdataset shards (+ .idx.json sample indexes)
     ROOT/shards/{split}.json                 shard   the manifest: params, shards, digest, index_digest
     ROOT/stats.json                          stats   mean, std, RGB eigen-decomposition, input_digest
+    ROOT/runs/NAME/                          train   a training run's checkpoints, heartbeats, cost clocks
+    ROOT/runs/NAME/{sweep,progress}.json     sweep   a sweep's summary once it ended; its counts until then
 
 Each document names the digest of what it was made from, so "is it current?" is a comparison:
 shards against the index record, stats against the train manifest. Every stage imports this
@@ -31,6 +33,9 @@ from .errors import StageError
 ASSIGNMENT = 2  # bump when the way images are dealt to shards changes: an old index is redone
 BATCH = 8192  # index rows turned into Python objects at once when read, written or hashed
 REJECTED = "index/rejected.jsonl"
+
+
+SWEEP_SUMMARY, SWEEP_PROGRESS = "sweep.json", "progress.json"  # in a sweep's folder, ROOT/runs/NAME
 
 
 # --- where things are ---------------------------------------------------------------------------
@@ -355,3 +360,28 @@ def read_training_inputs(data: str, allow_stale: bool) -> dict:
         "classes_url": classes_url(data),
         "stats_url": stats_url(data),
     }
+
+
+def sweep_states(data: str) -> list[dict]:
+    """Each sweep whose folder is under ROOT/runs: ``done`` with its summary's counts and best
+    trial, or ``started`` (running, or interrupted: a rerun resumes it) with its counts so far."""
+    runs, found = storage.join(data, "runs"), []
+    for name in storage.list_dir(runs):
+        done, progress = (storage.join(runs, name, f) for f in (SWEEP_SUMMARY, SWEEP_PROGRESS))
+        if storage.exists(done):
+            doc = storage.read_json(done)
+            best = doc.get("best") or {}
+            counts = {k: doc[f"trials_{k}"] for k in ("finished", "stopped", "failed")}
+            found.append(
+                {
+                    "sweep": name,
+                    "state": "done",
+                    "trials": len(doc["trials"]),
+                    **counts,
+                    "best_trial": best.get("name"),
+                    "best_val_top1": best.get("best_val_top1"),
+                }
+            )
+        elif storage.exists(progress):
+            found.append({"sweep": name, "state": "started", **storage.read_json(progress)})
+    return found

@@ -65,3 +65,19 @@ def log_classifier(
         )
         return f"models:/{register}@{alias}"
     return info.model_uri
+
+
+def register(model_uri: str, name: str, alias: str, tags: dict) -> str:
+    """A new version of registered model ``name`` from ``model_uri`` (a logged model), with
+    ``tags`` on the version page and ``alias`` moved to it; returns ``models:/NAME@ALIAS``."""
+    import contextlib
+    import io
+
+    import mlflow
+
+    client = mlflow_client()  # points the mlflow module at the tracking URI too
+    with contextlib.redirect_stderr(io.StringIO()):  # MLflow's own registration lines
+        version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    client.set_registered_model_alias(name, alias, version.version)
+    print(f"sweep: model registered as {name} version {version.version}, alias @{alias}", file=sys.stderr)
+    return f"models:/{name}@{alias}"

@@ -33,7 +33,7 @@ import threading
 import time
 import traceback
 
-from . import storage, tracking
+from . import meter, storage, tracking
 
 HEARTBEATS, STACKS, REPORT = "heartbeats", "stacks", "stall-report.txt"  # in the run's folder
 ACTIONS = ("report", "restart")
@@ -49,7 +49,8 @@ class Heartbeat:
     """One rank's side: ``progress(...)`` after each step (cheap: a few assignments); a daemon
     thread does the writing, so a slow store never slows a step."""
 
-    def __init__(self, run_dir: str, rank: int, world: int, floor_s: float, node_id: str = ""):
+    def __init__(self, run_dir: str, rank: int, world: int, floor_s: float, node_id: str = "", gpus: int = 0):
+        self.clock = meter.Clock(run_dir, gpus)  # the run's cost: this process's time, kept as it beats
         self.url = storage.join(run_dir, HEARTBEATS, f"rank{rank:03d}.json")
         self.stacks_url = storage.join(run_dir, STACKS, f"rank{rank:03d}.txt")
         self.floor_s, self.thread_id = floor_s, threading.get_ident()  # the training thread
@@ -82,6 +83,7 @@ class Heartbeat:
                     storage.write_bytes(self.stacks_url, self.stacks(idle).encode())
                     s["dumped"] = s["progress"]  # this stall's dump is written: the driver can read it
                 storage.write_json(self.url, s)
+                self.clock.tick()
             except Exception:  # noqa: BLE001 - a store that is down must not end training; the driver sees no beats
                 pass
             time.sleep(BEAT_S)

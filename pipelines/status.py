@@ -55,7 +55,14 @@ def run(cfg: StatusConfig) -> dict:
     stages = [_row(f) for f in found]
     if cfg.check_source and stages[0]["state"] == "done":
         _check_source(stages[0], rec["source_fingerprint"])
-    return {"stage": "status", "data": cfg.data, "stages": stages, "states": {s["stage"]: s["state"] for s in stages}}
+    states = {s["stage"]: s["state"] for s in stages}
+    return {
+        "stage": "status",
+        "data": cfg.data,
+        "stages": stages,
+        "states": states,
+        "sweeps": contract.sweep_states(cfg.data),
+    }
 
 
 def format_table(summary: dict) -> str:
@@ -64,4 +71,17 @@ def format_table(summary: dict) -> str:
         counts = ", ".join(f"{k} {v}" for k, v in s.get("counts", {}).items())
         detail = "; ".join(x for x in (counts, s.get("reason", "")) if x)
         lines.append(f"{s['stage']:<12} {s['state']:<8} {s.get('ran_at', '-'):<26} {detail}")
+    for w in summary.get("sweeps", []):
+        lines.append(f"sweep {w['sweep']:<6} {w['state']:<8} {_sweep_counts(w)}")
     return "\n".join(lines)
+
+
+def _sweep_counts(w: dict) -> str:
+    """A sweep's line: its trials by how they ended (or so far), and its best trial."""
+    if w["state"] == "done":
+        said = f"{w['trials']} trials: {w['finished']} finished, {w['stopped']} stopped early, {w['failed']} failed"
+        best = f"; best {w['best_trial']} (val_top1 {w['best_val_top1']:.4f})" if w.get("best_trial") else ""
+        return said + best
+    said = f"{w['ended']}/{w['trials']} trials ended ({w['stopped_early']} stopped early), {w['running']} running"
+    best = f"; best so far trial {w['best_trial']} (val_top1 {w['best_val_top1']:.4f})" if "best_trial" in w else ""
+    return said + best

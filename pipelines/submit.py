@@ -44,7 +44,7 @@ EXCLUDES = [
     "*.tar",
     "*.parquet",
 ]
-STAGES = ("sample", "index", "shard", "stats", "prepare", "status", "train", "evaluate", "demo")
+STAGES = ("sample", "index", "shard", "stats", "prepare", "status", "train", "sweep", "evaluate", "demo")
 DONE = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -153,7 +153,7 @@ def _run_link(tail: list[str]) -> str:
     return ""
 
 
-TRACKED = ("index", "shard", "stats", "prepare", "train", "evaluate")  # the stages that record MLflow runs
+TRACKED = ("index", "shard", "stats", "prepare", "train", "sweep", "evaluate")  # the stages that record MLflow runs
 
 
 def _check_tracking(stage: str) -> None:

@@ -222,6 +222,17 @@ def standard_tags(stage: str) -> dict[str, str]:
     return tags
 
 
+def find_run(experiment: str, run_name: str) -> str | None:
+    """The id of ``experiment``'s run tagged with ``run_name`` (the newest if several), or None."""
+    found = mlflow_client().search_runs(
+        [experiment_id(experiment)],
+        f"tags.`{RUN_NAME_TAG}` = {_quote(run_name)}",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return found[0].info.run_id if found else None
+
+
 def start_or_resume_run(experiment: str, run_name: str, tags: dict | None = None) -> str:
     """The run of ``experiment`` tagged with ``run_name`` (the newest if several), else a new one.
 
@@ -342,6 +353,16 @@ def _numeric(value) -> bool:
 
 def logged_steps(run_id: str, key: str) -> list[int]:
     return sorted({m.step for m in mlflow_client().get_metric_history(run_id, key)})
+
+
+def log_metrics(run_id: str, metrics: dict, step: int = 0) -> None:
+    """Log each numeric metric at ``step`` (the newest value at a step is the one shown)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if _numeric(v)]
+    for i in range(0, len(batch), 1000):  # MAX_METRICS_PER_BATCH
+        mlflow_client().log_batch(run_id, metrics=batch[i : i + 1000])
 
 
 def log_metrics_once(run_id: str, metrics: dict, step: int) -> dict:

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from . import arrowfs, checkpoint, contract, lease, lineage, registry, stall, storage, tracking
+from . import arrowfs, checkpoint, contract, lease, lineage, meter, registry, stall, storage, tracking
 from .cluster import ensure_ray, on_cluster
 from .common import off_the_main_thread
 from .config import TrainConfig
@@ -245,17 +245,42 @@ def _validate_numbers(cfg: TrainConfig) -> None:
         raise StageError(f"--stall-after {cfg.stall_after_s}: must be above 0 seconds (the default is 120).")
     if cfg.batch_per_worker is not None and cfg.batch_per_worker < 1:
         raise StageError(f"--batch-per-worker {cfg.batch_per_worker}: must be at least 1.")
+    if cfg.price_per_hour is not None and not cfg.price_per_hour >= 0:
+        raise StageError(f"--price-per-hour {cfg.price_per_hour}: a worker's price for an hour, at least 0.")
 
 
-def run(cfg: TrainConfig, parent_run_id: str | None = None) -> dict:
-    """Train; with ``parent_run_id`` a new run is nested under that run (the demo's pipeline run)."""
-    t0 = time.monotonic()
+@dataclasses.dataclass(frozen=True)
+class Within:
+    """A training run that another's driver started: nested under ``parent_run_id`` (the demo's
+    pipeline run, a sweep), with ``tags`` of its own, and Ray Train ``callbacks`` beside the
+    workers' reports (a sweep's report of each epoch to Ray Tune)."""
+
+    parent_run_id: str | None = None
+    tags: dict = dataclasses.field(default_factory=dict)
+    callbacks: tuple = ()
+
+
+def checked(cfg: TrainConfig, inputs: dict | None = None) -> tuple[TrainConfig, dict]:
+    """Every flag, ROOT's inputs (read here unless given) and the epoch plan, before any Ray or
+    MLflow run: the config with --batch-per-worker made a global batch, and the inputs."""
     if cfg.batch_per_worker is not None:  # the global batch of the largest world; smaller ones share it
         cfg = dataclasses.replace(cfg, batch_size=cfg.batch_per_worker * cfg.workers)
     _validate(cfg)
-    tracking.check_reachable()
-    inputs = _inputs(cfg)
+    if inputs is None:
+        inputs = _inputs(cfg)
+    else:
+        _check_geometry(cfg, inputs["train_manifest"], inputs["val_manifest"])
     _check_plan(cfg, inputs)
+    return cfg, inputs
+
+
+def run(cfg: TrainConfig, parent_run_id: str | None = None, within: Within | None = None) -> dict:
+    """Train; with ``parent_run_id`` a new run is nested under that run (the demo's pipeline run),
+    ``within`` says more of a run another driver started."""
+    t0 = time.monotonic()
+    within = within or Within(parent_run_id)
+    cfg, inputs = checked(cfg)
+    tracking.check_reachable()
     name = cfg.name or "alexnet-" + time.strftime("%Y%m%d-%H%M%S")
     runs = cfg.storage or storage.join(cfg.data, "runs")
     runs = runs if storage.is_s3(runs) else os.path.abspath(runs)
@@ -267,26 +292,27 @@ def run(cfg: TrainConfig, parent_run_id: str | None = None) -> dict:
     _check_capacity(cfg, ray.cluster_resources(), gpu, cpus)  # before the MLflow run: a typo leaves no run
     # One training run per name at a time: a second would share the first's checkpoints and MLflow run.
     with lease.hold(storage.join(runs, name), "train"):
-        return _train(cfg, parent_run_id, name, runs, gpu, cpus, inputs, t0)
+        return _train(cfg, within, name, runs, gpu, cpus, inputs, t0)
 
 
-def _train(cfg: TrainConfig, parent_run_id, name: str, runs: str, gpu: bool, cpus: float, inputs: dict, t0) -> dict:
+def _train(cfg: TrainConfig, within: Within, name: str, runs: str, gpu: bool, cpus: float, inputs: dict, t0) -> dict:
     """The MLflow run (new, or the name's to resume), the fit, the model, the summary."""
-    run_id = tracking.start_or_resume_run(cfg.experiment, name, tags={"pipelines.stage": "train"})
-    if parent_run_id and "mlflow.parentRunId" not in tracking.get_tags(run_id):
-        tracking.set_tags(run_id, {"mlflow.parentRunId": parent_run_id})  # a resumed run keeps its place
+    run_id = tracking.start_or_resume_run(cfg.experiment, name, tags={"pipelines.stage": "train", **within.tags})
+    if within.parent_run_id and "mlflow.parentRunId" not in tracking.get_tags(run_id):
+        tracking.set_tags(run_id, {"mlflow.parentRunId": within.parent_run_id})  # a resumed run keeps its place
     done = _finished(run_id, cfg.epochs)
+    cost = {}
     if done:  # rerunning a finished run: nothing to train, the model is already logged
         tracking.end_run(run_id, "FINISHED")
-        return _summary(cfg, name, run_id, *done[:3], seconds=time.monotonic() - t0, skipped=True, best=done[3])
+        cost = meter.metrics(meter.hours(storage.join(runs, name)), cfg.price_per_hour)
+        return _summary(cfg, name, run_id, *done[:3], time.monotonic() - t0, cost, skipped=True, best=done[3])
     resolved = _record_start(cfg, run_id, name, runs, gpu, cpus, inputs)
-    result = _fit(resolved, inputs, run_id)
+    result = _fit(resolved, inputs, run_id, within.callbacks)
     state, ckpt_dir, best_state, best_dir = _checkpoints(result, runs)
-    model_uri = _record_end(cfg, run_id, state, ckpt_dir, best_state, best_dir, inputs)
+    cost = meter.metrics(meter.hours(storage.join(runs, name)), cfg.price_per_hour)
+    model_uri = _record_end(cfg, run_id, state, (ckpt_dir, best_state, best_dir), inputs, cost)
     seconds = time.monotonic() - t0
-    return _summary(
-        cfg, name, run_id, state, ckpt_dir, model_uri, seconds=seconds, gpu=gpu, best=(best_state, best_dir)
-    )
+    return _summary(cfg, name, run_id, state, ckpt_dir, model_uri, seconds, cost, gpu=gpu, best=(best_state, best_dir))
 
 
 def _record_start(cfg: TrainConfig, run_id: str, name: str, runs: str, gpu: bool, cpus: float, inputs: dict):
@@ -333,7 +359,7 @@ def _record_start(cfg: TrainConfig, run_id: str, name: str, runs: str, gpu: bool
 LOOP_INPUTS = ("train_shards", "val_shards", "stats", "num_classes", "classes_digest", "wnids", "resize", "keep_aspect")
 
 
-def _fit(cfg: TrainConfig, inputs: dict, run_id: str):
+def _fit(cfg: TrainConfig, inputs: dict, run_id: str, callbacks: tuple = ()):
     """Ray Train's fit of the workers (``cfg`` resolved); the run is FAILED if it raises."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -370,6 +396,7 @@ def _fit(cfg: TrainConfig, inputs: dict, run_id: str):
             # Ray Train's own INFO lines (every report, every checkpoint, 500 characters each)
             # drown the run's; its warnings and errors still show.
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=list(callbacks),
         ),
     )
     # A Ray of this machine alone, started for this process: no cloud drains its node, and Ray
@@ -464,11 +491,15 @@ def _checkpoints(result, runs: str) -> tuple:
     return state, ckpt_dir, state, ckpt_dir
 
 
-def _record_end(cfg, run_id: str, state: dict, ckpt_dir: str, best_state: dict, best_dir: str, inputs: dict) -> str:
-    """The epochs an outage held back, the model, the run's tags and its end, each waiting for
-    the server as long as PIPELINES_TRACKING_PATIENCE_S; returns the model's URI."""
+def _record_end(cfg, run_id: str, state: dict, checkpoints: tuple, inputs: dict, cost: dict) -> str:
+    """The epochs an outage held back, the run's cost, the model (of the best of ``checkpoints``:
+    the latest's folder, the best's state and folder), the run's tags and its end, each waiting
+    for the server as long as PIPELINES_TRACKING_PATIENCE_S; returns the model's URI."""
+    ckpt_dir, best_state, best_dir = checkpoints
     patience = float(os.environ.get("PIPELINES_TRACKING_PATIENCE_S", 900))
     _when_tracking_is_back("logging the epochs' metrics", lambda: log_epochs(run_id, state["history"]), patience)
+    # every worker has stopped: the whole run's cost, over what the workers logged as it went
+    _when_tracking_is_back("logging the cost", lambda: tracking.log_metrics(run_id, cost, state["epoch"]), patience)
     model_uri = _when_tracking_is_back(
         "logging the model", lambda: _log_classifier(cfg, run_id, best_state, inputs), patience
     )
@@ -541,7 +572,7 @@ def _by_node(workers: list[dict]) -> list[dict]:
     return sorted(nodes.values(), key=lambda n: n["ranks"][0])
 
 
-def _summary(cfg, name, run_id, state, ckpt_dir, model_uri, seconds, skipped=False, gpu=None, best=None) -> dict:
+def _summary(cfg, name, run_id, state, ckpt_dir, model_uri, seconds, cost, skipped=False, gpu=None, best=None) -> dict:
     last = state["history"][-1]
     best_state, best_dir = best or (state, ckpt_dir)
     return {
@@ -564,5 +595,6 @@ def _summary(cfg, name, run_id, state, ckpt_dir, model_uri, seconds, skipped=Fal
         "left_out_per_epoch": last.get("left_out", 0),
         "skipped": skipped,
         "seconds": round(seconds, 2),
+        "cost": cost,  # worker-hours and GPU-hours over every worker that ran, restarts included
         "input_digest": contract.read_manifest(cfg.data, "train")["digest"],
     }

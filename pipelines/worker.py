@@ -23,7 +23,7 @@ import os
 import tempfile
 import time
 
-from . import arrowfs, checkpoint, recipe, stall, storage, tracking
+from . import arrowfs, checkpoint, meter, recipe, stall, storage, tracking
 from .common import fmt_seconds, now_iso
 from .errors import StageError
 
@@ -60,7 +60,7 @@ class Worker:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         run_dir, node = storage.join(c["storage"], c["name"]), ray.get_runtime_context().get_node_id()
-        self.heartbeat = stall.Heartbeat(run_dir, self.rank, self.world, c["stall_after_s"], node)
+        self.heartbeat = stall.Heartbeat(run_dir, self.rank, self.world, c["stall_after_s"], node, gpus=int(c["gpu"]))
         _quiet_ray_train_loggers()
         self._build()
         self.history, self.position = [], {"epoch": 1, "segments": [], "sums": None}
@@ -77,6 +77,7 @@ class Worker:
         for epoch in range(self.position["epoch"], self.c["epochs"] + 1):
             if not self.epoch(epoch):
                 break  # the loss diverged: every rank stops here, this epoch unsaved
+        self.heartbeat.clock.tick(force=True)  # the cost this process adds, to its last second
         if self.mlflow is not None:
             self.mlflow.finish()
 
@@ -552,7 +553,7 @@ class MlflowLog:
         # one call and stall training); _log_history catches up at the next epoch.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        self.run_id = c["run_id"]
+        self.run_id, self.run_dir, self.price = c["run_id"], storage.join(c["storage"], c["name"]), c["price_per_hour"]
         _log_history(self.run_id, history)  # epochs a crash left unlogged
         if fell_back:  # the run says it skipped a damaged checkpoint, for whoever reads it later
             _when_reachable(tracking.set_tags, self.run_id, {RESUMED_PAST_DAMAGED: fell_back[:4000]})
@@ -564,7 +565,13 @@ class MlflowLog:
         worker logs it from the checkpoint's history; never twice."""
         if self.pending is not None:
             self.pending.result()  # an error that is not an outage stops the run here
-        self.pending = self.thread.submit(_log_history, self.run_id, list(history))
+        self.pending = self.thread.submit(self._log, list(history))
+
+    def _log(self, history: list[dict]) -> None:
+        """The epochs, then the cost so far (pipelines/meter.py) at the last epoch's step."""
+        if _log_history(self.run_id, history):
+            spent = meter.metrics(meter.hours(self.run_dir), self.price)
+            _when_reachable(tracking.log_metrics_once, self.run_id, spent, history[-1]["epoch"])
 
     def finish(self) -> None:
         if self.pending is not None:

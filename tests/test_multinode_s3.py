@@ -35,6 +35,7 @@ import pytest
 import torch
 from botocore.exceptions import ClientError
 
+from pipelines import meter
 from pipelines.sample import SampleConfig
 from pipelines.sample import run as make_sample
 from pipelines.worker import METRICS
@@ -542,6 +543,7 @@ class Storm:
         ]
         self.proc = _submit(world, *self.args)
         self.killed_output, self.stopped, self.report, self.compared = "", [], "", {}
+        self.killed_worker = None  # the pid of the worker SIGKILLed
         self.tracking_back = None  # time.time() when the MLflow server came back
         self.outage = None  # the thread that brings it back
 
@@ -580,6 +582,7 @@ class Storm:
         """SIGKILL to rank 1 -> a step of the worker group Ray Train restarted."""
         victim, t, wall = self.pid(1), time.monotonic(), time.time()
         os.kill(victim, signal.SIGKILL)
+        self.killed_worker = victim
         self.wait(lambda: self.trained_since(wall), "a step of the restarted worker group")
         recovered(self.record, "storm: a training worker SIGKILLed: to its restarted group's next step", t)
 
@@ -750,6 +753,14 @@ def test_a_storm_of_faults_in_one_training_run_on_s3(world, stages, rotation, tm
     assert f"rank 1 (pid {hung}): killed" in storm.killed_output + text  # by --stall-action restart
     logged = storm.tracking().download_artifacts(summary["run_id"], "stall-report.txt", str(tmp_path / "dl"))
     assert f"pid {hung}" in Path(logged).read_text()
+    # Its cost counts the time of every worker process that ran, the SIGKILLed one's too: within
+    # a clock's rewrite interval of what the clock files say now (a process's last seconds).
+    clocks = [json.loads(_get(world, key)) for key in _keys(world, f"{Storm.PREFIX}/{meter.METER}/")]
+    [victim] = [c for c in clocks if c["pid"] == storm.killed_worker]
+    assert victim["seen"] > victim["started"], victim
+    spent = sum(c["seen"] - c["started"] for c in clocks) / 3600
+    logged = storm.tracking().get_run(summary["run_id"]).data.metrics["cost/worker_hours"]
+    assert logged == pytest.approx(spent, abs=len(clocks) * meter.EVERY_S / 3600), (logged, spent, clocks)
     # Bitwise: world 2's checkpoint with every world-keeping fault behind it, the undisturbed run's.
     compared = storm.compared
     got = _state_at(world, Storm.PREFIX, compared, tmp_path)

@@ -328,7 +328,19 @@ def ensure_ray(dashboard: bool = False):
             local["runtime_env"] = {"env_vars": env}
         # --quiet: the workers' lines are not sent here at all
         ray.init(address=address, logging_level="WARNING", log_to_driver=not os.environ.get("PIPELINES_QUIET"), **local)
+        _no_auto_init()
     return ray
+
+
+def _no_auto_init() -> None:
+    """This process's Ray is the one started or joined above. A thread still running as the
+    process exits (Ray Tune's loop after Ctrl-C) would otherwise call a Ray API after the exit's
+    ray.shutdown() and so start or join a Ray again, printing its connection lines after the
+    stage's last. (Ray reads RAY_ENABLE_AUTO_CONNECT once, when imported; this is its flag.)"""
+    from ray._private import auto_init_hook
+
+    if hasattr(auto_init_hook, "enable_auto_connect"):
+        auto_init_hook.enable_auto_connect = False
 
 
 def _dashboard_installed() -> bool:

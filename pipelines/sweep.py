@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import sys
@@ -193,6 +194,8 @@ def _sweep(cfg: SweepConfig, spaces: dict, base: TrainConfig, trials: int, concu
         with contextlib.redirect_stdout(sys.stderr):
             grid = off_the_main_thread(tuner.fit, "ray-tune-fit")
     except BaseException as e:
+        if not isinstance(e, Exception):  # Ctrl-C: Tune's loop, left running, says no more
+            logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
         tracking.end_run(parent, "FAILED" if isinstance(e, Exception) else "KILLED")
         raise
     return _record_end(cfg, parent, folder, grid, base, t0)
@@ -392,6 +395,7 @@ def _rows(folder: str, grid, base: TrainConfig) -> list[dict]:
         else:
             decision = f"stopped at epoch {epoch} by ASHA"
         run_id = rec.get("run_id") or tracking.find_run(base.experiment, rec["name"])
+        last = result.metrics if result is not None and result.metrics else {}
         spent = meter.metrics(meter.hours(storage.join(base.storage, rec["name"])), base.price_per_hour)
         rows.append(
             {
@@ -406,6 +410,7 @@ def _rows(folder: str, grid, base: TrainConfig) -> list[dict]:
                 "model_uri": rec.get("model_uri"),
                 **spent,
                 "curve": curve,
+                "last_report": last.get("timestamp"),  # when Tune had the trial's last epoch
             }
         )
     return rows
@@ -431,7 +436,7 @@ def _record_end(cfg: SweepConfig, parent: str, folder: str, grid, base: TrainCon
     best = max(finished, key=lambda r: r["best_val_top1"], default=None)
     model_uri = _register(cfg, best, parent) if best else None
     cost = {k: sum(r.get(k, 0.0) for r in rows) for k in rows[0] if k.startswith("cost/")} if rows else {}
-    table = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
+    table = [{k: v for k, v in r.items() if k not in ("curve", "last_report")} for r in rows]
     tracking.log_table(parent, table, "trials.json")
     tracking.log_figure(parent, _plot(cfg.name, rows), "val_top1_by_epoch.png")
     counts = {f"trials_{k}": sum(r["decision"].startswith(k) for r in rows) for k in ("finished", "stopped", "failed")}
@@ -446,7 +451,7 @@ def _record_end(cfg: SweepConfig, parent: str, folder: str, grid, base: TrainCon
         "name": cfg.name,
         "run_id": parent,
         "trials": table,
-        "best": {k: v for k, v in best.items() if k != "curve"} if best else None,
+        "best": {k: v for k, v in best.items() if k not in ("curve", "last_report")} if best else None,
         "model_uri": model_uri,
         "cost": cost,
         **counts,
@@ -462,7 +467,7 @@ def _settle(row: dict) -> None:
     tracking.set_tags(row["run_id"], {DECISION: row["decision"]})
     if row["decision"].startswith("stopped"):
         tracking.log_metrics(row["run_id"], {k: v for k, v in row.items() if k.startswith("cost/")}, row["epochs"])
-        tracking.end_run(row["run_id"], "FINISHED")
+        tracking.end_run(row["run_id"], "FINISHED", end_time=row["last_report"])  # not the sweep's end
 
 
 def _register(cfg: SweepConfig, best: dict, parent: str) -> str:
@@ -485,10 +490,11 @@ def _plot(name: str, rows: list[dict]):
     for r in rows:
         if r["curve"]:
             epochs = sorted(r["curve"])
-            ax.plot(
-                epochs, [r["curve"][e] for e in epochs], marker="o", label=f"{r['trial']:02d}: {r['decision'][:40]}"
-            )
+            style = "-" if r["decision"].startswith("finished") else ":"  # stopped or failed: dotted
+            label = f"{r['trial']:02d}: {r['decision'][:40]}"
+            ax.plot(epochs, [r["curve"][e] for e in epochs], style, marker="o", label=label)
     ax.set(xlabel="epoch", ylabel="val_top1", title=f"sweep {name}: val_top1 by epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7)
     fig.tight_layout()
     plt.close(fig)

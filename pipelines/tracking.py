@@ -255,10 +255,11 @@ def start_or_resume_run(experiment: str, run_name: str, tags: dict | None = None
     return run.info.run_id
 
 
-def end_run(run_id: str, status: str = "FINISHED") -> None:
+def end_run(run_id: str, status: str = "FINISHED", end_time: float | None = None) -> None:
+    """``end_time``: when it ended (time.time()), if not now."""
     if status not in STATUSES:
         raise ValueError(f"Unknown run status {status!r}. Expected one of: {', '.join(STATUSES)}.")
-    mlflow_client().set_terminated(run_id, status)
+    mlflow_client().set_terminated(run_id, status, end_time=int(end_time * 1000) if end_time else None)
 
 
 def set_tags(run_id: str, tags: dict) -> None:

@@ -177,10 +177,15 @@ def _sweep(cfg: SweepConfig, spaces: dict, base: TrainConfig, trials: int, concu
     folder = storage.join(base.storage, cfg.name)
     parent = tracking.start_or_resume_run(base.experiment, cfg.name, tags={"pipelines.stage": "sweep"})
     done = _finished(folder)
+    try:
+        _same_sweep(cfg, parent, spaces, base, trials)
+    except StageError:
+        tracking.end_run(parent, "FINISHED" if done else "KILLED")  # as it was: a refused rerun changes nothing
+        raise
     if done:  # rerunning a finished sweep: every trial has its decision, nothing to rerun
         tracking.end_run(parent, "FINISHED")
         return {**done, "skipped": True, "seconds": round(time.monotonic() - t0, 2)}
-    _record_start(cfg, parent, spaces, base, trials, concurrent)
+    _record_start(cfg, parent, spaces, base, concurrent)
     tuner = _tuner(cfg, spaces, base, trials, concurrent, parent)
     print(
         f"sweep {cfg.name}: {trials} trials of up to {base.epochs} epochs, {concurrent} at a time "
@@ -201,9 +206,9 @@ def _sweep(cfg: SweepConfig, spaces: dict, base: TrainConfig, trials: int, concu
     return _record_end(cfg, parent, folder, grid, base, t0)
 
 
-def _record_start(cfg: SweepConfig, parent: str, spaces: dict, base: TrainConfig, trials: int, concurrent: int):
-    """The sweep's parameters; a rerun of the name with another space is refused (Tune restores
-    the trials it drew, not a new space)."""
+def _same_sweep(cfg: SweepConfig, parent: str, spaces: dict, base: TrainConfig, trials: int) -> None:
+    """The sweep's space, as params of its run; a rerun of the name with another space is
+    refused (Tune restores the trials it drew, not a new space)."""
     fixed = {"search." + k.replace("_", "-"): getattr(cfg, k) for k in spaces}
     fixed.update(trials=trials, scheduler=cfg.scheduler, grace_epochs=cfg.grace_epochs)
     fixed.update(reduction_factor=cfg.reduction_factor, epochs=base.epochs)
@@ -213,6 +218,10 @@ def _record_start(cfg: SweepConfig, parent: str, spaces: dict, base: TrainConfig
             f"Sweep '{cfg.name}' was started with other {', '.join(conflicts)}: a rerun of a name resumes "
             "that sweep as it was; give this one a new --name."
         )
+
+
+def _record_start(cfg: SweepConfig, parent: str, spaces: dict, base: TrainConfig, concurrent: int) -> None:
+    """The training flags given, how many trials ran at a time, and the space as a document."""
     given = {f"train.{k}": v for k, v in cfg.train.items()}
     tracking.log_params(parent, {**given, "max_concurrent": concurrent, "workers": base.workers})
     tracking.log_json(parent, {k: list(v) for k, v in spaces.items()}, "search_space.json")

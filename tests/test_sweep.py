@@ -116,6 +116,8 @@ def swept(dataset, ray_local, tmp_path_factory, module_runs):
         assert rerun.returncode == 0, rerun.stderr[-4000:]
         again = subprocess.run(_cmd(dataset, runs), env=env, capture_output=True, text=True, timeout=300)
         assert again.returncode == 0, again.stderr[-4000:]
+        other = [x if x != "0.01,0.02" else "0.01,0.03" for x in _cmd(dataset, runs)]
+        another = subprocess.run(other, env=env, capture_output=True, text=True, timeout=300)
         yield {
             "server": server["uri"],
             "killed": killed,
@@ -124,6 +126,7 @@ def swept(dataset, ray_local, tmp_path_factory, module_runs):
             "rerun_s": time.monotonic() - t,
             "summary": json.loads(rerun.stdout.strip().splitlines()[-1]),
             "again": json.loads(again.stdout.strip().splitlines()[-1]),
+            "another": another,
             "runs": runs,
         }
 
@@ -191,12 +194,15 @@ def test_a_sweep_killed_mid_trial_resumes_that_trial_from_its_checkpoint(swept, 
     assert steps == sorted(set(steps)) and steps[0] == 1, steps
 
 
-def test_rerunning_a_finished_sweep_runs_nothing(swept):
+def test_rerunning_a_finished_sweep_runs_nothing_and_another_space_under_its_name_is_refused(swept):
     again = swept["again"]
     assert again["skipped"] is True and again["run_id"] == swept["summary"]["run_id"]
     assert again["trials"] == swept["summary"]["trials"]
-    _, _, trials = _tree(swept["server"])
-    assert len(trials) == 4
+    another = swept["another"]
+    assert another.returncode == 2 and "Traceback" not in another.stderr, another.stderr[-3000:]
+    assert f"error: Sweep '{NAME}' was started with other search.lr" in another.stderr
+    _, parent, trials = _tree(swept["server"])
+    assert len(trials) == 4 and parent.info.status == "FINISHED" and parent.data.params["search.lr"] == "0.01,0.02"
 
 
 def test_cost_is_on_every_trial_and_summed_on_the_parent(swept):

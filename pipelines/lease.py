@@ -44,13 +44,13 @@ STALE_S = 150.0  # five missed heartbeats: a holder that stopped beating is gone
 NAME = ".lease.json"
 
 
-def _stale_after() -> float:
+def stale_after() -> float:
     return float(os.environ.get("PIPELINES_LEASE_STALE_S", STALE_S))
 
 
-def _beat_every() -> float:
+def beat_every() -> float:
     """HEARTBEAT_S, or a fifth of a shorter stale time: a live holder never looks stale."""
-    return min(HEARTBEAT_S, _stale_after() / 5)
+    return min(HEARTBEAT_S, stale_after() / 5)
 
 
 def _proc_start(pid: int) -> str | None:
@@ -76,8 +76,8 @@ def _why_stale(held: dict) -> str | None:
     if held.get("host") == socket.gethostname() and _proc_start(held.get("pid", -1)) != held.get("pid_started"):
         return f"its process {held.get('pid')} on this machine has ended"
     age = time.time() - float(held.get("heartbeat_s", 0))
-    if age > _stale_after():
-        return f"no heartbeat for {age:.0f} s (stale after {_stale_after():.0f} s)"
+    if age > stale_after():
+        return f"no heartbeat for {age:.0f} s (stale after {stale_after():.0f} s)"
     return None
 
 
@@ -127,11 +127,11 @@ class Lease:
                 continue  # released between our create and read: try again
             why = _why_stale(held)
             if why is None:
-                raise StageError(
+                raise LeaseHeld(
                     f"Another '{held.get('stage')}' run holds '{self.root}' (started {held.get('started')} on "
                     f"{held.get('host')}, process {held.get('pid')}, last heartbeat {held.get('heartbeat')}). "
                     "Two runs writing there would overwrite each other's files: wait for it to finish. If "
-                    f"it was killed, its lease is taken over {_stale_after():.0f} s after its last heartbeat, "
+                    f"it was killed, its lease is taken over {stale_after():.0f} s after its last heartbeat, "
                     f"or delete {self.url}."
                 )
             self.generation = int(held.get("generation", 1)) + 1
@@ -156,7 +156,7 @@ class Lease:
     def check(self) -> None:
         """Before a write or a delete: still ours, or a StageError naming who took it. Read afresh
         when the last heartbeat is older than a beat (this process may have been paused)."""
-        if self.lost is None and time.monotonic() - self.beaten > _beat_every():
+        if self.lost is None and time.monotonic() - self.beaten > beat_every():
             self.beat()
         if self.lost is not None:
             raise LeaseLost(self.lost_message())
@@ -198,6 +198,10 @@ class LeaseLost(StageError):
     """Another run took this run's lease: it must write nothing more."""
 
 
+class LeaseHeld(StageError):
+    """Another run holds the lease, and it is not stale (yet)."""
+
+
 _held: dict[str, Lease] = {}  # root -> this process's lease on it
 
 
@@ -229,7 +233,7 @@ def hold(root: str, stage: str):
     held, stop = Lease(root, stage), threading.Event()
 
     def beat():
-        while not stop.wait(_beat_every()):
+        while not stop.wait(beat_every()):
             try:
                 if not held.beat():
                     return  # taken over: the stage stops at its next check()

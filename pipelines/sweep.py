@@ -162,11 +162,13 @@ def _concurrency(cfg: SweepConfig, base: TrainConfig, trials: int, ray) -> tuple
         cpus = train.cpus_per_worker(base, ray.nodes(), True)
     elif cpus is None:
         cpus = float(min(max(res.get("CPU", 0) // (base.workers * concurrent), 1), base.max_cpus_per_worker))
-    need = concurrent * base.workers * (0 if gpu else cpus)
-    if not on_cluster() and need > res.get("CPU", 0):  # a cluster may autoscale; this machine will not
+    kind = "GPU" if gpu else "CPU"
+    need = concurrent * base.workers * (1 if gpu else cpus)
+    if not on_cluster() and need > res.get(kind, 0):  # a cluster may autoscale; this machine will not
+        each = "one GPU" if gpu else f"{cpus:g} CPUs"
         raise StageError(
-            f"--max-concurrent {concurrent} trials of {base.workers} workers with {cpus:g} CPUs each need "
-            f"{need:g} CPUs and this machine's Ray has {res.get('CPU', 0):g}: use --max-concurrent "
+            f"--max-concurrent {concurrent} trials of {base.workers} workers with {each} each need "
+            f"{need:g} {kind}s and this machine's Ray has {res.get(kind, 0):g}: use --max-concurrent "
             f"{max(fits, 1)} or fewer, or a cluster (RAY_ADDRESS)."
         )
     return concurrent, dataclasses.replace(base, gpu=gpu, cpus_per_worker=cpus)
@@ -306,7 +308,7 @@ def _trial(config: dict) -> None:
     cfg = TrainConfig(**{**base, **values, "name": name})
     tags = {"pipelines.sweep": s["name"], "pipelines.trial": str(index)}
     try:
-        out = train.run(cfg, within=train.Within(s["parent"], tags, (_epochs_to_tune(cfg.epochs),)))
+        out = _train_when_free(cfg, train.Within(s["parent"], tags, (_epochs_to_tune(cfg.epochs),)))
     except StageError as e:
         storage.write_json(record, {**doc, "state": "failed", "error": str(e)})
         return
@@ -316,6 +318,20 @@ def _trial(config: dict) -> None:
     tune.report(
         {k: out[k] for k in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5")} | {"epoch": out["epochs"]}
     )
+
+
+def _train_when_free(cfg: TrainConfig, within: train.Within) -> dict:
+    """train.run, once the trial's run is free: the run a killed sweep's trial left on another
+    node holds its lease until the lease goes stale (a holder on this node is seen gone at once)."""
+    deadline = time.monotonic() + lease.stale_after() + 2 * lease.beat_every()
+    while True:
+        try:
+            return train.run(cfg, within=within)
+        except lease.LeaseHeld as e:
+            if time.monotonic() > deadline:
+                raise
+            print(f"trial {cfg.name}: waiting for an earlier run of it to let go: {e}", file=sys.stderr, flush=True)
+            time.sleep(lease.beat_every())
 
 
 def _epochs_to_tune(epochs: int):
@@ -351,6 +367,11 @@ class Progress(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         epoch = trial.last_result.get("epoch", 0)
         how = "trained every epoch" if epoch >= self.epochs else f"stopped at epoch {epoch}"
+        try:  # the trial's own record says when its run failed (and why)
+            rec = storage.read_json(storage.join(self.folder, TRIALS, f"{_index(trial)}.json"))
+            how = f"failed: {rec['error']}" if rec["state"] == "failed" else how
+        except (OSError, ValueError, KeyError, StageError):
+            pass
         self._say(f"trial {_index(trial)} {how}", trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -472,11 +493,13 @@ def _record_end(cfg: SweepConfig, parent: str, folder: str, grid, base: TrainCon
 
 def _settle(row: dict) -> None:
     """A trial run's decision tag; a run ASHA stopped (its driver ended with it) gets its cost
-    and its end here."""
+    and its end here, and a failed one its end."""
     tracking.set_tags(row["run_id"], {DECISION: row["decision"]})
     if row["decision"].startswith("stopped"):
         tracking.log_metrics(row["run_id"], {k: v for k, v in row.items() if k.startswith("cost/")}, row["epochs"])
         tracking.end_run(row["run_id"], "FINISHED", end_time=row["last_report"])  # not the sweep's end
+    elif row["decision"].startswith("failed"):  # a trial lost for good leaves its run RUNNING
+        tracking.end_run(row["run_id"], "FAILED", end_time=row["last_report"])
 
 
 def _register(cfg: SweepConfig, best: dict, parent: str) -> str:

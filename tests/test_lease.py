@@ -140,7 +140,7 @@ def test_a_holder_paused_between_its_check_and_its_write_writes_no_document_over
     new.write(str(made), b"the new holder's")
     assert new.versions[str(made)] == version  # the same bytes: not written again
 
-    monkeypatch.setattr(lease, "_beat_every", lambda: 3600.0)  # its check, just before the pause, found it fresh
+    monkeypatch.setattr(lease, "beat_every", lambda: 3600.0)  # its check, just before the pause, found it fresh
     with pytest.raises(lease.LeaseLost, match=f"lost its lease on .* wrote '{fresh}' meanwhile.*stopped before"):
         old.write(str(fresh), b"the old holder's")  # absent at its start: created meanwhile
     with pytest.raises(lease.LeaseLost, match="lost its lease on .* stopped before"):

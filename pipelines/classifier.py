@@ -2,7 +2,8 @@
 
 It takes images (a DataFrame column ``image`` of encoded JPEG/PNG bytes, or of decoded RGB
 uint8 arrays shaped H x W x 3, as PIL and OpenCV-after-BGR-swap give them) and returns, per
-image, the class id, WNID, class name and probability of its top class and its top 5. Inside
+image, the class id, WNID, class name and probability of its top class and its top 5, and an
+``error`` column: empty, or why that input is not an image (the others are answered). Inside
 it: the weights, the class list (classes.json), the normalisation (stats.json), and the
 geometry the run was trained with (the shards' resize, then the centre crop), so that
 
@@ -46,7 +47,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
 def classify(net, images: list, geometry: dict, classes: list[dict], stats: dict, batch: int = 64) -> list[dict]:
     """Images (bytes or H x W x 3 uint8 arrays) -> one row each: class_id, wnid, name, probability,
-    top5 ids and probabilities."""
+    top5 ids and probabilities, and ``error``: "" for an image, else why the input is not one (a
+    damaged file, a text file): that row has no class (-1), and the other images are answered."""
     import torch
 
     import model
@@ -54,25 +56,59 @@ def classify(net, images: list, geometry: dict, classes: list[dict], stats: dict
     transform = model.EvalTransform.from_stats(stats, crop=geometry["crop"])
     rows = []
     for start in range(0, len(images), batch):
-        crops = torch.stack([transform.geometric(_pixels(b, geometry)) for b in images[start : start + batch]])
-        with torch.inference_mode():
-            probs = net(transform.photometric(crops)).float().softmax(-1)
-        top_p, top_i = probs.topk(min(TOP, probs.shape[1]), dim=1)
-        for p, i in zip(top_p.tolist(), top_i.tolist()):
-            c = classes[i[0]]
-            rows.append(
-                {
-                    "class_id": i[0],
-                    "wnid": c["wnid"],
-                    "name": c["name"],
-                    "probability": p[0],
-                    "top5_class_ids": i,
-                    "top5_wnids": [classes[k]["wnid"] for k in i],
-                    "top5_names": [classes[k]["name"] for k in i],
-                    "top5_probabilities": p,
-                }
-            )
+        crops, errors = _crops(images[start : start + batch], transform, geometry)
+        if crops:
+            with torch.inference_mode():
+                probs = net(transform.photometric(torch.stack(crops))).float().softmax(-1)
+            top_p, top_i = probs.topk(min(TOP, probs.shape[1]), dim=1)
+            answers = iter(zip(top_p.tolist(), top_i.tolist()))
+        rows += [_answer(*next(answers), classes) if error is None else _no_answer(error) for error in errors]
     return rows
+
+
+def _crops(images: list, transform, geometry: dict) -> tuple[list, list]:
+    """The crops of the inputs that are images, and per input None or why it is not one."""
+    from pipelines.images import decode_problem
+
+    crops, errors = [], []
+    for image in images:
+        try:
+            crops.append(transform.geometric(_pixels(image, geometry)))
+            errors.append(None)
+        except ValueError as e:  # not an RGB array, or a picture too small to be a photo
+            errors.append(str(e))
+        except Exception as e:  # noqa: BLE001 - whatever the decoder says of these bytes, said per image
+            errors.append(decode_problem(e))
+    return crops, errors
+
+
+def _answer(p: list[float], i: list[int], classes: list[dict]) -> dict:
+    c = classes[i[0]]
+    return {
+        "class_id": i[0],
+        "wnid": c["wnid"],
+        "name": c["name"],
+        "probability": p[0],
+        "top5_class_ids": i,
+        "top5_wnids": [classes[k]["wnid"] for k in i],
+        "top5_names": [classes[k]["name"] for k in i],
+        "top5_probabilities": p,
+        "error": "",
+    }
+
+
+def _no_answer(error: str) -> dict:
+    return {
+        "class_id": -1,
+        "wnid": "",
+        "name": "",
+        "probability": 0.0,
+        "top5_class_ids": [],
+        "top5_wnids": [],
+        "top5_names": [],
+        "top5_probabilities": [],
+        "error": error,
+    }
 
 
 def _pixels(image, geometry: dict):

@@ -54,6 +54,10 @@ def run(cfg: PredictConfig) -> dict:
     out = model.predict(pd.DataFrame({"image": [storage.read_bytes(p) for p in cfg.images]}))
     predictions = []
     for path, row in zip(cfg.images, out.to_dict("records")):
+        if row.get("error"):  # not an image: said for it, and the others answered
+            predictions.append({"image": path, "error": row["error"]})
+            print(f"{path}: {row['error']}", file=sys.stderr)
+            continue
         top = [
             {"class_id": int(i), "wnid": w, "name": n, "probability": round(float(p), 6)}
             for i, w, n, p in zip(
@@ -68,6 +72,7 @@ def run(cfg: PredictConfig) -> dict:
         "stage": "predict",
         "model": uri,
         "images": len(cfg.images),
+        "errors": sum("error" in p for p in predictions),
         "predictions": predictions,
         "seconds": round(time.monotonic() - t0, 2),
     }

@@ -100,33 +100,44 @@ def test_the_registered_model_classifies_images_as_evaluate_does(demo):
 
         arrays = [np.asarray(Image.open(io.BytesIO(j)).convert("RGB")) for j in jpgs[:20]]
         from_arrays = model.predict(pd.DataFrame({"image": arrays}))
-        with pytest.raises(Exception, match="RGB uint8 array of shape H x W x 3"):
-            model.predict(pd.DataFrame({"image": [arrays[0].astype(np.float32)]}))
+        # An input that is no image is an error for that row; the others are answered.
+        mixed = model.predict(pd.DataFrame({"image": [arrays[0].astype(np.float32), jpgs[0], b"not an image"]}))
     finally:
         mlflow.set_tracking_uri(session_uri)
+    assert "RGB uint8 array of shape H x W x 3" in mixed["error"][0] and mixed["class_id"][0] == -1
+    assert mixed["error"][1] == "" and mixed["class_id"][1] == out["class_id"][0]
+    assert mixed["error"][2].startswith("not an image") and mixed["top5_class_ids"][2] == []
     assert list(from_arrays["class_id"]) == list(out["class_id"][:20])
     assert np.allclose(from_arrays["probability"], out["probability"][:20], atol=1e-5)
     hits = sum(int(c) == y for c, y in zip(out["class_id"], labels))
     assert len(jpgs) == 99 and hits / len(jpgs) == demo["summary"]["top1"]
     classes = json.loads(Path(data, "classes.json").read_text())
     assert [classes[int(c)]["wnid"] for c in out["class_id"]] == list(out["wnid"])
-    # The CLI, from another folder, on an image file.
-    image = demo["tmp"] / "val.jpg"
+    # The CLI, from another folder, on an image file, a text file and a JPEG cut short.
+    image, text, cut = demo["tmp"] / "val.jpg", demo["tmp"] / "hostname", demo["tmp"] / "cut.jpg"
     image.write_bytes(jpgs[0])
+    text.write_text("a-host-name\n")
+    cut.write_bytes(jpgs[1][: len(jpgs[1]) // 3])
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     env.update(MLFLOW_TRACKING_URI=demo["summary"]["tracking_uri"], PYTHONPATH=str(PROJECT))
     p = subprocess.run(
-        [sys.executable, "-m", "pipelines", "predict", "--model", "models:/alexnet-demo@champion", str(image)],
+        [sys.executable, "-m", "pipelines", "predict", "--model", "models:/alexnet-demo@champion", image, text, cut],
         cwd=demo["tmp"],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
     result = json.loads(p.stdout.strip().splitlines()[-1])
     top5 = result["predictions"][0]["top5"]
     assert len(top5) == 5 and top5[0]["class_id"] == int(out["class_id"][0])
+    assert result["errors"] == 2 and [x.get("error", "")[:12] for x in result["predictions"]] == [
+        "",
+        "not an image",
+        "truncated im",
+    ], result["predictions"]
+    assert f"{text}: not an image" in p.stderr and f"{cut}: truncated image" in p.stderr
     assert [l.strip()[:2] for l in p.stderr.splitlines() if l.startswith("  ")] == ["1.", "2.", "3.", "4.", "5."]
 
 

@@ -20,13 +20,27 @@ from pipelines.errors import StageError
 from . import services as sv
 from .helpers import RECOVERY
 
-# A 2-D grid of 4 trials, 2 at a time, 3 epochs each, on 1 CPU worker each. Tune deals the grid
+# A 2-D grid of 4 trials, 2 at a time, 2 epochs each, on 1 CPU worker each. Tune deals the grid
 # with --lr fastest: 0.01, 0.02, 0.01, 0.02. lr 0.02 collapses to one class here (val_top1 0.25
 # after an epoch) while lr 0.01 learns (0.46, then 0.96), so ASHA (keep the better half at each
-# rung) stops a 0.02 trial whichever of the first two reaches epoch 1 first: the second to
-# arrive trails the first, or else the later 0.02 trial trails the two recorded before it.
+# rung of epochs, here epoch 1) stops a 0.02 trial whichever of the first two reaches epoch 1
+# first: the second to arrive trails the first, or else the later 0.02 trial trails the two
+# recorded before it. A 0.01 trial is never stopped: nothing recorded beats it.
+EPOCHS = 2
 GRID = ["--lr", "0.01,0.02", "--weight-decay", "0.0005,0", "--max-concurrent", "2"]
-TRAIN = ["--epochs", "3", "--workers", "1", "--batch-size", "16", "--crop", "64", "--init", "kaiming", "--no-gpu"]
+TRAIN = [
+    "--epochs",
+    str(EPOCHS),
+    "--workers",
+    "1",
+    "--batch-size",
+    "16",
+    "--crop",
+    "64",
+    "--init",
+    "kaiming",
+    "--no-gpu",
+]
 NAME, EXPERIMENT, MODEL = "grid", "sweeps", "sweep-best"
 
 
@@ -66,15 +80,14 @@ def _wait(check, what: str, timeout: float = 600):
 
 
 def _epoch_one_checkpointed(runs: Path):
-    """The name of a trial whose latest registered checkpoint is its first epoch's end."""
-    for snap in runs.glob(f"{NAME}-trial-*/checkpoint_manager_snapshot.json"):
-        try:
-            latest = json.loads(snap.read_text())["latest_checkpoint_result"]["metrics"] or {}
-        except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
-            continue
-        if latest.get("epoch") == 1:
-            return snap.parent.name
-    return None
+    """Trial 00 (lr 0.01, which ASHA never stops, so the rerun must resume it) once its latest
+    registered checkpoint is its first epoch's end."""
+    snap = runs / f"{NAME}-trial-00" / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snap.read_text())["latest_checkpoint_result"]["metrics"] or {}
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return snap.parent.name if latest.get("epoch") == 1 else None
 
 
 def _ended(runs: Path, trial: str) -> bool:
@@ -98,7 +111,7 @@ def swept(dataset, ray_local, tmp_path_factory, module_runs):
             _cmd(dataset, runs), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         try:
-            killed = _wait(lambda: _epoch_one_checkpointed(runs), "a trial's first epoch checkpointed")
+            killed = _wait(lambda: _epoch_one_checkpointed(runs), "trial 00's first epoch checkpointed")
             first.send_signal(signal.SIGKILL)
             first.communicate(timeout=60)
         finally:
@@ -156,8 +169,8 @@ def test_a_sweep_is_one_parent_run_with_a_nested_run_per_trial_and_asha_stops_on
     assert all(r.info.status == "FINISHED" for r in trials), [(r.info.run_name, r.info.status) for r in trials]
     decisions = {r.info.run_name: r.data.tags[sweep.DECISION] for r in trials}
     stopped = [d for d in decisions.values() if d.startswith("stopped at epoch") and d.endswith("by ASHA")]
-    assert stopped and all(int(d.split()[3]) < 3 for d in stopped), decisions
-    assert any(d == "finished at epoch 3" for d in decisions.values()), decisions
+    assert stopped and all(int(d.split()[3]) < EPOCHS for d in stopped), decisions
+    assert any(d == f"finished at epoch {EPOCHS}" for d in decisions.values()), decisions
     # The cluster's nodes name the session's own store: no run of the sweep went there.
     local = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_experiment_by_name(EXPERIMENT)
     assert local is None
@@ -171,12 +184,13 @@ def test_a_sweep_is_one_parent_run_with_a_nested_run_per_trial_and_asha_stops_on
 def test_the_best_finished_trial_is_registered_with_its_lineage_to_the_sweep(swept):
     client, parent, trials = _tree(swept["server"])
     finished = [r for r in trials if r.data.tags[sweep.DECISION].startswith("finished")]
-    best = max(finished, key=lambda r: max(m.value for m in client.get_metric_history(r.info.run_id, "val_top1")))
+    best = {r.info.run_id: max(m.value for m in client.get_metric_history(r.info.run_id, "val_top1")) for r in finished}
     version = client.get_model_version_by_alias(MODEL, "champion")
-    assert version.run_id == best.info.run_id
+    # the finished trial with the best val_top1 (of equals, the first trial)
+    assert best[version.run_id] == max(best.values()), (version.run_id, best)
     assert version.tags["pipelines.sweep_run_id"] == parent.info.run_id and version.tags["pipelines.sweep"] == NAME
     assert swept["summary"]["model_uri"] == f"models:/{MODEL}@champion"
-    assert parent.data.tags["pipelines.sweep.best_run_id"] == best.info.run_id
+    assert parent.data.tags["pipelines.sweep.best_run_id"] == version.run_id == swept["summary"]["best"]["run_id"]
 
 
 def test_a_sweep_killed_mid_trial_resumes_that_trial_from_its_checkpoint(swept, record_property):
@@ -244,3 +258,20 @@ def test_a_bad_sweep_is_refused_before_any_work(dataset, flags, said):
     train = {"epochs": 2, "crop": 64, "batch_size": 16, **flags.pop("train", {})}
     with pytest.raises(StageError, match=said):
         sweep._check(SweepConfig(data=dataset, name="refused", train=train, **flags))
+
+
+def test_status_names_the_sweep_its_trials_and_the_best(swept):
+    """What `status` lists for a ROOT whose runs/ holds the sweep (here the tests' --storage)."""
+    from pipelines import contract, status
+
+    [found] = contract.sweep_states(str(swept["runs"].parent))
+    summary = swept["summary"]
+    assert found["sweep"] == NAME and found["state"] == "done" and found["trials"] == 4
+    assert (found["finished"], found["stopped"], found["failed"]) == (
+        summary["trials_finished"],
+        summary["trials_stopped"],
+        0,
+    )
+    assert found["best_trial"] == summary["best"]["name"] and found["finished"] + found["stopped"] == 4
+    line = status.format_table({"data": "ROOT", "stages": [], "sweeps": [found]}).splitlines()[-1]
+    assert line.startswith(f"sweep {NAME}") and "4 trials:" in line and summary["best"]["name"] in line

@@ -186,6 +186,7 @@ def _sweep(cfg: SweepConfig, spaces: dict, base: TrainConfig, trials: int, concu
         raise
     if done:  # rerunning a finished sweep: every trial has its decision, nothing to rerun
         tracking.end_run(parent, "FINISHED")
+        print(_said(cfg, done) + " (it had finished: nothing was run)", file=sys.stderr, flush=True)
         return {**done, "skipped": True, "seconds": round(time.monotonic() - t0, 2)}
     _record_start(cfg, parent, spaces, base, concurrent)
     tuner = _tuner(cfg, spaces, base, trials, concurrent, parent)
@@ -488,7 +489,26 @@ def _record_end(cfg: SweepConfig, parent: str, folder: str, grid, base: TrainCon
     }
     storage.write_json(storage.join(folder, SUMMARY), summary)
     tracking.end_run(parent, "FINISHED")
+    print(_said(cfg, summary), file=sys.stderr, flush=True)
     return {**summary, "skipped": False, "seconds": round(time.monotonic() - t0, 2)}
+
+
+def _said(cfg: SweepConfig, summary: dict) -> str:
+    """The sweep's end in a line: how its trials ended, the best one and its model."""
+    counts = ", ".join(f"{summary[f'trials_{k}']} {k}" for k in ("finished", "stopped", "failed"))
+    best = summary["best"]
+    if best is None:
+        unregistered = f"; nothing registered as {cfg.register}" if cfg.register else ""
+        return f"sweep {cfg.name}: {len(summary['trials'])} trials ({counts}); no trial finished{unregistered}"
+    values = ", ".join(f"{k} {best[k]:g}" if isinstance(best[k], float) else f"{k} {best[k]}" for k in _searched(best))
+    return (
+        f"sweep {cfg.name}: {len(summary['trials'])} trials ({counts}); best {best['name']}: val_top1 "
+        f"{best['best_val_top1']:.4f} ({values}), model {summary['model_uri']}"
+    )
+
+
+def _searched(row: dict) -> list[str]:
+    return [k for k in SEARCHED if k in row]
 
 
 def _settle(row: dict) -> None:

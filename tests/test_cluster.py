@@ -107,7 +107,7 @@ def pipeline(stack):
         "2",
         "--no-gpu",
         "--epochs",
-        "2",
+        "1",  # a job that trains, checkpoints and logs its model to the bucket: one epoch shows it
         "--crop",
         "64",
         "--batch-size",
@@ -150,7 +150,7 @@ def test_the_server_holds_the_runs_metrics_and_lineage(stack, pipeline):
     client = MlflowClient(tracking_uri=stack["mlflow"]["uri"])
     run = client.get_run(pipeline["train"]["run_id"])
     assert run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")] == [1]
     assert run.inputs.dataset_inputs and run.data.tags["pipelines.shard_runs"]
     assert len(run.data.params["git_sha"]) == 40  # the job's copy has no .git: submit passes the SHA
     stage_runs = client.search_runs([client.get_experiment_by_name("preprocessing").experiment_id])

@@ -95,7 +95,7 @@ def _stages(source: str, data: str, pipeline: str) -> dict:
     _step(
         f"train: AlexNet (2012) on {TRAIN['workers']} Ray Train CPU workers, {TRAIN['epochs']} epochs, {CROP} px crops"
     )
-    s["train"] = train.run(TrainConfig(data=data, crop=CROP, gpu=False, **TRAIN), parent_run_id=pipeline)
+    s["train"] = train.run(TrainConfig(data=data, crop=CROP, gpu=False, **TRAIN), train.Within(pipeline))
     _step("evaluate: centre crop and the paper's 10 crops on the val shards")
     s["evaluate"] = evaluate.run(EvaluateConfig(data=data, run_id=s["train"]["run_id"], gpu=False))
     s["evaluate10"] = evaluate.run(EvaluateConfig(data=data, run_id=s["train"]["run_id"], ten_crop=True, gpu=False))

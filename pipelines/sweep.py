@@ -82,8 +82,13 @@ def _corners(space: tuple) -> list:
     return space[1] if space[0] == "grid" else [space[1], space[2]]
 
 
+def _points(spaces: dict) -> int:
+    """The grid's points: the product of its dimensions' lengths (1 without a grid)."""
+    return math.prod(len(s[1]) for s in spaces.values() if s[0] == "grid")
+
+
 def _trial_count(cfg: SweepConfig, spaces: dict) -> int:
-    points = math.prod(len(s[1]) for s in spaces.values() if s[0] == "grid")  # 1 without a grid
+    points = _points(spaces)
     draws = [f"--{k.replace('_', '-')}" for k, s in spaces.items() if s[0] != "grid"]
     if cfg.trials is None:
         if draws:
@@ -253,7 +258,7 @@ def _tuner(cfg: SweepConfig, spaces: dict, base: TrainConfig, trials: int, concu
         return tune.Tuner.restore(
             experiment, trainable, resume_unfinished=True, resume_errored=True, param_space=space, storage_filesystem=fs
         )
-    points = math.prod(len(s[1]) for s in spaces.values() if s[0] == "grid")
+    points = _points(spaces)
     scheduler = (
         ASHAScheduler(
             time_attr="epoch", max_t=base.epochs, grace_period=cfg.grace_epochs, reduction_factor=cfg.reduction_factor

@@ -222,15 +222,18 @@ def standard_tags(stage: str) -> dict[str, str]:
     return tags
 
 
+def _newest_named(client, exp_id: str, run_name: str):
+    """The experiment's run tagged with ``run_name`` (the newest if several), or None."""
+    found = client.search_runs(
+        [exp_id], f"tags.`{RUN_NAME_TAG}` = {_quote(run_name)}", order_by=["attributes.start_time DESC"], max_results=1
+    )
+    return found[0] if found else None
+
+
 def find_run(experiment: str, run_name: str) -> str | None:
     """The id of ``experiment``'s run tagged with ``run_name`` (the newest if several), or None."""
-    found = mlflow_client().search_runs(
-        [experiment_id(experiment)],
-        f"tags.`{RUN_NAME_TAG}` = {_quote(run_name)}",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return found[0].info.run_id if found else None
+    run = _newest_named(mlflow_client(), experiment_id(experiment), run_name)
+    return run.info.run_id if run else None
 
 
 def start_or_resume_run(experiment: str, run_name: str, tags: dict | None = None) -> str:
@@ -242,13 +245,10 @@ def start_or_resume_run(experiment: str, run_name: str, tags: dict | None = None
     client = mlflow_client()
     exp_id = experiment_id(experiment)
     all_tags = {**_clean_strings(tags or {}), RUN_NAME_TAG: run_name}
-    found = client.search_runs(
-        [exp_id], f"tags.`{RUN_NAME_TAG}` = {_quote(run_name)}", order_by=["attributes.start_time DESC"], max_results=1
-    )
-    if not found:
+    run = _newest_named(client, exp_id, run_name)
+    if run is None:
         stage = (tags or {}).get(STAGE_TAG, run_name)
         return client.create_run(exp_id, run_name=run_name, tags={**standard_tags(stage), **all_tags}).info.run_id
-    run = found[0]
     if run.info.status != "RUNNING":
         client.update_run(run.info.run_id, status="RUNNING")
     set_tags(run.info.run_id, all_tags)
@@ -369,14 +369,8 @@ def log_metrics(run_id: str, metrics: dict, step: int = 0) -> None:
 def log_metrics_once(run_id: str, metrics: dict, step: int) -> dict:
     """Log each numeric metric at ``step`` unless it already has a value there, so a restarted
     worker that replays an epoch does not draw the curve twice. Returns what was logged."""
-    from mlflow.entities import Metric
-
-    client = mlflow_client()
-    now = int(time.time() * 1000)
     logged = {k: float(v) for k, v in metrics.items() if _numeric(v) and step not in logged_steps(run_id, k)}
-    batch = [Metric(k, v, now, step) for k, v in logged.items()]
-    for i in range(0, len(batch), 1000):  # MAX_METRICS_PER_BATCH
-        client.log_batch(run_id, metrics=batch[i : i + 1000])
+    log_metrics(run_id, logged, step)
     return logged
 
 

@@ -274,11 +274,9 @@ def checked(cfg: TrainConfig, inputs: dict | None = None) -> tuple[TrainConfig, 
     return cfg, inputs
 
 
-def run(cfg: TrainConfig, parent_run_id: str | None = None, within: Within | None = None) -> dict:
-    """Train; with ``parent_run_id`` a new run is nested under that run (the demo's pipeline run),
-    ``within`` says more of a run another driver started."""
+def run(cfg: TrainConfig, within: Within = Within()) -> dict:
+    """Train; ``within`` says what another driver (the demo, a sweep) starts this run under."""
     t0 = time.monotonic()
-    within = within or Within(parent_run_id)
     cfg, inputs = checked(cfg)
     tracking.check_reachable()
     name = cfg.name or "alexnet-" + time.strftime("%Y%m%d-%H%M%S")
@@ -301,7 +299,6 @@ def _train(cfg: TrainConfig, within: Within, name: str, runs: str, gpu: bool, cp
     if within.parent_run_id and "mlflow.parentRunId" not in tracking.get_tags(run_id):
         tracking.set_tags(run_id, {"mlflow.parentRunId": within.parent_run_id})  # a resumed run keeps its place
     done = _finished(run_id, cfg.epochs)
-    cost = {}
     if done:  # rerunning a finished run: nothing to train, the model is already logged
         tracking.end_run(run_id, "FINISHED")
         cost = meter.metrics(meter.hours(storage.join(runs, name)), cfg.price_per_hour)

@@ -171,6 +171,12 @@ def _concurrency(cfg: SweepConfig, base: TrainConfig, trials: int, ray) -> tuple
     need = concurrent * base.workers * (1 if gpu else cpus)
     if not on_cluster() and need > res.get(kind, 0):  # a cluster may autoscale; this machine will not
         each = "one GPU" if gpu else f"{cpus:g} CPUs"
+        if fits < 1:  # not even one trial: fewer workers, not fewer trials
+            raise StageError(
+                f"--workers {base.workers} needs {base.workers} {kind}s for each trial and this machine's Ray has "
+                f"{res.get(kind, 0):g}: use --workers {max(int(res.get(kind, 0)), 1)} or fewer, or a cluster "
+                "(RAY_ADDRESS)."
+            )
         raise StageError(
             f"--max-concurrent {concurrent} trials of {base.workers} workers with {each} each need "
             f"{need:g} {kind}s and this machine's Ray has {res.get(kind, 0):g}: use --max-concurrent "

@@ -56,33 +56,40 @@ def classify(net, images: list, geometry: dict, classes: list[dict], stats: dict
     transform = model.EvalTransform.from_stats(stats, crop=geometry["crop"])
     rows = []
     for start in range(0, len(images), batch):
-        crops, errors = _crops(images[start : start + batch], transform, geometry)
-        if crops:
-            with torch.inference_mode():
-                probs = net(transform.photometric(torch.stack(crops))).float().softmax(-1)
-            top_p, top_i = probs.topk(min(TOP, probs.shape[1]), dim=1)
-            answers = iter(zip(top_p.tolist(), top_i.tolist()))
-        rows += [_answer(*next(answers), classes) if error is None else _no_answer(error) for error in errors]
+        found, errors = crops(images[start : start + batch], transform, geometry)
+        answers = iter(zip(*top5(net, torch.stack(found), transform)) if found else ())
+        rows += [answer(*next(answers), classes) if error is None else no_answer(error) for error in errors]
     return rows
 
 
-def _crops(images: list, transform, geometry: dict) -> tuple[list, list]:
+def top5(net, crops, transform) -> tuple[list, list]:
+    """uint8 crops (N x 3 x H x W, on the net's device) -> per crop its 5 likeliest classes'
+    probabilities and ids, likeliest first."""
+    import torch
+
+    with torch.inference_mode():
+        probs = net(transform.photometric(crops)).float().softmax(-1)
+    top_p, top_i = probs.topk(min(TOP, probs.shape[1]), dim=1)
+    return top_p.tolist(), top_i.tolist()
+
+
+def crops(images: list, transform, geometry: dict) -> tuple[list, list]:
     """The crops of the inputs that are images, and per input None or why it is not one."""
     from pipelines.images import decode_problem
 
-    crops, errors = [], []
+    found, errors = [], []
     for image in images:
         try:
-            crops.append(transform.geometric(_pixels(image, geometry)))
+            found.append(transform.geometric(_pixels(image, geometry)))
             errors.append(None)
         except ValueError as e:  # not an RGB array, or a picture too small to be a photo
             errors.append(str(e))
         except Exception as e:  # noqa: BLE001 - whatever the decoder says of these bytes, said per image
             errors.append(decode_problem(e))
-    return crops, errors
+    return found, errors
 
 
-def _answer(p: list[float], i: list[int], classes: list[dict]) -> dict:
+def answer(p: list[float], i: list[int], classes: list[dict]) -> dict:
     c = classes[i[0]]
     return {
         "class_id": i[0],
@@ -97,7 +104,7 @@ def _answer(p: list[float], i: list[int], classes: list[dict]) -> dict:
     }
 
 
-def _no_answer(error: str) -> dict:
+def no_answer(error: str) -> dict:
     return {
         "class_id": -1,
         "wnid": "",

@@ -163,7 +163,8 @@ EXAMPLES = {
     "submit": "python -m pipelines submit -- shard --data s3://bucket/alexnet\n  python -m pipelines submit --list\n"
     "  python -m pipelines submit --follow JOB_ID",
     "demo": "python -m pipelines demo --out demo",
-    "predict": "python -m pipelines predict --model models:/alexnet-demo@champion photo.jpg",
+    "predict": "python -m pipelines predict --model models:/alexnet-demo@champion photo.jpg\n"
+    "  python -m pipelines predict --model models:/alexnet@champion --source s3://photos/ --out s3://labels/photos/",
     "sweep": "python -m pipelines sweep --data /data/alexnet --name lr-wd --lr log:0.001:0.05 "
     "--weight-decay 0,0.0005 --trials 8 --epochs 30 --gpu --workers 4\n"
     "  python -m pipelines sweep --data /data/alexnet --name lr-wd ...   # the same command resumes it",
@@ -256,7 +257,7 @@ def main(argv=None) -> int:
         cfg = cls(**args) if cls else args
         # A wrong or dead RAY_ADDRESS is named now, not after a run began (index and evaluate
         # run in this process unless RAY_ADDRESS names a cluster's Ray: they need no check).
-        if stage in RAY_STAGES or (stage == "index" and cfg.parallel == "ray"):
+        if stage in RAY_STAGES or (stage == "index" and cfg.parallel == "ray") or (stage == "predict" and cfg.source):
             from .cluster import ray_address
 
             ray_address()

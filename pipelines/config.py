@@ -406,7 +406,7 @@ class SubmitConfig:
 @dataclass(frozen=True)
 class PredictConfig:
     # image files (JPEG, PNG), local or s3://
-    images: tuple[str, ...] = flag(help="image files (JPEG, PNG), local or s3://", nargs="+", metavar="IMAGE")
+    images: tuple[str, ...] = flag((), "image files (JPEG, PNG), local or s3://", nargs="*", metavar="IMAGE")
     # a model URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model
     model: str | None = flag(
         None,
@@ -416,3 +416,25 @@ class PredictConfig:
         metavar="URI",
     )
     run_id: str | None = flag(None, "a training run: its logged model", one_of="model", metavar="ID")  # or a run
+    # --- in bulk, on Ray Data ---
+    source: str | None = flag(
+        None,
+        "predict every image of SRC on Ray Data: a folder, an s3:// prefix, a list file (a path or URL "
+        "a line) or a dataset ROOT (its val shards); with --out",
+        metavar="SRC",
+        group="in bulk",
+    )
+    out: str | None = flag(
+        None, "where the predictions go: a Parquet dataset (a folder or s3:// prefix)", metavar="OUT", group="in bulk"
+    )
+    # model actors: one per GPU of the cluster with --gpu; on CPUs one, next to the decode tasks
+    workers: int | None = flag(None, "model actors (default: one per GPU, or 1 on CPUs)", group="in bulk")
+    gpu: bool | None = flag(
+        None, "the model on GPUs (default: when the cluster has them)", off="on CPUs", group="in bulk"
+    )
+    # each model actor's CPUs, its torch threads: on a GPU it only feeds the device
+    cpus_per_worker: int = flag(1, "CPUs each model actor holds (its torch threads)", group="in bulk")
+    # 256 crops of 224 px are ~40 MB in Ray's object store: small enough to stream, big enough
+    # for one model call; also the unit a killed run loses and a rerun skips
+    chunk_images: int = flag(256, "images a chunk: one decode task, one model call, one Parquet file", group="in bulk")
+    experiment: str = flag("predict", "MLflow experiment of the run that records a bulk prediction", group="in bulk")

@@ -81,3 +81,33 @@ def register(model_uri: str, name: str, alias: str, tags: dict) -> str:
     client.set_registered_model_alias(name, alias, version.version)
     print(f"sweep: model registered as {name} version {version.version}, alias @{alias}", file=sys.stderr)
     return f"models:/{name}@{alias}"
+
+
+def describe(uri: str) -> dict:
+    """What a model URI names: its LoggedModel's id and source run, and for a registered version
+    its name and version number (models:/NAME@ALIAS, models:/NAME/VERSION, models:/MODEL_ID,
+    runs:/RUN_ID/PATH); what cannot be known is left out."""
+    import re
+
+    client = mlflow_client()
+    m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))?", uri)
+    if m and (m[2] or m[3]):
+        v = client.get_model_version_by_alias(m[1], m[2]) if m[2] else client.get_model_version(m[1], m[3])
+        # A version registered from a LoggedModel names it in its source (some stores leave model_id unset)
+        logged = v.model_id or (v.source[len("models:/") :] if v.source.startswith("models:/m-") else None)
+        found = {"name": v.name, "version": int(v.version), "model_id": logged, "run_id": v.run_id}
+    elif m:
+        logged = client.get_logged_model(m[1])
+        found = {"model_id": logged.model_id, "run_id": logged.source_run_id}
+    elif uri.startswith("runs:/"):
+        found = {"run_id": uri.split("/")[1]}
+    else:
+        found = {}
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def link_model(run_id: str, model_id: str) -> None:
+    """Record LoggedModel ``model_id`` as an input of run ``run_id`` (the run page links to it)."""
+    from mlflow.entities import LoggedModelInput
+
+    mlflow_client().log_inputs(run_id, models=[LoggedModelInput(model_id=model_id)])

@@ -44,7 +44,7 @@ EXCLUDES = [
     "*.tar",
     "*.parquet",
 ]
-STAGES = ("sample", "index", "shard", "stats", "prepare", "status", "train", "sweep", "evaluate", "demo")
+STAGES = ("sample", "index", "shard", "stats", "prepare", "status", "train", "sweep", "evaluate", "predict", "demo")
 DONE = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -153,7 +153,8 @@ def _run_link(tail: list[str]) -> str:
     return ""
 
 
-TRACKED = ("index", "shard", "stats", "prepare", "train", "sweep", "evaluate")  # the stages that record MLflow runs
+# the stages that record MLflow runs (predict: in bulk; it reads its model from the store anyway)
+TRACKED = ("index", "shard", "stats", "prepare", "train", "sweep", "evaluate", "predict")
 
 
 def _check_tracking(stage: str) -> None:

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
+
+from . import services as sv
 
 pytestmark = pytest.mark.slow
 PROJECT = Path(__file__).resolve().parents[1]
@@ -141,6 +147,88 @@ def test_the_registered_model_classifies_images_as_evaluate_does(demo):
     assert [l.strip()[:2] for l in p.stderr.splitlines() if l.startswith("  ")] == ["1.", "2.", "3.", "4.", "5."]
 
 
+def test_the_registered_model_serves_over_http_as_predict_answers(demo):
+    """`mlflow models serve -m models:/alexnet-demo@champion` (MLflow's own scoring server, no
+    code of ours) answers a JSON POST of base64 JPEG bytes with the top 5 that `predict` prints
+    for the same files, and a non-image in the same request with an error row of its own."""
+    from pipelines import tarindex
+
+    data = demo["summary"]["data"]
+    manifest = json.loads(Path(data, "shards", "val.json").read_text())
+    url = str(Path(data, "shards", "val", manifest["shards"][0]["name"]))
+    jpgs = [jpg for _, jpg, _ in tarindex.parse_run(Path(url).read_bytes(), url)]
+    inputs = [jpgs[0], jpgs[-1], b"not an image"]
+    files = [demo["tmp"] / name for name in ("serve-a.jpg", "serve-b.jpg", "serve-c.txt")]
+    for f, content in zip(files, inputs):
+        f.write_bytes(content)
+    # uvicorn, which `mlflow models serve` starts through bash, is found on PATH: the venv's bin.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(
+        MLFLOW_TRACKING_URI=demo["summary"]["tracking_uri"],
+        PYTHONPATH=str(PROJECT),
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+    )
+    p = subprocess.run(
+        [sys.executable, "-m", "pipelines", "predict", "--model", "models:/alexnet-demo@champion", *files],
+        cwd=demo["tmp"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    printed = json.loads(p.stdout.strip().splitlines()[-1])["predictions"]
+    port = sv.free_port()
+    log = demo["tmp"] / "serve.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/alexnet-demo@champion"]
+            + ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+            cwd=demo["tmp"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its uvicorn runs in this process group: stopped with it
+        )
+    try:
+        _wait_until_healthy(f"http://127.0.0.1:{port}/health", server, log)
+        body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b).decode()] for b in inputs]}}
+        answer = _post_json(f"http://127.0.0.1:{port}/invocations", body)
+    finally:
+        sv._kill(server, grace=30)  # its process group: mlflow and its uvicorn
+    assert list(answer) == ["predictions"] and len(answer["predictions"]) == 3, answer
+    rows = answer["predictions"]  # one record per image, the model's output columns as keys
+    for row, said in zip(rows[:2], printed[:2]):
+        assert row["error"] == "" and row["top5_class_ids"] == [t["class_id"] for t in said["top5"]], (row, said)
+        assert row["class_id"] == said["top5"][0]["class_id"] and row["wnid"] == said["top5"][0]["wnid"]
+        assert all(abs(a - t["probability"]) <= 1e-5 for a, t in zip(row["top5_probabilities"], said["top5"]))
+    assert rows[2]["class_id"] == -1 and rows[2]["top5_class_ids"] == []
+    assert rows[2]["error"].startswith("not an image") and rows[2]["error"] == printed[2]["error"]
+
+
+def _wait_until_healthy(url: str, server: subprocess.Popen, log: Path) -> None:
+    """Until the server answers 200 (once the model is loaded); failing with its log if it exits."""
+
+    def healthy() -> bool:
+        if server.poll() is not None:  # pytest.fail is no Exception: wait_for does not swallow it
+            pytest.fail(f"the server exited ({server.returncode}):\n{log.read_text()[-4000:]}")
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status == 200
+
+    sv.wait_for(healthy, f"mlflow models serve ({url})", 180, log)
+
+
+def _post_json(url: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        pytest.fail(f"{url} answered {e.code}: {e.read().decode()[:3000]}")
+
+
 def test_the_mlflow_record_is_worth_browsing(demo):
     """Standard tags on every run, each evaluation a run of its own nested under the training
     run with its per-class table, most-confused pairs and confusion matrix, system metrics."""
@@ -187,3 +275,128 @@ def test_the_mlflow_record_is_worth_browsing(demo):
     inputs = {d.dataset.name: {t.key: t.value for t in d.tags} for d in train_run.inputs.dataset_inputs}
     assert inputs["imagenet-train-shards"]["mlflow.data.context"] == "training"
     assert inputs["imagenet-val-shards"]["mlflow.data.context"] == "validation"
+
+
+# --- predict in bulk, on Ray Data ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def photos(demo) -> dict:
+    """A folder as ImageNet's train split lays it out (a folder per WNID): the demo's 99 val
+    images three times each, so 297 images, and 3 files that are not: a text file, an empty
+    file, a JPEG cut short."""
+    from pipelines import tarindex
+
+    data = Path(demo["summary"]["data"])
+    classes = json.loads((data / "classes.json").read_text())
+    folder = demo["tmp"] / "photos"
+    for s in json.loads((data / "shards" / "val.json").read_text())["shards"]:
+        url = data / "shards" / "val" / s["name"]
+        for key, jpg, label in tarindex.parse_run(url.read_bytes(), str(url)):
+            (folder / classes[label]["wnid"]).mkdir(parents=True, exist_ok=True)
+            for copy in range(3):
+                (folder / classes[label]["wnid"] / f"{key}-{copy}.jpg").write_bytes(jpg)
+    (folder / "notes.txt").write_text("not an image\n")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / classes[0]["wnid"] / "cut.jpg").write_bytes(jpg[: len(jpg) // 3])
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    return {"folder": folder, "files": files, "cut": f"{classes[0]['wnid']}/cut.jpg"}
+
+
+def _predict_env(demo) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own, as a user's
+    env.update(MLFLOW_TRACKING_URI=demo["summary"]["tracking_uri"], PYTHONPATH=str(PROJECT))
+    return env
+
+
+def _bulk(demo, source, out, env=None, **popen) -> subprocess.Popen:
+    """``predict --source SOURCE --out OUT`` of the demo's registered model, 30 images a chunk."""
+    command = [sys.executable, "-m", "pipelines", "predict", "--model", "models:/alexnet-demo@champion"]
+    return subprocess.Popen(
+        [*command, "--source", str(source), "--out", str(out), "--chunk-images", "30"],
+        cwd=demo["tmp"],
+        env=env or _predict_env(demo),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+def _finished(p: subprocess.Popen) -> tuple[dict, str]:
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0 and "Traceback" not in err, err[-4000:]
+    return json.loads(out.strip().splitlines()[-1]), err
+
+
+def _rows(out) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return sorted(pq.read_table(out).to_pylist(), key=lambda r: r["key"])
+
+
+def test_bulk_predict_of_a_folder_killed_then_finished_then_skipped(demo, photos):
+    """300 files, 3 of them no image: 297 answers with the top-1 `evaluate` reported on these
+    images, 3 rows naming their error. The run is SIGKILLed (driver and its Ray) once 2 of its 10
+    chunks are written; the same command writes the 8 others, leaving the 2 untouched; a third
+    run finds the work done. The MLflow run names the registered model's LoggedModel as its input."""
+    from mlflow import MlflowClient
+
+    out = demo["tmp"] / "predictions"
+    first = _bulk(demo, photos["folder"], out, start_new_session=True)
+    try:
+        sv.wait_for(lambda: len(list(out.glob("part-*.parquet"))) >= 2, "2 chunks written", 300)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.communicate()
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert 2 <= len(kept) < 10 and "summary" not in json.loads((out / "_manifest.json").read_text())
+
+    summary, err = _finished(_bulk(demo, photos["folder"], out))
+    assert f"{len(kept)} of 10 chunks already in {out}" in err
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet") if p.name in kept} == kept
+    rows = _rows(out)
+    assert [r["key"] for r in rows] == photos["files"]
+    bad = {r["key"]: r["error"] for r in rows if r["error"]}
+    assert sorted(bad) == sorted(["notes.txt", "empty.jpg", photos["cut"]])
+    assert bad["notes.txt"].startswith("not an image") and bad[photos["cut"]].startswith("truncated image")
+    assert all(r["class_id"] == -1 and r["top5_class_ids"] == [] for r in rows if r["error"])
+    answered = [r for r in rows if not r["error"]]
+    assert len(answered) == 297 and all(len(r["top5_class_ids"]) == 5 and r["label"] >= 0 for r in answered)
+    top1 = sum(r["class_id"] == r["label"] for r in answered) / 297
+    assert top1 == demo["summary"]["top1"] == summary["top1"], (top1, demo["summary"]["top1"])
+    assert (summary["images"], summary["errors"], summary["chunks_before"]) == (300, 3, len(kept))
+
+    again, err = _finished(_bulk(demo, photos["folder"], out))
+    assert again["skipped"] and again["images"] == 300 and "nothing to do" in err
+    client = MlflowClient(demo["summary"]["tracking_uri"])
+    run = client.get_run(summary["mlflow_run_id"])
+    version = client.get_model_version_by_alias("alexnet-demo", "champion")
+    assert [m.model_id for m in run.inputs.model_inputs] == [version.source.removeprefix("models:/")]
+    assert run.data.metrics["top1"] == top1 and run.data.params["source"] == str(photos["folder"])
+
+
+def test_bulk_predict_from_s3_answers_as_from_the_folder(demo, photos, tmp_path):
+    """The same files in a bucket (SeaweedFS), predicted into the bucket: the same rows."""
+    import boto3
+
+    with sv.seaweedfs(tmp_path / "s3") as s3:
+        e = s3["env"]
+        client = boto3.client(
+            "s3",
+            endpoint_url=e["AWS_ENDPOINT_URL"],
+            aws_access_key_id=e["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=e["AWS_SECRET_ACCESS_KEY"],
+            region_name=e["AWS_REGION"],
+        )
+        for name in photos["files"]:
+            client.put_object(Bucket=sv.BUCKET, Key=f"photos/{name}", Body=(photos["folder"] / name).read_bytes())
+        env = {**_predict_env(demo), **s3["env"]}
+        src, out = f"s3://{sv.BUCKET}/photos", f"s3://{sv.BUCKET}/predictions"
+        summary, _ = _finished(_bulk(demo, src, out, env=env))
+        local = demo["tmp"] / "from-s3"
+        for obj in client.list_objects_v2(Bucket=sv.BUCKET, Prefix="predictions/")["Contents"]:
+            (local / obj["Key"]).parent.mkdir(parents=True, exist_ok=True)
+            (local / obj["Key"]).write_bytes(client.get_object(Bucket=sv.BUCKET, Key=obj["Key"])["Body"].read())
+    assert (summary["images"], summary["errors"], summary["top1"]) == (300, 3, demo["summary"]["top1"])
+    assert _rows(local / "predictions") == _rows(demo["tmp"] / "predictions")

@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-from . import common, loader, s3, shard, train_step
+from . import common, loader, predict, s3, shard, train_step
 
 
 def main(argv=None) -> None:
@@ -33,6 +33,7 @@ def main(argv=None) -> None:
         loader.main(small + (["--images", "600", "--take", "512"] if a.quick else [])),
         train_step.main(small + (["--steps", "4"] if a.quick else [])),
         s3.main(small + (["--images", "512"] if a.quick else [])),
+        predict.main(small + (["--val-per-class", "30", "--images", "300", "--lines", "1000,2000"] if a.quick else [])),
     ]
     print("\nsummary (pipelines against each baseline, ratio of medians):")
     for r in results:

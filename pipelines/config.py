@@ -372,6 +372,10 @@ class EvaluateConfig:
     run_id: str | None = flag(None, "MLflow run id of a training run", one_of="model", required=True)
     # or a checkpoint folder (holding state.pt)
     checkpoint: str | None = flag(None, "checkpoint folder (holds state.pt)", one_of="model")
+    # or a model train logged: an epoch's checkpoint (models:/m-...) or the run's model, registered or not
+    model: str | None = flag(
+        None, "a model train logged: models:/NAME@ALIAS, models:/MODEL_ID (any epoch's)", one_of="model", metavar="URI"
+    )
     # section 4.1: 4 corners + centre, each mirrored, softmax averaged
     ten_crop: bool = flag(False, "the paper's 10-crop test")
     batch_size: int = flag(64, "images per batch")

@@ -61,6 +61,11 @@ def shard_name(split: str, i: int) -> str:
     return f"{split}-{i:06d}.tar"
 
 
+def dataset_name(split: str) -> str:
+    """The name a split's shards go by in MLflow (a run's inputs, its models' metrics)."""
+    return f"imagenet-{split}-shards"
+
+
 def manifest_url(data: str, split: str) -> str:
     return storage.join(data, "shards", f"{split}.json")
 

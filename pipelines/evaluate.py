@@ -11,9 +11,10 @@ eval_10crop_top5).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
-from . import checkpoint, contract, tracking
+from . import checkpoint, contract, registry, tracking
 from .cluster import on_cluster
 from .common import Progress
 from .config import EvaluateConfig
@@ -85,6 +86,13 @@ def _checkpoint_dir(cfg: EvaluateConfig) -> str:
     return tags.get("pipelines.best_checkpoint", tags["pipelines.checkpoint"])
 
 
+def _of_model(cfg: EvaluateConfig) -> tuple[EvaluateConfig, str | None]:
+    """--model URI as the run and checkpoint it stands for (as --run-id and --checkpoint would
+    give them), and its LoggedModel's id."""
+    found = registry.with_checkpoint(cfg.model)
+    return dataclasses.replace(cfg, run_id=found.get("run_id"), checkpoint=found["checkpoint"]), found.get("model_id")
+
+
 def _val_shards(cfg: EvaluateConfig, state: dict) -> tuple[dict, list[str]]:
     """The val manifest, once the shards are complete and current, the model's classes are
     ROOT's, and the shards were made as the model's training shards were (or --allow-stale:
@@ -113,10 +121,11 @@ def run(cfg: EvaluateConfig) -> dict:
     from .cluster import ensure_ray
 
     t0 = time.monotonic()
-    if bool(cfg.run_id) == bool(cfg.checkpoint):
-        raise StageError("Give exactly one of --run-id ID or --checkpoint PATH.")
-    if cfg.run_id:
+    if sum(map(bool, (cfg.run_id, cfg.checkpoint, cfg.model))) != 1:
+        raise StageError("Give exactly one of --run-id ID, --checkpoint PATH or --model URI.")
+    if cfg.run_id or cfg.model:
         tracking.check_reachable()
+    cfg, model_id = _of_model(cfg) if cfg.model else (cfg, None)
     ckpt_dir = _checkpoint_dir(cfg)
     state = checkpoint.load(ckpt_dir)
     m, stale = _val_shards(cfg, state)
@@ -140,14 +149,16 @@ def run(cfg: EvaluateConfig) -> dict:
     top1, top5 = counts["hits1"] / counts["images"], counts["hits5"] / counts["images"]
     prefix = "eval_10crop" if cfg.ten_crop else "eval"
     eval_run = None
-    if cfg.run_id:
-        tracking.log_metrics_once(cfg.run_id, {f"{prefix}_top1": top1, f"{prefix}_top5": top5}, step=state["epoch"])
+    if cfg.run_id:  # the run's, and the model's when one was named
+        metrics, val = {f"{prefix}_top1": top1, f"{prefix}_top5": top5}, (contract.dataset_name("val"), m["digest"])
+        tracking.log_metrics_once(cfg.run_id, metrics, step=state["epoch"], model_id=model_id, dataset=val)
         eval_run = _record(cfg, ckpt_dir, state, counts, top1, top5, time.monotonic() - t0, stale)
     seconds = time.monotonic() - t0
     return {
         "stage": "evaluate",
         "data": cfg.data,
         "run_id": cfg.run_id,
+        **({"model": cfg.model, "model_id": model_id} if model_id else {}),
         "epoch": state["epoch"],
         "top1": top1,
         "top5": top5,

@@ -3,9 +3,11 @@
     python -m pipelines predict --model models:/alexnet-demo@champion photo1.jpg photo2.png
     python -m pipelines predict --run-id 3f2a... photo.jpg
 
-Loads the model as any MLflow user would (``mlflow.pyfunc.load_model``: the image classifier a
-training run logs, pipelines/classifier.py), prints each image's top 5 on stderr and ends with
-one JSON line on stdout.
+URI is any model train logged: the run's model (registered or not: models:/NAME@ALIAS,
+models:/NAME/VERSION, models:/MODEL_ID) or one epoch's checkpoint (models:/MODEL_ID of a
+LoggedModel named epoch-N). It reads what the model carries (weights, classes, normalisation,
+geometry), classifies as the logged MLflow model does (pipelines/classifier.py), prints each
+image's top 5 on stderr and ends with one JSON line on stdout.
 
 In bulk, on Ray Data (pipelines/inference.py): every image of a folder, an s3:// prefix, a list
 file or a dataset ROOT's val shards, into a Parquet dataset, recorded as an MLflow run whose
@@ -20,7 +22,7 @@ import contextlib
 import sys
 import time
 
-from . import inference, registry, storage, tracking
+from . import checkpoint, classifier, contract, inference, registry, storage, tracking
 from .common import Progress
 from .config import PredictConfig
 from .errors import StageError
@@ -81,20 +83,22 @@ def _loading(uri: str):
 
 
 def run(cfg: PredictConfig) -> dict:
-    import mlflow.pyfunc
-    import pandas as pd
+    import io
+
+    import torch
 
     t0 = time.monotonic()
     check(cfg)
     if cfg.source:
         return _bulk(cfg)
     uri = _model_uri(cfg)
-    tracking.configure()
-    with _loading(uri):
-        model = mlflow.pyfunc.load_model(uri)
-    out = model.predict(pd.DataFrame({"image": [storage.read_bytes(p) for p in cfg.images]}))
+    model, _ = _model(uri)
+    state = torch.load(io.BytesIO(model["weights"]), map_location="cpu", weights_only=True)
+    net = checkpoint.model_from_state(state).eval()
+    images = [storage.read_bytes(p) for p in cfg.images]
+    rows = classifier.classify(net, images, model["geometry"], model["classes"], model["stats"])
     predictions = []
-    for path, row in zip(cfg.images, out.to_dict("records")):
+    for path, row in zip(cfg.images, rows):
         if row.get("error"):  # not an image: said for it, and the others answered
             predictions.append({"image": path, "error": row["error"]})
             print(f"{path}: {row['error']}", file=sys.stderr)
@@ -135,8 +139,7 @@ def _predict_bulk(cfg: PredictConfig) -> dict:
 
     t0 = time.monotonic()
     uri = _model_uri(cfg)
-    with _loading(uri):
-        model, version = _model_files(uri), registry.describe(uri)
+    model, version = _model(uri)
     kind, source_digest, chunks = inference.list_source(
         cfg.source, [c["wnid"] for c in model["classes"]], cfg.chunk_images
     )
@@ -149,7 +152,7 @@ def _predict_bulk(cfg: PredictConfig) -> dict:
         "source_digest": source_digest,
         "model": uri,
         "model_digest": model["digest"],
-        **{("model_id" if k == "model_id" else f"model_{k}"): v for k, v in version.items()},
+        **{("model_id" if k == "model_id" else f"model_{k}"): version[k] for k in MODEL_KEYS if k in version},
         "chunk_images": cfg.chunk_images,
         "chunks": len(chunks),
     }
@@ -195,8 +198,8 @@ def _begin(cfg: PredictConfig, manifest: dict) -> dict | None:
     if differs:
         what = {"source_digest": "the source's files", "model_digest": "the model", "chunk_images": "--chunk-images"}
         raise StageError(
-            f"--out {cfg.out} holds predictions of {before['model']} over {before['source']}, and "
-            f"{' and '.join(what[k] for k in differs)} differ now: give another --out (or delete that one)."
+            f"--out {cfg.out} holds predictions of {before['model']} over {before['source']}; this "
+            f"command's {' and '.join(what[k] for k in differs)} differ: give another --out (or delete that one)."
         )
     return before.get("summary")
 
@@ -240,17 +243,43 @@ def _summary(cfg, manifest: dict, totals: dict, resumed: int, gpu: bool, workers
     }
 
 
-def _model_files(uri: str) -> dict:
-    """What the model carries (pipelines/classifier.py): the weights' bytes, classes, stats,
-    geometry, and a digest of the three files (what a rerun compares)."""
+MODEL_KEYS = ("model_id", "name", "version", "run_id", "epoch")  # of registry.describe, kept in the manifest
+
+
+def _model(uri: str) -> tuple[dict, dict]:
+    """(what the model carries, what MLflow records of it): the weights' bytes, classes, stats,
+    geometry and a digest of them (what a rerun compares); a LoggedModel of an epoch's
+    checkpoint is read from the checkpoint, any other from its MLflow model files."""
+    with _loading(uri):
+        found = registry.describe(uri)
+        if found.get("kind") == "checkpoint":
+            return _packed(_checkpoint_files(uri)), found
+        return _packed(_model_files(uri)), found
+
+
+def _packed(raw: dict) -> dict:
     import hashlib
     import io
     import json
+
+    import torch
+
+    state = torch.load(io.BytesIO(raw["weights"]), map_location="cpu", weights_only=True)
+    return {
+        "weights": raw["weights"],
+        "classes": json.loads(raw["classes"]),
+        "stats": json.loads(raw["stats"]),
+        "geometry": state["geometry"],
+        "digest": hashlib.sha256(b"".join(hashlib.sha256(raw[k]).digest() for k in sorted(raw))).hexdigest(),
+    }
+
+
+def _model_files(uri: str) -> dict[str, bytes]:
+    """The image classifier's files (pipelines/classifier.py), as MLflow stores them."""
     import tempfile
     from pathlib import Path
 
     import mlflow.artifacts
-    import torch
     import yaml
 
     tracking.configure()
@@ -262,12 +291,32 @@ def _model_files(uri: str) -> dict:
             raise StageError(
                 f"{uri} is not an image classifier logged by train (it has no weights, classes and stats)."
             )
-        raw = {k: files[k].read_bytes() for k in ("weights", "classes", "stats")}
-    state = torch.load(io.BytesIO(raw["weights"]), map_location="cpu", weights_only=True)
-    return {
-        "weights": raw["weights"],
-        "classes": json.loads(raw["classes"]),
-        "stats": json.loads(raw["stats"]),
-        "geometry": state["geometry"],
-        "digest": hashlib.sha256(b"".join(hashlib.sha256(raw[k]).digest() for k in sorted(raw))).hexdigest(),
-    }
+        return {k: files[k].read_bytes() for k in ("weights", "classes", "stats")}
+
+
+def _checkpoint_files(uri: str) -> dict[str, bytes]:
+    """The same files, made from an epoch's checkpoint as train makes them for its model: the
+    class names from the run's dataset ROOT where it is still there, else the WNIDs alone."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    found = registry.with_checkpoint(uri)
+    state = checkpoint.load(found["checkpoint"])
+    c = state["config"]
+    if c.get("resize") is None:
+        raise StageError(
+            f"{uri}: its checkpoint does not record the shards' resize (an older one); predict with the run's model."
+        )
+    data = tracking.get_tags(found["run_id"]).get("pipelines.data") if "run_id" in found else None
+    named = (
+        {k["wnid"]: k for k in contract.read_classes(data)}
+        if data and storage.exists(contract.classes_url(data))
+        else {}
+    )
+    classes = [named.get(w, {"wnid": w, "name": w}) for w in state["wnids"]]
+    geometry = {"resize": c["resize"], "keep_aspect": c.get("keep_aspect", False), "crop": c["crop"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = json.dumps(state["stats"]).encode()
+        files = classifier.artifacts(state, geometry, json.dumps(classes).encode(), stats, tmp)
+        return {k: Path(files[k]).read_bytes() for k in ("weights", "classes", "stats")}

@@ -15,12 +15,14 @@ def log_classifier(
     register: str | None = None,
     alias: str | None = None,
     name: str = "model",
+    tags: dict | None = None,
 ) -> str:
     """Log the image classifier (pipelines/classifier.py) into run ``run_id``; with ``register``
     also a version of that registered model, and ``alias`` pointed at it. ``output_example`` is
     what the model makes of ``input_example``: the signature is stated from the two (MLflow would
     infer it with an INFO line and a warning about integer columns). Returns its URI:
-    ``models:/NAME@ALIAS`` when registered with an alias, else the logged model's ``models:/`` URI."""
+    ``models:/NAME@ALIAS`` when registered with an alias, else the logged model's ``models:/`` URI.
+    ``tags`` go on the LoggedModel and on the registered version (its page shows them)."""
     import contextlib
     import io
     import warnings
@@ -34,7 +36,7 @@ def log_classifier(
     run = client.get_run(run_id)
     # As in log_model: the LoggedModel made here, so it lands in the run's experiment.
     logged = client.create_logged_model(
-        experiment_id=run.info.experiment_id, name=name, source_run_id=run_id, params=run.data.params
+        experiment_id=run.info.experiment_id, name=name, source_run_id=run_id, params=run.data.params, tags=tags
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "integer columns may hold missing values"
@@ -57,6 +59,8 @@ def log_classifier(
                     f"{p}=={package_version(p)}" for p in ("torch", "torchvision", "pillow", "numpy", "pandas")
                 ],
             )
+    for key, value in (tags or {}).items() if register else ():
+        client.set_model_version_tag(register, info.registered_model_version, key, value)
     if register and alias:
         client.set_registered_model_alias(register, alias, info.registered_model_version)
         print(
@@ -84,8 +88,9 @@ def register(model_uri: str, name: str, alias: str, tags: dict) -> str:
 
 
 def describe(uri: str) -> dict:
-    """What a model URI names: its LoggedModel's id and source run, and for a registered version
-    its name and version number (models:/NAME@ALIAS, models:/NAME/VERSION, models:/MODEL_ID,
+    """What a model URI names: its LoggedModel's id, type ("checkpoint": an epoch's checkpoint,
+    no MLflow model files), source run, checkpoint and epoch, and for a registered version its
+    name and version number (models:/NAME@ALIAS, models:/NAME/VERSION, models:/MODEL_ID,
     runs:/RUN_ID/PATH); what cannot be known is left out."""
     import re
 
@@ -103,6 +108,13 @@ def describe(uri: str) -> dict:
         found = {"run_id": uri.split("/")[1]}
     else:
         found = {}
+    if found.get("model_id"):  # what train recorded on the model: its checkpoint and epoch
+        logged = client.get_logged_model(found["model_id"])
+        found.update(
+            kind=logged.model_type,
+            checkpoint=logged.tags.get("pipelines.checkpoint"),
+            epoch=int(logged.tags["pipelines.epoch"]) if "pipelines.epoch" in logged.tags else None,
+        )
     return {k: v for k, v in found.items() if v is not None}
 
 
@@ -111,3 +123,32 @@ def link_model(run_id: str, model_id: str) -> None:
     from mlflow.entities import LoggedModelInput
 
     mlflow_client().log_inputs(run_id, models=[LoggedModelInput(model_id=model_id)])
+
+
+def with_checkpoint(uri: str) -> dict:
+    """describe(uri) for a model whose checkpoint train recorded and which is still there; else
+    a StageError that says why, in the store's words where it answered."""
+    from mlflow.exceptions import MlflowException
+
+    from . import checkpoint
+    from .errors import StageError
+    from .tracking import tracking_uri
+
+    try:
+        found = describe(uri)
+    except MlflowException as e:
+        raise StageError(
+            f"Cannot find the model {uri} in the MLflow store {tracking_uri()}: {str(e).splitlines()[0][:300]}"
+        ) from None
+    if "checkpoint" not in found:
+        raise StageError(
+            f"{uri} records no checkpoint (tag pipelines.checkpoint): a model logged before train "
+            "recorded one. Give its training run (--run-id) instead."
+        )
+    if not checkpoint.exists(found["checkpoint"]):
+        raise StageError(
+            f"{uri} is the checkpoint of epoch {found.get('epoch', '?')} of run {found.get('run_id', '?')}, and "
+            f"{found['checkpoint']} is gone: a run keeps its --keep-checkpoints best checkpoints and removes "
+            "the others. MLflow's model view lists the run's models; take one that is kept."
+        )
+    return found

@@ -356,22 +356,61 @@ def logged_steps(run_id: str, key: str) -> list[int]:
     return sorted({m.step for m in mlflow_client().get_metric_history(run_id, key)})
 
 
-def log_metrics(run_id: str, metrics: dict, step: int = 0) -> None:
-    """Log each numeric metric at ``step`` (the newest value at a step is the one shown)."""
+def log_metrics(
+    run_id: str, metrics: dict, step: int = 0, model_id: str | None = None, dataset: tuple[str, str] | None = None
+) -> None:
+    """Log each numeric metric at ``step`` (the newest value at a step is the one shown); with
+    ``model_id``, as that LoggedModel's metrics too, measured on ``dataset`` (name, digest)."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if _numeric(v)]
+    name, digest = dataset or (None, None)
+    batch = [Metric(k, float(v), now, step, model_id, name, digest) for k, v in metrics.items() if _numeric(v)]
     for i in range(0, len(batch), 1000):  # MAX_METRICS_PER_BATCH
         mlflow_client().log_batch(run_id, metrics=batch[i : i + 1000])
 
 
-def log_metrics_once(run_id: str, metrics: dict, step: int) -> dict:
+def log_metrics_once(run_id: str, metrics: dict, step: int, model_id: str | None = None, **of) -> dict:
     """Log each numeric metric at ``step`` unless it already has a value there, so a restarted
-    worker that replays an epoch does not draw the curve twice. Returns what was logged."""
-    logged = {k: float(v) for k, v in metrics.items() if _numeric(v) and step not in logged_steps(run_id, k)}
-    log_metrics(run_id, logged, step)
+    worker that replays an epoch does not draw the curve twice. Returns what was logged.
+    With ``model_id``: unless that LoggedModel has it (the run may have it from another model of
+    the same epoch); ``of``: log_metrics's dataset."""
+    if model_id:
+        had = {(m.key, m.step) for m in mlflow_client().get_logged_model(model_id).metrics or []}
+        logged = {k: float(v) for k, v in metrics.items() if _numeric(v) and (k, step) not in had}
+    else:
+        logged = {k: float(v) for k, v in metrics.items() if _numeric(v) and step not in logged_steps(run_id, k)}
+    log_metrics(run_id, logged, step, model_id=model_id, **of)
     return logged
+
+
+CHECKPOINT_TAG, EPOCH_TAG = "pipelines.checkpoint", "pipelines.epoch"
+
+
+def checkpoint_model(run_id: str, epoch: int, checkpoint: str) -> str:
+    """The id of the LoggedModel that stands for run ``run_id``'s checkpoint of ``epoch`` (at
+    ``checkpoint``), made the first time it is asked for: MLflow's model view then lists every
+    epoch's checkpoint with its metrics, and `evaluate --model` / `predict --model` take its URI."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    client = mlflow_client()
+    exp_id = client.get_run(run_id).info.experiment_id
+    name = f"epoch-{epoch}"
+    found = client.search_logged_models(
+        experiment_ids=[exp_id], filter_string=f"source_run_id = '{run_id}' AND name = '{name}'", max_results=1
+    )
+    if found:  # a replayed epoch (a restarted worker, or the driver catching up after an outage)
+        return found[0].model_id
+    model = client.create_logged_model(
+        exp_id,
+        name=name,
+        source_run_id=run_id,
+        tags={CHECKPOINT_TAG: checkpoint, EPOCH_TAG: str(epoch)},
+        model_type="checkpoint",
+    )
+    client.log_outputs(run_id, models=[LoggedModelOutput(model.model_id, step=epoch)])
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    return model.model_id
 
 
 # --- artifacts ------------------------------------------------------------------------------

@@ -336,7 +336,7 @@ def _record_start(cfg: TrainConfig, run_id: str, name: str, runs: str, gpu: bool
     for split, m, context in (("train", train_m, "training"), ("val", val_m, "validation")):
         lineage.log_dataset(
             run_id,
-            name=f"imagenet-{split}-shards",
+            name=contract.dataset_name(split),
             digest=m["digest"],
             source=contract.manifest_url(cfg.data, split),
             profile={"samples": m["samples"], "shards": len(m["shards"])},
@@ -368,6 +368,7 @@ def _fit(cfg: TrainConfig, inputs: dict, run_id: str, callbacks: tuple = ()):
         **{k: inputs[k] for k in LOOP_INPUTS},
         "run_id": run_id,
         "tracking_uri": tracking.tracking_uri(),
+        "val_digest": inputs["val_manifest"]["digest"],  # what each epoch's model's val metrics were measured on
     }
     # --workers MIN-MAX: Ray Train starts with as many as it can get (at least MIN) and, when a
     # node is lost, restarts the group on the workers left; the plan re-deals the epoch's rest.
@@ -494,11 +495,24 @@ def _record_end(cfg, run_id: str, state: dict, checkpoints: tuple, inputs: dict,
     for the server as long as PIPELINES_TRACKING_PATIENCE_S; returns the model's URI."""
     ckpt_dir, best_state, best_dir = checkpoints
     patience = float(os.environ.get("PIPELINES_TRACKING_PATIENCE_S", 900))
-    _when_tracking_is_back("logging the epochs' metrics", lambda: log_epochs(run_id, state["history"]), patience)
+    _when_tracking_is_back(
+        "logging the epochs' metrics",
+        lambda: log_epochs(run_id, state["history"], inputs["val_manifest"]["digest"]),
+        patience,
+    )
     # every worker has stopped: the whole run's cost, over what the workers logged as it went
     _when_tracking_is_back("logging the cost", lambda: tracking.log_metrics(run_id, cost, state["epoch"]), patience)
+    # Where the model came from, on its LoggedModel and on the registered version's page
+    origin = {
+        "pipelines.run_id": run_id,
+        tracking.CHECKPOINT_TAG: best_dir,
+        tracking.EPOCH_TAG: str(best_state["epoch"]),
+        "pipelines.train_shards_digest": inputs["train_manifest"]["digest"],
+        "pipelines.val_shards_digest": inputs["val_manifest"]["digest"],
+        "pipelines.git_commit": tracking.environment()["git_sha"],
+    }
     model_uri = _when_tracking_is_back(
-        "logging the model", lambda: _log_classifier(cfg, run_id, best_state, inputs), patience
+        "logging the model", lambda: _log_classifier(cfg, run_id, best_state, inputs, origin), patience
     )
     tags = {
         "pipelines.checkpoint": ckpt_dir,
@@ -512,9 +526,9 @@ def _record_end(cfg, run_id: str, state: dict, checkpoints: tuple, inputs: dict,
     return model_uri
 
 
-def _log_classifier(cfg: TrainConfig, run_id: str, state: dict, inputs: dict) -> str:
+def _log_classifier(cfg: TrainConfig, run_id: str, state: dict, inputs: dict, tags: dict) -> str:
     """The image classifier of ``state`` (pipelines/classifier.py), with two val images as its
-    input example; registered under --register with the alias --alias."""
+    input example, and ``tags``; registered under --register with the alias --alias."""
 
     import pandas as pd
 
@@ -542,7 +556,9 @@ def _log_classifier(cfg: TrainConfig, run_id: str, state: dict, inputs: dict) ->
     )
     with tempfile.TemporaryDirectory() as tmp:
         files = classifier.artifacts(state, geometry, classes, stats_, tmp)
-        return registry.log_classifier(run_id, files, example, output, register=cfg.register, alias=cfg.alias)
+        return registry.log_classifier(
+            run_id, files, example, output, register=cfg.register, alias=cfg.alias, tags=tags
+        )
 
 
 def _finished(run_id: str, epochs: int):

@@ -23,7 +23,7 @@ import os
 import tempfile
 import time
 
-from . import arrowfs, checkpoint, meter, recipe, stall, storage, tracking
+from . import arrowfs, checkpoint, contract, meter, recipe, stall, storage, tracking
 from .common import fmt_seconds, now_iso
 from .errors import StageError
 
@@ -98,7 +98,9 @@ class Worker:
         if self.rank == 0:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch")
             log.info("epoch %d/%d: %s", epoch, self.c["epochs"], shown)
-        self.save(epoch, None, sums, {**metrics, "checkpoint_score": metrics["val_top1"]})
+        where = self.save(epoch, None, sums, {**metrics, "checkpoint_score": metrics["val_top1"]})
+        if where:  # rank 0's: the epoch's checkpoint, for the LoggedModel that stands for it
+            metrics["checkpoint"] = where
         if self.mlflow is not None:
             self.mlflow.log(self.history)
         return True
@@ -361,14 +363,16 @@ class Worker:
             self.sched.step()
 
     # --- the checkpoint -------------------------------------------------------------------------
-    def save(self, epoch: int, segments, sums: Sums, metrics: dict) -> None:
-        """Every rank calls it; rank 0 writes the checkpoint (mid-epoch: segments and sums set)."""
+    def save(self, epoch: int, segments, sums: Sums, metrics: dict) -> str | None:
+        """Every rank calls it; rank 0 writes the checkpoint (mid-epoch: segments and sums set)
+        and returns where it is (None in Ray Train's default storage, which names it itself)."""
         import ray.train
 
         self.heartbeat.progress("checkpoint", epoch)
         if self.rank != 0:
             ray.train.report(metrics)
-            return
+            return None
+        where = None
         t = time.perf_counter()
         state = self._state(epoch, segments, sums)
         # Every rank waits until the checkpoint is registered, so a checkpoint is never behind
@@ -382,12 +386,14 @@ class Worker:
         elif storage.is_s3(c["storage"]):
             # Serialized in memory and uploaded from there; Ray Train's report still names a local
             # folder, which stays empty.
+            uploaded = []
             with tempfile.TemporaryDirectory() as d:
                 ray.train.report(
                     metrics,
                     checkpoint=ray.train.Checkpoint.from_directory(d),
-                    checkpoint_upload_fn=_upload_to(c["storage"], c["name"], *checkpoint.serialize(state)),
+                    checkpoint_upload_fn=_upload_to(c["storage"], c["name"], *checkpoint.serialize(state), uploaded),
                 )
+            where = uploaded[-1] if uploaded else None
         else:
             # Straight into the run's folder, where Ray Train would otherwise copy it from a
             # temporary one: the ~0.5 GB written once rather than written, read and written again.
@@ -402,8 +408,10 @@ class Worker:
                 checkpoint_dir_name=name,
                 checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
             )
-        where = f" step {sum(s[2] for s in segments)}" if segments else " end"
-        log.info("checkpoint at epoch %d%s saved in %.1f s", epoch, where, time.perf_counter() - t)
+            where = d
+        at = f" step {sum(s[2] for s in segments)}" if segments else " end"
+        log.info("checkpoint at epoch %d%s saved in %.1f s", epoch, at, time.perf_counter() - t)
+        return where
 
     def _state(self, epoch: int, segments, sums: Sums) -> dict:
         """What the checkpoint holds (pipelines/checkpoint.py describes each field)."""
@@ -454,16 +462,18 @@ def _quiet_ray_train_loggers() -> None:
             logging.getLogger(logger_name).setLevel(logging.WARNING)
 
 
-def _upload_to(runs: str, name: str, data, checksum: str):
+def _upload_to(runs: str, name: str, data, checksum: str, uploaded: list):
     """Ray Train's upload of a checkpoint (serialized: ``data``, ``checksum``) to the S3 run
     folder ``runs/name``, by the project's S3 layer. Ray's own copy (``pyarrow.fs.copy_files``)
     drops an error raised when a Python filesystem's file is closed, so a refused last upload
-    would register a checkpoint that is not there; this one raises it."""
+    would register a checkpoint that is not there; this one raises it. Its URL is appended to
+    ``uploaded``."""
     import ray.train
 
     def upload(local: ray.train.Checkpoint, folder: str) -> ray.train.Checkpoint:
         url = storage.join(runs, name, folder)
         checkpoint.upload(data, checksum, url)
+        uploaded.append(url)
         fs, path = arrowfs.filesystem(url)
         return ray.train.Checkpoint(path, filesystem=fs)
 
@@ -554,7 +564,8 @@ class MlflowLog:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.run_id, self.run_dir, self.price = c["run_id"], storage.join(c["storage"], c["name"]), c["price_per_hour"]
-        _log_history(self.run_id, history)  # epochs a crash left unlogged
+        self.val_digest = c.get("val_digest")
+        _log_history(self.run_id, history, self.val_digest)  # epochs a crash left unlogged
         if fell_back:  # the run says it skipped a damaged checkpoint, for whoever reads it later
             _when_reachable(tracking.set_tags, self.run_id, {RESUMED_PAST_DAMAGED: fell_back[:4000]})
         self.monitor = _system_metrics(self.run_id, c["tracking_uri"])
@@ -569,7 +580,7 @@ class MlflowLog:
 
     def _log(self, history: list[dict]) -> None:
         """The epochs, then the cost so far (pipelines/meter.py) at the last epoch's step."""
-        if _log_history(self.run_id, history):
+        if _log_history(self.run_id, history, self.val_digest):
             spent = meter.metrics(meter.hours(self.run_dir), self.price)
             _when_reachable(tracking.log_metrics_once, self.run_id, spent, history[-1]["epoch"])
 
@@ -790,13 +801,13 @@ def _system_metrics(run_id: str, uri: str):
 _logged: set[int] = set()  # epochs this process has logged (a restarted worker re-checks MLflow)
 
 
-def _log_history(run_id: str, history: list[dict]) -> bool:
+def _log_history(run_id: str, history: list[dict], val_digest: str | None = None) -> bool:
     """Log every epoch of ``history`` not logged yet; False (and a warning) if MLflow is down.
 
     Training never waits on the tracking server: the checkpoint keeps the history, the next
     epoch (or the driver at the end) logs what an outage held back, each step once."""
     try:
-        log_epochs(run_id, history)
+        log_epochs(run_id, history, val_digest)
         return True
     except Exception as e:  # noqa: BLE001 - an outage: training goes on; anything else: raised below
         if not tracking.is_outage(e):
@@ -819,9 +830,16 @@ def _when_reachable(fn, *args) -> None:
         log.warning("MLflow not reachable (%s): %s skipped", str(e).splitlines()[0][:200], fn.__name__)
 
 
-def log_epochs(run_id: str, history: list[dict]) -> None:
-    """Log the epochs this process has not logged yet (each step at most once); raises on failure."""
+def log_epochs(run_id: str, history: list[dict], val_digest: str | None = None) -> None:
+    """Log the epochs this process has not logged yet (each step at most once); raises on failure.
+    An epoch whose checkpoint is known becomes a LoggedModel, its metrics that model's (the val
+    ones measured on the val shards of digest ``val_digest``)."""
     for m in history:
         if m["epoch"] not in _logged:
-            tracking.log_metrics_once(run_id, {k: m[k] for k in METRICS}, step=m["epoch"])
+            model_id = tracking.checkpoint_model(run_id, m["epoch"], m["checkpoint"]) if m.get("checkpoint") else None
+            val = {k: m[k] for k in METRICS if k.startswith("val_")}
+            dataset = (contract.dataset_name("val"), val_digest) if val_digest and model_id else None
+            tracking.log_metrics_once(run_id, val, step=m["epoch"], model_id=model_id, dataset=dataset)
+            rest = {k: m[k] for k in METRICS if k not in val}
+            tracking.log_metrics_once(run_id, rest, step=m["epoch"], model_id=model_id)
             _logged.add(m["epoch"])

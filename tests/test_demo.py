@@ -400,3 +400,79 @@ def test_bulk_predict_from_s3_answers_as_from_the_folder(demo, photos, tmp_path)
             (local / obj["Key"]).write_bytes(client.get_object(Bucket=sv.BUCKET, Key=obj["Key"])["Body"].read())
     assert (summary["images"], summary["errors"], summary["top1"]) == (300, 3, demo["summary"]["top1"])
     assert _rows(local / "predictions") == _rows(demo["tmp"] / "predictions")
+
+
+def _pipelines(demo, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines", *map(str, args)],
+        cwd=demo["tmp"],
+        env=_predict_env(demo),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_every_epochs_checkpoint_is_a_model_that_evaluate_and_predict_take(demo):
+    """Each epoch's checkpoint is a LoggedModel of the training run, with that epoch's metrics
+    (val ones on the val shards' digest), so MLflow's model view ranks them by val_top1. The
+    registered version names its run, shards and commit. `evaluate --model` of the best epoch's
+    model gives the demo's top-1 and logs it onto that model; `predict --model` of it answers as
+    the registered model; a model whose checkpoint the run removed (it keeps the 2 best) gets one
+    line saying so."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(demo["summary"]["tracking_uri"])
+    run = client.get_run(demo["summary"]["run_id"])
+    ranked = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}'",
+        order_by=[{"field_name": "metrics.val_top1", "ascending": False}],
+    )
+    epochs = {m.name: m for m in ranked if m.name.startswith("epoch-")}
+    assert sorted(epochs) == [f"epoch-{e}" for e in range(1, 9)]
+    val = json.loads(Path(demo["summary"]["data"], "shards", "val.json").read_text())
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_top1")}
+    for name, model in epochs.items():
+        got = {m.key: m for m in model.metrics}
+        assert got["val_top1"].value == history[int(name[6:])] and got["val_top1"].step == int(name[6:])
+        assert (got["val_top1"].dataset_name, got["val_top1"].dataset_digest) == ("imagenet-val-shards", val["digest"])
+    scores = [next(x.value for x in m.metrics if x.key == "val_top1") for m in ranked if m.name in epochs]
+    assert scores == sorted(scores, reverse=True)
+
+    version = client.get_model_version_by_alias("alexnet-demo", "champion")
+    train = json.loads(Path(demo["summary"]["data"], "shards", "train.json").read_text())
+    assert version.tags["pipelines.run_id"] == run.info.run_id
+    assert version.tags["pipelines.train_shards_digest"] == train["digest"]
+    assert re.fullmatch(r"[0-9a-f]{40}", version.tags["pipelines.git_commit"])
+    best = next(m for m in epochs.values() if m.tags["pipelines.checkpoint"] == version.tags["pipelines.checkpoint"])
+
+    p = _pipelines(demo, "evaluate", "--data", demo["summary"]["data"], "--model", f"models:/{best.model_id}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1])["top1"] == demo["summary"]["top1"]
+    assert {m.key for m in client.get_logged_model(best.model_id).metrics} >= {"eval_top1", "eval_top5"}
+
+    photo = demo["tmp"] / "epoch.jpg"
+    photo.write_bytes(_val_jpgs(demo)[0])
+    answers = [
+        _pipelines(demo, "predict", "--model", uri, photo)
+        for uri in (f"models:/{best.model_id}", "models:/alexnet-demo@champion")
+    ]
+    assert all(a.returncode == 0 for a in answers), answers[0].stderr[-3000:]
+    tops = [json.loads(a.stdout.strip().splitlines()[-1])["predictions"][0]["top5"] for a in answers]
+    assert tops[0] == tops[1]
+
+    gone = [m for m in epochs.values() if not Path(m.tags["pipelines.checkpoint"]).exists()]
+    assert len(gone) >= 5
+    p = _pipelines(demo, "predict", "--model", f"models:/{gone[0].model_id}", photo)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert f"{gone[0].tags['pipelines.checkpoint']} is gone" in p.stderr, p.stderr
+
+
+def _val_jpgs(demo) -> list[bytes]:
+    from pipelines import tarindex
+
+    data = demo["summary"]["data"]
+    manifest = json.loads(Path(data, "shards", "val.json").read_text())
+    url = str(Path(data, "shards", "val", manifest["shards"][0]["name"]))
+    return [jpg for _, jpg, _ in tarindex.parse_run(Path(url).read_bytes(), url)]

@@ -23,7 +23,7 @@ import io
 import json
 import re
 
-from . import classifier, common, contract, storage, tarindex
+from . import answer, common, contract, storage, tarindex
 from .errors import StageError
 
 MANIFEST = "_manifest.json"  # "_": Parquet readers skip it when reading OUT as one dataset
@@ -135,7 +135,7 @@ def decode(batch: dict, geometry: dict, stats: dict) -> dict:
         keys, labels, data = [k for k, _, _ in samples], [y for _, _, y in samples], [j for _, j, _ in samples]
     else:
         keys, labels, data = chunk["keys"], chunk["labels"], [_read(u) for u in chunk["urls"]]
-    found, errors = classifier.crops([d for d in data if isinstance(d, bytes)], transform, geometry)
+    found, errors = answer.crops([d for d in data if isinstance(d, bytes)], transform, geometry)
     errors = iter(errors)
     errors = [next(errors) if isinstance(d, bytes) else d for d in data]
     crop = geometry["crop"]
@@ -168,7 +168,7 @@ class Classify:
 
         (chunk,) = _rows(batch)
         crops = torch.from_numpy(np.array(chunk.pop("crops"))).to(self.device)  # a copy: Ray's is read-only
-        top_p, top_i = classifier.top5(self.net, crops, self.transform) if len(crops) else ([], [])
+        top_p, top_i = answer.top5(self.net, crops, self.transform) if len(crops) else ([], [])
         return _batch(**chunk, top_p=top_p, top_i=top_i)
 
 
@@ -181,8 +181,8 @@ def write(batch: dict, out: str, classes: list[dict]) -> dict:
     answers = iter(zip(chunk["top_p"], chunk["top_i"]))
     rows = []
     for key, label, error in zip(chunk["keys"], chunk["labels"], chunk["errors"]):
-        row = classifier.answer(*next(answers), classes) if not error else classifier.no_answer(error)
-        rows.append({"key": key, **row, "label": int(label)})
+        said = answer.row(*next(answers), classes) if not error else answer.no_answer(error)
+        rows.append({"key": key, **said, "label": int(label)})
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), buf)
     storage.write_bytes(_join(out, part_name(chunk["chunk"])), buf.getvalue())

@@ -22,7 +22,7 @@ import contextlib
 import sys
 import time
 
-from . import checkpoint, classifier, contract, inference, registry, storage, tracking
+from . import answer, checkpoint, classifier, contract, inference, registry, storage, tracking
 from .common import Progress
 from .config import PredictConfig
 from .errors import StageError
@@ -96,7 +96,7 @@ def run(cfg: PredictConfig) -> dict:
     state = torch.load(io.BytesIO(model["weights"]), map_location="cpu", weights_only=True)
     net = checkpoint.model_from_state(state).eval()
     images = [storage.read_bytes(p) for p in cfg.images]
-    rows = classifier.classify(net, images, model["geometry"], model["classes"], model["stats"])
+    rows = answer.classify(net, images, model["geometry"], model["classes"], model["stats"])
     predictions = []
     for path, row in zip(cfg.images, rows):
         if row.get("error"):  # not an image: said for it, and the others answered
@@ -253,33 +253,31 @@ def _model(uri: str) -> tuple[dict, dict]:
     with _loading(uri):
         found = registry.describe(uri)
         if found.get("kind") == "checkpoint":
-            return _packed(_checkpoint_files(uri)), found
-        return _packed(_model_files(uri)), found
+            return _packed(*_checkpoint_files(uri)), found
+        return _packed(*_model_files(uri)), found
 
 
-def _packed(raw: dict) -> dict:
+def _packed(raw: dict, geometry: dict) -> dict:
     import hashlib
-    import io
     import json
 
-    import torch
-
-    state = torch.load(io.BytesIO(raw["weights"]), map_location="cpu", weights_only=True)
     return {
         "weights": raw["weights"],
         "classes": json.loads(raw["classes"]),
         "stats": json.loads(raw["stats"]),
-        "geometry": state["geometry"],
+        "geometry": geometry,
         "digest": hashlib.sha256(b"".join(hashlib.sha256(raw[k]).digest() for k in sorted(raw))).hexdigest(),
     }
 
 
-def _model_files(uri: str) -> dict[str, bytes]:
-    """The image classifier's files (pipelines/classifier.py), as MLflow stores them."""
+def _model_files(uri: str) -> tuple[dict[str, bytes], dict]:
+    """The image classifier's files (pipelines/classifier.py) as MLflow stores them, and the
+    geometry its weights file records."""
     import tempfile
     from pathlib import Path
 
     import mlflow.artifacts
+    import torch
     import yaml
 
     tracking.configure()
@@ -291,10 +289,12 @@ def _model_files(uri: str) -> dict[str, bytes]:
             raise StageError(
                 f"{uri} is not an image classifier logged by train (it has no weights, classes and stats)."
             )
-        return {k: files[k].read_bytes() for k in ("weights", "classes", "stats")}
+        # mapped, not read: only the geometry's few bytes are touched, not the weights' hundreds of MB
+        geometry = torch.load(files["weights"], map_location="cpu", weights_only=True, mmap=True)["geometry"]
+        return {k: files[k].read_bytes() for k in ("weights", "classes", "stats")}, geometry
 
 
-def _checkpoint_files(uri: str) -> dict[str, bytes]:
+def _checkpoint_files(uri: str) -> tuple[dict[str, bytes], dict]:
     """The same files, made from an epoch's checkpoint as train makes them for its model: the
     class names from the run's dataset ROOT where it is still there, else the WNIDs alone."""
     import json
@@ -319,4 +319,4 @@ def _checkpoint_files(uri: str) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
         stats = json.dumps(state["stats"]).encode()
         files = classifier.artifacts(state, geometry, json.dumps(classes).encode(), stats, tmp)
-        return {k: Path(files[k]).read_bytes() for k in ("weights", "classes", "stats")}
+        return {k: Path(files[k]).read_bytes() for k in ("weights", "classes", "stats")}, geometry

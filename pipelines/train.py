@@ -532,7 +532,7 @@ def _log_classifier(cfg: TrainConfig, run_id: str, state: dict, inputs: dict, ta
 
     import pandas as pd
 
-    from . import classifier, tarindex
+    from . import answer, classifier, tarindex
 
     params = inputs["train_manifest"]["params"]
     geometry = {"resize": params["resize"], "keep_aspect": params["keep_aspect"], "crop": cfg.crop}
@@ -546,7 +546,7 @@ def _log_classifier(cfg: TrainConfig, run_id: str, state: dict, inputs: dict, ta
     example = pd.DataFrame({"image": [jpg for _, jpg, _ in tarindex.parse_run(run, url)]})
     classes, stats_ = storage.read_bytes(inputs["classes_url"]), storage.read_bytes(inputs["stats_url"])
     output = pd.DataFrame(
-        classifier.classify(
+        answer.classify(
             checkpoint.model_from_state(state).eval(),
             list(example["image"]),
             geometry,

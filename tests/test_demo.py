@@ -1,4 +1,5 @@
-"""`make demo` as a new user sees it: the terminal, and the commands it prints."""
+"""`make demo` as a new user sees it: the terminal, the commands it prints, and what comes next
+with its model: predict (one image, a folder or a bucket in bulk, any epoch's checkpoint), serve."""
 
 from __future__ import annotations
 
@@ -151,12 +152,7 @@ def test_the_registered_model_serves_over_http_as_predict_answers(demo):
     """`mlflow models serve -m models:/alexnet-demo@champion` (MLflow's own scoring server, no
     code of ours) answers a JSON POST of base64 JPEG bytes with the top 5 that `predict` prints
     for the same files, and a non-image in the same request with an error row of its own."""
-    from pipelines import tarindex
-
-    data = demo["summary"]["data"]
-    manifest = json.loads(Path(data, "shards", "val.json").read_text())
-    url = str(Path(data, "shards", "val", manifest["shards"][0]["name"]))
-    jpgs = [jpg for _, jpg, _ in tarindex.parse_run(Path(url).read_bytes(), url)]
+    jpgs = _val_jpgs(demo)
     inputs = [jpgs[0], jpgs[-1], b"not an image"]
     files = [demo["tmp"] / name for name in ("serve-a.jpg", "serve-b.jpg", "serve-c.txt")]
     for f, content in zip(files, inputs):

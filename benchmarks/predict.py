@@ -24,7 +24,7 @@ the contenders run interleaved, in the order below; the table gives the median o
                      _loop URI LIST`): model = mlflow.pyfunc.load_model(URI); for f in files:
                      model.predict(pd.DataFrame({"image": [open(f, "rb").read()]})); its own time is
                      load_model and the loop (imports excluded, as the stages' own times exclude theirs)
-  predict FILE...    `python -m pipelines predict --model URI FILE...`: the files in one pyfunc call
+  predict FILE...    `python -m pipelines predict --model URI FILE...`: one process, batches of 64
   predict FOLDER     `python -m pipelines predict --model URI --source FOLDER --out OUT`
  (c) list files whose --lines lines repeat the folder's files (each line an image; no files
      written), once each after the repeats, goal: the driver's peak memory flat in the size

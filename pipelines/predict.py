@@ -129,8 +129,17 @@ def run(cfg: PredictConfig) -> dict:
 def _bulk(cfg: PredictConfig) -> dict:
     """The source's images through the model on Ray Data, as an MLflow run of its own."""
     summary = tracking.track_stage("predict", cfg, _predict_bulk, experiment=cfg.experiment)
+    run_id = summary["mlflow_run_id"]
     if summary.get("model_id"):  # the run page lists the model it used as an input
-        registry.link_model(summary["mlflow_run_id"], summary["model_id"])
+        registry.link_model(run_id, summary["model_id"])
+    version = f"{summary['model_name']}/{summary['model_version']}" if "model_version" in summary else None
+    tags = {
+        "pipelines.model_uri": summary["model"],
+        "pipelines.model_id": summary.get("model_id"),
+        "pipelines.model_version": version,
+        "pipelines.out": cfg.out,
+    }
+    tracking.set_tags(run_id, {k: v for k, v in tags.items() if v})
     return summary
 
 
@@ -227,7 +236,10 @@ def _summary(cfg, manifest: dict, totals: dict, resumed: int, gpu: bool, workers
     return {
         "stage": "predict",
         "model": manifest["model"],
-        **{k: manifest[k] for k in ("model_id", "model_name", "model_version") if k in manifest},
+        **{k: manifest[k] for k in ("model_id", "model_name") if k in manifest},
+        **(
+            {"model_version": str(manifest["model_version"])} if "model_version" in manifest else {}
+        ),  # a name, not a metric
         "source": cfg.source,
         "out": cfg.out,
         "images": totals["images"],

@@ -370,6 +370,7 @@ def test_bulk_predict_of_a_folder_killed_then_finished_then_skipped(demo, photos
     version = client.get_model_version_by_alias("alexnet-demo", "champion")
     assert [m.model_id for m in run.inputs.model_inputs] == [version.source.removeprefix("models:/")]
     assert run.data.metrics["top1"] == top1 and run.data.params["source"] == str(photos["folder"])
+    assert run.data.tags["pipelines.model_version"] == f"alexnet-demo/{version.version}"
 
 
 def test_bulk_predict_from_s3_answers_as_from_the_folder(demo, photos, tmp_path):

@@ -32,7 +32,7 @@ FLAKY ?= -m fault
 flakes: install
 	$(PY) -m tests.flakes --rounds $(N) -- $(FLAKY)
 
-# The CPU benchmarks against their baselines (~20 min on 2 cores): tables + bench-results/*.json
+# The CPU benchmarks against their baselines (~45 min on 2 cores): tables + bench-results/*.json
 # (the 'bench' extra adds LitData, one of the shard stage's peers)
 bench: install
 	$(PY) -m pip install --quiet -e '.[bench]'

@@ -1,4 +1,4 @@
-"""`make bench`: the CPU benchmarks in one go (~20 minutes on 2 cores), then a summary.
+"""`make bench`: the CPU benchmarks in one go (~45 minutes on 2 cores, ~20 of them bulk predict), then a summary.
 
     python -m benchmarks [--quick]
 

@@ -59,16 +59,20 @@ def log_classifier(
                     f"{p}=={package_version(p)}" for p in ("torch", "torchvision", "pillow", "numpy", "pandas")
                 ],
             )
-    for key, value in (tags or {}).items() if register else ():
-        client.set_model_version_tag(register, info.registered_model_version, key, value)
-    if register and alias:
-        client.set_registered_model_alias(register, alias, info.registered_model_version)
-        print(
-            f"train: model registered as {register} version {info.registered_model_version}, alias @{alias}",
-            file=sys.stderr,
-        )
-        return f"models:/{register}@{alias}"
+    if register:
+        return _named(client, register, info.registered_model_version, alias, tags or {}) or info.model_uri
     return info.model_uri
+
+
+def _named(client, name: str, version, alias: str | None, tags: dict) -> str | None:
+    """A new registered version: ``tags`` on its page, ``alias`` moved to it (then its URI)."""
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    if not alias:
+        return None
+    client.set_registered_model_alias(name, alias, version)
+    print(f"train: model registered as {name} version {version}, alias @{alias}", file=sys.stderr)
+    return f"models:/{name}@{alias}"
 
 
 def register(model_uri: str, name: str, alias: str, tags: dict) -> str:

@@ -349,7 +349,10 @@ def test_bulk_predict_of_a_folder_killed_then_finished_then_skipped(demo, photos
     assert 2 <= len(kept) < 10 and "summary" not in json.loads((out / "_manifest.json").read_text())
 
     summary, err = _finished(_bulk(demo, photos["folder"], out))
-    assert f"{len(kept)} of 10 chunks already in {out}" in err
+    # The killed Ray's workers may still land a chunk they were writing (whole: a rename) before
+    # they notice their driver is gone: the rerun counts what it finds, at least what was kept.
+    before = int(re.search(r"predict: (\d+) of 10 chunks already in " + re.escape(str(out)), err)[1])
+    assert len(kept) <= before < 10 and summary["chunks_before"] == before
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet") if p.name in kept} == kept
     rows = _rows(out)
     assert [r["key"] for r in rows] == photos["files"]
@@ -361,7 +364,7 @@ def test_bulk_predict_of_a_folder_killed_then_finished_then_skipped(demo, photos
     assert len(answered) == 297 and all(len(r["top5_class_ids"]) == 5 and r["label"] >= 0 for r in answered)
     top1 = sum(r["class_id"] == r["label"] for r in answered) / 297
     assert top1 == demo["summary"]["top1"] == summary["top1"], (top1, demo["summary"]["top1"])
-    assert (summary["images"], summary["errors"], summary["chunks_before"]) == (300, 3, len(kept))
+    assert (summary["images"], summary["errors"]) == (300, 3)
 
     again, err = _finished(_bulk(demo, photos["folder"], out))
     assert again["skipped"] and again["images"] == 300 and "nothing to do" in err

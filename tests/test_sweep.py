@@ -91,8 +91,12 @@ def _epoch_one_checkpointed(runs: Path):
 
 
 def _ended(runs: Path, trial: str) -> bool:
-    """The killed trial's training driver has exited (its lease names its process)."""
-    held = json.loads((runs / trial / ".lease.json").read_text())
+    """The killed trial's training driver has exited (its lease names its process), or let go of
+    its lease on its way out (the file is gone)."""
+    try:
+        held = json.loads((runs / trial / ".lease.json").read_text())
+    except FileNotFoundError:
+        return True
     return not Path(f"/proc/{held['pid']}").exists()
 
 

@@ -380,7 +380,8 @@ def main(argv=None) -> dict:
             "folder_images": a.images,
             "list_lines": sizes,
             "bulk_flags": flags,
-            "summaries": {k: [g["summary"] for g in v] for k, v in runs.items()},
+            # each run's summary, less `predict FILE...`'s per-image answers (megabytes at 2,000 files)
+            "summaries": {k: [_without_predictions(g["summary"]) for g in v] for k, v in runs.items()},
             "wall_seconds": {k: [g["wall"] for g in v] for k, v in runs.items()},
             "once_started": {k: [g["started"] for g in v] for k, v in runs.items()},
             "driver_hwm_kb": {k: [g["hwm_kb"] for g in v] for k, v in runs.items() if "hwm_kb" in v[0]},
@@ -418,3 +419,7 @@ if __name__ == "__main__":
         run_loop(*sys.argv[2:4])
     else:
         main()
+
+
+def _without_predictions(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k != "predictions"}

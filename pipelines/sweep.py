@@ -373,7 +373,7 @@ class Progress(Callback):
             self.best = (result["val_top1"], _index(trial))
         values = trial.config["searched"].items()
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values)
-        epoch = f"epoch {result['epoch']}/{self.epochs}"
+        epoch = f"epoch {result['epoch']}/{self.epochs}" + (" (before the restart)" if result.get("again") else "")
         self._say(f"trial {_index(trial)} {epoch}: val_top1 {result['val_top1']:.4f} ({shown})", trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):

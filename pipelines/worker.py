@@ -74,12 +74,22 @@ class Worker:
         self.upcoming = None  # the next epoch's loader, started while this one validates and checkpoints
 
     def run(self) -> None:
+        self._report_again()
         for epoch in range(self.position["epoch"], self.c["epochs"] + 1):
             if not self.epoch(epoch):
                 break  # the loss diverged: every rank stops here, this epoch unsaved
         self.heartbeat.clock.tick(force=True)  # the cost this process adds, to its last second
         if self.mlflow is not None:
             self.mlflow.finish()
+
+    def _report_again(self) -> None:
+        """A resumed run reports the epochs it finished before once more, marked ``again``: a
+        sweep restarted after a kill starts its ASHA scheduler afresh, and ranks a resumed trial
+        on these (a trial past a rung that is not heard there again is never ranked at it)."""
+        import ray.train
+
+        for metrics in self.history:
+            ray.train.report({k: v for k, v in metrics.items() if k != "checkpoint"} | {"again": True})
 
     def epoch(self, epoch: int) -> bool:
         """Train, validate, step the schedule, checkpoint, log. False when the loss diverged."""

@@ -25,7 +25,8 @@ from .helpers import RECOVERY
 # after an epoch) while lr 0.01 learns (0.46, then 0.96), so ASHA (keep the better half at each
 # rung of epochs, here epoch 1) stops a 0.02 trial whichever of the first two reaches epoch 1
 # first: the second to arrive trails the first, or else the later 0.02 trial trails the two
-# recorded before it. A 0.01 trial is never stopped: nothing recorded beats it.
+# recorded before it. A 0.01 trial is never stopped: nothing recorded beats it. The kill loses
+# ASHA's records; the rerun holds because a resumed trial reports its finished epochs again.
 EPOCHS = 2
 GRID = ["--lr", "0.01,0.02", "--weight-decay", "0.0005,0", "--max-concurrent", "2"]
 TRAIN = [
@@ -199,7 +200,8 @@ def test_the_best_finished_trial_is_registered_with_its_lineage_to_the_sweep(swe
 
 def test_a_sweep_killed_mid_trial_resumes_that_trial_from_its_checkpoint(swept, record_property):
     """The trial whose first epoch was checkpointed when the sweep was SIGKILLed resumes after
-    epoch 1 in the rerun, in the same MLflow run, every epoch logged once."""
+    epoch 1 in the rerun, in the same MLflow run, every epoch logged once; it reports epoch 1
+    again, for the rerun's ASHA scheduler, which starts knowing nothing."""
     record_property(RECOVERY + "sweep SIGKILLed mid-trial: the rerun, to the sweep's end", round(swept["rerun_s"], 1))
     client, _, trials = _tree(swept["server"])
     [run] = [r for r in trials if r.info.run_name == swept["killed"]]
@@ -208,6 +210,8 @@ def test_a_sweep_killed_mid_trial_resumes_that_trial_from_its_checkpoint(swept, 
     assert f"sweep {NAME}: resuming its trials" in err
     resumed = [line for line in err.splitlines() if "resumed after epoch 1" in line]
     assert resumed, err[-4000:]
+    # its epoch 1 heard again by the restarted ASHA scheduler, which ranks it at that rung
+    assert f"trial {swept['killed'][-2:]} epoch 1/{EPOCHS} (before the restart): val_top1" in err, err[-4000:]
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")]
     assert steps == sorted(set(steps)) and steps[0] == 1, steps
 

@@ -436,8 +436,15 @@ class PredictConfig:
     gpu: bool | None = flag(
         None, "the model on GPUs (default: when the cluster has them)", off="on CPUs", group="in bulk"
     )
-    # each model actor's CPUs, its torch threads: on a GPU it only feeds the device
-    cpus_per_worker: int = flag(1, "CPUs each model actor holds (its torch threads)", group="in bulk")
+    # each model actor's CPUs, its torch threads: on a GPU it only feeds the device. A lone actor
+    # on CPUs holds one CPU but runs a thread per CPU of its node: the decode tasks beside it need
+    # a fraction of the cores (on 2 cores, one thread left the other core idle 4/5 of the time)
+    cpus_per_worker: int | None = flag(
+        None,
+        "CPUs each model actor holds, its torch threads "
+        "(default 1; a lone actor on CPUs holds 1 and runs a thread per CPU of its node)",
+        group="in bulk",
+    )
     # 256 crops of 224 px are ~40 MB in Ray's object store: small enough to stream, big enough
     # for one model call; also the unit a killed run loses and a rerun skips
     chunk_images: int = flag(256, "images a chunk: one decode task, one model call, one Parquet file", group="in bulk")

@@ -146,7 +146,7 @@ def decode(batch: dict, geometry: dict, stats: dict) -> dict:
 class Classify:
     """The model in one actor: built once from the weights' bytes, then a chunk's crops a call."""
 
-    def __init__(self, weights, stats: dict, crop: int, gpu: bool, threads: int):
+    def __init__(self, weights, stats: dict, crop: int, gpu: bool, threads: int | None):
         import ray
         import torch
 
@@ -156,7 +156,7 @@ class Classify:
 
         if isinstance(weights, ray.ObjectRef):
             weights = ray.get(weights)
-        torch.set_num_threads(max(1, threads))
+        torch.set_num_threads(threads or _node_cpus())
         self.device = torch.device("cuda" if gpu else "cpu")
         state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
         self.net = checkpoint.model_from_state(state).to(self.device).eval()
@@ -170,6 +170,14 @@ class Classify:
         crops = torch.from_numpy(np.array(chunk.pop("crops"))).to(self.device)  # a copy: Ray's is read-only
         top_p, top_i = answer.top5(self.net, crops, self.transform) if len(crops) else ([], [])
         return _batch(**chunk, top_p=top_p, top_i=top_i)
+
+
+def _node_cpus() -> int:
+    """The CPUs Ray counts on this actor's node."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    return max(1, int(next(n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == here)))
 
 
 def write(batch: dict, out: str, classes: list[dict]) -> dict:
@@ -272,9 +280,11 @@ def written(out: str) -> set[int]:
     return {int(m[1]) for name in storage.list_dir(out) if (m := PART.match(name))}
 
 
-def run_chunks(chunks: list[dict], model: dict, out: str, workers: int, gpu: bool, threads: int):
+def run_chunks(chunks: list[dict], model: dict, out: str, workers: int, gpu: bool, cpus: int | None):
     """The chunks through decode -> classify -> write on Ray Data; yields each written chunk's
-    counts as it lands (in no particular order). ``model``: weights (bytes), stats, classes, geometry."""
+    counts as it lands (in no particular order). ``model``: weights (bytes), stats, classes, geometry.
+    ``cpus``: each model actor's CPUs and threads; None: 1, or a lone actor on CPUs, 1 held and a
+    thread per CPU of its node."""
     import logging
 
     import ray
@@ -299,10 +309,13 @@ def run_chunks(chunks: list[dict], model: dict, out: str, workers: int, gpu: boo
             "stats": model["stats"],
             "crop": model["geometry"]["crop"],
             "gpu": gpu,
-            "threads": threads,
+            "threads": cpus or (None if workers == 1 and not gpu else 1),
         },
-        num_cpus=threads,
+        num_cpus=cpus or 1,
         num_gpus=1 if gpu else 0,
+        # torch's threads sleep when they wait rather than spin: they share the cores with the
+        # decode tasks (a spinning thread holds a core a decode needs; runs were 1.5x slower)
+        runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
         # The weights, a chunk's activations and torch: reserved so that actors are not packed
         # past a node's memory. (A reservation of its own also keeps Ray Data from fusing the
         # decode into this actor, which would then decode and classify in turn, on one core.)

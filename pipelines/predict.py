@@ -222,10 +222,11 @@ def _placement(cfg: PredictConfig, resources: dict) -> tuple[bool, int]:
     workers = cfg.workers or (gpus if gpu else 1)
     if gpu and workers > gpus:
         raise StageError(f"--workers {workers} --gpu: the Ray cluster has {gpus} GPUs; give --workers {gpus} or fewer.")
-    need = (0 if gpu else workers * cfg.cpus_per_worker) + 1  # and one CPU to decode
+    held = cfg.cpus_per_worker or 1
+    need = (0 if gpu else workers * held) + 1  # and one CPU to decode
     if cpus < need:
         raise StageError(
-            f"{workers} model actor(s) of {cfg.cpus_per_worker} CPU(s) and a decode task need {need} CPUs; "
+            f"{workers} model actor(s) of {held} CPU(s) and a decode task need {need} CPUs; "
             f"the Ray cluster has {cpus:g}. Give fewer --workers or --cpus-per-worker."
         )
     return gpu, workers

@@ -406,6 +406,10 @@ def _own(got: dict) -> float:
     return got["summary"]["images"] / max(got["summary"]["seconds"], 1e-9)
 
 
+def _without_predictions(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k != "predictions"}
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -419,7 +423,3 @@ if __name__ == "__main__":
         run_loop(*sys.argv[2:4])
     else:
         main()
-
-
-def _without_predictions(summary: dict) -> dict:
-    return {k: v for k, v in summary.items() if k != "predictions"}

@@ -437,12 +437,11 @@ class PredictConfig:
         None, "the model on GPUs (default: when the cluster has them)", off="on CPUs", group="in bulk"
     )
     # each model actor's CPUs, its torch threads: on a GPU it only feeds the device. A lone actor
-    # on CPUs holds one CPU but runs a thread per CPU of its node: the decode tasks beside it need
-    # a fraction of the cores (on 2 cores, one thread left the other core idle 4/5 of the time)
+    # on CPUs shares every core with the decode tasks (inference.actor_cpus says why)
     cpus_per_worker: int | None = flag(
         None,
         "CPUs each model actor holds, its torch threads "
-        "(default 1; a lone actor on CPUs holds 1 and runs a thread per CPU of its node)",
+        "(default 1; a lone actor on CPUs holds none and runs a thread per CPU of its node)",
         group="in bulk",
     )
     # 256 crops of 224 px are ~40 MB in Ray's object store: small enough to stream, big enough

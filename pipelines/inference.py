@@ -280,11 +280,20 @@ def written(out: str) -> set[int]:
     return {int(m[1]) for name in storage.list_dir(out) if (m := PART.match(name))}
 
 
+def actor_cpus(workers: int, gpu: bool, cpus: int | None) -> tuple[int, int | None]:
+    """(the CPUs each model actor holds, its torch threads; None: a thread per CPU of its node).
+    ``cpus`` (--cpus-per-worker) sets both. A lone actor on CPUs holds none: the decode tasks may
+    then run on every core, and the OS shares the cores between them and the model's threads,
+    which sleep when they wait (on 2 cores a 1-thread actor left a core mostly idle)."""
+    if cpus is not None:
+        return cpus, cpus
+    return (1, 1) if gpu or workers > 1 else (0, None)
+
+
 def run_chunks(chunks: list[dict], model: dict, out: str, workers: int, gpu: bool, cpus: int | None):
     """The chunks through decode -> classify -> write on Ray Data; yields each written chunk's
     counts as it lands (in no particular order). ``model``: weights (bytes), stats, classes, geometry.
-    ``cpus``: each model actor's CPUs and threads; None: 1, or a lone actor on CPUs, 1 held and a
-    thread per CPU of its node."""
+    ``cpus``: --cpus-per-worker (actor_cpus)."""
     import logging
 
     import ray
@@ -295,6 +304,7 @@ def run_chunks(chunks: list[dict], model: dict, out: str, workers: int, gpu: boo
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+    held, threads = actor_cpus(workers, gpu, cpus)
     weights = ray.put(model["weights"])  # once in the object store, not once per actor
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
     ds = ds.map_batches(
@@ -309,12 +319,12 @@ def run_chunks(chunks: list[dict], model: dict, out: str, workers: int, gpu: boo
             "stats": model["stats"],
             "crop": model["geometry"]["crop"],
             "gpu": gpu,
-            "threads": cpus or (None if workers == 1 and not gpu else 1),
+            "threads": threads,
         },
-        num_cpus=cpus or 1,
+        num_cpus=held,
         num_gpus=1 if gpu else 0,
         # torch's threads sleep when they wait rather than spin: they share the cores with the
-        # decode tasks (a spinning thread holds a core a decode needs; runs were 1.5x slower)
+        # decode tasks (on 2 cores, two spinning threads gave 200 to 420 images/s run to run)
         runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
         # The weights, a chunk's activations and torch: reserved so that actors are not packed
         # past a node's memory. (A reservation of its own also keeps Ray Data from fusing the

@@ -222,7 +222,7 @@ def _placement(cfg: PredictConfig, resources: dict) -> tuple[bool, int]:
     workers = cfg.workers or (gpus if gpu else 1)
     if gpu and workers > gpus:
         raise StageError(f"--workers {workers} --gpu: the Ray cluster has {gpus} GPUs; give --workers {gpus} or fewer.")
-    held = cfg.cpus_per_worker or 1
+    held, _ = inference.actor_cpus(workers, gpu, cfg.cpus_per_worker)
     need = (0 if gpu else workers * held) + 1  # and one CPU to decode
     if cpus < need:
         raise StageError(
